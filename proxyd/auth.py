@@ -1,0 +1,211 @@
+"""Credentials: the users file, salted scrypt hashes, and verification with a bounded cache.
+
+A users file holds `user:$scrypt$ln=15,r=8,p=1$<salt>$<key>` lines written by
+`proxyd passwd`. Verifying costs one scrypt derivation, run off the event loop;
+successful verifications are remembered under an HMAC of the credentials with a
+key random to this process, so a busy client does not pay the KDF per connection
+and the cache never holds anything that reveals a password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import os
+import secrets
+import stat
+import tempfile
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+from typing import Final
+
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from proxyd.errors import ConfigError
+from proxyd.protocols.common import Credentials
+
+SCHEME: Final = "scrypt"
+DEFAULT_LOG_N: Final = 15  # n = 2**15, r = 8: 32 MiB and ~80 ms per derivation
+DEFAULT_R: Final = 8
+DEFAULT_P: Final = 1
+SALT_BYTES: Final = 16
+KEY_BYTES: Final = 32
+MAX_FIELD_BYTES: Final = 255  # SOCKS5 (RFC 1929) carries at most 255 bytes of each
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordHash:
+    log_n: int
+    r: int
+    p: int
+    salt: bytes
+    key: bytes
+
+    @classmethod
+    def parse(cls, encoded: str) -> PasswordHash:
+        """Parse `$scrypt$ln=..,r=..,p=..$salt$key`; ValueError when it is not one."""
+        parts = encoded.split("$")
+        if len(parts) != 5 or parts[0] or parts[1] != SCHEME:
+            raise ValueError("not a $scrypt$ hash")
+        params = dict(item.partition("=")[::2] for item in parts[2].split(","))
+        try:
+            log_n, r, p = int(params["ln"]), int(params["r"]), int(params["p"])
+            salt, key = _unb64(parts[3]), _unb64(parts[4])
+        except (KeyError, ValueError) as exc:
+            raise ValueError("malformed $scrypt$ parameters") from exc
+        if not (1 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16 and salt and key):
+            raise ValueError("$scrypt$ parameters out of range")
+        return cls(log_n, r, p, salt, key)
+
+    def encode(self) -> str:
+        params = f"ln={self.log_n},r={self.r},p={self.p}"
+        return f"${SCHEME}${params}${_b64(self.salt)}${_b64(self.key)}"
+
+    def derive(self, password: str) -> bytes:
+        kdf = Scrypt(salt=self.salt, length=len(self.key), n=1 << self.log_n, r=self.r, p=self.p)
+        return kdf.derive(password.encode("utf-8"))
+
+    def matches(self, password: str) -> bool:
+        return hmac.compare_digest(self.derive(password), self.key)
+
+
+def hash_password(password: str, *, log_n: int = DEFAULT_LOG_N) -> str:
+    """A new salted scrypt hash of `password`, encoded for the users file."""
+    salt = secrets.token_bytes(SALT_BYTES)
+    draft = PasswordHash(log_n, DEFAULT_R, DEFAULT_P, salt, b"\0" * KEY_BYTES)
+    return PasswordHash(log_n, DEFAULT_R, DEFAULT_P, salt, draft.derive(password)).encode()
+
+
+def check_username(user: str) -> None:
+    if not user or ":" in user or any(c in user for c in "\r\n\0"):
+        raise ValueError("a user name must be non-empty and contain no ':' or line breaks")
+    if len(user.encode("utf-8")) > MAX_FIELD_BYTES:
+        raise ValueError(f"a user name must be at most {MAX_FIELD_BYTES} bytes")
+
+
+def check_password(password: str) -> None:
+    if not password:
+        raise ValueError("the password is empty")
+    if len(password.encode("utf-8")) > MAX_FIELD_BYTES:
+        raise ValueError(f"a password must be at most {MAX_FIELD_BYTES} bytes (SOCKS5 limit)")
+
+
+def load_users(path: Path) -> dict[str, PasswordHash]:
+    """Parse a users file; problems name the line, never its content (it holds hashes)."""
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"auth.users_file: cannot read {path}: {exc}"]) from exc
+    users: dict[str, PasswordHash] = {}
+    problems = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, encoded = line.partition(":")
+        try:
+            if not sep:
+                raise ValueError("expected user:hash")
+            check_username(user)
+            users[user] = PasswordHash.parse(encoded)
+        except ValueError as exc:
+            problems.append(f"auth.users_file: {path} line {number}: {exc}")
+    if problems:
+        raise ConfigError(problems)
+    return users
+
+
+def is_world_readable(path: Path) -> bool:
+    return bool(path.stat().st_mode & stat.S_IROTH)
+
+
+def set_user(path: Path, user: str, password: str) -> None:
+    """Add or replace `user` in the users file: atomic replace, mode 0600."""
+    check_username(user)
+    check_password(password)
+    try:
+        lines = path.read_text("utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    lines = [line for line in lines if line.partition(":")[0].strip() != user]
+    lines.append(f"{user}:{hash_password(password)}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# Stands in for unknown users so they cost the same derivation as known ones.
+_DECOY: Final = PasswordHash(
+    DEFAULT_LOG_N,
+    DEFAULT_R,
+    DEFAULT_P,
+    secrets.token_bytes(SALT_BYTES),
+    secrets.token_bytes(KEY_BYTES),
+)
+
+
+class Authenticator:
+    """Verifies credentials against the users; remembers successes, bounded in size."""
+
+    def __init__(self, users: dict[str, PasswordHash], cache_size: int = 4096) -> None:
+        self._users = users
+        self._cache: OrderedDict[bytes, PasswordHash] = OrderedDict()
+        self._cache_size = cache_size
+        self._key = secrets.token_bytes(32)
+        self._pending: dict[bytes, asyncio.Future[bool]] = {}
+        # Own threads, so a burst of derivations never queues behind DNS lookups.
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proxyd-kdf")
+
+    @property
+    def required(self) -> bool:
+        return bool(self._users)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def verify(self, credentials: Credentials) -> bool:
+        stored = self._users.get(credentials.username)
+        token = hmac.new(
+            self._key,
+            credentials.username.encode("utf-8") + b"\0" + credentials.password.encode("utf-8"),
+            sha256,
+        ).digest()
+        cached = self._cache.get(token)
+        if cached is not None and cached is stored:
+            self._cache.move_to_end(token)
+            return True
+        # Concurrent connections with the same credentials share one derivation.
+        pending = self._pending.get(token)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            target = stored if stored is not None else _DECOY
+            pending = loop.run_in_executor(self._executor, target.matches, credentials.password)
+            self._pending[token] = pending
+            pending.add_done_callback(lambda _: self._pending.pop(token, None))
+        ok = await asyncio.shield(pending) and stored is not None
+        if ok and stored is not None:
+            self._cache[token] = stored
+            self._cache.move_to_end(token)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return ok

@@ -1,0 +1,306 @@
+"""TOML configuration into frozen dataclasses, validated at load.
+
+Every problem is reported with its key path (`timeouts.connect: must be > 0`),
+all of them at once; library code raises ConfigError and only the CLI exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from proxyd.errors import ConfigError
+
+DEFAULT_PATH: Final = Path("/etc/proxyd/proxyd.toml")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("json", "console")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """`127.0.0.1:1080` or `[::1]:1080`; the host must be an IP address."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:1080 or [::1]:1080)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{text!r}: the host must be an IPv4 address or a bracketed IPv6 address"
+            ) from None
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range")
+    return ListenAddress(host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 1080),)
+    workers: int = 1
+    max_connections: int = 10000
+    allow_open_proxy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    users_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    handshake: float = 10.0
+    connect: float = 10.0
+    idle: float = 300.0
+    udp_idle: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class BuffersConfig:
+    read_size: int = 65536
+    so_rcvbuf: int = 0
+    so_sndbuf: int = 0
+    tcp_nodelay: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = "json"
+    level: str = "info"
+    access: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    buffers: BuffersConfig = field(default_factory=BuffersConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def open_proxy_problem(self) -> str | None:
+        """Why starting would make an open proxy, or None when it would not."""
+        if self.auth.users_file is not None or self.server.allow_open_proxy:
+            return None
+        exposed = [str(a) for a in self.server.listen if not a.is_loopback]
+        if not exposed:
+            return None
+        return (
+            f"server.listen: {', '.join(exposed)} is reachable beyond this host and no "
+            "auth.users_file is set; anyone could use this proxy. Set auth.users_file, "
+            "listen on loopback, or set server.allow_open_proxy = true"
+        )
+
+
+# --- validation -------------------------------------------------------------
+
+Check = Callable[[Any, str, list[str]], Any]
+_INVALID: Final = object()
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _integer(low: int, high: int) -> Check:
+    def check(value: Any, path: str, problems: list[str]) -> Any:
+        if type(value) is not int:
+            problems.append(f"{path}: must be an integer, not {_type_name(value)}")
+            return _INVALID
+        if not low <= value <= high:
+            problems.append(f"{path}: must be between {low} and {high}, not {value}")
+            return _INVALID
+        return value
+
+    return check
+
+
+def _seconds(*, allow_zero: bool = False) -> Check:
+    def check(value: Any, path: str, problems: list[str]) -> Any:
+        if type(value) not in (int, float):
+            problems.append(f"{path}: must be a number of seconds, not {_type_name(value)}")
+            return _INVALID
+        if value < 0 or (value == 0 and not allow_zero) or value > 86400 * 7:
+            low = ">= 0" if allow_zero else "> 0"
+            problems.append(f"{path}: must be {low} and at most 604800 seconds, not {value}")
+            return _INVALID
+        return float(value)
+
+    return check
+
+
+def _boolean(value: Any, path: str, problems: list[str]) -> Any:
+    if type(value) is not bool:
+        problems.append(f"{path}: must be true or false, not {_type_name(value)}")
+        return _INVALID
+    return value
+
+
+def _choice(options: Sequence[str]) -> Check:
+    def check(value: Any, path: str, problems: list[str]) -> Any:
+        if not isinstance(value, str) or value.lower() not in options:
+            problems.append(f"{path}: must be one of {', '.join(options)}, not {value!r}")
+            return _INVALID
+        return value.lower()
+
+    return check
+
+
+def _path(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, str) or not value:
+        problems.append(f"{path}: must be a file path string")
+        return _INVALID
+    return Path(value)
+
+
+def _listen(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, list) or not value:
+        problems.append(f'{path}: must be a non-empty list of "HOST:PORT" strings')
+        return _INVALID
+    addresses = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            problems.append(f'{path}[{i}]: must be a "HOST:PORT" string')
+            continue
+        try:
+            addresses.append(parse_listen(item))
+        except ValueError as exc:
+            problems.append(f"{path}[{i}]: {exc}")
+    if len(addresses) != len(value):
+        return _INVALID
+    return tuple(addresses)
+
+
+def _workers(value: Any, path: str, problems: list[str]) -> Any:
+    value = _integer(1, 1024)(value, path, problems)
+    if value is not _INVALID and value != 1:
+        problems.append(f"{path}: only 1 worker is supported in this version, not {value}")
+        return _INVALID
+    return value
+
+
+_SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
+    "server": (
+        ServerConfig,
+        {
+            "listen": _listen,
+            "workers": _workers,
+            "max_connections": _integer(1, 10_000_000),
+            "allow_open_proxy": _boolean,
+        },
+    ),
+    "auth": (AuthConfig, {"users_file": _path}),
+    "timeouts": (
+        TimeoutsConfig,
+        {
+            "handshake": _seconds(),
+            "connect": _seconds(),
+            "idle": _seconds(),
+            "udp_idle": _seconds(),
+        },
+    ),
+    "buffers": (
+        BuffersConfig,
+        {
+            "read_size": _integer(1024, 16 * 1024 * 1024),
+            "so_rcvbuf": _integer(0, 1 << 30),
+            "so_sndbuf": _integer(0, 1 << 30),
+            "tcp_nodelay": _boolean,
+        },
+    ),
+    "log": (
+        LogConfig,
+        {"format": _choice(LOG_FORMATS), "level": _choice(LOG_LEVELS), "access": _boolean},
+    ),
+}
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    """Build a Config from parsed TOML, collecting every problem before raising."""
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in _SCHEMA:
+            problems.append(f"{name}: unknown section (known: {', '.join(_SCHEMA)})")
+            continue
+        cls, checks = _SCHEMA[name]
+        if not isinstance(value, Mapping):
+            problems.append(f"{name}: must be a table ([{name}])")
+            continue
+        kwargs = {}
+        for key, item in value.items():
+            if key not in checks:
+                problems.append(f"{name}.{key}: unknown key (known: {', '.join(checks)})")
+                continue
+            checked = checks[key](item, f"{name}.{key}", problems)
+            if checked is not _INVALID:
+                kwargs[key] = checked
+        sections[name] = cls(**kwargs)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections)
+
+
+def load(path: Path) -> Config:
+    """Read and validate one TOML file."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"]) from exc
+    return from_mapping(data)
+
+
+def with_overrides(
+    config: Config,
+    *,
+    listen: Sequence[str] = (),
+    log_format: str | None = None,
+    log_level: str | None = None,
+) -> Config:
+    """Apply command-line overrides, validated like the file's own keys."""
+    problems: list[str] = []
+    server, log = config.server, config.log
+    if listen:
+        addresses = _listen(list(listen), "--listen", problems)
+        if addresses is not _INVALID:
+            server = dataclasses.replace(server, listen=addresses)
+    if log_format is not None:
+        checked = _choice(LOG_FORMATS)(log_format, "--log-format", problems)
+        if checked is not _INVALID:
+            log = dataclasses.replace(log, format=checked)
+    if log_level is not None:
+        checked = _choice(LOG_LEVELS)(log_level, "--log-level", problems)
+        if checked is not _INVALID:
+            log = dataclasses.replace(log, level=checked)
+    if problems:
+        raise ConfigError(problems)
+    return dataclasses.replace(config, server=server, log=log)

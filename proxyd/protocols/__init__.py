@@ -1,0 +1,1 @@
+"""Sans-I/O protocol code: bytes in, typed events and bytes out; no sockets, no asyncio."""

@@ -1,0 +1,165 @@
+"""HTTP proxy requests (CONNECT now, absolute-form forwarding later), sans-I/O on top of h11.
+
+Feed bytes with `receive_data`, pull a ConnectRequest or ForwardRequest with
+`next_event`, then answer with `established()` (200, the tunnel begins) or
+`error_response(status)` (the connection then closes).
+"""
+
+from __future__ import annotations
+
+import binascii
+import http
+import ipaddress
+from dataclasses import dataclass
+from typing import Final
+
+import h11
+
+from proxyd.errors import LocalProtocolError, ProtocolError
+from proxyd.protocols.common import NEED_DATA, Credentials, NeedData
+
+DEFAULT_MAX_HEAD: Final = 16384
+REALM: Final = "proxyd"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    host: str
+    port: int
+    credentials: Credentials | None
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRequest:
+    """Any request other than CONNECT; `target` is as the client wrote it."""
+
+    method: str
+    target: str
+    credentials: Credentials | None
+
+
+Event = ConnectRequest | ForwardRequest | NeedData
+
+
+def parse_authority(authority: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` as in a CONNECT request line (RFC 9110 section 9.3.6)."""
+    host, sep, port_text = authority.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ProtocolError(f"CONNECT target {authority!r} is not host:port")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ProtocolError(f"CONNECT target port {port} is out of range")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ProtocolError(f"CONNECT target {authority!r} has an unclosed bracket")
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ProtocolError(f"CONNECT target {authority!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ProtocolError(f"CONNECT target {authority!r}: IPv6 addresses need brackets")
+    return host, port
+
+
+def parse_basic_credentials(value: bytes) -> Credentials | None:
+    """Credentials from a `Basic` Proxy-Authorization value, or None when it is not one."""
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = binascii.a2b_base64(token.strip(), strict_mode=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    username, sep, password = decoded.partition(":")
+    if not sep:
+        return None
+    return Credentials(username, password)
+
+
+class HttpProxyServer:
+    """One client connection's request head, and our answer to it."""
+
+    def __init__(self, max_head: int = DEFAULT_MAX_HEAD) -> None:
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+        self._request: h11.Request | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        self._conn.receive_data(data)
+
+    def next_event(self) -> Event:
+        try:
+            event = self._next_h11_event()
+        except h11.RemoteProtocolError as exc:
+            # h11's message may quote the request, headers included: never pass it on.
+            raise ProtocolError(
+                "malformed HTTP request", http_status=exc.error_status_hint
+            ) from exc
+        if event is NEED_DATA:
+            return NEED_DATA
+        request = self._request
+        assert request is not None
+        credentials = self._credentials(request)
+        method = request.method.decode("ascii")
+        target = request.target.decode("ascii", "replace")
+        if method == "CONNECT":
+            host, port = parse_authority(target)
+            return ConnectRequest(host, port, credentials)
+        return ForwardRequest(method, target, credentials)
+
+    def _next_h11_event(self) -> NeedData | None:
+        """Read up to the end of the request head (and CONNECT's empty body)."""
+        while True:
+            event = self._conn.next_event()
+            if event is h11.NEED_DATA:
+                return NEED_DATA
+            if isinstance(event, h11.Request):
+                self._request = event
+                if event.method == b"CONNECT":
+                    headers = dict(event.headers)
+                    if headers.get(b"content-length", b"0") != b"0" or (
+                        b"transfer-encoding" in headers
+                    ):
+                        raise ProtocolError("CONNECT request with a body")
+                    continue
+                return None
+            if isinstance(event, h11.EndOfMessage):
+                return None
+            if isinstance(event, h11.ConnectionClosed):
+                raise ProtocolError("connection closed before the request was complete")
+            raise LocalProtocolError(f"unexpected h11 event {type(event).__name__}")
+
+    @staticmethod
+    def _credentials(request: h11.Request) -> Credentials | None:
+        values = [v for k, v in request.headers if k == b"proxy-authorization"]
+        if len(values) != 1:
+            return None
+        return parse_basic_credentials(values[0])
+
+    def established(self) -> bytes:
+        """The 200 answer to CONNECT; bytes after it belong to the tunnel."""
+        return self._conn.send(
+            h11.Response(status_code=200, headers=[], reason=b"Connection established")
+        )
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes the client sent after its CONNECT head: the first bytes of the tunnel."""
+        if self._conn.our_state is not h11.SWITCHED_PROTOCOL:
+            raise LocalProtocolError("trailing data exists only once the tunnel is established")
+        data, _closed = self._conn.trailing_data
+        return bytes(data)
+
+    def error_response(self, status: int, message: str = "") -> bytes:
+        """A short text/plain answer that closes the connection."""
+        phrase = http.HTTPStatus(status).phrase
+        body = f"{status} {phrase}{': ' if message else ''}{message}\n".encode()
+        headers = [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+        if status == 407:
+            headers.append(("Proxy-Authenticate", f'Basic realm="{REALM}"'))
+        head = h11.Response(status_code=status, headers=headers, reason=phrase.encode())
+        return self._conn.send(head) + self._conn.send(h11.Data(data=body))

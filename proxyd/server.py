@@ -1,0 +1,144 @@
+"""Listeners and lifecycle: bind, accept, one Session task per client, stop on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import os
+import signal
+import socket
+from typing import Any
+
+from proxyd import __version__
+from proxyd.auth import Authenticator
+from proxyd.config import Config, ListenAddress
+from proxyd.log import access
+from proxyd.protocols.common import format_hostport
+from proxyd.session import Context, Session
+
+ACCEPT_BATCH = 128  # accepts per wake-up, so one busy listener cannot starve the loop
+ACCEPT_BACKOFF = 0.5  # seconds to pause a listener after EMFILE and friends
+OVERLOAD_SLACK = 256  # clients beyond max_connections that still get a polite refusal
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def bind(address: ListenAddress, config: Config) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Accepted sockets inherit these; set here so TCP window scaling sees them.
+        if config.buffers.so_rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, config.buffers.so_rcvbuf)
+        if config.buffers.so_sndbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.buffers.so_sndbuf)
+        sock.bind((address.host, address.port))
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    def __init__(self, config: Config, auth: Authenticator, log: Any) -> None:
+        self.config = config
+        self.log = log
+        self.ctx = Context(config, auth, log)
+        self.listeners: list[socket.socket] = []
+        self.sessions: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self._stop = asyncio.Event()
+        self._nodelay = config.buffers.tcp_nodelay
+
+    async def serve(self) -> None:
+        """Run until SIGTERM or SIGINT, then close every listener and tunnel."""
+        loop = asyncio.get_running_loop()
+        try:
+            for address in self.config.server.listen:
+                self.listeners.append(bind(address, self.config))
+        except OSError:
+            self._close_listeners()
+            raise
+        for sock in self.listeners:
+            loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+            host, port = sock.getsockname()[:2]
+            self.log.info("listening", address=str(ListenAddress(host, port)))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.log.info("started", version=__version__, pid=os.getpid(), loop=type(loop).__module__)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            self._close_listeners()
+            for task in list(self.sessions):
+                task.cancel()
+            if self.sessions:
+                await asyncio.gather(*self.sessions, return_exceptions=True)
+            self.ctx.auth.close()
+        self.log.info("stopped")
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.log.info("stopping", signal=sig.name, active=len(self.sessions))
+        self._stop.set()
+
+    def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.listeners:
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+                sock.close()
+
+    def _on_acceptable(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause(listener, exc)
+                    return
+                continue  # ECONNABORTED and the like concern one client only
+            self._start(sock, peer)
+
+    def _pause(self, listener: socket.socket, exc: OSError) -> None:
+        """Out of descriptors: stop polling this listener for a while instead of spinning."""
+        loop = asyncio.get_running_loop()
+        self.log.warning("accept_paused", error=exc.strerror, seconds=ACCEPT_BACKOFF)
+        loop.remove_reader(listener.fileno())
+
+        def resume() -> None:
+            if listener.fileno() >= 0 and not self._stop.is_set():
+                loop.add_reader(listener.fileno(), self._on_acceptable, listener)
+
+        loop.call_later(ACCEPT_BACKOFF, resume)
+
+    def _start(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
+        conn_id = next(self._ids)
+        active = len(self.sessions)
+        limit = self.config.server.max_connections
+        if active >= limit + OVERLOAD_SLACK:
+            sock.close()
+            if self.config.log.access:
+                access(
+                    self.log,
+                    conn_id=conn_id,
+                    client=format_hostport(peer[0], peer[1]),
+                    status="limit",
+                    error="server.max_connections reached",
+                )
+            return
+        sock.setblocking(False)
+        if self._nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        session = Session(self.ctx, sock, peer, conn_id, over_limit=active >= limit)
+        task = asyncio.get_running_loop().create_task(session.run())
+        self.sessions.add(task)
+        task.add_done_callback(self.sessions.discard)
