@@ -1,0 +1,253 @@
+"""Shared fixtures: the real daemon as a subprocess, and real servers on loopback."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 15.0
+
+
+class Daemon:
+    """A proxyd process on an ephemeral loopback port; its stdout parsed line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = [sys.executable, "-m", "proxyd", *args]
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self.stderr = b""
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
+        self._err_reader.start()
+        self.port = 0
+        self.host = "127.0.0.1"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._cond:
+                self.lines.append(line)
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    pass
+                self._cond.notify_all()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The first event (seen so far or arriving within `timeout`) matching `predicate`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events:
+                    if predicate(event):
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"no matching event within {timeout}s; output:\n" + "\n".join(self.lines)
+                        + f"\nstderr: {self.stderr.decode(errors='replace')}"
+                    )
+                self._cond.wait(min(left, 0.1))
+
+    def started(self) -> Daemon:
+        listening = self.wait_for(lambda e: e.get("event") == "listening", START_TIMEOUT)
+        host, _, port = listening["address"].rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.wait_for(lambda e: e.get("event") == "started", START_TIMEOUT)
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def access(self, conn_filter: Callable[[dict[str, Any]], bool] = lambda e: True,
+               timeout: float = 10.0) -> dict[str, Any]:
+        return self.wait_for(lambda e: e.get("event") == "access" and conn_filter(e), timeout)
+
+    def access_events(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return [e for e in self.events if e.get("event") == "access"]
+
+    def output(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines) + self.stderr.decode("utf-8", "replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        self._err_reader.join(5)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """start_daemon(config_toml="", *extra_args) -> a started Daemon, stopped at teardown."""
+    daemons: list[Daemon] = []
+    counter = iter(range(1000))
+
+    def start(config_toml: str = "", *extra: str, listen: str = "127.0.0.1:0",
+              wait: bool = True) -> Daemon:
+        path = tmp_path / f"proxyd-{next(counter)}.toml"
+        path.write_text(config_toml)
+        args = ["--config", str(path), *extra]
+        if listen:
+            args += ["--listen", listen]
+        daemon = Daemon(args)
+        daemons.append(daemon)
+        return daemon.started() if wait else daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A users file made by `proxyd passwd`: alice / wonderland-42."""
+    path = tmp_path_factory.mktemp("auth") / "users"
+    subprocess.run(
+        [sys.executable, "-m", "proxyd", "passwd", "--file", str(path), "alice"],
+        input=b"wonderland-42\n", check=True, cwd=ROOT, capture_output=True,
+    )
+    return path
+
+
+USER, PASSWORD = "alice", "wonderland-42"
+
+
+# --- real servers on loopback -------------------------------------------------
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class Origin:
+    def __init__(self, body: bytes) -> None:
+        handler = type("Handler", (_Handler,), {"body": body})
+        self.body = body
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def origin() -> Iterator[Origin]:
+    """An HTTP server on loopback serving 256 KiB of pseudo-random bytes at /."""
+    server = Origin(os.urandom(256 * 1024))
+    yield server
+    server.close()
+
+
+class TcpServer:
+    """A threaded TCP server on loopback running `handle(conn)` for each client."""
+
+    def __init__(self, handle: Callable[[socket.socket], None], host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.handle = handle
+        self.peers: list[tuple[Any, ...]] = []
+        self.errors: list[BaseException] = []
+        self._closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            self.peers.append(peer)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.handle(conn)
+            except OSError as exc:
+                self.errors.append(exc)
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+
+
+def echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+@pytest.fixture
+def tcp_server() -> Iterator[Callable[..., TcpServer]]:
+    servers: list[TcpServer] = []
+
+    def make(handle: Callable[[socket.socket], None] = echo, host: str = "127.0.0.1") -> TcpServer:
+        server = TcpServer(handle, host)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
