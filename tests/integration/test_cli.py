@@ -1,0 +1,153 @@
+"""The command line: check-config, the open-proxy guard, passwd, signals, secrets in output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PASSWORD, ROOT, USER
+from integration import socks5client
+
+
+def proxyd(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxyd", *args],
+        input=stdin.decode(), capture_output=True, text=True, timeout=30, cwd=ROOT,
+    )
+
+
+def test_version():
+    result = proxyd("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("proxyd ")
+
+
+def test_check_config_good_file(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text((ROOT / "config" / "proxyd.toml").read_text())
+    result = proxyd("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_config_reports_every_problem_with_key_path(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[server]\nlisten = ["127.0.0.1:99999"]\nmax_connections = "many"\n'
+        "[timeouts]\nconnect = -1\n"
+        '[buffers]\nread_size = 12\ncolour = "red"\n'
+    )
+    result = proxyd("check-config", "--config", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    for key in ("server.listen[0]", "server.max_connections", "timeouts.connect",
+                "buffers.read_size", "buffers.colour"):
+        assert any(line.startswith(f"{path}: {key}: ") for line in lines), (key, lines)
+
+
+def test_daemon_refuses_bad_config(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[timeouts]\nidle = 'forever'\n")
+    result = proxyd("--config", str(path))
+    assert result.returncode == 1
+    assert f"{path}: timeouts.idle:" in result.stderr
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0"])
+def test_open_proxy_guard_refuses_to_start(listen):
+    result = proxyd("--listen", listen)
+    assert result.returncode == 1
+    assert "server.allow_open_proxy" in result.stderr
+    assert "listening" not in result.stdout
+
+
+def test_open_proxy_guard_check_config(tmp_path):
+    path = tmp_path / "open.toml"
+    path.write_text('[server]\nlisten = ["0.0.0.0:1080"]\n')
+    result = proxyd("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert "server.listen" in result.stderr
+
+
+def test_passwd_writes_private_hashed_file(tmp_path):
+    path = tmp_path / "users"
+    assert proxyd("passwd", "--file", str(path), "bob", stdin=b"first-secret\n").returncode == 0
+    assert proxyd("passwd", "--file", str(path), "carol", stdin=b"carol-secret\n").returncode == 0
+    assert proxyd("passwd", "--file", str(path), "bob", stdin=b"second-secret\n").returncode == 0
+    text = path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [line.split(":")[0] for line in text.splitlines()] == ["carol", "bob"]
+    assert "secret" not in text
+    assert all(line.split(":", 1)[1].startswith("$scrypt$") for line in text.splitlines())
+    assert not [p for p in os.listdir(tmp_path) if p != "users"]  # no temp file left
+
+
+def test_passwd_rejects_bad_input(tmp_path):
+    path = tmp_path / "users"
+    assert proxyd("passwd", "--file", str(path), "bad:name", stdin=b"pw\n").returncode == 1
+    assert proxyd("passwd", "--file", str(path), "dave", stdin=b"\n").returncode == 1
+    assert not path.exists()
+
+
+def test_sigterm_and_sigint_stop_with_open_tunnel(start_daemon, tcp_server):
+    server = tcp_server()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        daemon = start_daemon()
+        sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+        with sock:
+            assert rep == 0
+            started = time.monotonic()
+            assert daemon.stop(sig) == 0
+            assert time.monotonic() - started < 5
+            assert sock.recv(1) == b""
+        assert daemon.access()["status"] == "shutdown"
+        daemon.wait_for(lambda e: e.get("event") == "stopped")
+
+
+def test_no_secret_in_any_output(start_daemon, users_file, tcp_server):
+    """Passwords, Authorization values and hashes never reach stdout or stderr."""
+    import base64
+
+    daemon = start_daemon(f'[auth]\nusers_file = "{users_file}"\n', "--log-level", "debug")
+    server = tcp_server()
+    for password in (PASSWORD, "wrong-password-xyz"):
+        sock, _, _, _ = socks5client.connect(
+            daemon.address, "127.0.0.1", server.port, auth=(USER, password)
+        )
+        sock.close()
+    import socket as socketlib
+
+    for password in (PASSWORD, "wrong-password-xyz"):
+        token = base64.b64encode(f"{USER}:{password}".encode()).decode()
+        with socketlib.create_connection(daemon.address, timeout=5) as sock:
+            sock.sendall(
+                f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\nHost: x\r\n"
+                f"Proxy-Authorization: Basic {token}\r\n\r\n".encode()
+            )
+            sock.recv(4096)
+    # a malformed head that quotes a credential must not be echoed into the log either
+    with socketlib.create_connection(daemon.address, timeout=5) as sock:
+        sock.sendall(b"CONNECT x:1 HTTP/1.1\r\nProxy-Authorization Basic c2VjcmV0LXRva2Vu\r\n\r\n")
+        sock.recv(4096)
+    for i in range(1, 6):
+        daemon.access(lambda e, i=i: e["conn_id"] == i)
+    daemon.stop()
+    output = daemon.output()
+    hashes = [line.split(":", 1)[1] for line in users_file.read_text().splitlines()]
+    for secret in (PASSWORD, "wrong-password-xyz", "c2VjcmV0LXRva2Vu", *hashes):
+        assert secret not in output
+    for password in (PASSWORD, "wrong-password-xyz"):
+        assert base64.b64encode(f"{USER}:{password}".encode()).decode() not in output
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "proxyd"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout == proxyd("--version").stdout
