@@ -73,7 +73,8 @@ class Daemon:
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
                     raise AssertionError(
-                        f"no matching event within {timeout}s; output:\n" + "\n".join(self.lines)
+                        f"no matching event within {timeout}s; output:\n"
+                        + "\n".join(self.lines)
                         + f"\nstderr: {self.stderr.decode(errors='replace')}"
                     )
                 self._cond.wait(min(left, 0.1))
@@ -89,8 +90,9 @@ class Daemon:
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
-    def access(self, conn_filter: Callable[[dict[str, Any]], bool] = lambda e: True,
-               timeout: float = 10.0) -> dict[str, Any]:
+    def access(
+        self, conn_filter: Callable[[dict[str, Any]], bool] = lambda e: True, timeout: float = 10.0
+    ) -> dict[str, Any]:
         return self.wait_for(lambda e: e.get("event") == "access" and conn_filter(e), timeout)
 
     def access_events(self) -> list[dict[str, Any]]:
@@ -120,8 +122,9 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
     counter = iter(range(1000))
 
-    def start(config_toml: str = "", *extra: str, listen: str = "127.0.0.1:0",
-              wait: bool = True) -> Daemon:
+    def start(
+        config_toml: str = "", *extra: str, listen: str = "127.0.0.1:0", wait: bool = True
+    ) -> Daemon:
         path = tmp_path / f"proxyd-{next(counter)}.toml"
         path.write_text(config_toml)
         args = ["--config", str(path), *extra]
@@ -142,7 +145,10 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("auth") / "users"
     subprocess.run(
         [sys.executable, "-m", "proxyd", "passwd", "--file", str(path), "alice"],
-        input=b"wonderland-42\n", check=True, cwd=ROOT, capture_output=True,
+        input=b"wonderland-42\n",
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
     )
     return path
 
@@ -156,7 +162,7 @@ USER, PASSWORD = "alice", "wonderland-42"
 class _Handler(http.server.BaseHTTPRequestHandler):
     body = b""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(self.body)))

@@ -19,7 +19,11 @@ from integration import socks5client
 def proxyd(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "proxyd", *args],
-        input=stdin.decode(), capture_output=True, text=True, timeout=30, cwd=ROOT,
+        input=stdin.decode(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
     )
 
 
@@ -46,8 +50,13 @@ def test_check_config_reports_every_problem_with_key_path(tmp_path):
     result = proxyd("check-config", "--config", str(path))
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    for key in ("server.listen[0]", "server.max_connections", "timeouts.connect",
-                "buffers.read_size", "buffers.colour"):
+    for key in (
+        "server.listen[0]",
+        "server.max_connections",
+        "timeouts.connect",
+        "buffers.read_size",
+        "buffers.colour",
+    ):
         assert any(line.startswith(f"{path}: {key}: ") for line in lines), (key, lines)
 
 

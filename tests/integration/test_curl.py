@@ -12,7 +12,8 @@ from conftest import PASSWORD, USER
 def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         ["curl", "--silent", "--show-error", "--max-time", "20", *args],
-        capture_output=True, timeout=30,
+        capture_output=True,
+        timeout=30,
     )
 
 
@@ -23,9 +24,13 @@ def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
 def test_fetch_through_proxy(start_daemon, origin, flag, protocol):
     daemon = start_daemon()
     proxy = f"127.0.0.1:{daemon.port}"
-    proxy_args = ["--proxytunnel", "--proxy", f"http://{proxy}"] if protocol == "http" else [flag, proxy]
+    proxy_args = (
+        ["--proxytunnel", "--proxy", f"http://{proxy}"] if protocol == "http" else [flag, proxy]
+    )
     # a name, so --socks5-hostname makes the proxy resolve it
-    url = origin.url.replace("127.0.0.1", "localhost") if flag == "--socks5-hostname" else origin.url
+    url = (
+        origin.url.replace("127.0.0.1", "localhost") if flag == "--socks5-hostname" else origin.url
+    )
     result = curl(*proxy_args, url)
     assert result.returncode == 0, result.stderr
     assert result.stdout == origin.body
@@ -61,8 +66,13 @@ def test_wrong_password_refused(start_daemon, origin, users_file, protocol):
     if protocol == "socks5":
         args = ["--socks5", f"{USER}:not-the-password@127.0.0.1:{daemon.port}"]
     else:
-        args = ["--proxytunnel", "--proxy", f"http://{USER}:not-the-password@127.0.0.1:{daemon.port}",
-                "--write-out", "%{http_connect}"]
+        args = [
+            "--proxytunnel",
+            "--proxy",
+            f"http://{USER}:not-the-password@127.0.0.1:{daemon.port}",
+            "--write-out",
+            "%{http_connect}",
+        ]
     result = curl(*args, origin.url)
     assert result.returncode != 0
     assert result.stdout != origin.body
@@ -78,8 +88,14 @@ def test_refused_target_gives_502(start_daemon):
 
     daemon = start_daemon()
     port = closed_port()
-    result = curl("--proxytunnel", "--proxy", f"http://127.0.0.1:{daemon.port}",
-                  "--write-out", "%{http_connect}", f"http://127.0.0.1:{port}/")
+    result = curl(
+        "--proxytunnel",
+        "--proxy",
+        f"http://127.0.0.1:{daemon.port}",
+        "--write-out",
+        "%{http_connect}",
+        f"http://127.0.0.1:{port}/",
+    )
     assert result.returncode != 0
     assert result.stdout.endswith(b"502")
     line = daemon.access()

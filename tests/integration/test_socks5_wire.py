@@ -147,7 +147,9 @@ def test_pipelined_request_and_payload(daemon, tcp_server):
     server = tcp_server()
     with socket.create_connection(daemon.address, timeout=5) as sock:
         sock.sendall(
-            b"\x05\x01\x00" + b"\x05\x01\x00" + socks5client.address("127.0.0.1", server.port)
+            b"\x05\x01\x00"
+            + b"\x05\x01\x00"
+            + socks5client.address("127.0.0.1", server.port)
             + b"early bytes"
         )
         assert recv_exact(sock, 2) == b"\x05\x00"
