@@ -160,3 +160,45 @@ def test_console_script_is_installed():
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert result.stdout == proxyd("--version").stdout
+
+
+def test_passwd_on_a_terminal_does_not_echo(tmp_path):
+    """On a terminal the password is asked twice and never echoed back."""
+    import pty
+    import select
+
+    path = tmp_path / "users"
+    pid, fd = pty.fork()
+    if pid == 0:  # child: its controlling terminal is the pty
+        try:
+            os.execv(
+                sys.executable,
+                [sys.executable, "-m", "proxyd", "passwd", "--file", str(path), "erin"],
+            )
+        finally:
+            os._exit(127)
+    output = b""
+    deadline = time.monotonic() + 20
+    answered = 0
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 1024)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            prompts = output.count(b"Password for erin: ") + output.count(b"Again: ")
+            if prompts > answered:
+                os.write(fd, b"tty-secret-77\n")
+                answered += 1
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert answered == 2, output
+    assert os.waitstatus_to_exitcode(status) == 0, output
+    assert b"tty-secret-77" not in output
+    assert path.read_text().startswith("erin:$scrypt$")

@@ -1,0 +1,120 @@
+"""Relay resources: socket buffers applied, backpressure instead of buffering, connect timeout."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import threading
+import time
+
+from integration import socks5client
+from integration.socks5client import recv_exact
+
+MIB = 1024 * 1024
+
+
+def daemon_socket_memory(pid: int) -> list[tuple[int, int]]:
+    """(rcvbuf, sndbuf) of each established TCP socket of `pid`, as `ss` reports them."""
+    out = subprocess.run(
+        ["ss", "-tnmp", "state", "established"], capture_output=True, text=True, check=True
+    ).stdout
+    result = []
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if f"pid={pid}," in line and i + 1 < len(lines):
+            match = re.search(r"rb(\d+),t\d+,tb(\d+)", lines[i + 1])
+            if match:
+                result.append((int(match[1]), int(match[2])))
+    return result
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_buffers_applied_to_both_sockets(start_daemon, tcp_server):
+    daemon = start_daemon("[buffers]\nso_rcvbuf = 200000\nso_sndbuf = 300000\nread_size = 1024\n")
+    server = tcp_server()
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+    with sock:
+        assert rep == 0
+        payload = bytes(range(256)) * 40  # several relay reads of 1 KiB each
+        sock.sendall(payload)
+        assert recv_exact(sock, len(payload)) == payload
+        memory = daemon_socket_memory(daemon.proc.pid)
+    # client side and upstream side; Linux reports twice the requested size
+    assert memory == [(400000, 600000)] * 2
+
+
+def test_slow_reader_slows_the_writer(start_daemon, tcp_server):
+    """A client that does not read stops the target's sends; the daemon does not buffer."""
+    total = 256 * MIB
+    progress = {"sent": 0}
+    done = threading.Event()
+
+    def flood(conn: socket.socket) -> None:
+        chunk = b"z" * MIB
+        conn.settimeout(30)
+        try:
+            while progress["sent"] < total:
+                progress["sent"] += conn.send(chunk)
+        finally:
+            done.set()
+
+    daemon = start_daemon()
+    server = tcp_server(flood)
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port, timeout=30)
+    with sock:
+        assert rep == 0
+        baseline = rss_kib(daemon.proc.pid)
+        time.sleep(1.5)  # the client reads nothing
+        stalled_at = progress["sent"]
+        time.sleep(0.5)
+        # kernel buffers fill up and then nothing moves: the writer is held back
+        assert progress["sent"] == stalled_at
+        assert stalled_at < 64 * MIB
+        assert rss_kib(daemon.proc.pid) - baseline < 16 * 1024
+        received = 0
+        buf = bytearray(MIB)
+        while received < total:
+            n = sock.recv_into(buf)
+            assert n
+            received += n
+    assert done.wait(10)
+    assert received == total
+
+
+def test_connect_timeout_gives_0x04_and_504(start_daemon):
+    """A target whose accept queue is full never completes the handshake: connect times out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        # fill the accept queue so the kernel drops further SYNs
+        for _ in range(8):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.2)
+        daemon = start_daemon("[timeouts]\nconnect = 1\n")
+        started = time.monotonic()
+        sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", port)
+        sock.close()
+        assert rep == 0x04
+        assert 0.9 < time.monotonic() - started < 5
+        assert daemon.access()["status"] == "timeout"
+        with socket.create_connection(daemon.address, timeout=10) as s:
+            s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert s.recv(4096).startswith(b"HTTP/1.1 504 ")
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
