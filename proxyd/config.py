@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from proxyd.errors import ConfigError
+from proxyd.protocols.common import format_hostport
 
 DEFAULT_PATH: Final = Path("/etc/proxyd/proxyd.toml")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("json", "console")
+MAX_SECONDS: Final = 7 * 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +29,7 @@ class ListenAddress:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_hostport(self.host, self.port)
 
     @property
     def is_loopback(self) -> bool:
@@ -141,18 +143,14 @@ def _integer(low: int, high: int) -> Check:
     return check
 
 
-def _seconds(*, allow_zero: bool = False) -> Check:
-    def check(value: Any, path: str, problems: list[str]) -> Any:
-        if type(value) not in (int, float):
-            problems.append(f"{path}: must be a number of seconds, not {_type_name(value)}")
-            return _INVALID
-        if value < 0 or (value == 0 and not allow_zero) or value > 86400 * 7:
-            low = ">= 0" if allow_zero else "> 0"
-            problems.append(f"{path}: must be {low} and at most 604800 seconds, not {value}")
-            return _INVALID
-        return float(value)
-
-    return check
+def _seconds(value: Any, path: str, problems: list[str]) -> Any:
+    if type(value) not in (int, float):
+        problems.append(f"{path}: must be a number of seconds, not {_type_name(value)}")
+        return _INVALID
+    if not 0 < value <= MAX_SECONDS:
+        problems.append(f"{path}: must be > 0 and at most {MAX_SECONDS} seconds, not {value}")
+        return _INVALID
+    return float(value)
 
 
 def _boolean(value: Any, path: str, problems: list[str]) -> Any:
@@ -219,10 +217,10 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
     "timeouts": (
         TimeoutsConfig,
         {
-            "handshake": _seconds(),
-            "connect": _seconds(),
-            "idle": _seconds(),
-            "udp_idle": _seconds(),
+            "handshake": _seconds,
+            "connect": _seconds,
+            "idle": _seconds,
+            "udp_idle": _seconds,
         },
     ),
     "buffers": (

@@ -135,9 +135,13 @@ class Server:
                     error="server.max_connections reached",
                 )
             return
-        sock.setblocking(False)
-        if self._nodelay:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setblocking(False)
+            if self._nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # the client is already gone
+            sock.close()
+            return
         session = Session(self.ctx, sock, peer, conn_id, over_limit=active >= limit)
         task = asyncio.get_running_loop().create_task(session.run())
         self.sessions.add(task)

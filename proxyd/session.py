@@ -156,7 +156,7 @@ class Session:
             answer = handler.refusal(exc) if handler is not None else None
             if answer:
                 self._send_nowait(answer)
-        except ConnectionError as exc:
+        except OSError as exc:  # the client's socket: upstream failures are SessionErrors
             status, error = "client_closed", exc.strerror or type(exc).__name__
         except asyncio.CancelledError:
             status = "shutdown"
