@@ -23,6 +23,14 @@ def stream(seed: int, total: int, chunk: int = 256 * 1024):
         sent += n
 
 
+def count_then_answer(conn: socket.socket) -> None:
+    """Read to EOF, then say how much arrived: only works if half-close is propagated."""
+    n = 0
+    while data := conn.recv(65536):
+        n += len(data)
+    conn.sendall(f"got {n} bytes".encode())
+
+
 def test_64_mib_each_way_intact(start_daemon, tcp_server):
     total = 64 * MIB
     expected_up = hashlib.sha256(b"".join(stream(1, total))).hexdigest()
@@ -72,13 +80,6 @@ def test_64_mib_each_way_intact(start_daemon, tcp_server):
 
 def test_half_close_client_still_gets_reply(start_daemon, tcp_server):
     """The client shuts down its write side; the target sees EOF and its answer still arrives."""
-
-    def count_then_answer(conn: socket.socket) -> None:
-        n = 0
-        while data := conn.recv(65536):
-            n += len(data)
-        conn.sendall(f"got {n} bytes".encode())
-
     daemon = start_daemon()
     server = tcp_server(count_then_answer)
     sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
@@ -95,12 +96,6 @@ def test_half_close_client_still_gets_reply(start_daemon, tcp_server):
 
 
 def test_http_connect_half_close(start_daemon, tcp_server):
-    def count_then_answer(conn: socket.socket) -> None:
-        n = 0
-        while data := conn.recv(65536):
-            n += len(data)
-        conn.sendall(f"got {n}".encode())
-
     daemon = start_daemon()
     server = tcp_server(count_then_answer)
     with socket.create_connection(daemon.address, timeout=10) as sock:
@@ -113,7 +108,7 @@ def test_http_connect_half_close(start_daemon, tcp_server):
         assert head.startswith(b"HTTP/1.1 200")
         sock.sendall(b"defg")
         sock.shutdown(socket.SHUT_WR)
-        assert sock.recv(100) == b"got 7"
+        assert sock.recv(100) == b"got 7 bytes"
     assert daemon.access()["bytes_up"] == 7
 
 
