@@ -39,7 +39,7 @@ class ListenAddress:
 def parse_listen(text: str) -> ListenAddress:
     """`127.0.0.1:1080` or `[::1]:1080`; the host must be an IP address."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
+    if not sep or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:1080 or [::1]:1080)")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -260,7 +260,7 @@ class HttpHandler:
             session.target = format_hostport(event.host, event.port)
         else:
             session.command = event.method
-            session.target = event.target
+            session.target = http_proto.without_userinfo(event.target)
         await session.check_credentials(event.credentials)
         if isinstance(event, http_proto.ForwardRequest):
             if event.target.lower().startswith("http://"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import binascii
 import http
 import ipaddress
+import urllib.parse
 from dataclasses import dataclass
 from typing import Final
 
@@ -42,24 +43,37 @@ Event = ConnectRequest | ForwardRequest | NeedData
 
 
 def parse_authority(authority: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` as in a CONNECT request line (RFC 9110 section 9.3.6)."""
+    """`host:port` or `[v6]:port` as in a CONNECT request line (RFC 9110 section 9.3.6).
+
+    Error messages never quote the target: a client may have put a password in it.
+    """
     host, sep, port_text = authority.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ProtocolError(f"CONNECT target {authority!r} is not host:port")
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
+        raise ProtocolError("CONNECT target is not host:port")
+    if "@" in host:
+        raise ProtocolError("CONNECT target must not carry user information")
     port = int(port_text)
     if not 0 < port < 65536:
         raise ProtocolError(f"CONNECT target port {port} is out of range")
     if host.startswith("["):
         if not host.endswith("]"):
-            raise ProtocolError(f"CONNECT target {authority!r} has an unclosed bracket")
+            raise ProtocolError("CONNECT target has an unclosed bracket")
         host = host[1:-1]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ProtocolError(f"CONNECT target {authority!r} is not an IPv6 address") from None
+            raise ProtocolError("CONNECT target in brackets is not an IPv6 address") from None
     elif ":" in host:
-        raise ProtocolError(f"CONNECT target {authority!r}: IPv6 addresses need brackets")
+        raise ProtocolError("CONNECT target: IPv6 addresses need brackets")
     return host, port
+
+
+def without_userinfo(target: str) -> str:
+    """An absolute-form target fit for a log line: `http://user:pw@host/` loses `user:pw@`."""
+    parts = urllib.parse.urlsplit(target)
+    if "@" not in parts.netloc:
+        return target
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def parse_basic_credentials(value: bytes) -> Credentials | None:

@@ -144,12 +144,20 @@ def test_no_secret_in_any_output(start_daemon, users_file, tcp_server):
     with socketlib.create_connection(daemon.address, timeout=5) as sock:
         sock.sendall(b"CONNECT x:1 HTTP/1.1\r\nProxy-Authorization Basic c2VjcmV0LXRva2Vu\r\n\r\n")
         sock.recv(4096)
-    for i in range(1, 6):
+    # user information inside a target is a password too
+    for raw in (
+        b"GET http://alice:userinfo-secret@127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n",
+        b"CONNECT alice:userinfo-secret@127.0.0.1:1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        with socketlib.create_connection(daemon.address, timeout=5) as sock:
+            sock.sendall(raw)
+            sock.recv(4096)
+    for i in range(1, 8):
         daemon.access(lambda e, i=i: e["conn_id"] == i)
     daemon.stop()
     output = daemon.output()
     hashes = [line.split(":", 1)[1] for line in users_file.read_text().splitlines()]
-    for secret in (PASSWORD, "wrong-password-xyz", "c2VjcmV0LXRva2Vu", *hashes):
+    for secret in (PASSWORD, "wrong-password-xyz", "c2VjcmV0LXRva2Vu", "userinfo-secret", *hashes):
         assert secret not in output
     for password in (PASSWORD, "wrong-password-xyz"):
         assert base64.b64encode(f"{USER}:{password}".encode()).decode() not in output

@@ -1,0 +1,407 @@
+"""proxyd.auth: scrypt hashes, the users file, and verification with a bounded cache."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from proxyd.auth import (
+    Authenticator,
+    PasswordHash,
+    hash_password,
+    load_users,
+    set_user,
+)
+from proxyd.errors import ConfigError
+from proxyd.protocols.common import Credentials
+
+FAST = 10  # log_n for hashes made here: 2**10 keeps each derivation around a millisecond
+
+
+@pytest.fixture(scope="module")
+def alice_hash() -> str:
+    return hash_password("wonderland", log_n=FAST)
+
+
+# --- hashes ------------------------------------------------------------------------
+
+
+def test_hash_round_trip(alice_hash: str) -> None:
+    parsed = PasswordHash.parse(alice_hash)
+    assert parsed.encode() == alice_hash
+    assert parsed.matches("wonderland")
+    assert (parsed.log_n, parsed.r, parsed.p) == (FAST, 8, 1)
+    assert len(parsed.salt) == 16
+    assert len(parsed.key) == 32
+    assert alice_hash.startswith("$scrypt$ln=10,r=8,p=1$")
+
+
+# Not "wonderland\x00": HMAC pads short keys with zero bytes, so scrypt (PBKDF2 inside)
+# cannot tell trailing NULs apart. Harmless, as it needs the password anyway.
+@pytest.mark.parametrize("wrong", ["", "Wonderland", "wonderland ", "wonderlan", "\x00wonderland"])
+def test_wrong_password_fails(alice_hash: str, wrong: str) -> None:
+    assert not PasswordHash.parse(alice_hash).matches(wrong)
+
+
+@pytest.mark.parametrize("password", ["p", "pässwörd€ 🦀", "x" * 255, "with:colon$and$dollars"])
+def test_any_password_round_trips(password: str) -> None:
+    encoded = hash_password(password, log_n=FAST)
+    assert PasswordHash.parse(encoded).matches(password)
+    assert not PasswordHash.parse(encoded).matches(password + "x")
+
+
+def test_same_password_different_salt() -> None:
+    first = PasswordHash.parse(hash_password("same", log_n=FAST))
+    second = PasswordHash.parse(hash_password("same", log_n=FAST))
+    assert first.salt != second.salt
+    assert first.key != second.key
+    assert first.matches("same") and second.matches("same")
+
+
+def test_default_cost() -> None:
+    # DESIGN.md and proxyd passwd promise a salted scrypt hash; the default cost is n = 2**15.
+    assert hash_password("slow").startswith("$scrypt$ln=15,r=8,p=1$")
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        "",
+        "wonderland",
+        "$bcrypt$ln=10,r=8,p=1$c2FsdA$a2V5",
+        "scrypt$ln=10,r=8,p=1$c2FsdA$a2V5",
+        "x$scrypt$ln=10,r=8,p=1$c2FsdA$a2V5",
+        "$scrypt$ln=10,r=8,p=1$c2FsdA",
+        "$scrypt$ln=10,r=8,p=1$c2FsdA$a2V5$extra",
+        "$scrypt$ln=10,r=8$c2FsdA$a2V5",
+        "$scrypt$ln=ten,r=8,p=1$c2FsdA$a2V5",
+        "$scrypt$ln=0,r=8,p=1$c2FsdA$a2V5",
+        "$scrypt$ln=21,r=8,p=1$c2FsdA$a2V5",
+        "$scrypt$ln=10,r=0,p=1$c2FsdA$a2V5",
+        "$scrypt$ln=10,r=33,p=1$c2FsdA$a2V5",
+        "$scrypt$ln=10,r=8,p=0$c2FsdA$a2V5",
+        "$scrypt$ln=10,r=8,p=17$c2FsdA$a2V5",
+        "$scrypt$ln=10,r=8,p=1$$a2V5",
+        "$scrypt$ln=10,r=8,p=1$c2FsdA$",
+        "$scrypt$ln=10,r=8,p=1$!!!!$a2V5",
+        "$scrypt$ln=10,r=8,p=1$c2FsdA$a2V*",
+    ],
+)
+def test_parse_rejects(encoded: str) -> None:
+    with pytest.raises(ValueError):
+        PasswordHash.parse(encoded)
+
+
+# --- the users file ------------------------------------------------------------------
+
+
+def test_load_users(tmp_path: Path, alice_hash: str) -> None:
+    bob_hash = hash_password("builder", log_n=FAST)
+    path = tmp_path / "users"
+    path.write_text(
+        f"# proxyd users\n\nalice:{alice_hash}\n   \n  bob:{bob_hash}  \n# carol:{alice_hash}\n"
+    )
+    users = load_users(path)
+    assert set(users) == {"alice", "bob"}
+    assert users["alice"].matches("wonderland")
+    assert users["bob"].matches("builder")
+    assert not users["bob"].matches("wonderland")
+
+
+def test_load_empty_users_file(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text("")
+    assert load_users(path) == {}
+
+
+def test_load_users_problems_name_lines_not_content(tmp_path: Path, alice_hash: str) -> None:
+    salt_and_key = alice_hash.split("$", 3)[3]  # what must never be echoed
+    lines = [
+        f"alice:{alice_hash}",  # 1: fine
+        "# a comment",  # 2
+        "justaname",  # 3: no colon
+        f"bob:{alice_hash[:-3]}$zz",  # 4: extra field
+        f":{alice_hash}",  # 5: empty user name
+        f"carol:{alice_hash.replace('ln=10', 'ln=99')}",  # 6: out of range
+        f"{'d' * 256}:{alice_hash}",  # 7: user name too long
+        f"erin:{salt_and_key}",  # 8: not a $scrypt$ hash
+        f"frank:{alice_hash.replace('ln=10', 'ln=x')}",  # 9: bad parameter
+    ]
+    path = tmp_path / "users"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_users(path)
+    problems = info.value.problems
+    assert len(problems) == 7
+    for number, problem in zip([3, 4, 5, 6, 7, 8, 9], problems, strict=True):
+        assert problem.startswith("auth.users_file: ")
+        assert f"line {number}:" in problem
+        assert str(path) in problem
+    text = str(info.value)
+    for secret in (
+        alice_hash,
+        salt_and_key,
+        salt_and_key.split("$")[0],
+        salt_and_key.split("$")[1],
+    ):
+        assert secret not in text
+
+
+def test_load_users_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_users(tmp_path / "absent")
+    assert info.value.problems[0].startswith("auth.users_file: ")
+
+
+def test_load_users_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_bytes(b"al\xffice:$scrypt$\n")
+    with pytest.raises(ConfigError):
+        load_users(path)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_set_user_creates_file_0600(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    set_user(path, "alice", "wonderland-42")
+    assert mode(path) == 0o600
+    content = path.read_bytes()
+    assert b"wonderland-42" not in content
+    assert content.startswith(b"alice:$scrypt$")
+    assert content.endswith(b"\n")
+    users = load_users(path)
+    assert set(users) == {"alice"}
+    assert users["alice"].matches("wonderland-42")
+    assert os.listdir(tmp_path) == ["users"]  # no temporary file left behind
+
+
+def test_set_user_replaces_atomically(tmp_path: Path, alice_hash: str) -> None:
+    bob_hash = hash_password("builder", log_n=FAST)
+    path = tmp_path / "users"
+    path.write_text(f"# keep me\nalice:{alice_hash}\nbob:{bob_hash}\n")
+    path.chmod(0o644)
+    before = path.stat().st_ino
+    set_user(path, "alice", "new-secret")
+    # A new file took the old one's name (os.replace), not an in-place rewrite.
+    assert path.stat().st_ino != before
+    assert mode(path) == 0o600
+    content = path.read_text()
+    assert "new-secret" not in content
+    assert "# keep me" in content
+    assert f"bob:{bob_hash}" in content
+    assert alice_hash not in content
+    assert sum(line.startswith("alice:") for line in content.splitlines()) == 1
+    users = load_users(path)
+    assert users["alice"].matches("new-secret")
+    assert not users["alice"].matches("wonderland")
+    assert users["bob"].matches("builder")
+    assert sorted(os.listdir(tmp_path)) == ["users"]
+
+
+def test_set_user_adds_a_second_user(tmp_path: Path, alice_hash: str) -> None:
+    path = tmp_path / "users"
+    path.write_text(f"alice:{alice_hash}\n")
+    set_user(path, "bob", "builder")
+    users = load_users(path)
+    assert set(users) == {"alice", "bob"}
+    assert users["alice"].encode() == alice_hash
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [
+        ("", "pw"),
+        ("a:b", "pw"),
+        ("a\nb", "pw"),
+        ("a\rb", "pw"),
+        ("a\x00b", "pw"),
+        ("u" * 256, "pw"),
+        ("alice", ""),
+        ("alice", "p" * 256),
+        ("alice", "€" * 86),  # 258 bytes of UTF-8
+    ],
+)
+def test_set_user_rejects(tmp_path: Path, user: str, password: str) -> None:
+    path = tmp_path / "users"
+    with pytest.raises(ValueError):
+        set_user(path, user, password)
+    assert not path.exists()
+
+
+def test_set_user_rejects_leave_the_file_alone(tmp_path: Path, alice_hash: str) -> None:
+    path = tmp_path / "users"
+    path.write_text(f"alice:{alice_hash}\n")
+    with pytest.raises(ValueError):
+        set_user(path, "alice", "")
+    assert path.read_text() == f"alice:{alice_hash}\n"
+
+
+# --- verification -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def derivations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every PasswordHash.derive call from now on, by the password it was given."""
+    calls: list[str] = []
+    original = PasswordHash.derive
+
+    def counting(self: PasswordHash, password: str) -> bytes:
+        calls.append(password)
+        return original(self, password)
+
+    monkeypatch.setattr(PasswordHash, "derive", counting)
+    return calls
+
+
+@pytest.fixture
+def users() -> dict[str, PasswordHash]:
+    return {
+        name: PasswordHash.parse(hash_password(f"{name}-pw", log_n=FAST))
+        for name in ("alice", "bob", "carol")
+    }
+
+
+@pytest.fixture
+def make_auth() -> Iterator[type[Authenticator]]:
+    made: list[Authenticator] = []
+
+    class Closing(Authenticator):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(self)
+
+    yield Closing
+    for auth in made:
+        auth.close()
+
+
+def verify(auth: Authenticator, username: str, password: str) -> bool:
+    return asyncio.run(auth.verify(Credentials(username, password)))
+
+
+def test_required(make_auth: type[Authenticator], users: dict[str, PasswordHash]) -> None:
+    assert make_auth(users).required
+    assert not make_auth({}).required
+
+
+def test_verify(make_auth: type[Authenticator], users: dict[str, PasswordHash]) -> None:
+    auth = make_auth(users)
+    assert verify(auth, "alice", "alice-pw") is True
+    assert verify(auth, "bob", "bob-pw") is True
+    assert verify(auth, "alice", "bob-pw") is False
+    assert verify(auth, "alice", "") is False
+    assert verify(auth, "Alice", "alice-pw") is False
+    assert verify(auth, "mallory", "alice-pw") is False
+    assert verify(auth, "", "") is False
+
+
+def test_unknown_user_costs_a_derivation_too(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
+) -> None:
+    auth = make_auth(users)
+    assert verify(auth, "mallory", "guess") is False
+    assert derivations == ["guess"]  # same work as a known user: no timing oracle
+    assert verify(auth, "mallory", "guess") is False
+    assert derivations == ["guess", "guess"]  # failures are never cached
+
+
+def test_success_is_cached(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
+) -> None:
+    auth = make_auth(users)
+    assert verify(auth, "alice", "alice-pw")
+    assert len(derivations) == 1
+    assert verify(auth, "alice", "alice-pw")
+    assert verify(auth, "alice", "alice-pw")
+    assert len(derivations) == 1
+
+
+def test_failure_is_not_cached(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
+) -> None:
+    auth = make_auth(users)
+    assert not verify(auth, "alice", "wrong")
+    assert not verify(auth, "alice", "wrong")
+    assert len(derivations) == 2
+    # A cached success for the right password does not let a wrong one through.
+    assert verify(auth, "alice", "alice-pw")
+    assert not verify(auth, "alice", "wrong")
+    assert not verify(auth, "alice", "alice-pw ")
+    assert len(derivations) == 5
+
+
+def test_cache_is_per_user(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
+) -> None:
+    auth = make_auth(users)
+    assert verify(auth, "alice", "alice-pw")
+    assert not verify(auth, "bob", "alice-pw")
+    assert len(derivations) == 2
+
+
+def test_cache_is_bounded_lru(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
+) -> None:
+    auth = make_auth(users, cache_size=2)
+    for name in ("alice", "bob", "carol"):
+        assert verify(auth, name, f"{name}-pw")
+    assert len(derivations) == 3
+    # bob and carol are remembered; alice was pushed out.
+    assert verify(auth, "bob", "bob-pw")
+    assert verify(auth, "carol", "carol-pw")
+    assert len(derivations) == 3
+    assert verify(auth, "bob", "bob-pw")  # bob is now the most recent
+    assert verify(auth, "alice", "alice-pw")  # a miss: evicts carol, the least recent
+    assert len(derivations) == 4
+    assert verify(auth, "bob", "bob-pw")
+    assert verify(auth, "alice", "alice-pw")
+    assert len(derivations) == 4
+    assert verify(auth, "carol", "carol-pw")
+    assert len(derivations) == 5
+
+
+def test_cache_size_one(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
+) -> None:
+    auth = make_auth(users, cache_size=1)
+    for _ in range(3):
+        assert verify(auth, "alice", "alice-pw")
+        assert verify(auth, "bob", "bob-pw")
+    assert len(derivations) == 6
+
+
+def test_concurrent_verifications_share_one_derivation(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
+) -> None:
+    auth = make_auth(users)
+
+    async def many() -> list[bool]:
+        creds = Credentials("alice", "alice-pw")
+        return await asyncio.gather(*(auth.verify(creds) for _ in range(5)))
+
+    assert asyncio.run(many()) == [True] * 5
+    assert len(derivations) == 1
+
+
+def test_concurrent_wrong_and_right_passwords(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash]
+) -> None:
+    auth = make_auth(users)
+
+    async def both() -> list[bool]:
+        return await asyncio.gather(
+            auth.verify(Credentials("alice", "alice-pw")),
+            auth.verify(Credentials("alice", "nope")),
+            auth.verify(Credentials("bob", "bob-pw")),
+            auth.verify(Credentials("nobody", "alice-pw")),
+        )
+
+    assert asyncio.run(both()) == [True, False, True, False]
