@@ -88,6 +88,9 @@ def test_console_format(tcp_server):
         sock, rep, _, _ = socks5client.connect(("127.0.0.1", port), "127.0.0.1", server.port)
         sock.close()
         assert rep == 0
+        end = time.monotonic() + 10
+        while not any("access" in ln for ln in list(daemon.lines)) and time.monotonic() < end:
+            time.sleep(0.05)
     finally:
         assert daemon.stop() == 0
     assert any("access" in ln and "status=ok" in ln for ln in daemon.lines), daemon.output()
