@@ -19,13 +19,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0
+# PROXYD_TEST_LOOP=asyncio runs every daemon on the stock event loop by hiding uvloop.
+STOCK_LOOP = os.environ.get("PROXYD_TEST_LOOP") == "asyncio"
+_STOCK_LOOP_MAIN = (
+    "import sys; sys.modules['uvloop'] = None; from proxyd.cli import main; sys.exit(main())"
+)
 
 
 class Daemon:
     """A proxyd process on an ephemeral loopback port; its stdout parsed line by line."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.args = [sys.executable, "-m", "proxyd", *args]
+        entry = ["-c", _STOCK_LOOP_MAIN] if STOCK_LOOP else ["-m", "proxyd"]
+        self.args = [sys.executable, *entry, *args]
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,
@@ -80,10 +86,11 @@ class Daemon:
                 self._cond.wait(min(left, 0.1))
 
     def started(self) -> Daemon:
+        loop = self.wait_for(lambda e: e.get("event") == "started", START_TIMEOUT)["loop"]
+        assert loop == ("asyncio.unix_events" if STOCK_LOOP else "uvloop"), loop
         listening = self.wait_for(lambda e: e.get("event") == "listening", START_TIMEOUT)
         host, _, port = listening["address"].rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
-        self.wait_for(lambda e: e.get("event") == "started", START_TIMEOUT)
         return self
 
     @property
