@@ -1,7 +1,9 @@
 """Credentials: the users file, salted scrypt hashes, and verification with a bounded cache.
 
 A users file holds `user:$scrypt$ln=15,r=8,p=1$<salt>$<key>` lines written by
-`proxyd passwd`. Verifying costs one scrypt derivation, run off the event loop;
+`proxyd passwd`. Verifying costs one scrypt derivation, run off the event loop
+with hashlib's scrypt, which releases the GIL (cryptography's Scrypt gives the
+same bytes but holds the GIL for the whole ~80 ms, stalling every tunnel);
 successful verifications are remembered under an HMAC of the credentials with a
 key random to this process, so a busy client does not pay the KDF per connection
 and the cache never holds anything that reveals a password.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import os
 import secrets
@@ -18,14 +21,12 @@ import stat
 import tempfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 from typing import Final
 
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-
-from proxyd.errors import ConfigError
+from proxyd.errors import ConfigError, OverLimit
 from proxyd.protocols.common import Credentials
 
 SCHEME: Final = "scrypt"
@@ -35,6 +36,12 @@ DEFAULT_P: Final = 1
 SALT_BYTES: Final = 16
 KEY_BYTES: Final = 32
 MAX_FIELD_BYTES: Final = 255  # SOCKS5 (RFC 1929) carries at most 255 bytes of each
+MAX_KDF_MEMORY: Final = 256 * 1024 * 1024  # hashes asking for more are refused at load
+MAX_PENDING_CHECKS: Final = 256  # distinct verifications queued at once, beyond: refused
+
+
+def _kdf_memory(log_n: int, r: int) -> int:
+    return 128 * r * (1 << log_n)
 
 
 def _b64(data: bytes) -> str:
@@ -50,8 +57,8 @@ class PasswordHash:
     log_n: int
     r: int
     p: int
-    salt: bytes
-    key: bytes
+    salt: bytes = field(repr=False)
+    key: bytes = field(repr=False)
 
     @classmethod
     def parse(cls, encoded: str) -> PasswordHash:
@@ -65,8 +72,10 @@ class PasswordHash:
             salt, key = _unb64(parts[3]), _unb64(parts[4])
         except (KeyError, ValueError) as exc:
             raise ValueError("malformed $scrypt$ parameters") from exc
-        if not (1 <= log_n <= 20 and 1 <= r <= 32 and 1 <= p <= 16 and salt and key):
+        if not (1 <= log_n <= 24 and 1 <= r <= 32 and 1 <= p <= 16 and salt and key):
             raise ValueError("$scrypt$ parameters out of range")
+        if _kdf_memory(log_n, r) > MAX_KDF_MEMORY:
+            raise ValueError("$scrypt$ parameters need more than 256 MiB")
         return cls(log_n, r, p, salt, key)
 
     def encode(self) -> str:
@@ -74,8 +83,15 @@ class PasswordHash:
         return f"${SCHEME}${params}${_b64(self.salt)}${_b64(self.key)}"
 
     def derive(self, password: str) -> bytes:
-        kdf = Scrypt(salt=self.salt, length=len(self.key), n=1 << self.log_n, r=self.r, p=self.p)
-        return kdf.derive(password.encode("utf-8"))
+        return hashlib.scrypt(
+            password.encode("utf-8"),
+            salt=self.salt,
+            n=1 << self.log_n,
+            r=self.r,
+            p=self.p,
+            maxmem=2 * _kdf_memory(self.log_n, self.r),
+            dklen=len(self.key),
+        )
 
     def matches(self, password: str) -> bool:
         return hmac.compare_digest(self.derive(password), self.key)
@@ -172,7 +188,8 @@ class Authenticator:
         self._cache: OrderedDict[bytes, PasswordHash] = OrderedDict()
         self._cache_size = cache_size
         self._key = secrets.token_bytes(32)
-        self._pending: dict[bytes, asyncio.Future[bool]] = {}
+        # in-flight derivations: future and how many sessions wait for it
+        self._pending: dict[bytes, tuple[asyncio.Future[bool], list[int]]] = {}
         # Own threads, so a burst of derivations never queues behind DNS lookups.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proxyd-kdf")
 
@@ -194,15 +211,27 @@ class Authenticator:
         if cached is not None and cached is stored:
             self._cache.move_to_end(token)
             return True
-        # Concurrent connections with the same credentials share one derivation.
-        pending = self._pending.get(token)
-        if pending is None:
+        # Concurrent connections with the same credentials share one derivation;
+        # it is dropped from the queue when every session waiting for it has gone.
+        entry = self._pending.get(token)
+        if entry is None:
+            if len(self._pending) >= MAX_PENDING_CHECKS:
+                raise OverLimit("too many password checks in progress")
             loop = asyncio.get_running_loop()
             target = stored if stored is not None else _DECOY
-            pending = loop.run_in_executor(self._executor, target.matches, credentials.password)
-            self._pending[token] = pending
-            pending.add_done_callback(lambda _: self._pending.pop(token, None))
-        ok = await asyncio.shield(pending) and stored is not None
+            future = loop.run_in_executor(self._executor, target.matches, credentials.password)
+            entry = self._pending[token] = (future, [0])
+            future.add_done_callback(lambda _: self._pending.pop(token, None))
+        future, waiters = entry
+        waiters[0] += 1
+        try:
+            ok = await asyncio.shield(future) and stored is not None
+        except asyncio.CancelledError:
+            if waiters[0] == 1:
+                future.cancel()
+            raise
+        finally:
+            waiters[0] -= 1
         if ok and stored is not None:
             self._cache[token] = stored
             self._cache.move_to_end(token)

@@ -29,6 +29,28 @@ def _lead_with_time_and_event(
     }
 
 
+class _StdoutLogger(structlog.WriteLogger):
+    """Writes lines to stdout; a closed or broken stdout loses lines, never the daemon."""
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):
+            pass
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+def _stdout_logger(*_args: Any) -> _StdoutLogger:
+    return _StdoutLogger(sys.stdout)
+
+
+# Access events are governed by `log.access`, not by the level: a daemon at
+# level "warning" still writes them. Rebuilt by configure().
+_access_log: Any = structlog.get_logger()
+
+
 def configure(fmt: str = "json", level: str = "info") -> None:
     """Route every proxyd event to stdout; called once by the CLI before anything logs."""
     renderer: structlog.typing.Processor
@@ -50,8 +72,12 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        logger_factory=_stdout_logger,
         cache_logger_on_first_use=True,
+    )
+    global _access_log
+    _access_log = structlog.wrap_logger(
+        None, wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)
     )
 
 
@@ -60,7 +86,6 @@ def get_logger(**initial: Any) -> Any:
 
 
 def access(
-    log: Any,
     *,
     conn_id: int,
     client: str,
@@ -75,7 +100,7 @@ def access(
     **extra: Any,
 ) -> None:
     """The one access event per finished connection, with every field DESIGN.md names."""
-    log.info(
+    _access_log.info(
         "access",
         conn_id=conn_id,
         client=client,

@@ -10,7 +10,7 @@ import signal
 import socket
 from typing import Any
 
-from proxyd import __version__
+from proxyd import __version__, upstream
 from proxyd.auth import Authenticator
 from proxyd.config import Config, ListenAddress
 from proxyd.log import access
@@ -48,7 +48,7 @@ class Server:
     def __init__(self, config: Config, auth: Authenticator, log: Any) -> None:
         self.config = config
         self.log = log
-        self.ctx = Context(config, auth, log)
+        self.ctx = Context(config, auth, upstream.Resolver(), log)
         self.listeners: list[socket.socket] = []
         self.sessions: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
@@ -74,19 +74,23 @@ class Server:
         try:
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             self._close_listeners()
             for task in list(self.sessions):
                 task.cancel()
             if self.sessions:
                 await asyncio.gather(*self.sessions, return_exceptions=True)
             self.ctx.auth.close()
+            self.ctx.resolver.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         self.log.info("stopped")
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        self.log.info("stopping", signal=sig.name, active=len(self.sessions))
+        first = not self._stop.is_set()
         self._stop.set()
+        self.log.info(
+            "stopping" if first else "already_stopping", signal=sig.name, active=len(self.sessions)
+        )
 
     def _close_listeners(self) -> None:
         loop = asyncio.get_running_loop()
@@ -128,7 +132,6 @@ class Server:
             sock.close()
             if self.config.log.access:
                 access(
-                    self.log,
                     conn_id=conn_id,
                     client=format_hostport(peer[0], peer[1]),
                     status="limit",

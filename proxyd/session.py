@@ -30,7 +30,7 @@ from proxyd.protocols import http as http_proto
 from proxyd.protocols import socks5
 from proxyd.protocols.common import NEED_DATA, Credentials, format_hostport
 from proxyd.protocols.detect import Kind, sniff
-from proxyd.relay import relay
+from proxyd.relay import Tunnel
 
 # Handshake reads are small: a request is at most a few KiB, and what a client
 # sends beyond it stays in the kernel until the relay reads it.
@@ -52,6 +52,7 @@ class Context:
 
     config: Config
     auth: Authenticator
+    resolver: upstream.Resolver
     log: Any
 
 
@@ -100,6 +101,8 @@ class Session:
         if credentials is None:
             raise AuthFailed("credentials required")
         self.user = credentials.username
+        if self.over_limit:
+            return  # refused after the request anyway: spend no KDF on it
         if not await self.ctx.auth.verify(credentials):
             raise AuthFailed("wrong user name or password")
 
@@ -119,38 +122,37 @@ class Session:
         started = time.monotonic()
         handler: Handler | None = None
         remote: socket.socket | None = None
+        tunnel: Tunnel | None = None
         status, error = "ok", None
-        bytes_up = bytes_down = 0
         try:
+            deadline = asyncio.timeout(cfg.timeouts.handshake)
             try:
-                async with asyncio.timeout(cfg.timeouts.handshake):
+                async with deadline:
                     first = await self.recv()
                     handler = self._handler(first)
                     self.protocol = handler.protocol
                     host, port = await handler.handshake(first)
             except TimeoutError:
+                if not deadline.expired():
+                    raise  # the client's socket timed out, not our deadline
                 raise HandshakeTimeout(
                     f"no complete request within {cfg.timeouts.handshake:g} s"
                 ) from None
             if self.over_limit:
                 raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
             remote = await upstream.connect(
-                host, port, timeout=cfg.timeouts.connect, buffers=cfg.buffers
+                host,
+                port,
+                resolver=self.ctx.resolver,
+                timeout=cfg.timeouts.connect,
+                buffers=cfg.buffers,
             )
             first_up = await handler.established(remote.getsockname()[:2])
-            result = await relay(
-                self.sock,
-                remote,
-                read_size=cfg.buffers.read_size,
-                idle=cfg.timeouts.idle,
-                first_up=first_up,
+            tunnel = Tunnel(
+                self.sock, remote, read_size=cfg.buffers.read_size, idle=cfg.timeouts.idle
             )
-            bytes_up, bytes_down, status, error = (
-                result.bytes_up,
-                result.bytes_down,
-                result.status,
-                result.error,
-            )
+            await tunnel.run(first_up)
+            status, error = tunnel.status, tunnel.error
         except SessionError as exc:
             status, error = exc.status, str(exc)
             answer = handler.refusal(exc) if handler is not None else None
@@ -170,7 +172,6 @@ class Session:
                 remote.close()
             if cfg.log.access:
                 access(
-                    self.ctx.log,
                     conn_id=self.conn_id,
                     client=self.client,
                     user=self.user,
@@ -178,8 +179,8 @@ class Session:
                     command=self.command,
                     target=self.target,
                     status=status,
-                    bytes_up=bytes_up,
-                    bytes_down=bytes_down,
+                    bytes_up=tunnel.bytes_up if tunnel else 0,
+                    bytes_down=tunnel.bytes_down if tunnel else 0,
                     duration_ms=round((time.monotonic() - started) * 1000, 1),
                     **({"error": error} if error else {}),
                 )
@@ -260,10 +261,12 @@ class HttpHandler:
             session.target = format_hostport(event.host, event.port)
         else:
             session.command = event.method
-            session.target = http_proto.without_userinfo(event.target)
+            origin = http_proto.absolute_origin(event.target)
+            if origin is not None:
+                session.target = format_hostport(*origin)
         await session.check_credentials(event.credentials)
         if isinstance(event, http_proto.ForwardRequest):
-            if event.target.lower().startswith("http://"):
+            if session.target is not None:
                 raise Unsupported("plain HTTP forwarding is not supported yet; use CONNECT")
             raise ProtocolError("this is a proxy: send CONNECT host:port")
         return event.host, event.port

@@ -10,6 +10,7 @@ import asyncio
 import errno
 import ipaddress
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from proxyd.config import BuffersConfig
@@ -50,30 +51,57 @@ def classify(exc: OSError, target: str) -> UpstreamError:
     return UpstreamError(f"connecting to {target} failed: {exc.strerror or exc}")
 
 
-async def resolve(host: str, port: int) -> list[AddrInfo]:
-    """Addresses for host:port; IP literals skip the resolver."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        if ip.version == 4:
-            return [(socket.AF_INET, (host, port))]
-        return [(socket.AF_INET6, (host, port, 0, 0))]
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return [(family, addr) for family, _type, _proto, _name, addr in infos]
+class Resolver:
+    """getaddrinfo in threads of our own, off the event loop.
+
+    A pool of its own, larger than the loop's default (uvloop's has 4 threads),
+    so a few lookups stuck on a slow DNS server do not stall every other name.
+    """
+
+    def __init__(self, threads: int = 32) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxyd-dns")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def resolve(self, host: str, port: int) -> list[AddrInfo]:
+        """Addresses for host:port; IP literals skip the resolver."""
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            if ip.version == 4:
+                return [(socket.AF_INET, (host, port))]
+            return [(socket.AF_INET6, (host, port, 0, 0))]
+        loop = asyncio.get_running_loop()
+        infos = await loop.run_in_executor(
+            self._executor,
+            socket.getaddrinfo,
+            host,
+            port,
+            0,
+            socket.SOCK_STREAM,
+            socket.IPPROTO_TCP,
+        )
+        return [(family, addr) for family, _type, _proto, _name, addr in infos]
 
 
-async def connect(host: str, port: int, *, timeout: float, buffers: BuffersConfig) -> socket.socket:
+async def connect(
+    host: str, port: int, *, resolver: Resolver, timeout: float, buffers: BuffersConfig
+) -> socket.socket:
     """A connected non-blocking socket to host:port, trying each address in turn."""
     target = format_hostport(host, port)
     loop = asyncio.get_running_loop()
     last: OSError | None = None
     try:
         async with asyncio.timeout(timeout):
-            for family, addr in await resolve(host, port):
-                sock = socket.socket(family, socket.SOCK_STREAM)
+            for family, addr in await resolver.resolve(host, port):
+                try:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                except OSError as exc:  # e.g. no IPv6 on this host: try the next address
+                    last = exc
+                    continue
                 try:
                     sock.setblocking(False)
                     tune_socket(sock, buffers)
@@ -88,6 +116,8 @@ async def connect(host: str, port: int, *, timeout: float, buffers: BuffersConfi
                 return sock
     except OSError as exc:  # TimeoutError and gaierror included
         raise classify(exc, target) from exc
+    except UnicodeError as exc:  # a name IDNA cannot encode; parsers should catch it first
+        raise HostUnreachable(f"cannot resolve {target}: invalid name") from exc
     if last is None:
         raise HostUnreachable(f"{target} has no address")
     raise classify(last, target) from last

@@ -17,7 +17,7 @@ from typing import Final
 import h11
 
 from proxyd.errors import LocalProtocolError, ProtocolError
-from proxyd.protocols.common import NEED_DATA, Credentials, NeedData
+from proxyd.protocols.common import NEED_DATA, Credentials, NeedData, check_hostname
 
 DEFAULT_MAX_HEAD: Final = 16384
 REALM: Final = "proxyd"
@@ -65,15 +65,38 @@ def parse_authority(authority: str) -> tuple[str, int]:
             raise ProtocolError("CONNECT target in brackets is not an IPv6 address") from None
     elif ":" in host:
         raise ProtocolError("CONNECT target: IPv6 addresses need brackets")
+    else:
+        try:
+            check_hostname(host)
+        except ValueError as exc:
+            raise ProtocolError(f"CONNECT target: {exc}") from None
     return host, port
 
 
-def without_userinfo(target: str) -> str:
-    """An absolute-form target fit for a log line: `http://user:pw@host/` loses `user:pw@`."""
-    parts = urllib.parse.urlsplit(target)
-    if "@" not in parts.netloc:
-        return target
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def absolute_origin(target: str) -> tuple[str, int] | None:
+    """(host, port) of an absolute-form `http://host[:port]/...` target; None for other forms.
+
+    Errors never quote the target: it may carry `user:password@`.
+    """
+    scheme = target.partition("://")[0].lower()
+    if scheme not in DEFAULT_PORTS:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(target)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ProtocolError("request target is not a valid URL") from None
+    if not host:
+        raise ProtocolError("request target has no host")
+    if ":" not in host:
+        try:
+            check_hostname(host)
+        except ValueError as exc:
+            raise ProtocolError(f"request target: {exc}") from None
+    return host, port or DEFAULT_PORTS[scheme]
 
 
 def parse_basic_credentials(value: bytes) -> Credentials | None:

@@ -17,11 +17,12 @@ from proxyd.errors import (
     REP_ADDRESS_TYPE_NOT_SUPPORTED,
     REP_COMMAND_NOT_SUPPORTED,
     REP_GENERAL_FAILURE,
+    REP_HOST_UNREACHABLE,
     REP_SUCCEEDED,
     LocalProtocolError,
     ProtocolError,
 )
-from proxyd.protocols.common import NEED_DATA, Credentials, NeedData
+from proxyd.protocols.common import NEED_DATA, Credentials, NeedData, check_hostname
 
 VERSION: Final = 0x05
 AUTH_VERSION: Final = 0x01
@@ -132,7 +133,10 @@ def unpack_address(
         end = start + length
         if len(data) < end + 2:
             return None
-        host = _decode_text(bytes(data[start:end]), "domain name")
+        try:
+            host = check_hostname(_decode_text(bytes(data[start:end]), "domain name"))
+        except ValueError as exc:
+            raise ProtocolError(str(exc), socks_reply=REP_HOST_UNREACHABLE) from None
     (port,) = struct.unpack_from("!H", data, end)
     return host, port, atyp, end + 2
 

@@ -38,6 +38,9 @@ from proxyd.protocols.socks5 import (
 
 # --- wire bytes written out by hand, independent of the code under test ------
 
+LONGEST_NAME = ".".join(["a" * 63] * 4)  # 255 bytes, DNS labels at most 63
+assert len(LONGEST_NAME) == 255
+
 
 def greeting(methods: bytes) -> bytes:
     return bytes((0x05, len(methods))) + methods
@@ -345,8 +348,8 @@ def test_parsed_credentials_repr_hides_the_password() -> None:
             Request(Command.CONNECT, "example.com", 443, AddressType.DOMAIN),
         ),
         (
-            request(0x01, domain(b"a" * 255), 1),
-            Request(Command.CONNECT, "a" * 255, 1, AddressType.DOMAIN),
+            request(0x01, domain(LONGEST_NAME.encode()), 1),
+            Request(Command.CONNECT, LONGEST_NAME, 1, AddressType.DOMAIN),
         ),
         (
             request(0x01, domain("bücher.example".encode()), 80),
@@ -672,7 +675,7 @@ def test_default_buffer_holds_the_largest_handshake() -> None:
         [
             greeting(bytes(range(255)))
             + auth(b"u" * 255, b"p" * 255)
-            + request(0x01, domain(b"d" * 255), 443)
+            + request(0x01, domain(LONGEST_NAME.encode()), 443)
         ]
     )
     assert [type(e) for e in run.events] == [Greeting, Credentials, Request]
@@ -680,10 +683,6 @@ def test_default_buffer_holds_the_largest_handshake() -> None:
 
 
 # --- pack_address / unpack_address --------------------------------------------------
-
-
-LONGEST_NAME = ".".join(["a" * 63] * 4)  # 255 bytes, DNS labels at most 63
-assert len(LONGEST_NAME) == 255
 
 
 @pytest.mark.parametrize(
@@ -853,7 +852,7 @@ def handshakes(draw: st.DrawFn) -> tuple[bytes, list[Any]]:
         address = draw(st.ip_addresses(v=6))
         wire = b"\x04" + address.packed
     else:
-        address = draw(text_of_at_most(255).filter(lambda s: s != ""))
+        address = draw(domains)
         wire = domain(address.encode())
     data += request(command, wire, port)
     events.append(Request(command, str(address), port, kind))
@@ -961,3 +960,16 @@ def test_random_bytes_give_events_or_protocol_error(
             assert 0 <= pending <= max_buffer
     except ProtocolError as exc:
         assert 0 <= exc.socks_reply <= 0xFF
+
+
+@pytest.mark.parametrize(
+    "name",
+    [b"127.0.0.1\x00.blocked.example", b"a..b", b"a" * 64 + b".example", b"tab\there", b"sp ace"],
+)
+def test_domain_a_resolver_would_misread_is_refused_with_0x04(name: bytes) -> None:
+    """A NUL would make the resolver look up another name than the one checked and logged."""
+    server = server_in(State.AWAIT_REQUEST)
+    server.receive_data(request(0x01, domain(name), 80))
+    with pytest.raises(ProtocolError) as info:
+        server.next_event()
+    assert info.value.socks_reply == 0x04
