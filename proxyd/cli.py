@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -149,7 +150,19 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         logger.error("listen_failed", error=str(exc))
         return EXIT_PROBLEM
+    finally:
+        _detach_broken_stdout()
     return EXIT_OK
+
+
+def _detach_broken_stdout() -> None:
+    """Whoever read our stdout may be gone: then let the exit flush go to /dev/null."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

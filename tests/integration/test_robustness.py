@@ -1,0 +1,136 @@
+"""Peers that misbehave: resets with data in flight, odd names, broken stdout, signals mid-tunnel."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from integration import socks5client
+from integration.socks5client import recv_exact
+
+
+def reset(conn: socket.socket) -> None:
+    """Close with RST instead of FIN."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+@pytest.mark.parametrize("side", ["target", "client"])
+def test_reset_with_unread_data_ends_tunnel_at_once(start_daemon, tcp_server, side):
+    """A reset while the daemon still has bytes to read ends the tunnel, not the idle timer."""
+
+    def send_then_reset(conn: socket.socket) -> None:
+        conn.sendall(b"d" * 200_000)
+        time.sleep(0.2)
+        reset(conn)
+
+    def sink(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass
+
+    daemon = start_daemon("[timeouts]\nidle = 60\n")
+    for i in range(1, 6):
+        server = tcp_server(send_then_reset if side == "target" else sink)
+        sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+        assert rep == 0
+        if side == "target":
+            time.sleep(0.4)  # the reset arrives while data is still queued for us
+            sock.close()
+        else:
+            sock.sendall(b"u" * 200_000)
+            reset(sock)
+        line = daemon.access(lambda e, i=i: e["conn_id"] == i, timeout=20)
+        assert line["status"] in ("reset", "ok")
+        assert line["duration_ms"] < 20_000  # far below the 60 s idle timeout
+
+
+def test_counts_kept_when_shutdown_cuts_a_tunnel(start_daemon, tcp_server):
+    server = tcp_server()
+    daemon = start_daemon()
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+    with sock:
+        assert rep == 0
+        sock.sendall(b"q" * 100_000)
+        assert recv_exact(sock, 100_000) == b"q" * 100_000
+        assert daemon.stop() == 0
+    line = daemon.access()
+    assert (line["status"], line["bytes_up"], line["bytes_down"]) == ("shutdown", 100_000, 100_000)
+
+
+def test_access_lines_at_log_level_warning(start_daemon, tcp_server):
+    server = tcp_server()
+    daemon = start_daemon("", "--log-level", "warning", wait=False)
+    # "listening" is an info event and hidden at this level: find the port with ss
+    deadline = time.monotonic() + 15
+    port = None
+    while port is None and time.monotonic() < deadline:
+        out = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if f"pid={daemon.proc.pid}," in line:
+                port = int(line.split()[3].rpartition(":")[2])
+        time.sleep(0.05)
+    assert port is not None
+    sock, rep, _, _ = socks5client.connect(("127.0.0.1", port), "127.0.0.1", server.port)
+    sock.close()
+    assert rep == 0
+    assert daemon.access()["status"] == "ok"
+    assert not [e for e in daemon.events if e.get("event") == "listening"]
+
+
+def test_bad_names_refused_cleanly(start_daemon):
+    daemon = start_daemon()
+    for name in ("127.0.0.1\x00.blocked.example", "a..b", "x" * 64 + ".example"):
+        sock, rep, _, _ = socks5client.connect(daemon.address, name, 80)
+        sock.close()
+        assert rep == 0x04
+    for raw in (
+        b"GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"CONNECT a..b:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        with socket.create_connection(daemon.address, timeout=5) as sock:
+            sock.sendall(raw)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
+    for i in range(1, 6):
+        line = daemon.access(lambda e, i=i: e["conn_id"] == i)
+        assert line["status"] == "bad_request"
+    assert not [e for e in daemon.events if e.get("event") == "session_error"]
+
+
+def test_forward_request_logged_as_host_port(start_daemon):
+    daemon = start_daemon()
+    with socket.create_connection(daemon.address, timeout=5) as sock:
+        sock.sendall(
+            b"GET http://u:pw@example.test/login?session=SECRET HTTP/1.1\r\n"
+            b"Host: example.test\r\n\r\n"
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 501 ")
+    line = daemon.access()
+    assert (line["command"], line["target"]) == ("GET", "example.test:80")
+    assert "SECRET" not in daemon.output()
+
+
+def test_sigterm_with_stdout_gone(tmp_path):
+    """Nobody reads stdout any more: SIGTERM still stops the daemon, exit 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxyd", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        assert b"listening" in proc.stdout.readline()
+        proc.stdout.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
