@@ -144,15 +144,27 @@ def run(args: argparse.Namespace) -> int:
             logger.warning("users_file_empty", path=str(cfg.auth.users_file))
     from proxyd.server import Server  # after logging is configured
 
-    server = Server(cfg, auth.Authenticator(users), logger)
+    def run_worker(index: int, worker_cfg: config.Config) -> int:
+        server = Server(worker_cfg, auth.Authenticator(users), logger, worker=index)
+        try:
+            _run_loop(server.serve())
+        except OSError as exc:
+            logger.error("listen_failed", error=str(exc))
+            return EXIT_PROBLEM
+        return EXIT_OK
+
     try:
-        _run_loop(server.serve())
-    except OSError as exc:
-        logger.error("listen_failed", error=str(exc))
-        return EXIT_PROBLEM
+        if cfg.server.workers == 1:
+            return run_worker(0, cfg)
+        from proxyd.workers import Supervisor
+
+        try:
+            return Supervisor(cfg, run_worker, logger).run()
+        except OSError as exc:
+            logger.error("listen_failed", error=str(exc))
+            return EXIT_PROBLEM
     finally:
         _detach_broken_stdout()
-    return EXIT_OK
 
 
 def _detach_broken_stdout() -> None:

@@ -195,20 +195,12 @@ def _listen(value: Any, path: str, problems: list[str]) -> Any:
     return tuple(addresses)
 
 
-def _workers(value: Any, path: str, problems: list[str]) -> Any:
-    value = _integer(1, 1024)(value, path, problems)
-    if value is not _INVALID and value != 1:
-        problems.append(f"{path}: only 1 worker is supported in this version, not {value}")
-        return _INVALID
-    return value
-
-
 _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
     "server": (
         ServerConfig,
         {
             "listen": _listen,
-            "workers": _workers,
+            "workers": _integer(1, 256),
             "max_connections": _integer(1, 10_000_000),
             "allow_open_proxy": _boolean,
         },

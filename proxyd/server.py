@@ -23,11 +23,18 @@ OVERLOAD_SLACK = 256  # clients beyond max_connections that still get a polite r
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-def bind(address: ListenAddress, config: Config) -> socket.socket:
+def bind(address: ListenAddress, config: Config, *, listen: bool = True) -> socket.socket:
+    """A bound (and by default listening) non-blocking TCP socket.
+
+    With several workers every socket sets SO_REUSEPORT, and the kernel spreads
+    new connections over the workers' listening sockets.
+    """
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if config.server.workers > 1:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         # Accepted sockets inherit these; set here so TCP window scaling sees them.
@@ -36,7 +43,8 @@ def bind(address: ListenAddress, config: Config) -> socket.socket:
         if config.buffers.so_sndbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.buffers.so_sndbuf)
         sock.bind((address.host, address.port))
-        sock.listen(socket.SOMAXCONN)
+        if listen:
+            sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -45,13 +53,15 @@ def bind(address: ListenAddress, config: Config) -> socket.socket:
 
 
 class Server:
-    def __init__(self, config: Config, auth: Authenticator, log: Any) -> None:
+    def __init__(self, config: Config, auth: Authenticator, log: Any, *, worker: int = 0) -> None:
         self.config = config
         self.log = log
+        self.worker = worker
         self.ctx = Context(config, auth, upstream.Resolver(), log)
         self.listeners: list[socket.socket] = []
         self.sessions: set[asyncio.Task[None]] = set()
-        self._ids = itertools.count(1)
+        # connection ids stay unique across workers: worker w of n counts w+1, w+1+n, ...
+        self._ids = itertools.count(worker + 1, config.server.workers)
         self._stop = asyncio.Event()
         self._nodelay = config.buffers.tcp_nodelay
 
@@ -70,7 +80,13 @@ class Server:
             self.log.info("listening", address=str(ListenAddress(host, port)))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        self.log.info("started", version=__version__, pid=os.getpid(), loop=type(loop).__module__)
+        self.log.info(
+            "started",
+            version=__version__,
+            pid=os.getpid(),
+            worker=self.worker,
+            loop=type(loop).__module__,
+        )
         try:
             await self._stop.wait()
         finally:
