@@ -170,7 +170,7 @@ BAD = [
     ({"server": {"listen": ["127.0.0.1:70000"]}}, "server.listen[0]"),
     ({"server": {"workers": "1"}}, "server.workers"),
     ({"server": {"workers": 0}}, "server.workers"),
-    ({"server": {"workers": 2}}, "server.workers"),
+    ({"server": {"workers": 257}}, "server.workers"),
     ({"server": {"workers": True}}, "server.workers"),
     ({"server": {"workers": 1.0}}, "server.workers"),
     ({"server": {"max_connections": 0}}, "server.max_connections"),
