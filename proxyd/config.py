@@ -87,6 +87,7 @@ class BuffersConfig:
     so_rcvbuf: int = 0
     so_sndbuf: int = 0
     tcp_nodelay: bool = True
+    splice: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +223,7 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
             "so_rcvbuf": _integer(0, 1 << 30),
             "so_sndbuf": _integer(0, 1 << 30),
             "tcp_nodelay": _boolean,
+            "splice": _boolean,
         },
     ),
     "log": (

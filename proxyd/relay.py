@@ -1,16 +1,21 @@
 """The relay: the one place that moves tunnel bytes, both ways, for every protocol.
 
 Each direction is a pump driven by loop readiness callbacks (no task or timer
-per chunk): read into a reused buffer, write it on; when the destination cannot
-take it all, stop reading the source until the rest is written (backpressure,
-at most one buffer in flight per direction). EOF on one side becomes
-shutdown(SHUT_WR) on the other; the tunnel ends when both directions are done,
-on an error, or after `idle` seconds with no bytes either way.
+per chunk): take what the source has, hand it to the destination; when the
+destination cannot take it all, stop reading the source until the rest is
+written (backpressure: at most one read's worth in flight per direction). EOF
+on one side becomes shutdown(SHUT_WR) on the other; the tunnel ends when both
+directions are done, on an error, or after `idle` seconds with no bytes either way.
+
+On Linux the bytes go through a pipe with splice(2) and never enter Python
+(zero-copy); elsewhere, or with `buffers.splice = false`, through one reused buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import socket
 from typing import Final
 
@@ -23,40 +28,75 @@ RESET: Final = "reset"
 # socket whose peer reset it while data was still unread, after one last call.
 READS_PER_WAKEUP: Final = 8
 
+SPLICE_AVAILABLE: Final = hasattr(os, "splice")
+_SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+_shared_buffers: dict[int, memoryview] = {}
+
+
+def _shared_buffer(size: int) -> memoryview:
+    """One read buffer per size for the whole process: pumps run one at a time on the
+    loop and empty it before returning, so idle tunnels hold no buffer at all."""
+    view = _shared_buffers.get(size)
+    if view is None:
+        view = _shared_buffers[size] = memoryview(bytearray(size))
+    return view
+
 
 class _Pump:
-    """One direction: src -> dst."""
-
-    __slots__ = (
-        "_loop",
-        "_tunnel",
-        "buffer",
-        "count",
-        "done",
-        "dst",
-        "dst_fd",
-        "pending",
-        "src",
-        "src_fd",
-        "stopped",
-        "view",
-    )
+    """One direction, src -> dst, through the shared buffer."""
 
     def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
         self._loop = tunnel.loop
         self._tunnel = tunnel
         self.src, self.src_fd = src, src.fileno()
         self.dst, self.dst_fd = dst, dst.fileno()
-        self.buffer = bytearray(size)
-        self.view = memoryview(self.buffer)
-        self.pending: memoryview | None = None
-        self.count = 0
+        self.size = size
+        self.head: memoryview | None = None  # bytes to send before anything read
+        self.count = 0  # bytes the destination's socket accepted
         self.done = False
         self.stopped = False
+        self._pending: memoryview | None = None
+        self._pending_is_shared = False
+
+    # -- the two steps a pump kind defines ---------------------------------------
+
+    def _read(self) -> int:
+        """Take what the source has (0 at EOF); raises BlockingIOError when it has nothing."""
+        buffer = _shared_buffer(self.size)
+        n = self.src.recv_into(buffer)
+        self._pending = buffer[:n]
+        self._pending_is_shared = True
+        return n
+
+    def _write(self) -> None:
+        """Hand staged bytes on until all are written or the destination would block."""
+        try:
+            while self._pending:
+                sent = self.dst.send(self._pending)
+                self.count += sent
+                self._pending = self._pending[sent:]
+        except (BlockingIOError, InterruptedError):
+            if self._pending is not None and self._pending_is_shared:
+                # the next read anywhere reuses the shared buffer: keep a copy
+                self._pending = memoryview(bytes(self._pending))
+                self._pending_is_shared = False
+            raise
+
+    @property
+    def staged(self) -> bool:
+        return bool(self._pending) or bool(self.head)
+
+    def close(self) -> None:
+        """Release what the pump owns (not the sockets)."""
+
+    # -- the loop callbacks, common to every kind ---------------------------------
 
     def start(self, first: bytes = b"") -> None:
         if first:  # bytes the client sent with its request go out before anything else
-            self.pending = memoryview(first)
+            self.head = memoryview(first)
             self._loop.add_writer(self.dst_fd, self._on_writable)
         else:
             self._loop.add_reader(self.src_fd, self._on_readable)
@@ -65,14 +105,29 @@ class _Pump:
         self.stopped = True
         self._loop.remove_reader(self.src_fd)
         self._loop.remove_writer(self.dst_fd)
+        self.close()
+
+    def _flush(self) -> bool:
+        """Write what is staged; True when everything went out."""
+        try:
+            if self.head:
+                sent = self.dst.send(self.head)
+                self.count += sent
+                self.head = self.head[sent:]
+                if self.head:
+                    return False
+            self._write()
+        except (BlockingIOError, InterruptedError):
+            return False
+        return not self.staged
 
     def _on_readable(self) -> None:
         for _ in range(READS_PER_WAKEUP):
             # a continuation may arrive after backpressure, EOF or the end of the tunnel
-            if self.stopped or self.done or self.pending is not None:
+            if self.stopped or self.done or self.staged:
                 return
             try:
-                n = self.src.recv_into(self.buffer)
+                n = self._read()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -84,15 +139,11 @@ class _Pump:
                 return
             self._tunnel.last_activity = self._loop.time()
             try:
-                sent = self.dst.send(self.view[:n])
-            except (BlockingIOError, InterruptedError):
-                sent = 0
+                flushed = self._flush()
             except OSError as exc:
                 self._tunnel.fail(exc)
                 return
-            self.count += sent
-            if sent < n:
-                self.pending = self.view[sent:n]
+            if not flushed:
                 self._loop.remove_reader(self.src_fd)
                 self._loop.add_writer(self.dst_fd, self._on_writable)
                 return
@@ -101,24 +152,17 @@ class _Pump:
         self._loop.call_soon(self._on_readable)
 
     def _on_writable(self) -> None:
-        pending = self.pending
-        if self.stopped or pending is None:
+        if self.stopped:
             return
         try:
-            sent = self.dst.send(pending)
-        except (BlockingIOError, InterruptedError):
-            return
+            flushed = self._flush()
         except OSError as exc:
             self._tunnel.fail(exc)
             return
-        self.count += sent
         self._tunnel.last_activity = self._loop.time()
-        if sent < len(pending):
-            self.pending = pending[sent:]
-            return
-        self.pending = None
-        self._loop.remove_writer(self.dst_fd)
-        self._loop.add_reader(self.src_fd, self._on_readable)
+        if flushed:
+            self._loop.remove_writer(self.dst_fd)
+            self._loop.add_reader(self.src_fd, self._on_readable)
 
     def _finish(self) -> None:
         """The source sent EOF and everything read has been written: half-close dst."""
@@ -131,6 +175,46 @@ class _Pump:
         self._tunnel.direction_done()
 
 
+class _SplicePump(_Pump):
+    """One direction through a pipe with splice(2): the bytes stay in the kernel."""
+
+    def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
+        super().__init__(tunnel, src, dst, 0)
+        self.size = size
+        self._pipe_r = self._pipe_w = -1  # made at the first read: idle tunnels hold none
+        self._in_pipe = 0
+
+    def _open_pipe(self) -> None:
+        self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:  # a pipe as large as one read; the default 64 KiB serves when this fails
+            fcntl.fcntl(self._pipe_w, _F_SETPIPE_SZ, self.size)
+        except OSError:
+            pass
+
+    def _read(self) -> int:
+        if self._pipe_w < 0:
+            self._open_pipe()
+        n = os.splice(self.src_fd, self._pipe_w, self.size, flags=_SPLICE_FLAGS)
+        self._in_pipe = n
+        return n
+
+    def _write(self) -> None:
+        while self._in_pipe:
+            sent = os.splice(self._pipe_r, self.dst_fd, self._in_pipe, flags=_SPLICE_FLAGS)
+            self.count += sent
+            self._in_pipe -= sent
+
+    @property
+    def staged(self) -> bool:
+        return self._in_pipe > 0 or bool(self.head)
+
+    def close(self) -> None:
+        if self._pipe_r >= 0:
+            os.close(self._pipe_r)
+            os.close(self._pipe_w)
+            self._pipe_r = self._pipe_w = -1
+
+
 class Tunnel:
     """Bytes between a client and its target until both are done, an error, or idleness.
 
@@ -139,7 +223,13 @@ class Tunnel:
     """
 
     def __init__(
-        self, client: socket.socket, upstream: socket.socket, *, read_size: int, idle: float
+        self,
+        client: socket.socket,
+        upstream: socket.socket,
+        *,
+        read_size: int,
+        idle: float,
+        splice: bool = SPLICE_AVAILABLE,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.idle = idle
@@ -147,8 +237,13 @@ class Tunnel:
         self.status = OK
         self.error: str | None = None
         self._finished: asyncio.Future[None] = self.loop.create_future()
-        self._up = _Pump(self, client, upstream, read_size)
-        self._down = _Pump(self, upstream, client, read_size)
+        kind = _SplicePump if splice and SPLICE_AVAILABLE else _Pump
+        self._up = kind(self, client, upstream, read_size)
+        try:
+            self._down = kind(self, upstream, client, read_size)
+        except BaseException:
+            self._up.close()
+            raise
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -162,10 +257,10 @@ class Tunnel:
 
     async def run(self, first_up: bytes = b"") -> None:
         """Relay until the tunnel ends; `status` and `error` then say how it ended."""
-        self._timer = self.loop.call_at(self.last_activity + self.idle, self._check_idle)
-        self._up.start(first_up)
-        self._down.start()
         try:
+            self._timer = self.loop.call_at(self.last_activity + self.idle, self._check_idle)
+            self._up.start(first_up)
+            self._down.start()
             await self._finished
         finally:
             self._stop()

@@ -149,7 +149,11 @@ class Session:
             )
             first_up = await handler.established(remote.getsockname()[:2])
             tunnel = Tunnel(
-                self.sock, remote, read_size=cfg.buffers.read_size, idle=cfg.timeouts.idle
+                self.sock,
+                remote,
+                read_size=cfg.buffers.read_size,
+                idle=cfg.timeouts.idle,
+                splice=cfg.buffers.splice,
             )
             await tunnel.run(first_up)
             status, error = tunnel.status, tunnel.error

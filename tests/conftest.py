@@ -146,6 +146,12 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         daemon.stop()
 
 
+@pytest.fixture(params=["splice", "copy"])
+def relay_kind(request: pytest.FixtureRequest) -> str:
+    """A `[buffers]` table choosing the zero-copy (splice) or the copying relay."""
+    return f"[buffers]\nsplice = {'true' if request.param == 'splice' else 'false'}\n"
+
+
 @pytest.fixture(scope="session")
 def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A users file made by `proxyd passwd`: alice / wonderland-42."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -51,7 +52,7 @@ def test_buffers_applied_to_both_sockets(start_daemon, tcp_server):
     assert memory == [(400000, 600000)] * 2
 
 
-def test_slow_reader_slows_the_writer(start_daemon, tcp_server):
+def test_slow_reader_slows_the_writer(start_daemon, tcp_server, relay_kind):
     """A client that does not read stops the target's sends; the daemon does not buffer."""
     total = 256 * MIB
     progress = {"sent": 0}
@@ -66,7 +67,7 @@ def test_slow_reader_slows_the_writer(start_daemon, tcp_server):
         finally:
             done.set()
 
-    daemon = start_daemon()
+    daemon = start_daemon(relay_kind)
     server = tcp_server(flood)
     sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port, timeout=30)
     with sock:
@@ -118,3 +119,28 @@ def test_connect_timeout_gives_0x04_and_504(start_daemon):
         for s in fillers:
             s.close()
         listener.close()
+
+
+def pipes_of(pid: int) -> int:
+    return sum(
+        os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+        for fd in os.listdir(f"/proc/{pid}/fd")
+    )
+
+
+def test_splice_relay_uses_pipes_and_releases_them(start_daemon, tcp_server, relay_kind):
+    """The zero-copy relay is the one running when chosen; its pipes go with the tunnel."""
+    daemon = start_daemon(relay_kind)
+    pid = daemon.proc.pid
+    before = pipes_of(pid)
+    server = tcp_server()
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+    with sock:
+        assert rep == 0
+        assert pipes_of(pid) == before  # an idle tunnel holds no pipe
+        sock.sendall(b"p" * 300_000)
+        assert recv_exact(sock, 300_000) == b"p" * 300_000
+        during = pipes_of(pid)
+    daemon.access()
+    assert during == before + (4 if "true" in relay_kind else 0)  # a pipe per direction
+    assert pipes_of(pid) == before

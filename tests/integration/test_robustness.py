@@ -23,7 +23,7 @@ def reset(conn: socket.socket) -> None:
 
 
 @pytest.mark.parametrize("side", ["target", "client"])
-def test_reset_with_unread_data_ends_tunnel_at_once(start_daemon, tcp_server, side):
+def test_reset_with_unread_data_ends_tunnel_at_once(start_daemon, tcp_server, side, relay_kind):
     """A reset while the daemon still has bytes to read ends the tunnel, not the idle timer."""
 
     def send_then_reset(conn: socket.socket) -> None:
@@ -35,7 +35,7 @@ def test_reset_with_unread_data_ends_tunnel_at_once(start_daemon, tcp_server, si
         while conn.recv(65536):
             pass
 
-    daemon = start_daemon("[timeouts]\nidle = 60\n")
+    daemon = start_daemon(relay_kind + "[timeouts]\nidle = 60\n")
     for i in range(1, 6):
         server = tcp_server(send_then_reset if side == "target" else sink)
         sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
@@ -51,9 +51,9 @@ def test_reset_with_unread_data_ends_tunnel_at_once(start_daemon, tcp_server, si
         assert line["duration_ms"] < 20_000  # far below the 60 s idle timeout
 
 
-def test_counts_kept_when_shutdown_cuts_a_tunnel(start_daemon, tcp_server):
+def test_counts_kept_when_shutdown_cuts_a_tunnel(start_daemon, tcp_server, relay_kind):
     server = tcp_server()
-    daemon = start_daemon()
+    daemon = start_daemon(relay_kind)
     sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
     with sock:
         assert rep == 0

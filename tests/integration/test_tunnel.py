@@ -31,7 +31,7 @@ def count_then_answer(conn: socket.socket) -> None:
     conn.sendall(f"got {n} bytes".encode())
 
 
-def test_64_mib_each_way_intact(start_daemon, tcp_server):
+def test_64_mib_each_way_intact(start_daemon, tcp_server, relay_kind):
     total = 64 * MIB
     expected_up = hashlib.sha256(b"".join(stream(1, total))).hexdigest()
     expected_down = hashlib.sha256(b"".join(stream(2, total))).hexdigest()
@@ -53,7 +53,7 @@ def test_64_mib_each_way_intact(start_daemon, tcp_server):
         sender.join()
         server_done.set()
 
-    daemon = start_daemon()
+    daemon = start_daemon(relay_kind)
     server = tcp_server(server_handle)
     sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port, timeout=60)
     assert rep == 0
@@ -78,9 +78,9 @@ def test_64_mib_each_way_intact(start_daemon, tcp_server):
     assert (line["status"], line["bytes_up"], line["bytes_down"]) == ("ok", total, total)
 
 
-def test_half_close_client_still_gets_reply(start_daemon, tcp_server):
+def test_half_close_client_still_gets_reply(start_daemon, tcp_server, relay_kind):
     """The client shuts down its write side; the target sees EOF and its answer still arrives."""
-    daemon = start_daemon()
+    daemon = start_daemon(relay_kind)
     server = tcp_server(count_then_answer)
     sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
     with sock:
@@ -95,8 +95,8 @@ def test_half_close_client_still_gets_reply(start_daemon, tcp_server):
     assert (line["status"], line["bytes_up"], line["bytes_down"]) == ("ok", 100_000, 16)
 
 
-def test_http_connect_half_close(start_daemon, tcp_server):
-    daemon = start_daemon()
+def test_http_connect_half_close(start_daemon, tcp_server, relay_kind):
+    daemon = start_daemon(relay_kind)
     server = tcp_server(count_then_answer)
     with socket.create_connection(daemon.address, timeout=10) as sock:
         target = f"127.0.0.1:{server.port}"
@@ -112,8 +112,8 @@ def test_http_connect_half_close(start_daemon, tcp_server):
     assert daemon.access()["bytes_up"] == 7
 
 
-def test_idle_timeout_closes_quiet_tunnel_only(start_daemon, tcp_server):
-    daemon = start_daemon("[timeouts]\nidle = 1\n")
+def test_idle_timeout_closes_quiet_tunnel_only(start_daemon, tcp_server, relay_kind):
+    daemon = start_daemon(relay_kind + "[timeouts]\nidle = 1\n")
     server = tcp_server()
     quiet, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
     busy, rep2, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
