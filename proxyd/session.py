@@ -86,7 +86,12 @@ class Session:
         self.target: str | None = None
 
     async def recv(self) -> bytes:
-        data = await self.loop.sock_recv(self.sock, HANDSHAKE_READ)
+        # The request is usually here already: try before asking the loop to wait
+        # (uvloop's sock_recv always registers a reader first, two epoll_ctl calls).
+        try:
+            data = self.sock.recv(HANDSHAKE_READ)
+        except (BlockingIOError, InterruptedError):
+            data = await self.loop.sock_recv(self.sock, HANDSHAKE_READ)
         if not data:
             raise ClientClosed("client closed the connection during the handshake")
         return data
