@@ -68,6 +68,9 @@ class Server:
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then close every listener and tunnel."""
         loop = asyncio.get_running_loop()
+        # before the first "listening" line: a SIGTERM right after it must stop us cleanly
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             for address in self.config.server.listen:
                 self.listeners.append(bind(address, self.config))
@@ -78,8 +81,6 @@ class Server:
             loop.add_reader(sock.fileno(), self._on_acceptable, sock)
             host, port = sock.getsockname()[:2]
             self.log.info("listening", address=str(ListenAddress(host, port)))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
         self.log.info(
             "started",
             version=__version__,
