@@ -175,22 +175,25 @@ class _Pump:
         self._tunnel.direction_done()
 
 
-# Empty pipes kept for the next tunnel, by size: short tunnels would otherwise
-# spend a pipe2, an fcntl and two closes each (5% of a handshake in a profile).
+# Empty pipes kept for the next read, by size. A pump holds a pipe only while
+# bytes sit in it, so an idle tunnel costs two descriptors, not six, and short
+# tunnels do not spend a pipe2, an fcntl and two closes each.
 _idle_pipes: dict[int, list[tuple[int, int]]] = {}
-IDLE_PIPES_KEPT: Final = 256
+IDLE_PIPES_KEPT: Final = 64
 
 
 class _SplicePump(_Pump):
-    """One direction through a pipe with splice(2): the bytes stay in the kernel."""
+    """One direction through a pipe with splice(2): the bytes stay in the kernel.
+
+    When no pipe can be had (out of descriptors) a chunk is copied instead.
+    """
 
     def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
-        super().__init__(tunnel, src, dst, 0)
-        self.size = size
-        self._pipe_r = self._pipe_w = -1  # made at the first read: idle tunnels hold none
+        super().__init__(tunnel, src, dst, size)
+        self._pipe_r = self._pipe_w = -1
         self._in_pipe = 0
 
-    def _open_pipe(self) -> None:
+    def _take_pipe(self) -> None:
         idle = _idle_pipes.get(self.size)
         if idle:
             self._pipe_r, self._pipe_w = idle.pop()
@@ -201,33 +204,48 @@ class _SplicePump(_Pump):
         except OSError:
             pass
 
-    def _read(self) -> int:
-        if self._pipe_w < 0:
-            self._open_pipe()
-        n = os.splice(self.src_fd, self._pipe_w, self.size, flags=_SPLICE_FLAGS)
-        self._in_pipe = n
-        return n
-
-    def _write(self) -> None:
-        while self._in_pipe:
-            sent = os.splice(self._pipe_r, self.dst_fd, self._in_pipe, flags=_SPLICE_FLAGS)
-            self.count += sent
-            self._in_pipe -= sent
-
-    @property
-    def staged(self) -> bool:
-        return self._in_pipe > 0 or bool(self.head)
-
-    def close(self) -> None:
+    def _release_pipe(self) -> None:
         if self._pipe_r < 0:
             return
         idle = _idle_pipes.setdefault(self.size, [])
         if self._in_pipe == 0 and len(idle) < IDLE_PIPES_KEPT:
-            idle.append((self._pipe_r, self._pipe_w))  # empty: safe for another tunnel
+            idle.append((self._pipe_r, self._pipe_w))  # empty: safe for any pump
         else:
             os.close(self._pipe_r)
             os.close(self._pipe_w)
         self._pipe_r = self._pipe_w = -1
+
+    def _read(self) -> int:
+        if self._pipe_w < 0:
+            try:
+                self._take_pipe()
+            except OSError:
+                return super()._read()
+        try:
+            n = os.splice(self.src_fd, self._pipe_w, self.size, flags=_SPLICE_FLAGS)
+        except OSError:
+            self._release_pipe()
+            raise
+        self._in_pipe = n
+        if n == 0:
+            self._release_pipe()
+        return n
+
+    def _write(self) -> None:
+        if self._pending:
+            super()._write()
+        while self._in_pipe:
+            sent = os.splice(self._pipe_r, self.dst_fd, self._in_pipe, flags=_SPLICE_FLAGS)
+            self.count += sent
+            self._in_pipe -= sent
+        self._release_pipe()
+
+    @property
+    def staged(self) -> bool:
+        return self._in_pipe > 0 or bool(self.head) or bool(self._pending)
+
+    def close(self) -> None:
+        self._release_pipe()
 
 
 class Tunnel:
