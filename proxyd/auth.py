@@ -180,6 +180,14 @@ _DECOY: Final = PasswordHash(
 )
 
 
+@dataclass(slots=True)
+class _PendingCheck:
+    """A derivation in flight and how many sessions wait for it."""
+
+    future: asyncio.Future[bool]
+    waiters: int = 0
+
+
 class Authenticator:
     """Verifies credentials against the users; remembers successes, bounded in size."""
 
@@ -188,8 +196,7 @@ class Authenticator:
         self._cache: OrderedDict[bytes, PasswordHash] = OrderedDict()
         self._cache_size = cache_size
         self._key = secrets.token_bytes(32)
-        # in-flight derivations: future and how many sessions wait for it
-        self._pending: dict[bytes, tuple[asyncio.Future[bool], list[int]]] = {}
+        self._pending: dict[bytes, _PendingCheck] = {}
         # Own threads, so a burst of derivations never queues behind DNS lookups.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proxyd-kdf")
 
@@ -220,18 +227,17 @@ class Authenticator:
             loop = asyncio.get_running_loop()
             target = stored if stored is not None else _DECOY
             future = loop.run_in_executor(self._executor, target.matches, credentials.password)
-            entry = self._pending[token] = (future, [0])
+            entry = self._pending[token] = _PendingCheck(future)
             future.add_done_callback(lambda _: self._pending.pop(token, None))
-        future, waiters = entry
-        waiters[0] += 1
+        entry.waiters += 1
         try:
-            ok = await asyncio.shield(future) and stored is not None
+            ok = await asyncio.shield(entry.future) and stored is not None
         except asyncio.CancelledError:
-            if waiters[0] == 1:
-                future.cancel()
+            if entry.waiters == 1:
+                entry.future.cancel()
             raise
         finally:
-            waiters[0] -= 1
+            entry.waiters -= 1
         if ok and stored is not None:
             self._cache[token] = stored
             self._cache.move_to_end(token)

@@ -54,17 +54,21 @@ def _load(path: Path | None) -> config.Config:
     return config.Config() if path is None else config.load(path)
 
 
-def _problems(path: Path | None, cfg: config.Config) -> list[str]:
-    """Everything that would stop the daemon from starting, beyond the file's own keys."""
+def _problems(
+    path: Path | None, cfg: config.Config
+) -> tuple[list[str], dict[str, auth.PasswordHash]]:
+    """Everything that would stop the daemon from starting, beyond the file's own keys,
+    and the users it would start with."""
     problems = []
+    users: dict[str, auth.PasswordHash] = {}
     if cfg.auth.users_file is not None:
         try:
-            auth.load_users(cfg.auth.users_file)
+            users = auth.load_users(cfg.auth.users_file)
         except ConfigError as exc:
             problems += exc.problems
     if (why := cfg.open_proxy_problem()) is not None:
         problems.append(why)
-    return problems
+    return problems, users
 
 
 def _report(path: Path | None, problems: list[str]) -> None:
@@ -79,7 +83,7 @@ def check_config(path: Path | None) -> int:
     except ConfigError as exc:
         _report(path, exc.problems)
         return EXIT_PROBLEM
-    problems = _problems(path, cfg)
+    problems, _users = _problems(path, cfg)
     _report(path, problems)
     if problems:
         return EXIT_PROBLEM
@@ -126,14 +130,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _report(args.config, exc.problems)
         return EXIT_PROBLEM
-    if problems := _problems(args.config, cfg):
+    problems, users = _problems(args.config, cfg)
+    if problems:
         _report(args.config, problems)
         return EXIT_PROBLEM
     log.configure(cfg.log.format, cfg.log.level)
     logger = log.get_logger()
-    users = {}
     if cfg.auth.users_file is not None:
-        users = auth.load_users(cfg.auth.users_file)
         if auth.is_world_readable(cfg.auth.users_file):
             logger.warning(
                 "users_file_world_readable",
