@@ -207,17 +207,30 @@ class Authenticator:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def verify(self, credentials: Credentials) -> bool:
-        stored = self._users.get(credentials.username)
-        token = hmac.new(
+    def _token(self, credentials: Credentials) -> bytes:
+        """The cache key: a keyed hash, so the cache holds no password."""
+        return hmac.new(
             self._key,
             credentials.username.encode("utf-8") + b"\0" + credentials.password.encode("utf-8"),
             sha256,
         ).digest()
+
+    def cached(self, credentials: Credentials) -> bool:
+        """True when these credentials were verified recently (and the user is unchanged):
+        the answer without a derivation. False says nothing; ask `verify`."""
+        stored = self._users.get(credentials.username)
+        token = self._token(credentials)
         cached = self._cache.get(token)
         if cached is not None and cached is stored:
             self._cache.move_to_end(token)
             return True
+        return False
+
+    async def verify(self, credentials: Credentials) -> bool:
+        if self.cached(credentials):
+            return True
+        stored = self._users.get(credentials.username)
+        token = self._token(credentials)
         # Concurrent connections with the same credentials share one derivation;
         # it is dropped from the queue when every session waiting for it has gone.
         entry = self._pending.get(token)

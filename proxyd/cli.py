@@ -10,7 +10,7 @@ import asyncio
 import getpass
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +112,15 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     """uvloop when it is installed; the stock loop otherwise."""
     try:
         import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
     except ImportError:
-        asyncio.run(main)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(main)
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main)
+    finally:
+        log.flush()  # lines the last loop iteration left for its end
 
 
 def run(args: argparse.Namespace) -> int:

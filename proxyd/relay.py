@@ -17,6 +17,7 @@ import asyncio
 import fcntl
 import os
 import socket
+from collections.abc import Callable
 from typing import Final
 
 OK: Final = "ok"
@@ -185,11 +186,15 @@ IDLE_PIPES_KEPT: Final = 64
 class _SplicePump(_Pump):
     """One direction through a pipe with splice(2): the bytes stay in the kernel.
 
-    When no pipe can be had (out of descriptors) a chunk is copied instead.
+    A pump copies until one read fills the whole buffer, and splices from then
+    on: a request or an echo is a single small read, for which the pipe (two
+    more system calls and a descriptor) costs more than copying saves. When no
+    pipe can be had (out of descriptors) a chunk is copied too.
     """
 
     def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
         super().__init__(tunnel, src, dst, size)
+        self._bulk = False
         self._pipe_r = self._pipe_w = -1
         self._in_pipe = 0
 
@@ -216,6 +221,10 @@ class _SplicePump(_Pump):
         self._pipe_r = self._pipe_w = -1
 
     def _read(self) -> int:
+        if not self._bulk:
+            n = super()._read()
+            self._bulk = n == self.size
+            return n
         if self._pipe_w < 0:
             try:
                 self._take_pipe()
@@ -251,8 +260,9 @@ class _SplicePump(_Pump):
 class Tunnel:
     """Bytes between a client and its target until both are done, an error, or idleness.
 
-    The counters can be read at any time, also after the run was cancelled.
-    The caller owns and closes both sockets.
+    `on_end` is called once when the tunnel ends by itself; `status` and `error`
+    then say how. `stop()` ends it from outside without the call. The counters
+    can be read at any time. The caller owns and closes both sockets.
     """
 
     def __init__(
@@ -262,6 +272,7 @@ class Tunnel:
         *,
         read_size: int,
         idle: float,
+        on_end: Callable[[], object],
         splice: bool = SPLICE_AVAILABLE,
     ) -> None:
         self.loop = asyncio.get_running_loop()
@@ -269,7 +280,7 @@ class Tunnel:
         self.last_activity = self.loop.time()
         self.status = OK
         self.error: str | None = None
-        self._finished: asyncio.Future[None] = self.loop.create_future()
+        self._on_end: Callable[[], object] | None = on_end
         kind = _SplicePump if splice and SPLICE_AVAILABLE else _Pump
         self._up = kind(self, client, upstream, read_size)
         try:
@@ -288,15 +299,19 @@ class Tunnel:
     def bytes_down(self) -> int:
         return self._down.count
 
-    async def run(self, first_up: bytes = b"") -> None:
-        """Relay until the tunnel ends; `status` and `error` then say how it ended."""
-        try:
-            self._timer = self.loop.call_at(self.last_activity + self.idle, self._check_idle)
-            self._up.start(first_up)
-            self._down.start()
-            await self._finished
-        finally:
-            self._stop()
+    def start(self, first_up: bytes = b"") -> None:
+        """Relay until the tunnel ends; `first_up` goes to the target before anything else."""
+        self._timer = self.loop.call_at(self.last_activity + self.idle, self._check_idle)
+        self._up.start(first_up)
+        self._down.start()
+
+    def stop(self) -> None:
+        """Stop relaying now; `on_end` is not called."""
+        self._on_end = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._up.stop()
+        self._down.stop()
 
     def direction_done(self) -> None:
         if self._up.done and self._down.done:
@@ -313,13 +328,9 @@ class Tunnel:
             self._timer = self.loop.call_at(deadline, self._check_idle)
 
     def _end(self, status: str, error: str | None) -> None:
-        if not self._finished.done():
-            self.status, self.error = status, error
-            self._finished.set_result(None)
-        self._stop()
-
-    def _stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._up.stop()
-        self._down.stop()
+        on_end = self._on_end
+        if on_end is None:
+            return  # already ended or stopped
+        self.status, self.error = status, error
+        self.stop()
+        on_end()

@@ -1,4 +1,4 @@
-"""Listeners and lifecycle: bind, accept, one Session task per client, stop on a signal."""
+"""Listeners and lifecycle: bind, accept, one Session per client, stop on a signal."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class Server:
         self.worker = worker
         self.ctx = Context(config, auth, upstream.Resolver(), log)
         self.listeners: list[socket.socket] = []
-        self.sessions: set[asyncio.Task[None]] = set()
+        self.sessions: set[Session] = set()
         # connection ids stay unique across workers: worker w of n counts w+1, w+1+n, ...
         self._ids = itertools.count(worker + 1, config.server.workers)
         self._stop = asyncio.Event()
@@ -92,10 +92,8 @@ class Server:
             await self._stop.wait()
         finally:
             self._close_listeners()
-            for task in list(self.sessions):
-                task.cancel()
-            if self.sessions:
-                await asyncio.gather(*self.sessions, return_exceptions=True)
+            for session in list(self.sessions):
+                session.abort()
             self.ctx.auth.close()
             self.ctx.resolver.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -162,7 +160,13 @@ class Server:
         except OSError:  # the client is already gone
             sock.close()
             return
-        session = Session(self.ctx, sock, peer, conn_id, over_limit=active >= limit)
-        task = asyncio.get_running_loop().create_task(session.run())
-        self.sessions.add(task)
-        task.add_done_callback(self.sessions.discard)
+        session = Session(
+            self.ctx,
+            sock,
+            peer,
+            conn_id,
+            on_close=self.sessions.discard,
+            over_limit=active >= limit,
+        )
+        self.sessions.add(session)
+        session.start()

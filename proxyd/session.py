@@ -1,16 +1,18 @@
 """One client connection: detect its protocol, drive the handshake, connect, relay, log once.
 
-The protocol handlers do the I/O their sans-I/O parser asks for; everything
-common (timeouts, refusal on error, the relay, the access event) lives in
-Session.run so every protocol behaves alike.
+The protocol handlers turn what their sans-I/O parser reports into calls on
+the session (send a reply, check credentials, open the target); everything
+common (reading, timeouts, refusal on error, the relay, the access event)
+lives in Session, so every protocol behaves alike.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import socket
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,14 +59,31 @@ class Context:
 
 
 class Handler(Protocol):
+    """Turns one protocol's handshake into calls on the session (see Socks5Handler)."""
+
     protocol: str
 
-    async def handshake(self, first: bytes) -> tuple[str, int]: ...
-    async def established(self, bound: tuple[str, int]) -> bytes: ...
+    def received(self, data: bytes) -> None: ...
+    def established(self, bound: tuple[str, int]) -> bytes: ...
     def refusal(self, error: SessionError) -> bytes | None: ...
 
 
+class Phase(enum.Enum):
+    HANDSHAKE = enum.auto()  # reading the client's request
+    AUTH = enum.auto()  # a password derivation is running
+    CONNECT = enum.auto()  # reaching the target
+    RELAY = enum.auto()
+    DONE = enum.auto()
+
+
 class Session:
+    """One client connection as a chain of loop callbacks, from accept to the access line.
+
+    No task per connection: a task, its futures and `asyncio.timeout` cost more
+    than everything else in a short connection (measured: 50 us of 150). Only a
+    password derivation, slow and rare, runs as a task.
+    """
+
     def __init__(
         self,
         ctx: Context,
@@ -72,11 +91,14 @@ class Session:
         peer: tuple[Any, ...],
         conn_id: int,
         *,
+        on_close: Callable[[Session], object],
         over_limit: bool = False,
     ) -> None:
         self.ctx = ctx
         self.sock = sock
+        self.fd = sock.fileno()
         self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
         self.conn_id = conn_id
         self.client = format_hostport(peer[0], peer[1])
         self.over_limit = over_limit
@@ -84,34 +106,120 @@ class Session:
         self.protocol: str | None = None
         self.command: str | None = None
         self.target: str | None = None
+        self.phase = Phase.HANDSHAKE
+        self._on_close = on_close
+        self._handler: Handler | None = None
+        self._reading = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._auth: asyncio.Task[bool] | None = None
+        self._connector: upstream.Connector | None = None
+        self._remote: socket.socket | None = None
+        self._tunnel: Tunnel | None = None
 
-    async def recv(self) -> bytes:
-        # The request is usually here already: try before asking the loop to wait
-        # (uvloop's sock_recv always registers a reader first, two epoll_ctl calls).
+    def start(self) -> None:
+        self._timer = self.loop.call_at(
+            self.started + self.ctx.config.timeouts.handshake, self._on_handshake_timeout
+        )
+        # The request is often here already: read before asking the loop to watch.
+        self._on_readable()
+
+    def abort(self) -> None:
+        """End now (the daemon is stopping)."""
+        self._end("shutdown", None)
+
+    # -- what handlers call ---------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """A handshake reply: a few bytes into a socket with nothing queued, so one
+        send takes them all; a client that has not let it is not reading at all."""
         try:
-            data = self.sock.recv(HANDSHAKE_READ)
+            sent = self.sock.send(data)
         except (BlockingIOError, InterruptedError):
-            data = await self.loop.sock_recv(self.sock, HANDSHAKE_READ)
-        if not data:
-            raise ClientClosed("client closed the connection during the handshake")
-        return data
+            sent = 0
+        except OSError as exc:
+            raise ClientClosed(f"client connection failed: {exc.strerror}") from None
+        if sent < len(data):
+            raise ProtocolError("client does not read the handshake replies")
 
-    async def send(self, data: bytes) -> None:
-        await self.loop.sock_sendall(self.sock, data)
-
-    async def check_credentials(self, credentials: Credentials | None) -> None:
-        """Require valid credentials when users are configured; record the user name."""
-        if not self.ctx.auth.required:
+    def check_credentials(self, credentials: Credentials | None, then: Callable[[], None]) -> None:
+        """Require valid credentials when users are configured, then go on with `then`."""
+        auth = self.ctx.auth
+        if not auth.required:
+            then()
             return
         if credentials is None:
             raise AuthFailed("credentials required")
         self.user = credentials.username
-        if self.over_limit:
-            return  # refused after the request anyway: spend no KDF on it
-        if not await self.ctx.auth.verify(credentials):
-            raise AuthFailed("wrong user name or password")
+        # over the limit: refused after the request anyway, so spend no derivation on it
+        if self.over_limit or auth.cached(credentials):
+            then()
+            return
+        self.phase = Phase.AUTH
+        self._auth = self.loop.create_task(auth.verify(credentials))
+        self._auth.add_done_callback(lambda task: self._step(self._on_verified, task, then))
 
-    def _handler(self, first: bytes) -> Handler:
+    def open(self, host: str, port: int) -> None:
+        """The handshake is complete: connect to the target, then relay."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.over_limit:
+            cfg = self.ctx.config
+            raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
+        self.phase = Phase.CONNECT
+        cfg = self.ctx.config
+        self._connector = upstream.Connector(
+            self.ctx.resolver,
+            cfg.buffers,
+            cfg.timeouts.connect,
+            lambda sock, error: self._step(self._on_connected, sock, error),
+        )
+        self._connector.start(host, port)
+
+    # -- loop callbacks -------------------------------------------------------------
+
+    def _step(self, step: Callable[..., None], *args: Any) -> None:
+        """Run one step; an error ends the session with the refusal it calls for."""
+        if self.phase is Phase.DONE:
+            return  # a callback that was already on its way when the session ended
+        try:
+            step(*args)
+        except SessionError as exc:
+            self._refuse(exc)
+        except Exception as exc:
+            self.ctx.log.exception("session_error", conn_id=self.conn_id)
+            self._end("error", f"internal error: {type(exc).__name__}")
+        else:
+            # read while (and only while) the handshake waits for the client
+            wanted = self.phase is Phase.HANDSHAKE
+            if wanted != self._reading:
+                if wanted:
+                    self.loop.add_reader(self.fd, self._on_readable)
+                else:
+                    self.loop.remove_reader(self.fd)
+                self._reading = wanted
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(HANDSHAKE_READ)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError as exc:
+            self._end("client_closed", exc.strerror or type(exc).__name__)
+            return
+        if data is None:
+            self._step(_nothing)
+        else:
+            self._step(self._received, data)
+
+    def _received(self, data: bytes) -> None:
+        if not data:
+            raise ClientClosed("client closed the connection during the handshake")
+        if self._handler is None:
+            self._handler = self._handler_for(data)
+            self.protocol = self._handler.protocol
+        self._handler.received(data)
+
+    def _handler_for(self, first: bytes) -> Handler:
         kind = sniff(first)
         if kind is Kind.SOCKS5:
             return Socks5Handler(self)
@@ -122,82 +230,92 @@ class Session:
             raise Unsupported("SOCKS4 is not supported yet")
         raise ProtocolError(f"unknown protocol (first byte {first[0]:#04x})")
 
-    async def run(self) -> None:
-        cfg = self.ctx.config
-        started = time.monotonic()
-        handler: Handler | None = None
-        remote: socket.socket | None = None
-        tunnel: Tunnel | None = None
-        status, error = "ok", None
-        try:
-            deadline = asyncio.timeout(cfg.timeouts.handshake)
-            try:
-                async with deadline:
-                    first = await self.recv()
-                    handler = self._handler(first)
-                    self.protocol = handler.protocol
-                    host, port = await handler.handshake(first)
-            except TimeoutError:
-                if not deadline.expired():
-                    raise  # the client's socket timed out, not our deadline
-                raise HandshakeTimeout(
-                    f"no complete request within {cfg.timeouts.handshake:g} s"
-                ) from None
-            if self.over_limit:
-                raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
-            remote = await upstream.connect(
-                host,
-                port,
-                resolver=self.ctx.resolver,
-                timeout=cfg.timeouts.connect,
-                buffers=cfg.buffers,
-            )
-            first_up = await handler.established(remote.getsockname()[:2])
-            tunnel = Tunnel(
-                self.sock,
-                remote,
-                read_size=cfg.buffers.read_size,
-                idle=cfg.timeouts.idle,
-                splice=cfg.buffers.splice,
-            )
-            await tunnel.run(first_up)
-            status, error = tunnel.status, tunnel.error
-        except SessionError as exc:
-            status, error = exc.status, str(exc)
-            answer = handler.refusal(exc) if handler is not None else None
-            if answer:
-                self._send_nowait(answer)
-        except OSError as exc:  # the client's socket: upstream failures are SessionErrors
-            status, error = "client_closed", exc.strerror or type(exc).__name__
-        except asyncio.CancelledError:
-            status = "shutdown"
-            raise
-        except Exception as exc:
-            status, error = "error", f"internal error: {type(exc).__name__}"
-            self.ctx.log.exception("session_error", conn_id=self.conn_id)
-        finally:
-            self.sock.close()
-            if remote is not None:
-                remote.close()
-            if cfg.log.access:
-                access(
-                    conn_id=self.conn_id,
-                    client=self.client,
-                    user=self.user,
-                    protocol=self.protocol,
-                    command=self.command,
-                    target=self.target,
-                    status=status,
-                    bytes_up=tunnel.bytes_up if tunnel else 0,
-                    bytes_down=tunnel.bytes_down if tunnel else 0,
-                    duration_ms=round((time.monotonic() - started) * 1000, 1),
-                    **({"error": error} if error else {}),
-                )
+    def _on_verified(self, task: asyncio.Task[bool], then: Callable[[], None]) -> None:
+        self._auth = None
+        if task.cancelled():
+            return  # the session ended first
+        if not task.result():  # OverLimit (too many checks in flight) raises here
+            raise AuthFailed("wrong user name or password")
+        self.phase = Phase.HANDSHAKE
+        then()
 
-    def _send_nowait(self, data: bytes) -> None:
-        """A refusal is a few bytes into an idle socket: one send, never a wait."""
-        with contextlib.suppress(OSError):
-            self.sock.send(data)
+    def _on_handshake_timeout(self) -> None:
+        self._timer = None
+        timeout = self.ctx.config.timeouts.handshake
+        self._refuse(HandshakeTimeout(f"no complete request within {timeout:g} s"))
+
+    def _on_connected(self, remote: socket.socket | None, error: SessionError | None) -> None:
+        self._connector = None
+        if error is not None:
+            raise error
+        assert remote is not None and self._handler is not None
+        self._remote = remote
+        first_up = self._handler.established(remote.getsockname()[:2])
+        cfg = self.ctx.config
+        self._tunnel = Tunnel(
+            self.sock,
+            remote,
+            read_size=cfg.buffers.read_size,
+            idle=cfg.timeouts.idle,
+            splice=cfg.buffers.splice,
+            on_end=self._on_tunnel_end,
+        )
+        self.phase = Phase.RELAY
+        self._tunnel.start(first_up)
+
+    def _on_tunnel_end(self) -> None:
+        assert self._tunnel is not None
+        self._end(self._tunnel.status, self._tunnel.error)
+
+    # -- the end ----------------------------------------------------------------------
+
+    def _refuse(self, error: SessionError) -> None:
+        answer = self._handler.refusal(error) if self._handler is not None else None
+        if answer:
+            # a few bytes into an idle socket: one send, never a wait
+            with contextlib.suppress(OSError):
+                self.sock.send(answer)
+        self._end(error.status, str(error))
+
+    def _end(self, status: str, error: str | None) -> None:
+        """Release everything and write the access line; once."""
+        if self.phase is Phase.DONE:
+            return
+        self.phase = Phase.DONE
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._reading:
+            self.loop.remove_reader(self.fd)
+            self._reading = False
+        if self._auth is not None:
+            self._auth.cancel()
+        if self._connector is not None:
+            self._connector.cancel()
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.stop()
+        self.sock.close()
+        if self._remote is not None:
+            self._remote.close()
+        if self.ctx.config.log.access:
+            access(
+                conn_id=self.conn_id,
+                client=self.client,
+                user=self.user,
+                protocol=self.protocol,
+                command=self.command,
+                target=self.target,
+                status=status,
+                bytes_up=tunnel.bytes_up if tunnel else 0,
+                bytes_down=tunnel.bytes_down if tunnel else 0,
+                duration_ms=round((self.loop.time() - self.started) * 1000, 1),
+                **({"error": error} if error else {}),
+            )
+        self._on_close(self)
+
+
+def _nothing() -> None:
+    """A readiness callback that found nothing to read."""
 
 
 class Socks5Handler:
@@ -207,47 +325,55 @@ class Socks5Handler:
         self.session = session
         self.parser = socks5.Socks5Server()
 
-    async def _next_event(self) -> socks5.Event:
-        while (event := self.parser.next_event()) is NEED_DATA:
-            self.parser.receive_data(await self.session.recv())
-        return event
+    def received(self, data: bytes) -> None:
+        self.parser.receive_data(data)
+        self._advance()
 
-    async def handshake(self, first: bytes) -> tuple[str, int]:
+    def _advance(self) -> None:
+        """Act on each complete message the client has sent, until one needs a wait."""
+        while (event := self.parser.next_event()) is not NEED_DATA:
+            if isinstance(event, socks5.Greeting):
+                self._greeting(event)
+            elif isinstance(event, Credentials):
+                self.session.check_credentials(event, self._authenticated)
+                return
+            else:
+                assert isinstance(event, socks5.Request)
+                self._request(event)
+                return
+
+    def _greeting(self, greeting: socks5.Greeting) -> None:
         session, parser = self.session, self.parser
-        parser.receive_data(first)
-        greeting = await self._next_event()
-        assert isinstance(greeting, socks5.Greeting)
         required = session.ctx.auth.required
         wanted = socks5.METHOD_USERNAME_PASSWORD if required else socks5.METHOD_NO_AUTH
         method = wanted if wanted in greeting.methods else socks5.METHOD_NO_ACCEPTABLE
-        await session.send(parser.choose_method(method))
+        session.send(parser.choose_method(method))
         if method == socks5.METHOD_NO_ACCEPTABLE:
             if required:
                 raise AuthFailed("client offered no username/password method")
             raise ProtocolError("client did not offer the no-authentication method")
-        if method == socks5.METHOD_USERNAME_PASSWORD:
-            credentials = await self._next_event()
-            assert isinstance(credentials, Credentials)
-            try:
-                await session.check_credentials(credentials)
-            except AuthFailed:
-                await session.send(parser.auth_result(False))
-                raise
-            await session.send(parser.auth_result(True))
-        request = await self._next_event()
-        assert isinstance(request, socks5.Request)
+
+    def _authenticated(self) -> None:
+        self.session.send(self.parser.auth_result(True))
+        self._advance()  # the request may have come along with the credentials
+
+    def _request(self, request: socks5.Request) -> None:
+        session = self.session
         session.command = request.command.name.lower()
         session.target = format_hostport(request.host, request.port)
         if request.command is not socks5.Command.CONNECT:
             raise Unsupported(f"SOCKS5 {session.command} is not supported yet")
-        return request.host, request.port
+        session.open(request.host, request.port)
 
-    async def established(self, bound: tuple[str, int]) -> bytes:
-        await self.session.send(self.parser.reply(REP_SUCCEEDED, *bound))
+    def established(self, bound: tuple[str, int]) -> bytes:
+        self.session.send(self.parser.reply(REP_SUCCEEDED, *bound))
         return self.parser.trailing_data
 
     def refusal(self, error: SessionError) -> bytes | None:
-        if self.parser.state in (socks5.State.AWAIT_REQUEST, socks5.State.REPLY):
+        state = self.parser.state
+        if state is socks5.State.CHECK_AUTH:  # RFC 1929: a failure status, then close
+            return self.parser.auth_result(False)
+        if state in (socks5.State.AWAIT_REQUEST, socks5.State.REPLY):
             return self.parser.reply(error.socks_reply)
         return None
 
@@ -259,29 +385,34 @@ class HttpHandler:
         self.session = session
         self.parser = http_proto.HttpProxyServer()
 
-    async def handshake(self, first: bytes) -> tuple[str, int]:
+    def received(self, data: bytes) -> None:
         session, parser = self.session, self.parser
-        parser.receive_data(first)
-        while (event := parser.next_event()) is NEED_DATA:
-            parser.receive_data(await session.recv())
+        parser.receive_data(data)
+        event = parser.next_event()
+        if event is NEED_DATA:
+            return
         assert isinstance(event, http_proto.ConnectRequest | http_proto.ForwardRequest)
         if isinstance(event, http_proto.ConnectRequest):
             session.command = "connect"
             session.target = format_hostport(event.host, event.port)
-        else:
-            session.command = event.method
-            origin = http_proto.absolute_origin(event.target)
-            if origin is not None:
-                session.target = format_hostport(*origin)
-        await session.check_credentials(event.credentials)
-        if isinstance(event, http_proto.ForwardRequest):
-            if session.target is not None:
-                raise Unsupported("plain HTTP forwarding is not supported yet; use CONNECT")
-            raise ProtocolError("this is a proxy: send CONNECT host:port")
-        return event.host, event.port
+            connect = event
+            session.check_credentials(
+                event.credentials, lambda: session.open(connect.host, connect.port)
+            )
+            return
+        session.command = event.method
+        origin = http_proto.absolute_origin(event.target)
+        if origin is not None:
+            session.target = format_hostport(*origin)
+        session.check_credentials(event.credentials, self._forward)
 
-    async def established(self, bound: tuple[str, int]) -> bytes:
-        await self.session.send(self.parser.established())
+    def _forward(self) -> None:
+        if self.session.target is not None:
+            raise Unsupported("plain HTTP forwarding is not supported yet; use CONNECT")
+        raise ProtocolError("this is a proxy: send CONNECT host:port")
+
+    def established(self, bound: tuple[str, int]) -> bytes:
+        self.session.send(self.parser.established())
         return self.parser.trailing_data
 
     def refusal(self, error: SessionError) -> bytes | None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
+import os
 import socket
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -51,6 +52,20 @@ def classify(exc: OSError, target: str) -> UpstreamError:
     return UpstreamError(f"connecting to {target} failed: {exc.strerror or exc}")
 
 
+def literal_addresses(host: str, port: int) -> list[AddrInfo] | None:
+    """The address of an IP literal, which needs no lookup; None for a name."""
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return [(socket.AF_INET, (host, port))]
+    except OSError:
+        pass
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+        return [(socket.AF_INET6, (host, port, 0, 0))]
+    except OSError:
+        return None
+
+
 class Resolver:
     """getaddrinfo in threads of our own, off the event loop.
 
@@ -64,60 +79,136 @@ class Resolver:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def resolve(self, host: str, port: int) -> list[AddrInfo]:
-        """Addresses for host:port; IP literals skip the resolver."""
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
-            if ip.version == 4:
-                return [(socket.AF_INET, (host, port))]
-            return [(socket.AF_INET6, (host, port, 0, 0))]
+    def lookup(self, host: str, port: int) -> asyncio.Future[list[AddrInfo]]:
+        """The addresses of a name, as a future the loop completes."""
         loop = asyncio.get_running_loop()
-        infos = await loop.run_in_executor(
-            self._executor,
-            socket.getaddrinfo,
-            host,
-            port,
-            0,
-            socket.SOCK_STREAM,
-            socket.IPPROTO_TCP,
-        )
-        return [(family, addr) for family, _type, _proto, _name, addr in infos]
+        return loop.run_in_executor(self._executor, _getaddrinfo, host, port)
 
 
-async def connect(
-    host: str, port: int, *, resolver: Resolver, timeout: float, buffers: BuffersConfig
-) -> socket.socket:
-    """A connected non-blocking socket to host:port, trying each address in turn."""
-    target = format_hostport(host, port)
-    loop = asyncio.get_running_loop()
-    last: OSError | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            for family, addr in await resolver.resolve(host, port):
-                try:
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                except OSError as exc:  # e.g. no IPv6 on this host: try the next address
-                    last = exc
-                    continue
-                try:
-                    sock.setblocking(False)
-                    tune_socket(sock, buffers)
-                    await loop.sock_connect(sock, addr)
-                except OSError as exc:
-                    sock.close()
-                    last = exc
-                    continue
-                except BaseException:
-                    sock.close()
-                    raise
-                return sock
-    except OSError as exc:  # TimeoutError and gaierror included
-        raise classify(exc, target) from exc
-    except UnicodeError as exc:  # a name IDNA cannot encode; parsers should catch it first
-        raise HostUnreachable(f"cannot resolve {target}: invalid name") from exc
-    if last is None:
-        raise HostUnreachable(f"{target} has no address")
-    raise classify(last, target) from last
+def _getaddrinfo(host: str, port: int) -> list[AddrInfo]:
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    return [(family, addr) for family, _type, _proto, _name, addr in infos]
+
+
+ConnectDone = Callable[[socket.socket | None, UpstreamError | None], object]
+
+
+class Connector:
+    """Connects to host:port with loop callbacks, no task: names are resolved in
+    the resolver's threads, then each address is tried in turn with a
+    non-blocking connect. `timeout` covers the lookup and every attempt.
+
+    `done(sock, None)` or `done(None, error)` is called exactly once, unless
+    `cancel()` comes first; the socket then belongs to the caller.
+    """
+
+    def __init__(
+        self, resolver: Resolver, buffers: BuffersConfig, timeout: float, done: ConnectDone
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._resolver = resolver
+        self._buffers = buffers
+        self._timeout = timeout
+        self._done: ConnectDone | None = done
+        self._target = ""
+        self._timer: asyncio.TimerHandle | None = None
+        self._lookup: asyncio.Future[list[AddrInfo]] | None = None
+        self._addresses: Iterator[AddrInfo] = iter(())
+        self._sock: socket.socket | None = None  # the attempt in progress
+        self._last: OSError | None = None
+
+    def start(self, host: str, port: int) -> None:
+        self._target = format_hostport(host, port)
+        self._timer = self._loop.call_later(self._timeout, self._on_timeout)
+        addresses = literal_addresses(host, port)
+        if addresses is not None:
+            self._addresses = iter(addresses)
+            self._try_next()
+        else:
+            self._lookup = self._resolver.lookup(host, port)
+            self._lookup.add_done_callback(self._on_resolved)
+
+    def cancel(self) -> None:
+        self._done = None
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._lookup is not None:
+            self._lookup.cancel()
+        if self._sock is not None:
+            self._loop.remove_writer(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def _on_resolved(self, lookup: asyncio.Future[list[AddrInfo]]) -> None:
+        self._lookup = None
+        if self._done is None or lookup.cancelled():
+            return
+        exc = lookup.exception()
+        if isinstance(exc, OSError):  # gaierror included
+            self._finish(None, classify(exc, self._target))
+        elif isinstance(exc, UnicodeError):  # a name IDNA cannot encode; parsers check first
+            self._finish(None, HostUnreachable(f"cannot resolve {self._target}: invalid name"))
+        elif exc is not None:
+            raise exc
+        else:
+            self._addresses = iter(lookup.result())
+            self._try_next()
+
+    def _try_next(self) -> None:
+        for family, addr in self._addresses:
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:  # e.g. no IPv6 on this host: try the next address
+                self._last = exc
+                continue
+            try:
+                sock.setblocking(False)
+                tune_socket(sock, self._buffers)
+                err = sock.connect_ex(addr)
+            except OSError as exc:
+                sock.close()
+                self._last = exc
+                continue
+            if err == 0:
+                self._finish(sock, None)
+                return
+            if err == errno.EINPROGRESS:
+                self._sock = sock
+                self._loop.add_writer(sock.fileno(), self._on_connected)
+                return
+            sock.close()
+            self._last = OSError(err, os.strerror(err))
+        if self._last is None:
+            self._finish(None, HostUnreachable(f"{self._target} has no address"))
+        else:
+            self._finish(None, classify(self._last, self._target))
+
+    def _on_connected(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._loop.remove_writer(sock.fileno())
+        self._sock = None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            self._finish(sock, None)
+            return
+        sock.close()
+        self._last = OSError(err, os.strerror(err))
+        self._try_next()
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        done = self._done
+        self.cancel()
+        if done is not None:
+            done(None, classify(TimeoutError(), self._target))
+
+    def _finish(self, sock: socket.socket | None, error: UpstreamError | None) -> None:
+        done = self._done
+        self.cancel()
+        if done is None:
+            if sock is not None:
+                sock.close()
+            return
+        done(sock, error)
