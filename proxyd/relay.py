@@ -17,6 +17,7 @@ import asyncio
 import fcntl
 import os
 import socket
+import weakref
 from collections.abc import Callable
 from typing import Final
 
@@ -51,14 +52,18 @@ class _Pump:
 
     def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
         self._loop = tunnel.loop
-        self._tunnel = tunnel
+        # A weak link back: no reference cycle, so a finished tunnel is freed at
+        # once rather than by a garbage-collection pass (pumps never outlive it).
+        self._tunnel = weakref.proxy(tunnel)
         self.src, self.src_fd = src, src.fileno()
         self.dst, self.dst_fd = dst, dst.fileno()
         self.size = size
+        self._buffer = _shared_buffer(size)
         self.head: memoryview | None = None  # bytes to send before anything read
         self.count = 0  # bytes the destination's socket accepted
         self.done = False
         self.stopped = False
+        self._watching: str | None = None  # "read" (the source), "write" (the destination)
         self._pending: memoryview | None = None
         self._pending_is_shared = False
 
@@ -66,7 +71,7 @@ class _Pump:
 
     def _read(self) -> int:
         """Take what the source has (0 at EOF); raises BlockingIOError when it has nothing."""
-        buffer = _shared_buffer(self.size)
+        buffer = self._buffer
         n = self.src.recv_into(buffer)
         self._pending = buffer[:n]
         self._pending_is_shared = True
@@ -98,15 +103,29 @@ class _Pump:
     def start(self, first: bytes = b"") -> None:
         if first:  # bytes the client sent with its request go out before anything else
             self.head = memoryview(first)
-            self._loop.add_writer(self.dst_fd, self._on_writable)
+            self._watch("write")
         else:
-            self._loop.add_reader(self.src_fd, self._on_readable)
+            self._watch("read")
 
     def stop(self) -> None:
         self.stopped = True
-        self._loop.remove_reader(self.src_fd)
-        self._loop.remove_writer(self.dst_fd)
+        self._watch(None)
         self.close()
+
+    def _watch(self, what: str | None) -> None:
+        """Wait for the source to be readable, the destination writable, or nothing.
+        Tracked here so that each change costs the loop one call, not a blind two."""
+        if what == self._watching:
+            return
+        if self._watching == "read":
+            self._loop.remove_reader(self.src_fd)
+        elif self._watching == "write":
+            self._loop.remove_writer(self.dst_fd)
+        if what == "read":
+            self._loop.add_reader(self.src_fd, self._on_readable)
+        elif what == "write":
+            self._loop.add_writer(self.dst_fd, self._on_writable)
+        self._watching = what
 
     def _flush(self) -> bool:
         """Write what is staged; True when everything went out."""
@@ -135,7 +154,7 @@ class _Pump:
                 self._tunnel.fail(exc)
                 return
             if n == 0:
-                self._loop.remove_reader(self.src_fd)
+                self._watch(None)
                 self._finish()
                 return
             self._tunnel.last_activity = self._loop.time()
@@ -145,8 +164,7 @@ class _Pump:
                 self._tunnel.fail(exc)
                 return
             if not flushed:
-                self._loop.remove_reader(self.src_fd)
-                self._loop.add_writer(self.dst_fd, self._on_writable)
+                self._watch("write")
                 return
         # Still readable after a full batch: continue on the next loop iteration
         # rather than rely on a readiness event uvloop may no longer deliver.
@@ -162,8 +180,7 @@ class _Pump:
             return
         self._tunnel.last_activity = self._loop.time()
         if flushed:
-            self._loop.remove_writer(self.dst_fd)
-            self._loop.add_reader(self.src_fd, self._on_readable)
+            self._watch("read")
 
     def _finish(self) -> None:
         """The source sent EOF and everything read has been written: half-close dst."""
@@ -308,6 +325,8 @@ class Tunnel:
     def stop(self) -> None:
         """Stop relaying now; `on_end` is not called."""
         self._on_end = None
+        if self._up.stopped:
+            return
         if self._timer is not None:
             self._timer.cancel()
         self._up.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import itertools
 import os
 import signal
@@ -77,6 +78,9 @@ class Server:
         except OSError:
             self._close_listeners()
             raise
+        # What exists now (modules, config) lives as long as the daemon: keep it out
+        # of every garbage-collection pass.
+        gc.freeze()
         for sock in self.listeners:
             loop.add_reader(sock.fileno(), self._on_acceptable, sock)
             host, port = sock.getsockname()[:2]

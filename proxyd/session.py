@@ -312,6 +312,9 @@ class Session:
                 **({"error": error} if error else {}),
             )
         self._on_close(self)
+        # Drop the links back to this session (handler, relay, connector callbacks):
+        # without cycles it is freed at once, not by a garbage collection pass.
+        self._handler = self._tunnel = self._connector = self._auth = None
 
 
 def _nothing() -> None:

@@ -301,6 +301,20 @@ def test_no_trailing_data() -> None:
     assert server.trailing_data == b""
 
 
+def test_established_only_once_and_only_for_connect() -> None:
+    server = established_server(connect(b"example.com:443"))
+    server.established()
+    with pytest.raises(LocalProtocolError):
+        server.established()
+    forward = HttpProxyServer()
+    forward.receive_data(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    assert isinstance(forward.next_event(), ForwardRequest)
+    with pytest.raises(LocalProtocolError):
+        forward.established()
+    with pytest.raises(LocalProtocolError):
+        HttpProxyServer().established()
+
+
 def test_trailing_data_only_once_established() -> None:
     server = HttpProxyServer()
     with pytest.raises(LocalProtocolError):
