@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from collections.abc import Iterable
 from typing import Any
@@ -855,7 +856,13 @@ def handshakes(draw: st.DrawFn) -> tuple[bytes, list[Any]]:
         address = draw(domains)
         wire = domain(address.encode())
     data += request(command, wire, port)
-    events.append(Request(command, str(address), port, kind))
+    # addresses read as inet_ntop writes them (RFC 5952: ::ffff:1.2.3.4 for mapped IPv4)
+    if isinstance(address, str):
+        host = address
+    else:
+        family = socket.AF_INET if kind is AddressType.IPV4 else socket.AF_INET6
+        host = socket.inet_ntop(family, address.packed)
+    events.append(Request(command, host, port, kind))
     return data, events
 
 
