@@ -251,6 +251,7 @@ class Session:
         assert remote is not None and self._handler is not None
         self._remote = remote
         first_up = self._handler.established(remote.getsockname()[:2])
+        self._handler = None  # the handshake is over: an idle tunnel keeps no parser
         cfg = self.ctx.config
         self._tunnel = Tunnel(
             self.sock,
