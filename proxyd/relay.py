@@ -50,6 +50,24 @@ def _shared_buffer(size: int) -> memoryview:
 class _Pump:
     """One direction, src -> dst, through the shared buffer."""
 
+    __slots__ = (
+        "_buffer",
+        "_loop",
+        "_pending",
+        "_pending_is_shared",
+        "_tunnel",
+        "_watching",
+        "count",
+        "done",
+        "dst",
+        "dst_fd",
+        "head",
+        "size",
+        "src",
+        "src_fd",
+        "stopped",
+    )
+
     def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
         self._loop = tunnel.loop
         # A weak link back: no reference cycle, so a finished tunnel is freed at
@@ -209,6 +227,8 @@ class _SplicePump(_Pump):
     pipe can be had (out of descriptors) a chunk is copied too.
     """
 
+    __slots__ = ("_bulk", "_in_pipe", "_pipe_r", "_pipe_w")
+
     def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
         super().__init__(tunnel, src, dst, size)
         self._bulk = False
@@ -281,6 +301,19 @@ class Tunnel:
     then say how. `stop()` ends it from outside without the call. The counters
     can be read at any time. The caller owns and closes both sockets.
     """
+
+    __slots__ = (
+        "__weakref__",
+        "_down",
+        "_on_end",
+        "_timer",
+        "_up",
+        "error",
+        "idle",
+        "last_activity",
+        "loop",
+        "status",
+    )
 
     def __init__(
         self,

@@ -84,6 +84,30 @@ class Session:
     password derivation, slow and rare, runs as a task.
     """
 
+    __slots__ = (
+        "_auth",
+        "_connector",
+        "_handler",
+        "_on_close",
+        "_reading",
+        "_remote",
+        "_timer",
+        "_tunnel",
+        "client",
+        "command",
+        "conn_id",
+        "ctx",
+        "fd",
+        "loop",
+        "over_limit",
+        "phase",
+        "protocol",
+        "sock",
+        "started",
+        "target",
+        "user",
+    )
+
     def __init__(
         self,
         ctx: Context,
@@ -323,6 +347,7 @@ def _nothing() -> None:
 
 
 class Socks5Handler:
+    __slots__ = ("parser", "session")
     protocol = "socks5"
 
     def __init__(self, session: Session) -> None:
@@ -383,6 +408,7 @@ class Socks5Handler:
 
 
 class HttpHandler:
+    __slots__ = ("parser", "session")
     protocol = "http"
 
     def __init__(self, session: Session) -> None:

@@ -102,6 +102,20 @@ class Connector:
     `cancel()` comes first; the socket then belongs to the caller.
     """
 
+    __slots__ = (
+        "_addresses",
+        "_buffers",
+        "_done",
+        "_last",
+        "_lookup",
+        "_loop",
+        "_resolver",
+        "_sock",
+        "_target",
+        "_timeout",
+        "_timer",
+    )
+
     def __init__(
         self, resolver: Resolver, buffers: BuffersConfig, timeout: float, done: ConnectDone
     ) -> None:
