@@ -178,7 +178,7 @@ class Session:
         if self.over_limit or auth.cached(credentials):
             then()
             return
-        self.phase = Phase.AUTH
+        self._enter(Phase.AUTH)
         self._auth = self.loop.create_task(auth.verify(credentials))
         self._auth.add_done_callback(lambda task: self._step(self._on_verified, task, then))
 
@@ -186,11 +186,10 @@ class Session:
         """The handshake is complete: connect to the target, then relay."""
         if self._timer is not None:
             self._timer.cancel()
-        if self.over_limit:
-            cfg = self.ctx.config
-            raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
-        self.phase = Phase.CONNECT
         cfg = self.ctx.config
+        if self.over_limit:
+            raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
+        self._enter(Phase.CONNECT)
         self._connector = upstream.Connector(
             self.ctx.resolver,
             cfg.buffers,
@@ -213,14 +212,21 @@ class Session:
             self.ctx.log.exception("session_error", conn_id=self.conn_id)
             self._end("error", f"internal error: {type(exc).__name__}")
         else:
-            # read while (and only while) the handshake waits for the client
-            wanted = self.phase is Phase.HANDSHAKE
-            if wanted != self._reading:
-                if wanted:
-                    self.loop.add_reader(self.fd, self._on_readable)
-                else:
-                    self.loop.remove_reader(self.fd)
-                self._reading = wanted
+            self._watch_client(self.phase is Phase.HANDSHAKE)
+
+    def _enter(self, phase: Phase) -> None:
+        self.phase = phase
+        self._watch_client(phase is Phase.HANDSHAKE)
+
+    def _watch_client(self, wanted: bool) -> None:
+        """Read the client while (and only while) the handshake waits for it; changed
+        at once, as a step may already have handed the socket to the relay."""
+        if wanted != self._reading:
+            if wanted:
+                self.loop.add_reader(self.fd, self._on_readable)
+            else:
+                self.loop.remove_reader(self.fd)
+            self._reading = wanted
 
     def _on_readable(self) -> None:
         try:
@@ -260,7 +266,7 @@ class Session:
             return  # the session ended first
         if not task.result():  # OverLimit (too many checks in flight) raises here
             raise AuthFailed("wrong user name or password")
-        self.phase = Phase.HANDSHAKE
+        self._enter(Phase.HANDSHAKE)
         then()
 
     def _on_handshake_timeout(self) -> None:
@@ -285,7 +291,7 @@ class Session:
             splice=cfg.buffers.splice,
             on_end=self._on_tunnel_end,
         )
-        self.phase = Phase.RELAY
+        self._enter(Phase.RELAY)
         self._tunnel.start(first_up)
 
     def _on_tunnel_end(self) -> None:

@@ -187,8 +187,15 @@ class Connector:
                 self._finish(sock, None)
                 return
             if err == errno.EINPROGRESS:
-                self._sock = sock
-                self._loop.add_writer(sock.fileno(), self._on_connected)
+                try:
+                    # a near target (loopback, the same host) has often answered
+                    # within the call: then skip a round through the loop
+                    sock.getpeername()
+                except OSError:
+                    self._sock = sock
+                    self._loop.add_writer(sock.fileno(), self._on_connected)
+                    return
+                self._finish(sock, None)
                 return
             sock.close()
             self._last = OSError(err, os.strerror(err))
