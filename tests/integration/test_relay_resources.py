@@ -153,6 +153,23 @@ def test_splice_relay_uses_pipes_and_reuses_them(start_daemon, tcp_server, relay
         assert pipes_of(pid) - before == first_extra
 
 
+def test_short_exchanges_are_copied_without_a_pipe(start_daemon, tcp_server, relay_kind):
+    """A request and its answer, smaller than one read, go through the shared buffer:
+    the splice relay takes a pipe only once a read fills the buffer (bulk data)."""
+    daemon = start_daemon(relay_kind)
+    pid = daemon.proc.pid
+    before = pipes_of(pid)
+    server = tcp_server()
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+    with sock:
+        assert rep == 0
+        for size in (1, 100, 4000):
+            sock.sendall(b"s" * size)
+            assert recv_exact(sock, size) == b"s" * size
+            assert pipes_of(pid) == before
+    assert daemon.access(lambda e: e["conn_id"] == 1)["bytes_up"] == 4101
+
+
 def test_idle_tunnels_after_traffic_hold_no_pipes(start_daemon, tcp_server, relay_kind):
     """Pipes are held only while bytes sit in them: ten quiet tunnels cost sockets only."""
     daemon = start_daemon(relay_kind)
