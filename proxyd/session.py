@@ -27,6 +27,7 @@ from proxyd.errors import (
     SessionError,
     Unsupported,
 )
+from proxyd.forward import Forwarder
 from proxyd.log import access
 from proxyd.protocols import http as http_proto
 from proxyd.protocols import socks5
@@ -73,6 +74,7 @@ class Phase(enum.Enum):
     AUTH = enum.auto()  # a password derivation is running
     CONNECT = enum.auto()  # reaching the target
     RELAY = enum.auto()
+    FORWARD = enum.auto()  # plain HTTP requests, served by a task
     DONE = enum.auto()
 
 
@@ -91,6 +93,7 @@ class Session:
         "_on_close",
         "_reading",
         "_remote",
+        "_task",
         "_timer",
         "_tunnel",
         "client",
@@ -136,6 +139,7 @@ class Session:
         self._reading = False
         self._timer: asyncio.TimerHandle | None = None
         self._auth: asyncio.Task[bool] | None = None
+        self._task: asyncio.Task[None] | None = None
         self._connector: upstream.Connector | None = None
         self._remote: socket.socket | None = None
         self._tunnel: Tunnel | None = None
@@ -149,7 +153,10 @@ class Session:
 
     def abort(self) -> None:
         """End now (the daemon is stopping)."""
-        self._end("shutdown", None)
+        if self._task is not None:
+            self._task.cancel()  # it ends the session once it has stopped using the sockets
+        else:
+            self._end("shutdown", None)
 
     # -- what handlers call ---------------------------------------------------------
 
@@ -181,6 +188,18 @@ class Session:
         self._enter(Phase.AUTH)
         self._auth = self.loop.create_task(auth.verify(credentials))
         self._auth.add_done_callback(lambda task: self._step(self._on_verified, task, then))
+
+    def forward(self, parser: http_proto.HttpProxyServer) -> None:
+        """A plain HTTP request: from now on a task forwards this connection's requests,
+        each of which writes its own access line."""
+        if self._timer is not None:
+            self._timer.cancel()
+        cfg = self.ctx.config
+        if self.over_limit:
+            raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
+        self._enter(Phase.FORWARD)
+        self._task = self.loop.create_task(Forwarder(self, parser).run(parser.request))
+        self._task.add_done_callback(self._on_forward_done)
 
     def open(self, host: str, port: int) -> None:
         """The handshake is complete: connect to the target, then relay."""
@@ -294,6 +313,15 @@ class Session:
         self._enter(Phase.RELAY)
         self._tunnel.start(first_up)
 
+    def _on_forward_done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.ctx.log.error(
+                "session_error", conn_id=self.conn_id, error=f"{type(exc).__name__}: {exc}"
+            )
+        self._end("ok", None, logged=True)
+
     def _on_tunnel_end(self) -> None:
         assert self._tunnel is not None
         self._end(self._tunnel.status, self._tunnel.error)
@@ -308,8 +336,9 @@ class Session:
                 self.sock.send(answer)
         self._end(error.status, str(error))
 
-    def _end(self, status: str, error: str | None) -> None:
-        """Release everything and write the access line; once."""
+    def _end(self, status: str, error: str | None, *, logged: bool = False) -> None:
+        """Release everything and write the access line (unless the requests of a
+        forwarding connection wrote theirs); once."""
         if self.phase is Phase.DONE:
             return
         self.phase = Phase.DONE
@@ -328,7 +357,7 @@ class Session:
         self.sock.close()
         if self._remote is not None:
             self._remote.close()
-        if self.ctx.config.log.access:
+        if self.ctx.config.log.access and not logged:
             access(
                 conn_id=self.conn_id,
                 client=self.client,
@@ -345,7 +374,7 @@ class Session:
         self._on_close(self)
         # Drop the links back to this session (handler, relay, connector callbacks):
         # without cycles it is freed at once, not by a garbage collection pass.
-        self._handler = self._tunnel = self._connector = self._auth = None
+        self._handler = self._tunnel = self._connector = self._auth = self._task = None
 
 
 def _nothing() -> None:
@@ -438,14 +467,8 @@ class HttpHandler:
             return
         session.command = event.method
         origin = http_proto.absolute_origin(event.target)
-        if origin is not None:
-            session.target = format_hostport(*origin)
-        session.check_credentials(event.credentials, self._forward)
-
-    def _forward(self) -> None:
-        if self.session.target is not None:
-            raise Unsupported("plain HTTP forwarding is not supported yet; use CONNECT")
-        raise ProtocolError("this is a proxy: send CONNECT host:port")
+        session.target = format_hostport(*origin) if origin is not None else None
+        session.forward(self.parser)  # it checks credentials, and reads bodies, itself
 
     def established(self, bound: tuple[str, int]) -> bytes:
         self.session.send(self.parser.established())

@@ -126,6 +126,18 @@ class HttpProxyServer:
     def receive_data(self, data: bytes) -> None:
         self._conn.receive_data(data)
 
+    @property
+    def connection(self) -> h11.Connection:
+        """The h11 server state, for forwarding the request's body and those after it."""
+        return self._conn
+
+    @property
+    def request(self) -> h11.Request:
+        """The request head `next_event` reported."""
+        if self._request is None:
+            raise LocalProtocolError("no request has been read yet")
+        return self._request
+
     def next_event(self) -> Event:
         try:
             event = self._next_h11_event()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, closed_port
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -105,15 +105,17 @@ def test_bad_names_refused_cleanly(start_daemon):
 
 def test_forward_request_logged_as_host_port(start_daemon):
     daemon = start_daemon()
+    port = closed_port()
     with socket.create_connection(daemon.address, timeout=5) as sock:
         sock.sendall(
-            b"GET http://u:pw@example.test/login?session=SECRET HTTP/1.1\r\n"
-            b"Host: example.test\r\n\r\n"
+            f"GET http://u:pw@127.0.0.1:{port}/login?session=SECRET HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\n\r\n".encode()
         )
-        assert sock.recv(4096).startswith(b"HTTP/1.1 501 ")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 502 ")
     line = daemon.access()
-    assert (line["command"], line["target"]) == ("GET", "example.test:80")
+    assert (line["command"], line["target"]) == ("GET", f"127.0.0.1:{port}")
     assert "SECRET" not in daemon.output()
+    assert "pw@" not in daemon.output()
 
 
 def test_sigterm_with_stdout_gone(tmp_path):

@@ -1,0 +1,408 @@
+"""Plain HTTP forwarding: absolute-form requests (`GET http://host/path`) sent on to
+their origin, with h11 on both sides.
+
+A client connection that sends such a request gets one task for as long as it
+keeps the connection alive (unlike a tunnel, where the task would cost more than
+the bytes). Bodies stream both ways chunk by chunk, never held whole; the
+upstream connection is kept for the client's next request to the same origin;
+hop-by-hop headers are dropped and `Via` added. Every request gets its own
+access line, under the connection's `conn_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+import urllib.parse
+from typing import TYPE_CHECKING, Final
+
+import h11
+
+from proxyd import upstream
+from proxyd.errors import (
+    AuthFailed,
+    ProtocolError,
+    SessionError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from proxyd.log import access
+from proxyd.protocols.common import format_hostport
+from proxyd.protocols.http import absolute_origin, parse_basic_credentials
+
+if TYPE_CHECKING:
+    from proxyd.protocols.http import HttpProxyServer
+    from proxyd.session import Session
+
+READ_SIZE: Final = 65536
+VIA: Final = b"1.1 proxyd"
+# How long to wait for an origin's "100 Continue" before sending the body anyway
+# (an HTTP/1.0 origin never answers one), as curl does.
+CONTINUE_WAIT: Final = 1.0
+# RFC 9110 section 7.6.1, plus the proxy's own credentials. Transfer-Encoding is
+# hop-by-hop as well, but h11 frames each side's body itself from it.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+PAC_PATH: Final = "/proxy.pac"
+
+
+class UpstreamBroken(SessionError):
+    """The origin closed or broke the connection mid-response: the client is cut off."""
+
+    status = "upstream_closed"
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers without the hop-by-hop ones, including those `Connection` names."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
+
+
+def pac_file(address: str) -> bytes:
+    """A proxy auto-config file pointing browsers at this listener."""
+    return (f'function FindProxyForURL(url, host) {{\n  return "PROXY {address}";\n}}\n').encode()
+
+
+class _Origin:
+    """One upstream connection and its h11 client state."""
+
+    def __init__(self, key: tuple[str, int], sock: socket.socket) -> None:
+        self.key = key
+        self.sock = sock
+        self.conn = h11.Connection(h11.CLIENT)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Forwarder:
+    """The requests of one client connection, one after another (HTTP/1.1 has no
+    interleaving), each sent on to its origin and answered from it."""
+
+    def __init__(self, session: Session, parser: HttpProxyServer) -> None:
+        self.session = session
+        self.loop = asyncio.get_running_loop()
+        self.sock = session.sock
+        self.client = parser.connection
+        self.parser = parser
+        self.origin: _Origin | None = None
+        cfg = session.ctx.config
+        self.idle = cfg.timeouts.idle
+        # per request, for its access line
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    async def run(self, request: h11.Request) -> None:
+        """Serve requests until the client or an answer ends the connection."""
+        try:
+            while await self._exchange(request):
+                self.client.start_next_cycle()
+                try:
+                    next_request = await self._next_request()
+                except ProtocolError as exc:
+                    self._send_client(self.parser.error_response(exc.http_status, str(exc)))
+                    self._log(exc.status, str(exc), time.monotonic())
+                    return
+                except (SessionError, OSError):
+                    return  # idle past timeouts.idle, or gone, between requests: just close
+                if next_request is None:
+                    return
+                request = next_request
+        finally:
+            if self.origin is not None:
+                self.origin.close()
+
+    # -- one request and its answer -------------------------------------------------
+
+    async def _exchange(self, request: h11.Request) -> bool:
+        """Forward one request; True when the client connection can carry another."""
+        session = self.session
+        started = time.monotonic()
+        self.bytes_up = self.bytes_down = 0
+        method = request.method.decode("ascii")
+        target = request.target.decode("ascii", "replace")
+        session.command = method
+        session.target = None
+        status, error = "ok", None
+        try:
+            origin = absolute_origin(target)
+            if origin is None:
+                await self._answer_local(method, target)
+                return self._reusable()
+            session.target = format_hostport(*origin)
+            if target[:8].lower() == "https://":
+                raise ProtocolError("https:// requests go through CONNECT", http_status=400)
+            await self._check_credentials(request)
+            await self._forward(request, origin, target)
+        except SessionError as exc:
+            status, error = exc.status, str(exc)
+            if self.client.our_state is h11.SEND_RESPONSE:
+                self._send_client(self.parser.error_response(exc.http_status, str(exc)))
+            return False
+        except OSError as exc:  # the client's socket
+            status, error = "client_closed", exc.strerror or type(exc).__name__
+            return False
+        except asyncio.CancelledError:
+            status = "shutdown"
+            raise
+        finally:
+            self._log(status, error, started)
+        return self._reusable()
+
+    def _reusable(self) -> bool:
+        return self.client.our_state is h11.DONE and self.client.their_state is h11.DONE
+
+    async def _check_credentials(self, request: h11.Request) -> None:
+        """Every request carries its own Proxy-Authorization (a browser repeats it)."""
+        auth = self.session.ctx.auth
+        if not auth.required:
+            return
+        values = [v for k, v in request.headers if k == b"proxy-authorization"]
+        credentials = parse_basic_credentials(values[0]) if len(values) == 1 else None
+        if credentials is None:
+            raise AuthFailed("credentials required")
+        self.session.user = credentials.username
+        if not auth.cached(credentials) and not await auth.verify(credentials):
+            raise AuthFailed("wrong user name or password")
+
+    async def _forward(self, request: h11.Request, key: tuple[str, int], target: str) -> None:
+        origin = await self._origin_for(key)
+        parts = urllib.parse.urlsplit(target)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = format_hostport(*key) if key[1] != 80 else key[0]
+        headers = [(b"host", host.encode("idna"))]
+        headers += [(n, v) for n, v in end_to_end(list(request.headers)) if n != b"host"]
+        headers.append((b"via", VIA))
+        expects_continue = any(
+            n == b"expect" and v.lower() == b"100-continue" for n, v in request.headers
+        )
+        self._send_origin(
+            origin, h11.Request(method=request.method, target=path.encode(), headers=headers)
+        )
+        early: h11.Response | None = None
+        if expects_continue:
+            early = await self._await_continue(origin)
+        if early is None:
+            await self._send_body(origin)
+        await self._relay_response(origin, early)
+
+    async def _await_continue(self, origin: _Origin) -> h11.Response | None:
+        """Wait briefly for the origin's 100 (passed on); a final answer instead is returned."""
+        try:
+            async with asyncio.timeout(CONTINUE_WAIT):
+                event = await self._origin_event(origin)
+        except TimeoutError:
+            return None
+        if isinstance(event, h11.InformationalResponse):
+            self._send_client_event(event)
+            return None
+        assert isinstance(event, h11.Response)
+        return event
+
+    async def _send_body(self, origin: _Origin) -> None:
+        while True:
+            event = await self._client_event()
+            if isinstance(event, h11.Data):
+                self.bytes_up += len(event.data)
+                await self._sendall(origin.sock, origin.conn.send(event) or b"")
+            elif isinstance(event, h11.EndOfMessage):
+                await self._sendall(origin.sock, origin.conn.send(h11.EndOfMessage()) or b"")
+                return
+            else:
+                raise ProtocolError("connection closed in the middle of a request body")
+
+    async def _relay_response(self, origin: _Origin, head: h11.Response | None) -> None:
+        event: h11.Event | type[h11.NEED_DATA] = head if head is not None else h11.NEED_DATA
+        while True:
+            if event is h11.NEED_DATA:
+                event = await self._origin_event(origin)
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101:
+                    raise UpstreamBroken("the origin switched protocols; not supported")
+                self._send_client_event(event)
+            elif isinstance(event, h11.Response):
+                headers = [*end_to_end(list(event.headers)), (b"via", VIA)]
+                await self._client_send(
+                    h11.Response(
+                        status_code=event.status_code, headers=headers, reason=event.reason
+                    )
+                )
+            elif isinstance(event, h11.Data):
+                self.bytes_down += len(event.data)
+                await self._client_send(event)
+            elif isinstance(event, h11.EndOfMessage):
+                await self._client_send(h11.EndOfMessage())
+                self._keep_or_drop(origin)
+                return
+            event = h11.NEED_DATA
+
+    def _keep_or_drop(self, origin: _Origin) -> None:
+        """Keep the origin connection for the next request when both sides allow it."""
+        conn = origin.conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:
+            origin.close()
+            self.origin = None
+
+    async def _answer_local(self, method: str, target: str) -> None:
+        """A request in origin form is for the proxy itself: the PAC file, or 400."""
+        if method in ("GET", "HEAD") and urllib.parse.urlsplit(target).path == PAC_PATH:
+            # read the (empty) rest of the request, so the connection can carry another
+            if not isinstance(await self._client_event(), h11.EndOfMessage):
+                raise ProtocolError("a request for the PAC file has no body")
+            host, port = self.sock.getsockname()[:2]
+            body = pac_file(format_hostport(host, port))
+            self.session.target = None
+            headers = [
+                (b"content-type", b"application/x-ns-proxy-autoconfig"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            data = self.client.send(h11.Response(status_code=200, headers=headers))
+            if method == "GET":
+                data = (data or b"") + (self.client.send(h11.Data(data=body)) or b"")
+            data = (data or b"") + (self.client.send(h11.EndOfMessage()) or b"")
+            self._send_client(data)
+            self.bytes_down = len(body) if method == "GET" else 0
+            return
+        raise ProtocolError(
+            "this is a proxy: send absolute-form requests (http://host/path) or CONNECT"
+        )
+
+    # -- connections ------------------------------------------------------------------
+
+    async def _origin_for(self, key: tuple[str, int]) -> _Origin:
+        if self.origin is not None:
+            if self.origin.key == key and self.origin.conn.our_state is h11.IDLE:
+                return self.origin
+            self.origin.close()
+            self.origin = None
+        cfg = self.session.ctx.config
+        done: asyncio.Future[socket.socket] = self.loop.create_future()
+
+        def connected(sock: socket.socket | None, error: UpstreamError | None) -> None:
+            if error is not None:
+                done.set_exception(error)
+            else:
+                assert sock is not None
+                done.set_result(sock)
+
+        connector = upstream.Connector(
+            self.session.ctx.resolver, cfg.buffers, cfg.timeouts.connect, connected
+        )
+        connector.start(*key)
+        try:
+            sock = await done
+        except asyncio.CancelledError:
+            connector.cancel()
+            if done.done() and not done.cancelled() and done.exception() is None:
+                done.result().close()
+            raise
+        self.origin = _Origin(key, sock)
+        return self.origin
+
+    async def _next_request(self) -> h11.Request | None:
+        """The client's next request on this connection, or None once it closes."""
+        event = await self._client_event()
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        if not isinstance(event, h11.Request):
+            raise ProtocolError("expected a request")
+        return event
+
+    async def _client_event(self) -> h11.Event:
+        conn = self.client
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ProtocolError("malformed HTTP request", http_status=400) from exc
+            if event is not h11.NEED_DATA:
+                assert isinstance(event, h11.Event)
+                return event
+            conn.receive_data(await self._recv(self.sock, "the client"))
+
+    async def _origin_event(self, origin: _Origin) -> h11.Event:
+        conn = origin.conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamBroken("malformed response from the origin") from exc
+            if isinstance(event, h11.ConnectionClosed):
+                raise UpstreamBroken("the origin closed the connection")
+            if event is not h11.NEED_DATA:
+                assert isinstance(event, h11.Event)
+                return event
+            try:
+                data = await self._recv(origin.sock, "the origin")
+            except OSError as exc:
+                raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
+            conn.receive_data(data)
+
+    async def _recv(self, sock: socket.socket, who: str) -> bytes:
+        try:
+            async with asyncio.timeout(self.idle):
+                return await self.loop.sock_recv(sock, READ_SIZE)
+        except TimeoutError:
+            raise UpstreamTimeout(f"{who} sent nothing for {self.idle:g} s") from None
+
+    async def _sendall(self, sock: socket.socket, data: bytes) -> None:
+        if data:
+            await self.loop.sock_sendall(sock, data)
+
+    def _send_origin(self, origin: _Origin, event: h11.Event) -> None:
+        data = origin.conn.send(event) or b""
+        # a request head is small and the connection idle: it fits the socket buffer
+        try:
+            sent = origin.sock.send(data)
+        except OSError as exc:
+            raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
+        if sent < len(data):
+            raise UpstreamBroken("the origin does not read requests")
+
+    async def _client_send(self, event: h11.Event) -> None:
+        await self._sendall(self.sock, self.client.send(event) or b"")
+
+    def _send_client_event(self, event: h11.Event) -> None:
+        self._send_client(self.client.send(event) or b"")
+
+    def _send_client(self, data: bytes) -> None:
+        """A short answer (error page, 100 Continue, PAC file) into an idle socket."""
+        with contextlib.suppress(OSError):
+            self.sock.send(data)
+
+    def _log(self, status: str, error: str | None, started: float) -> None:
+        session = self.session
+        if not session.ctx.config.log.access:
+            return
+        access(
+            conn_id=session.conn_id,
+            client=session.client,
+            user=session.user,
+            protocol="http",
+            command=session.command,
+            target=session.target,
+            status=status,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            **({"error": error} if error else {}),
+        )

@@ -1,0 +1,364 @@
+"""Plain HTTP forwarding (absolute-form requests) against a real origin on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import http.server
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from conftest import PASSWORD, USER, closed_port
+
+
+class _OriginHandler(http.server.BaseHTTPRequestHandler):
+    """An HTTP/1.1 origin (keep-alive, 100-continue) that reports what it received."""
+
+    protocol_version = "HTTP/1.1"
+    server: RecordingOrigin
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            data = b""
+            while size := int(self.rfile.readline().strip(), 16):
+                data += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return data
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if status not in (204, 304):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and status not in (204, 304):
+            self.wfile.write(body)
+
+    def _report(self) -> None:
+        body = self._body()
+        report = {
+            "method": self.command,
+            "path": self.path,
+            "headers": [[k.lower(), v] for k, v in self.headers.items()],
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "body_length": len(body),
+        }
+        self.server.requests.append(report)
+        extra = {"Connection": "X-Hop", "X-Hop": "private", "Keep-Alive": "timeout=5"}
+        self._reply(200, json.dumps(report).encode(), extra)
+
+    def do_GET(self) -> None:
+        if self.path == "/big":
+            self._reply(200, self.server.big)
+        elif self.path == "/204":
+            self._reply(204, b"")
+        elif self.path == "/304":
+            self._reply(304, b"")
+        elif self.path == "/cut":
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"x" * 1000)
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+        else:
+            self._report()
+
+    do_POST = do_PUT = do_DELETE = _report
+
+    def do_HEAD(self) -> None:
+        self._reply(200, b"y" * 5000)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class RecordingOrigin(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _OriginHandler)
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.requests: list[dict[str, Any]] = []
+        self.big = os.urandom(3 * 1024 * 1024)
+        self.port = self.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def web() -> Iterator[RecordingOrigin]:
+    server = RecordingOrigin()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def via(daemon) -> http.client.HTTPConnection:
+    """A keep-alive client connection to the proxy (absolute-form targets are passed as is)."""
+    return http.client.HTTPConnection(*daemon.address, timeout=10)
+
+
+def access_lines(daemon, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The first `count` access lines, waiting for them to be written."""
+    deadline = time.monotonic() + timeout
+    while len(lines := daemon.access_events()) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(lines) >= count, lines
+    return lines[:count]
+
+
+def test_curl_get_through_the_proxy(start_daemon, web):
+    daemon = start_daemon()
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-x",
+            f"http://{daemon.address[0]}:{daemon.address[1]}",
+            "-o",
+            "-",
+            f"{web.base}/big",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert hashlib.sha256(out).digest() == hashlib.sha256(web.big).digest()
+    line = daemon.access()
+    assert line["protocol"] == "http"
+    assert (line["command"], line["target"]) == ("GET", f"127.0.0.1:{web.port}")
+    assert (line["status"], line["bytes_down"]) == ("ok", len(web.big))
+
+
+def test_keep_alive_reuses_one_upstream_connection_and_logs_each_request(start_daemon, web):
+    daemon = start_daemon()
+    conn = via(daemon)
+    for path in ("/a", "/b?x=1", "/c"):
+        conn.request("GET", web.base + path)
+        response = conn.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read())["path"] == path  # sent on in origin form
+    conn.close()
+    assert web.connections == 1
+    lines = access_lines(daemon, 3)
+    assert [(e["conn_id"], e["status"]) for e in lines] == [(1, "ok")] * 3
+
+
+def test_a_new_origin_on_the_same_connection_gets_its_own_upstream(start_daemon, web):
+    other = RecordingOrigin()
+    try:
+        daemon = start_daemon()
+        conn = via(daemon)
+        for base in (web.base, other.base, web.base):
+            conn.request("GET", base + "/x")
+            response = conn.getresponse()
+            assert response.status == 200
+            response.read()
+        assert (len(web.requests), len(other.requests)) == (2, 1)
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
+def test_hop_by_hop_headers_stay_on_their_hop(start_daemon, web):
+    daemon = start_daemon()
+    conn = via(daemon)
+    conn.putrequest("GET", web.base + "/h", skip_host=True)
+    for name, value in [
+        ("Host", f"127.0.0.1:{web.port}"),
+        ("Connection", "keep-alive, X-Secret"),
+        ("X-Secret", "hop"),
+        ("Proxy-Connection", "keep-alive"),
+        ("Keep-Alive", "timeout=5"),
+        ("TE", "trailers"),
+        ("Upgrade", "websocket"),
+        ("X-End-To-End", "kept"),
+    ]:
+        conn.putheader(name, value)
+    conn.endheaders()
+    response = conn.getresponse()
+    seen = dict(json.loads(response.read())["headers"])
+    for name in ("connection", "x-secret", "proxy-connection", "keep-alive", "te", "upgrade"):
+        assert name not in seen, name
+    assert seen["x-end-to-end"] == "kept"
+    assert seen["via"] == "1.1 proxyd"
+    assert seen["host"] == f"127.0.0.1:{web.port}"
+    # and on the way back: the origin's Connection-named and Keep-Alive headers are dropped
+    assert response.getheader("X-Hop") is None
+    assert response.getheader("Keep-Alive") is None
+    assert response.getheader("Via") == "1.1 proxyd"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_request_bodies_stream_to_the_origin(start_daemon, web, chunked):
+    daemon = start_daemon()
+    body = os.urandom(2 * 1024 * 1024 + 7)
+    conn = via(daemon)
+    if chunked:
+        pieces = (body[i : i + 100_000] for i in range(0, len(body), 100_000))
+        conn.request("POST", web.base + "/upload", body=pieces, encode_chunked=True)
+    else:
+        conn.request("POST", web.base + "/upload", body=body)
+    report = json.loads(conn.getresponse().read())
+    assert report["body_sha256"] == hashlib.sha256(body).hexdigest()
+    line = daemon.access()
+    assert (line["command"], line["bytes_up"]) == ("POST", len(body))
+
+
+def test_expect_100_continue_with_curl(start_daemon, web, tmp_path):
+    daemon = start_daemon()
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(300_000))
+    proxy = f"http://{daemon.address[0]}:{daemon.address[1]}"
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-v",
+            "--max-time",
+            "10",
+            "-x",
+            proxy,
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            f"@{payload}",
+            f"{web.base}/upload",
+        ],
+        capture_output=True,
+        check=True,
+    )
+    assert b"HTTP/1.1 100 Continue" in out.stderr
+    report = json.loads(out.stdout)
+    assert report["body_sha256"] == hashlib.sha256(payload.read_bytes()).hexdigest()
+
+
+def test_head_204_304_have_no_body_and_keep_the_connection(start_daemon, web):
+    daemon = start_daemon()
+    conn = via(daemon)
+    for method, path, status in [
+        ("HEAD", "/head", 200),
+        ("GET", "/204", 204),
+        ("GET", "/304", 304),
+        ("GET", "/after", 200),
+    ]:
+        conn.request(method, web.base + path)
+        response = conn.getresponse()
+        assert response.status == status
+        body = response.read()
+        assert body == b"" if path != "/after" else json.loads(body)["path"] == "/after"
+    assert web.connections == 1
+
+
+def test_upstream_refused_is_502(start_daemon):
+    daemon = start_daemon()
+    conn = via(daemon)
+    conn.request("GET", f"http://127.0.0.1:{closed_port()}/")
+    response = conn.getresponse()
+    assert response.status == 502
+    assert daemon.access()["status"] == "refused"
+
+
+def test_origin_cut_off_mid_response_closes_the_client(start_daemon, web):
+    daemon = start_daemon()
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(f"GET {web.base}/cut HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert len(data.partition(b"\r\n\r\n")[2]) == 1000  # what the origin sent, then EOF
+    assert daemon.access()["status"] == "upstream_closed"
+
+
+def test_auth_is_asked_for_and_not_passed_on(start_daemon, web, users_file):
+    daemon = start_daemon(f'[auth]\nusers_file = "{users_file}"\n')
+    conn = via(daemon)
+    conn.request("GET", web.base + "/secret")
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 407
+    assert response.getheader("Proxy-Authenticate") == 'Basic realm="proxyd"'
+    proxy = f"http://{daemon.address[0]}:{daemon.address[1]}"
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-x",
+            proxy,
+            "-U",
+            f"{USER}:{PASSWORD}",
+            f"{web.base}/secret",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    seen = dict(json.loads(out)["headers"])
+    assert "proxy-authorization" not in seen
+    assert daemon.access(lambda e: e["status"] == "ok")["user"] == USER
+    assert PASSWORD not in daemon.output()
+
+
+def test_pac_file_points_at_the_listener(start_daemon):
+    daemon = start_daemon()
+    host, port = daemon.address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", "/proxy.pac")
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.getheader("Content-Type") == "application/x-ns-proxy-autoconfig"
+    body = response.read().decode()
+    assert "function FindProxyForURL(url, host)" in body
+    assert f'"PROXY {host}:{port}"' in body
+    conn.request("GET", "/index.html")
+    response = conn.getresponse()
+    assert response.status == 400
+    response.read()
+
+
+def test_origin_that_never_answers_the_connect_is_504(start_daemon):
+    """An origin whose accept queue is full never completes the handshake."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):  # fill the accept queue: the kernel then drops further SYNs
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.2)
+        daemon = start_daemon("[timeouts]\nconnect = 1\n")
+        conn = via(daemon)
+        conn.request("GET", f"http://127.0.0.1:{port}/")
+        response = conn.getresponse()
+        assert response.status == 504
+        assert daemon.access()["status"] == "timeout"
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
