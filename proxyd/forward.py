@@ -186,16 +186,16 @@ class Forwarder:
         origin = await self._origin_for(key)
         parts = urllib.parse.urlsplit(target)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = format_hostport(*key) if key[1] != 80 else key[0]
-        headers = [(b"host", host.encode("idna"))]
+        name = f"[{key[0]}]" if ":" in key[0] else key[0]
+        host = name if key[1] == 80 else f"{name}:{key[1]}"
+        headers = [(b"host", host.encode("ascii") if host.isascii() else host.encode("idna"))]
         headers += [(n, v) for n, v in end_to_end(list(request.headers)) if n != b"host"]
         headers.append((b"via", VIA))
         expects_continue = any(
             n == b"expect" and v.lower() == b"100-continue" for n, v in request.headers
         )
-        self._send_origin(
-            origin, h11.Request(method=request.method, target=path.encode(), headers=headers)
-        )
+        head = h11.Request(method=request.method, target=path.encode(), headers=headers)
+        await self._origin_send(origin, origin.conn.send(head) or b"")
         early: h11.Response | None = None
         if expects_continue:
             early = await self._await_continue(origin)
@@ -221,9 +221,9 @@ class Forwarder:
             event = await self._client_event()
             if isinstance(event, h11.Data):
                 self.bytes_up += len(event.data)
-                await self._sendall(origin.sock, origin.conn.send(event) or b"")
+                await self._origin_send(origin, origin.conn.send(event) or b"")
             elif isinstance(event, h11.EndOfMessage):
-                await self._sendall(origin.sock, origin.conn.send(h11.EndOfMessage()) or b"")
+                await self._origin_send(origin, origin.conn.send(h11.EndOfMessage()) or b"")
                 return
             else:
                 raise ProtocolError("connection closed in the middle of a request body")
@@ -364,22 +364,25 @@ class Forwarder:
         except TimeoutError:
             raise UpstreamTimeout(f"{who} sent nothing for {self.idle:g} s") from None
 
-    async def _sendall(self, sock: socket.socket, data: bytes) -> None:
-        if data:
-            await self.loop.sock_sendall(sock, data)
-
-    def _send_origin(self, origin: _Origin, event: h11.Event) -> None:
-        data = origin.conn.send(event) or b""
-        # a request head is small and the connection idle: it fits the socket buffer
+    async def _sendall(self, sock: socket.socket, data: bytes, who: str) -> None:
+        """Send everything, waiting while the receiver's window is full, at most
+        `timeouts.idle` (a peer that stops reading must not hold the task forever)."""
+        if not data:
+            return
         try:
-            sent = origin.sock.send(data)
+            async with asyncio.timeout(self.idle):
+                await self.loop.sock_sendall(sock, data)
+        except TimeoutError:
+            raise UpstreamTimeout(f"{who} read nothing for {self.idle:g} s") from None
+
+    async def _origin_send(self, origin: _Origin, data: bytes) -> None:
+        try:
+            await self._sendall(origin.sock, data, "the origin")
         except OSError as exc:
             raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
-        if sent < len(data):
-            raise UpstreamBroken("the origin does not read requests")
 
     async def _client_send(self, event: h11.Event) -> None:
-        await self._sendall(self.sock, self.client.send(event) or b"")
+        await self._sendall(self.sock, self.client.send(event) or b"", "the client")
 
     def _send_client_event(self, event: h11.Event) -> None:
         self._send_client(self.client.send(event) or b"")

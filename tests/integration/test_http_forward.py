@@ -362,3 +362,23 @@ def test_origin_that_never_answers_the_connect_is_504(start_daemon):
         for s in fillers:
             s.close()
         listener.close()
+
+
+def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(start_daemon, web):
+    daemon = start_daemon("[timeouts]\nidle = 1\n[buffers]\nso_sndbuf = 65536\n")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with sock:
+        sock.settimeout(10)
+        sock.connect(daemon.address)
+        sock.sendall(f"GET {web.base}/big HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        line = daemon.access(timeout=15)  # nothing is read: the response cannot finish
+        assert line["status"] == "timeout"
+        assert 0 < line["bytes_down"] < len(web.big)
+        received = 0
+        try:
+            while chunk := sock.recv(65536):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert received < len(web.big)
