@@ -105,6 +105,8 @@ class Forwarder:
         self.origin: _Origin | None = None
         cfg = session.ctx.config
         self.idle = cfg.timeouts.idle
+        self._to_client: list[bytes] = []  # answer bytes not sent yet
+        self._queued = 0
         # per request, for its access line
         self.bytes_up = 0
         self.bytes_down = 0
@@ -249,6 +251,7 @@ class Forwarder:
                 await self._client_send(event)
             elif isinstance(event, h11.EndOfMessage):
                 await self._client_send(h11.EndOfMessage())
+                await self._flush_client()
                 self._keep_or_drop(origin)
                 return
             event = h11.NEED_DATA
@@ -351,6 +354,7 @@ class Forwarder:
             if event is not h11.NEED_DATA:
                 assert isinstance(event, h11.Event)
                 return event
+            await self._flush_client()  # before waiting: the client has all there is
             try:
                 data = await self._recv(origin.sock, "the origin")
             except OSError as exc:
@@ -382,7 +386,21 @@ class Forwarder:
             raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
 
     async def _client_send(self, event: h11.Event) -> None:
-        await self._sendall(self.sock, self.client.send(event) or b"", "the client")
+        """Queue an answer's part; it goes out when the origin has nothing more at
+        hand (so a small answer leaves in one send, not head, body and end apart)."""
+        data = self.client.send(event)
+        if data:
+            self._to_client.append(data)
+            self._queued += len(data)
+            if self._queued >= READ_SIZE:
+                await self._flush_client()
+
+    async def _flush_client(self) -> None:
+        if self._to_client:
+            data = b"".join(self._to_client)
+            self._to_client.clear()
+            self._queued = 0
+            await self._sendall(self.sock, data, "the client")
 
     def _send_client_event(self, event: h11.Event) -> None:
         self._send_client(self.client.send(event) or b"")
