@@ -71,6 +71,8 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
     users_file: Path | None = None
+    # SOCKS4 cannot carry a password: with users configured it is refused unless allowed
+    allow_socks4: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +208,7 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
             "allow_open_proxy": _boolean,
         },
     ),
-    "auth": (AuthConfig, {"users_file": _path}),
+    "auth": (AuthConfig, {"users_file": _path, "allow_socks4": _boolean}),
     "timeouts": (
         TimeoutsConfig,
         {

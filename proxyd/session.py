@@ -30,7 +30,7 @@ from proxyd.errors import (
 from proxyd.forward import Forwarder
 from proxyd.log import access
 from proxyd.protocols import http as http_proto
-from proxyd.protocols import socks5
+from proxyd.protocols import socks4, socks5
 from proxyd.protocols.common import NEED_DATA, Credentials, format_hostport
 from proxyd.protocols.detect import Kind, sniff
 from proxyd.relay import Tunnel
@@ -275,8 +275,7 @@ class Session:
         if kind is Kind.HTTP:
             return HttpHandler(self)
         if kind is Kind.SOCKS4:
-            self.protocol = "socks4"
-            raise Unsupported("SOCKS4 is not supported yet")
+            return Socks4Handler(self)
         raise ProtocolError(f"unknown protocol (first byte {first[0]:#04x})")
 
     def _on_verified(self, task: asyncio.Task[bool], then: Callable[[], None]) -> None:
@@ -439,6 +438,43 @@ class Socks5Handler:
             return self.parser.auth_result(False)
         if state in (socks5.State.AWAIT_REQUEST, socks5.State.REPLY):
             return self.parser.reply(error.socks_reply)
+        return None
+
+
+class Socks4Handler:
+    """SOCKS4 and 4a: one request, one reply. There is no password to check, so with
+    users configured the request is refused unless `auth.allow_socks4` says otherwise."""
+
+    __slots__ = ("parser", "session")
+    protocol = "socks4"
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.parser = socks4.Socks4Server()
+
+    def received(self, data: bytes) -> None:
+        session = self.session
+        self.parser.receive_data(data)
+        request = self.parser.next_event()
+        if request is NEED_DATA:
+            return
+        assert isinstance(request, socks4.Request)
+        session.command = request.command.name.lower()
+        session.target = format_hostport(request.host, request.port)
+        cfg = session.ctx.config
+        if session.ctx.auth.required and not cfg.auth.allow_socks4:
+            raise AuthFailed("SOCKS4 has no password; users are configured (auth.allow_socks4)")
+        if request.command is not socks4.Command.CONNECT:
+            raise Unsupported(f"SOCKS4 {session.command} is not supported yet")
+        session.open(request.host, request.port)
+
+    def established(self, bound: tuple[str, int]) -> bytes:
+        self.session.send(self.parser.reply(True, *bound))
+        return self.parser.trailing_data
+
+    def refusal(self, error: SessionError) -> bytes | None:
+        if self.parser.state in (socks4.State.AWAIT_REQUEST, socks4.State.REPLY):
+            return self.parser.reply(False)
         return None
 
 

@@ -100,3 +100,29 @@ def test_refused_target_gives_502(start_daemon):
     assert result.stdout.endswith(b"502")
     line = daemon.access()
     assert (line["status"], line["target"]) == ("refused", f"127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(("flag", "host"), [("--socks4", "127.0.0.1"), ("--socks4a", "localhost")])
+def test_fetch_through_socks4(start_daemon, origin, flag, host):
+    daemon = start_daemon()
+    result = curl(flag, f"127.0.0.1:{daemon.port}", origin.url.replace("127.0.0.1", host))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == origin.body
+    line = daemon.access()
+    assert (line["protocol"], line["command"], line["status"]) == ("socks4", "connect", "ok")
+    assert line["target"] == f"{host}:{origin.port}"
+    assert line["bytes_down"] > len(origin.body)
+
+
+def test_socks4_refused_when_users_are_configured(start_daemon, origin, users_file):
+    """SOCKS4 cannot carry a password: refused (0x5B) unless auth.allow_socks4."""
+    daemon = start_daemon(f'[auth]\nusers_file = "{users_file}"\n')
+    result = curl("--socks4a", f"{USER}@127.0.0.1:{daemon.port}", origin.url)
+    assert result.returncode != 0
+    assert result.stdout == b""
+    line = daemon.access()
+    assert (line["protocol"], line["status"]) == ("socks4", "auth_failed")
+    allowed = start_daemon(f'[auth]\nusers_file = "{users_file}"\nallow_socks4 = true\n')
+    result = curl("--socks4a", f"127.0.0.1:{allowed.port}", origin.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == origin.body

@@ -170,12 +170,3 @@ def test_unknown_first_byte_closed_and_next_client_served(start_daemon, tcp_serv
     sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
     with sock:
         assert rep == 0
-
-
-def test_socks4_closed_cleanly(start_daemon):
-    daemon = start_daemon()
-    with socket.create_connection(daemon.address, timeout=5) as sock:
-        sock.sendall(b"\x04\x01\x00\x50\x7f\x00\x00\x01user\x00")
-        assert sock.recv(10) == b""
-    line = daemon.access()
-    assert (line["protocol"], line["status"]) == ("socks4", "unsupported")
