@@ -76,6 +76,13 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsConfig:
+    cache_size: int = 1024  # names; 0 turns the cache off
+    cache_ttl: float = 60.0  # seconds an answer is reused
+    negative_ttl: float = 5.0  # seconds "no such name" is reused
+
+
+@dataclass(frozen=True, slots=True)
 class TimeoutsConfig:
     handshake: float = 10.0
     connect: float = 10.0
@@ -103,6 +110,7 @@ class LogConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     buffers: BuffersConfig = field(default_factory=BuffersConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -152,6 +160,16 @@ def _seconds(value: Any, path: str, problems: list[str]) -> Any:
         return _INVALID
     if not 0 < value <= MAX_SECONDS:
         problems.append(f"{path}: must be > 0 and at most {MAX_SECONDS} seconds, not {value}")
+        return _INVALID
+    return float(value)
+
+
+def _non_negative_seconds(value: Any, path: str, problems: list[str]) -> Any:
+    if type(value) not in (int, float):
+        problems.append(f"{path}: must be a number of seconds, not {_type_name(value)}")
+        return _INVALID
+    if not 0 <= value <= MAX_SECONDS:
+        problems.append(f"{path}: must be >= 0 and at most {MAX_SECONDS} seconds, not {value}")
         return _INVALID
     return float(value)
 
@@ -209,6 +227,14 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
         },
     ),
     "auth": (AuthConfig, {"users_file": _path, "allow_socks4": _boolean}),
+    "dns": (
+        DnsConfig,
+        {
+            "cache_size": _integer(0, 1_000_000),
+            "cache_ttl": _non_negative_seconds,
+            "negative_ttl": _non_negative_seconds,
+        },
+    ),
     "timeouts": (
         TimeoutsConfig,
         {

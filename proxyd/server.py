@@ -58,7 +58,11 @@ class Server:
         self.config = config
         self.log = log
         self.worker = worker
-        self.ctx = Context(config, auth, upstream.Resolver(), log)
+        dns = config.dns
+        resolver = upstream.Resolver(
+            size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
+        )
+        self.ctx = Context(config, auth, resolver, log)
         self.listeners: list[socket.socket] = []
         self.sessions: set[Session] = set()
         # connection ids stay unique across workers: worker w of n counts w+1, w+1+n, ...

@@ -10,9 +10,11 @@ import asyncio
 import errno
 import os
 import socket
-from collections.abc import Callable, Iterator
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Final
 
 from proxyd.config import BuffersConfig
 from proxyd.errors import (
@@ -67,36 +69,127 @@ def literal_addresses(host: str, port: int) -> list[AddrInfo] | None:
 
 
 class Resolver:
-    """getaddrinfo in threads of our own, off the event loop.
+    """getaddrinfo in threads of our own, off the event loop, with a bounded cache.
 
     A pool of its own, larger than the loop's default (uvloop's has 4 threads),
     so a few lookups stuck on a slow DNS server do not stall every other name.
+    getaddrinfo tells no TTL, so answers are kept for `ttl` seconds, and names
+    that do not exist for `negative_ttl`; concurrent lookups of one name share
+    one query. The cache holds at most `size` names, least recently used out.
     """
 
-    def __init__(self, threads: int = 32) -> None:
+    def __init__(
+        self, threads: int = 32, *, size: int = 1024, ttl: float = 60.0, negative_ttl: float = 5.0
+    ) -> None:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxyd-dns")
+        self._size = size
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._cache: OrderedDict[str, tuple[float, list[AddrInfo] | socket.gaierror]] = (
+            OrderedDict()
+        )
+        self._pending: dict[str, asyncio.Future[list[AddrInfo]]] = {}
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def cached(self, host: str, port: int) -> list[AddrInfo] | socket.gaierror | None:
+        """A fresh cached answer for `host` (addresses, or the error that it does not
+        exist), or None when it must be looked up."""
+        entry = self._cache.get(host)
+        if entry is None:
+            return None
+        expires, answer = entry
+        if expires <= time.monotonic():
+            del self._cache[host]
+            return None
+        self._cache.move_to_end(host)
+        if isinstance(answer, socket.gaierror):
+            return answer
+        return [(family, (addr[0], port, *addr[2:])) for family, addr in answer]
+
     def lookup(self, host: str, port: int) -> asyncio.Future[list[AddrInfo]]:
-        """The addresses of a name, as a future the loop completes."""
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._executor, _getaddrinfo, host, port)
+        """The addresses of a name, as a future the loop completes; not to be cancelled
+        (other connections may wait for the same one)."""
+        pending = self._pending.get(host)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            pending = loop.run_in_executor(self._executor, _getaddrinfo, host)
+            self._pending[host] = pending
+            pending.add_done_callback(lambda future: self._store(host, future))
+        result: asyncio.Future[list[AddrInfo]] = asyncio.get_running_loop().create_future()
+
+        def deliver(future: asyncio.Future[list[AddrInfo]]) -> None:
+            if result.cancelled():
+                return
+            if future.cancelled():
+                result.cancel()
+            elif (exc := future.exception()) is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result([(f, (a[0], port, *a[2:])) for f, a in future.result()])
+
+        pending.add_done_callback(deliver)
+        return result
+
+    def _store(self, host: str, future: asyncio.Future[list[AddrInfo]]) -> None:
+        del self._pending[host]
+        if future.cancelled() or self._size == 0:
+            return
+        exc = future.exception()
+        if exc is None:
+            self._remember(host, future.result(), self._ttl)
+        elif isinstance(exc, socket.gaierror) and exc.errno in _NO_SUCH_NAME:
+            self._remember(host, exc, self._negative_ttl)
+
+    def _remember(self, host: str, answer: list[AddrInfo] | socket.gaierror, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        self._cache[host] = (time.monotonic() + ttl, answer)
+        self._cache.move_to_end(host)
+        while len(self._cache) > self._size:
+            self._cache.popitem(last=False)
 
 
-def _getaddrinfo(host: str, port: int) -> list[AddrInfo]:
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+# Answers that say the name does not exist (cached), as opposed to a failure to ask.
+_NO_SUCH_NAME: Final = {
+    getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)
+}
+
+
+def _getaddrinfo(host: str) -> list[AddrInfo]:
+    infos = socket.getaddrinfo(host, 0, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     return [(family, addr) for family, _type, _proto, _name, addr in infos]
 
+
+def interleave(addresses: list[AddrInfo]) -> list[AddrInfo]:
+    """RFC 8305 section 4: alternate address families, starting with the family the
+    resolver put first, each family keeping its own order."""
+    families: dict[int, list[AddrInfo]] = {}
+    for info in addresses:
+        families.setdefault(info[0], []).append(info)
+    queues = list(families.values())
+    ordered: list[AddrInfo] = []
+    while queues:
+        for queue in list(queues):
+            ordered.append(queue.pop(0))
+            if not queue:
+                queues.remove(queue)
+    return ordered
+
+
+# RFC 8305 section 5: the pause before starting the next attempt while one is pending
+ATTEMPT_DELAY: Final = 0.25
 
 ConnectDone = Callable[[socket.socket | None, UpstreamError | None], object]
 
 
 class Connector:
-    """Connects to host:port with loop callbacks, no task: names are resolved in
-    the resolver's threads, then each address is tried in turn with a
-    non-blocking connect. `timeout` covers the lookup and every attempt.
+    """Connects to host:port with loop callbacks, no task, by happy eyeballs
+    (RFC 8305): names are resolved in the resolver's threads (or its cache), the
+    addresses are tried alternating families, a new attempt starts every 250 ms
+    while earlier ones are pending (at once when one fails), and the first to
+    connect wins. `timeout` covers the lookup and every attempt.
 
     `done(sock, None)` or `done(None, error)` is called exactly once, unless
     `cancel()` comes first; the socket then belongs to the caller.
@@ -104,13 +197,14 @@ class Connector:
 
     __slots__ = (
         "_addresses",
+        "_attempts",
         "_buffers",
+        "_delay",
         "_done",
         "_last",
         "_lookup",
         "_loop",
         "_resolver",
-        "_sock",
         "_target",
         "_timeout",
         "_timer",
@@ -126,32 +220,40 @@ class Connector:
         self._done: ConnectDone | None = done
         self._target = ""
         self._timer: asyncio.TimerHandle | None = None
+        self._delay: asyncio.TimerHandle | None = None  # starts the next attempt
         self._lookup: asyncio.Future[list[AddrInfo]] | None = None
-        self._addresses: Iterator[AddrInfo] = iter(())
-        self._sock: socket.socket | None = None  # the attempt in progress
+        self._addresses: list[AddrInfo] = []
+        self._attempts: list[socket.socket] = []  # connects in progress
         self._last: OSError | None = None
 
     def start(self, host: str, port: int) -> None:
         self._target = format_hostport(host, port)
         self._timer = self._loop.call_later(self._timeout, self._on_timeout)
         addresses = literal_addresses(host, port)
+        if addresses is None:
+            cached = self._resolver.cached(host, port)
+            if isinstance(cached, socket.gaierror):
+                self._finish(None, classify(cached, self._target))
+                return
+            addresses = cached
         if addresses is not None:
-            self._addresses = iter(addresses)
-            self._try_next()
+            self._addresses = interleave(addresses)
+            self._next_attempt()
         else:
             self._lookup = self._resolver.lookup(host, port)
             self._lookup.add_done_callback(self._on_resolved)
 
     def cancel(self) -> None:
         self._done = None
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._delay):
+            if timer is not None:
+                timer.cancel()
         if self._lookup is not None:
             self._lookup.cancel()
-        if self._sock is not None:
-            self._loop.remove_writer(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        for sock in self._attempts:
+            self._loop.remove_writer(sock.fileno())
+            sock.close()
+        self._attempts.clear()
 
     def _on_resolved(self, lookup: asyncio.Future[list[AddrInfo]]) -> None:
         self._lookup = None
@@ -165,11 +267,15 @@ class Connector:
         elif exc is not None:
             raise exc
         else:
-            self._addresses = iter(lookup.result())
-            self._try_next()
+            self._addresses = interleave(lookup.result())
+            self._next_attempt()
 
-    def _try_next(self) -> None:
-        for family, addr in self._addresses:
+    def _next_attempt(self) -> None:
+        """Start connecting to the next address; when none is left and nothing is in
+        progress, fail with what the last attempt said."""
+        self._delay = None
+        while self._addresses:
+            family, addr = self._addresses.pop(0)
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM)
             except OSError as exc:  # e.g. no IPv6 on this host: try the next address
@@ -183,40 +289,41 @@ class Connector:
                 sock.close()
                 self._last = exc
                 continue
-            if err == 0:
-                self._finish(sock, None)
-                return
             if err == errno.EINPROGRESS:
                 try:
                     # a near target (loopback, the same host) has often answered
                     # within the call: then skip a round through the loop
                     sock.getpeername()
                 except OSError:
-                    self._sock = sock
-                    self._loop.add_writer(sock.fileno(), self._on_connected)
+                    self._attempts.append(sock)
+                    self._loop.add_writer(sock.fileno(), self._on_connected, sock)
+                    if self._addresses:
+                        self._delay = self._loop.call_later(ATTEMPT_DELAY, self._next_attempt)
                     return
+                err = 0
+            if err == 0:
                 self._finish(sock, None)
                 return
             sock.close()
             self._last = OSError(err, os.strerror(err))
-        if self._last is None:
-            self._finish(None, HostUnreachable(f"{self._target} has no address"))
-        else:
-            self._finish(None, classify(self._last, self._target))
+        if not self._attempts:
+            if self._last is None:
+                self._finish(None, HostUnreachable(f"{self._target} has no address"))
+            else:
+                self._finish(None, classify(self._last, self._target))
 
-    def _on_connected(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
+    def _on_connected(self, sock: socket.socket) -> None:
         self._loop.remove_writer(sock.fileno())
-        self._sock = None
+        self._attempts.remove(sock)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0:
             self._finish(sock, None)
             return
         sock.close()
         self._last = OSError(err, os.strerror(err))
-        self._try_next()
+        if self._delay is not None:  # a failure starts the next attempt at once
+            self._delay.cancel()
+        self._next_attempt()
 
     def _on_timeout(self) -> None:
         self._timer = None
@@ -227,7 +334,7 @@ class Connector:
 
     def _finish(self, sock: socket.socket | None, error: UpstreamError | None) -> None:
         done = self._done
-        self.cancel()
+        self.cancel()  # the other attempts, the timers
         if done is None:
             if sock is not None:
                 sock.close()

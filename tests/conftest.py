@@ -29,9 +29,11 @@ _STOCK_LOOP_MAIN = (
 class Daemon:
     """A proxyd process on an ephemeral loopback port; its stdout parsed line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, prefix: list[str] | None = None
+    ) -> None:
         entry = ["-c", _STOCK_LOOP_MAIN] if STOCK_LOOP else ["-m", "proxyd"]
-        self.args = [sys.executable, *entry, *args]
+        self.args = [*(prefix or []), sys.executable, *entry, *args]
         self.proc = subprocess.Popen(
             self.args,
             stdout=subprocess.PIPE,
@@ -130,14 +132,29 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     counter = iter(range(1000))
 
     def start(
-        config_toml: str = "", *extra: str, listen: str = "127.0.0.1:0", wait: bool = True
+        config_toml: str = "",
+        *extra: str,
+        listen: str = "127.0.0.1:0",
+        wait: bool = True,
+        hosts: Path | None = None,
     ) -> Daemon:
-        path = tmp_path / f"proxyd-{next(counter)}.toml"
+        """`hosts`: a file the daemon sees as /etc/hosts, in a mount namespace of its own
+        where names are looked up in that file only: tests name loopback addresses,
+        and an unknown name fails there, without a query to any DNS server."""
+        index = next(counter)
+        path = tmp_path / f"proxyd-{index}.toml"
         path.write_text(config_toml)
         args = ["--config", str(path), *extra]
         if listen:
             args += ["--listen", listen]
-        daemon = Daemon(args)
+        prefix = None
+        if hosts is not None:
+            nsswitch = tmp_path / f"nsswitch-{index}.conf"
+            nsswitch.write_text("hosts: files\n")
+            mount = 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/nsswitch.conf'
+            shell = f'{mount} && shift 2 && exec "$@"'
+            prefix = ["unshare", "--mount", "sh", "-c", shell, "sh", str(hosts), str(nsswitch)]
+        daemon = Daemon(args, prefix=prefix)
         daemons.append(daemon)
         return daemon.started() if wait else daemon
 

@@ -171,7 +171,9 @@ names = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z]{2,6}){0,3}", 
 def requests(draw: st.DrawFn) -> tuple[bytes, Request]:
     command = draw(st.sampled_from(Command))
     port = draw(st.integers(1, 65535))
-    userid = draw(st.text(st.characters(blacklist_characters="\0"), max_size=40))
+    userid = draw(
+        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
+    )
     if draw(st.booleans()):
         name = draw(names)
         data = socks4a(command, port, name.encode(), userid.encode())

@@ -1,0 +1,143 @@
+"""Names: happy eyeballs over IPv6 and IPv4, and the DNS cache, with a hosts file of
+the test's own (the daemon runs in a mount namespace that resolves from it only)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from integration import socks5client
+from integration.socks5client import recv_exact
+
+
+def hosts_file(tmp_path, text: str):
+    path = tmp_path / "hosts"
+    path.write_text(text)
+    return path
+
+
+def listener(family: int = socket.AF_INET, host: str = "127.0.0.1", port: int = 0):
+    """A listening socket (the test accepts from it with serve_once)."""
+    sock = socket.socket(family)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.listen(16)
+    sock.settimeout(10)
+    return sock
+
+
+def serve_once(listener: socket.socket, word: bytes) -> None:
+    conn, _ = listener.accept()
+    with conn:
+        conn.sendall(word)
+
+
+def silent(family: int, host: str, port: int) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: the kernel drops further SYNs, so a
+    connect to it neither succeeds nor fails."""
+    sock = socket.socket(family)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.listen(0)
+    fillers = []
+    for _ in range(8):
+        s = socket.socket(family)
+        s.setblocking(False)
+        s.connect_ex((host, port))
+        fillers.append(s)
+    time.sleep(0.2)
+    return sock, fillers
+
+
+def fetch_word(daemon, name: str, port: int, server: socket.socket) -> tuple[int, bytes]:
+    """SOCKS5 CONNECT to name:port, `server` expected to take it; the reply code and
+    what the server said."""
+    sock, rep, _, _ = socks5client.connect(daemon.address, name, port)
+    with sock:
+        if rep != 0:
+            return rep, b""
+        serve_once(server, b"hi")
+        return rep, recv_exact(sock, 2)
+
+
+@pytest.mark.parametrize("silent_family", ["ipv6", "ipv4"])
+def test_happy_eyeballs_gets_past_a_silent_address(start_daemon, tmp_path, silent_family):
+    """One family black-holes the connect: the other is tried 250 ms later and wins,
+    well inside timeouts.connect (one address at a time would wait it out and fail)."""
+    hosts = hosts_file(tmp_path, "::1 dual.test\n127.0.0.1 dual.test\n")
+    if silent_family == "ipv6":
+        good = listener(socket.AF_INET, "127.0.0.1")
+        port = good.getsockname()[1]
+        black_hole, fillers = silent(socket.AF_INET6, "::1", port)
+    else:
+        good = listener(socket.AF_INET6, "::1")
+        port = good.getsockname()[1]
+        black_hole, fillers = silent(socket.AF_INET, "127.0.0.1", port)
+    try:
+        daemon = start_daemon("[timeouts]\nconnect = 5\n", hosts=hosts)
+        assert fetch_word(daemon, "dual.test", port, good) == (0, b"hi")
+        assert daemon.access()["status"] == "ok"
+    finally:
+        for s in (good, black_hole, *fillers):
+            s.close()
+
+
+def test_a_refused_family_moves_on_at_once(start_daemon, tmp_path):
+    hosts = hosts_file(tmp_path, "::1 dual.test\n127.0.0.1 dual.test\n")
+    good = listener(socket.AF_INET, "127.0.0.1")  # nothing listens on [::1]:port
+    with good:
+        daemon = start_daemon("[timeouts]\nconnect = 5\n", hosts=hosts)
+        assert fetch_word(daemon, "dual.test", good.getsockname()[1], good) == (0, b"hi")
+
+
+def test_every_address_refused_is_0x05(start_daemon, tmp_path):
+    hosts = hosts_file(tmp_path, "::1 dual.test\n127.0.0.1 dual.test\n")
+    probe = listener()
+    port = probe.getsockname()[1]
+    probe.close()
+    daemon = start_daemon(hosts=hosts)
+    sock, rep, _, _ = socks5client.connect(daemon.address, "dual.test", port)
+    sock.close()
+    assert rep == 0x05
+    assert daemon.access()["status"] == "refused"
+
+
+def test_answers_are_cached_for_their_lifetime(start_daemon, tmp_path):
+    hosts = hosts_file(tmp_path, "127.0.0.1 moving.test\n")
+    first = listener(host="127.0.0.1")
+    port = first.getsockname()[1]
+    second = listener(host="127.0.0.2", port=port)
+    try:
+        cached = start_daemon("[dns]\ncache_ttl = 1\n", hosts=hosts)
+        uncached = start_daemon("[dns]\ncache_size = 0\n", hosts=hosts)
+        for daemon in (cached, uncached):
+            assert fetch_word(daemon, "moving.test", port, first) == (0, b"hi")
+        hosts.write_text("127.0.0.2 moving.test\n")  # the name moves
+        assert fetch_word(uncached, "moving.test", port, second) == (0, b"hi")
+        assert fetch_word(cached, "moving.test", port, first) == (0, b"hi")  # still cached
+        time.sleep(1.2)
+        assert fetch_word(cached, "moving.test", port, second) == (0, b"hi")  # expired
+    finally:
+        first.close()
+        second.close()
+
+
+def test_unknown_names_are_cached_briefly(start_daemon, tmp_path):
+    hosts = hosts_file(tmp_path, "127.0.0.1 other.test\n")
+    target = listener()
+    port = target.getsockname()[1]
+    try:
+        remembers = start_daemon("[dns]\nnegative_ttl = 60\n", hosts=hosts)
+        forgets = start_daemon("[dns]\nnegative_ttl = 0\n", hosts=hosts)
+        for daemon in (remembers, forgets):
+            assert fetch_word(daemon, "late.test", port, target) == (0x04, b"")
+            assert daemon.access()["status"] == "unreachable"
+        hosts.write_text("127.0.0.1 late.test\n")  # the name appears
+        assert fetch_word(forgets, "late.test", port, target) == (0, b"hi")
+        assert fetch_word(remembers, "late.test", port, target) == (0x04, b"")
+    finally:
+        target.close()
