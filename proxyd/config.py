@@ -6,6 +6,7 @@ all of them at once; library code raises ConfigError and only the CLI exits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import tomllib
@@ -66,6 +67,8 @@ class ServerConfig:
     workers: int = 1
     max_connections: int = 10000
     allow_open_proxy: bool = False
+    # the address UDP ASSOCIATE replies give clients (behind NAT); unset = the relay's own
+    udp_advertise: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +177,14 @@ def _non_negative_seconds(value: Any, path: str, problems: list[str]) -> Any:
     return float(value)
 
 
+def _ip_address(value: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(value))
+    problems.append(f"{path}: must be an IP address string, not {value!r}")
+    return _INVALID
+
+
 def _boolean(value: Any, path: str, problems: list[str]) -> Any:
     if type(value) is not bool:
         problems.append(f"{path}: must be true or false, not {_type_name(value)}")
@@ -224,6 +235,7 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
             "workers": _integer(1, 256),
             "max_connections": _integer(1, 10_000_000),
             "allow_open_proxy": _boolean,
+            "udp_advertise": _ip_address,
         },
     ),
     "auth": (AuthConfig, {"users_file": _path, "allow_socks4": _boolean}),

@@ -102,6 +102,10 @@ class Server:
             self._close_listeners()
             for session in list(self.sessions):
                 session.abort()
+            # forwarding connections and UDP associations end in their own tasks
+            tasks = [s.task for s in self.sessions if s.task is not None]
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
             self.ctx.auth.close()
             self.ctx.resolver.close()
             for sig in (signal.SIGTERM, signal.SIGINT):

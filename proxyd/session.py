@@ -34,6 +34,7 @@ from proxyd.protocols import socks4, socks5
 from proxyd.protocols.common import NEED_DATA, Credentials, format_hostport
 from proxyd.protocols.detect import Kind, sniff
 from proxyd.relay import Tunnel
+from proxyd.udp import Association
 
 # Handshake reads are small: a request is at most a few KiB, and what a client
 # sends beyond it stays in the kernel until the relay reads it.
@@ -75,6 +76,7 @@ class Phase(enum.Enum):
     CONNECT = enum.auto()  # reaching the target
     RELAY = enum.auto()
     FORWARD = enum.auto()  # plain HTTP requests, served by a task
+    UDP = enum.auto()  # a UDP association, served by a task
     DONE = enum.auto()
 
 
@@ -87,6 +89,7 @@ class Session:
     """
 
     __slots__ = (
+        "_association",
         "_auth",
         "_connector",
         "_handler",
@@ -139,7 +142,8 @@ class Session:
         self._reading = False
         self._timer: asyncio.TimerHandle | None = None
         self._auth: asyncio.Task[bool] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._association: Association | None = None
         self._connector: upstream.Connector | None = None
         self._remote: socket.socket | None = None
         self._tunnel: Tunnel | None = None
@@ -150,6 +154,11 @@ class Session:
         )
         # The request is often here already: read before asking the loop to watch.
         self._on_readable()
+
+    @property
+    def task(self) -> asyncio.Task[Any] | None:
+        """The task serving a forwarding connection or a UDP association, if any."""
+        return self._task
 
     def abort(self) -> None:
         """End now (the daemon is stopping)."""
@@ -200,6 +209,19 @@ class Session:
         self._enter(Phase.FORWARD)
         self._task = self.loop.create_task(Forwarder(self, parser).run(parser.request))
         self._task.add_done_callback(self._on_forward_done)
+
+    def associate(self, client_port: int, reply: Callable[[str, int], None]) -> None:
+        """A UDP ASSOCIATE request: a task relays the datagrams until the control
+        connection closes; `reply` answers the request with the relay's address."""
+        if self._timer is not None:
+            self._timer.cancel()
+        cfg = self.ctx.config
+        if self.over_limit:
+            raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
+        self._enter(Phase.UDP)
+        self._association = Association(self, client_port, reply)
+        self._task = self.loop.create_task(self._association.run())
+        self._task.add_done_callback(self._on_association_done)
 
     def open(self, host: str, port: int) -> None:
         """The handshake is complete: connect to the target, then relay."""
@@ -321,6 +343,27 @@ class Session:
             )
         self._end("ok", None, logged=True)
 
+    def _on_association_done(self, task: asyncio.Task[str]) -> None:
+        self._task = None
+        association = self._association
+        assert association is not None
+        status, error = "shutdown", None
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is None:
+                status = task.result()
+            elif isinstance(exc, SessionError) and not association.established:
+                self._refuse(exc)  # the request is answered with the failure
+                return
+            elif isinstance(exc, SessionError):
+                status, error = exc.status, str(exc)
+            else:
+                self.ctx.log.error(
+                    "session_error", conn_id=self.conn_id, error=f"{type(exc).__name__}: {exc}"
+                )
+                status, error = "error", f"internal error: {type(exc).__name__}"
+        self._end(status, error, extra=association.counts())
+
     def _on_tunnel_end(self) -> None:
         assert self._tunnel is not None
         self._end(self._tunnel.status, self._tunnel.error)
@@ -335,7 +378,14 @@ class Session:
                 self.sock.send(answer)
         self._end(error.status, str(error))
 
-    def _end(self, status: str, error: str | None, *, logged: bool = False) -> None:
+    def _end(
+        self,
+        status: str,
+        error: str | None,
+        *,
+        logged: bool = False,
+        extra: dict[str, int] | None = None,
+    ) -> None:
         """Release everything and write the access line (unless the requests of a
         forwarding connection wrote theirs); once."""
         if self.phase is Phase.DONE:
@@ -357,6 +407,13 @@ class Session:
         if self._remote is not None:
             self._remote.close()
         if self.ctx.config.log.access and not logged:
+            fields: dict[str, Any] = {
+                "bytes_up": tunnel.bytes_up if tunnel else 0,
+                "bytes_down": tunnel.bytes_down if tunnel else 0,
+                **(extra or {}),
+            }
+            if error:
+                fields["error"] = error
             access(
                 conn_id=self.conn_id,
                 client=self.client,
@@ -365,15 +422,14 @@ class Session:
                 command=self.command,
                 target=self.target,
                 status=status,
-                bytes_up=tunnel.bytes_up if tunnel else 0,
-                bytes_down=tunnel.bytes_down if tunnel else 0,
                 duration_ms=round((self.loop.time() - self.started) * 1000, 1),
-                **({"error": error} if error else {}),
+                **fields,
             )
         self._on_close(self)
         # Drop the links back to this session (handler, relay, connector callbacks):
         # without cycles it is freed at once, not by a garbage collection pass.
         self._handler = self._tunnel = self._connector = self._auth = self._task = None
+        self._association = None
 
 
 def _nothing() -> None:
@@ -424,9 +480,15 @@ class Socks5Handler:
         session = self.session
         session.command = request.command.name.lower()
         session.target = format_hostport(request.host, request.port)
+        if request.command is socks5.Command.UDP_ASSOCIATE:
+            session.associate(request.port, self._udp_reply)
+            return
         if request.command is not socks5.Command.CONNECT:
             raise Unsupported(f"SOCKS5 {session.command} is not supported yet")
         session.open(request.host, request.port)
+
+    def _udp_reply(self, host: str, port: int) -> None:
+        self.session.send(self.parser.reply(REP_SUCCEEDED, host, port))
 
     def established(self, bound: tuple[str, int]) -> bytes:
         self.session.send(self.parser.reply(REP_SUCCEEDED, *bound))
