@@ -125,6 +125,22 @@ class Daemon:
         return self.proc.returncode
 
 
+def local_names(workdir: Path, hosts: Path) -> list[str]:
+    """A command prefix: run in a mount namespace of its own where names come from
+    `hosts` only (nsswitch "files"), and any resolver that reads resolv.conf asks
+    127.0.0.1. No name lookup of the command leaves the machine."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    nsswitch, resolv = workdir / "nsswitch.conf", workdir / "resolv.conf"
+    nsswitch.write_text("hosts: files\n")
+    resolv.write_text("nameserver 127.0.0.1\n")
+    mounts = " && ".join(
+        f'mount --bind "${i}" /etc/{name}'
+        for i, name in enumerate(("hosts", "nsswitch.conf", "resolv.conf"), start=1)
+    )
+    shell = f'{mounts} && shift 3 && exec "$@"'
+    return ["unshare", "--mount", "sh", "-c", shell, "sh", str(hosts), str(nsswitch), str(resolv)]
+
+
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """start_daemon(config_toml="", *extra_args) -> a started Daemon, stopped at teardown."""
@@ -147,13 +163,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         args = ["--config", str(path), *extra]
         if listen:
             args += ["--listen", listen]
-        prefix = None
-        if hosts is not None:
-            nsswitch = tmp_path / f"nsswitch-{index}.conf"
-            nsswitch.write_text("hosts: files\n")
-            mount = 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/nsswitch.conf'
-            shell = f'{mount} && shift 2 && exec "$@"'
-            prefix = ["unshare", "--mount", "sh", "-c", shell, "sh", str(hosts), str(nsswitch)]
+        prefix = None if hosts is None else local_names(tmp_path / f"names-{index}", hosts)
         daemon = Daemon(args, prefix=prefix)
         daemons.append(daemon)
         return daemon.started() if wait else daemon

@@ -382,3 +382,52 @@ def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(start_daemon,
         except ConnectionResetError:
             pass
         assert received < len(web.big)
+
+
+def curl_via(daemon, *args: str) -> subprocess.CompletedProcess[bytes]:
+    proxy = f"http://{daemon.address[0]}:{daemon.address[1]}"
+    return subprocess.run(
+        ["curl", "-sS", "-v", "--max-time", "10", "-x", proxy, *args],
+        capture_output=True,
+        timeout=30,
+    )
+
+
+def test_curl_two_urls_in_one_run_reuse_one_connection(start_daemon, web):
+    daemon = start_daemon()
+    result = curl_via(daemon, f"{web.base}/one", f"{web.base}/two")
+    assert result.returncode == 0, result.stderr
+    assert b"Re-using existing connection" in result.stderr
+    assert web.connections == 1
+    assert [r["path"] for r in web.requests] == ["/one", "/two"]
+    lines = access_lines(daemon, 2)
+    assert {e["conn_id"] for e in lines} == {1}
+
+
+def test_curl_post_with_a_chunked_body(start_daemon, web, tmp_path):
+    daemon = start_daemon()
+    payload = tmp_path / "body"
+    payload.write_bytes(os.urandom(500_000))
+    result = curl_via(
+        daemon,
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        f"@{payload}",
+        f"{web.base}/chunked",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["body_sha256"] == hashlib.sha256(payload.read_bytes()).hexdigest()
+    assert ("transfer-encoding", "chunked") in [tuple(h) for h in report["headers"]]
+
+
+def test_curl_head_and_304(start_daemon, web):
+    daemon = start_daemon()
+    head = curl_via(daemon, "-I", f"{web.base}/head")
+    assert head.returncode == 0, head.stderr
+    assert head.stdout.startswith(b"HTTP/1.1 200")
+    assert b"content-length: 5000" in head.stdout.lower()
+    not_modified = curl_via(daemon, "-o", "/dev/null", "-w", "%{http_code}", f"{web.base}/304")
+    assert not_modified.returncode == 0, not_modified.stderr
+    assert not_modified.stdout == b"304"

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import socks  # PySocks: a SOCKS5 client library that speaks UDP ASSOCIATE
 
 from conftest import PASSWORD, USER
 from integration import socks5client
@@ -187,3 +188,28 @@ def test_sigterm_ends_the_association_with_its_line_before_stopped(start_daemon)
     daemon.wait_for(lambda e: e.get("event") == "stopped")
     events = [e.get("event") for e in daemon.events]
     assert events.index("access") < events.index("stopped")
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_pysocks_udp_client_to_echo_servers_on_127_0_0_1_and_ipv6(start_daemon, family):
+    """A UDP client library (PySocks) through UDP ASSOCIATE, to 127.0.0.1 and ::1."""
+    echo = UdpEcho(family, "127.0.0.1" if family == socket.AF_INET else "::1")
+    try:
+        daemon = start_daemon()
+        client = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.set_proxy(socks.SOCKS5, *daemon.address)
+        client.settimeout(5)
+        with client:
+            for i in range(3):
+                client.sendto(f"datagram {i}".encode(), (echo.host, echo.port))
+                data, sender = client.recvfrom(65535)
+                assert data == f"echo:datagram {i}".encode()
+                assert sender[:2] == (echo.host, echo.port)
+        line = daemon.access()
+        assert (line["command"], line["datagrams_up"], line["datagrams_down"]) == (
+            "udp_associate",
+            3,
+            3,
+        )
+    finally:
+        echo.close()
