@@ -25,7 +25,6 @@ from proxyd.errors import (
     OverLimit,
     ProtocolError,
     SessionError,
-    Unsupported,
 )
 from proxyd.forward import Forwarder
 from proxyd.log import access
@@ -91,8 +90,10 @@ class Session:
     __slots__ = (
         "_association",
         "_auth",
+        "_binder",
         "_connector",
         "_handler",
+        "_lookup",
         "_on_close",
         "_reading",
         "_remote",
@@ -144,6 +145,8 @@ class Session:
         self._auth: asyncio.Task[bool] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._association: Association | None = None
+        self._binder: upstream.Binder | None = None
+        self._lookup: asyncio.Future[list[upstream.AddrInfo]] | None = None  # BIND's peer name
         self._connector: upstream.Connector | None = None
         self._remote: socket.socket | None = None
         self._tunnel: Tunnel | None = None
@@ -222,6 +225,56 @@ class Session:
         self._association = Association(self, client_port, reply)
         self._task = self.loop.create_task(self._association.run())
         self._task.add_done_callback(self._on_association_done)
+
+    def bind(self, host: str, port: int, listening: Callable[[str, int], None]) -> None:
+        """A BIND request: listen for the peer `host` names (0.0.0.0 or :: for any),
+        tell the client where (`listening`), and relay once that peer connects."""
+        if self._timer is not None:
+            self._timer.cancel()
+        cfg = self.ctx.config
+        if self.over_limit:
+            raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
+        self._enter(Phase.CONNECT)
+        if host in ("0.0.0.0", "::"):
+            self._listen(None, listening)
+        elif upstream.literal_addresses(host, port) is not None:
+            self._listen({host}, listening)
+        else:
+            cached = self.ctx.resolver.cached(host, port)
+            if cached is None:
+                lookup = self._lookup = self.ctx.resolver.lookup(host, port)
+                lookup.add_done_callback(lambda f: self._step(self._on_peer_resolved, f, listening))
+                return
+            if isinstance(cached, OSError):
+                raise upstream.classify(cached, format_hostport(host, port))
+            self._listen({addr[0] for _family, addr in cached}, listening)
+
+    def _on_peer_resolved(
+        self, lookup: asyncio.Future[list[upstream.AddrInfo]], listening: Callable[[str, int], None]
+    ) -> None:
+        self._lookup = None
+        if lookup.cancelled():
+            return
+        exc = lookup.exception()
+        if isinstance(exc, OSError):
+            raise upstream.classify(exc, self.target or "")
+        if exc is not None:
+            raise exc
+        self._listen({addr[0] for _family, addr in lookup.result()}, listening)
+
+    def _listen(self, expected: set[str] | None, listening: Callable[[str, int], None]) -> None:
+        cfg = self.ctx.config
+        try:
+            self._binder = upstream.Binder(
+                self.sock.getsockname()[0],
+                expected,
+                cfg.timeouts.connect,
+                cfg.buffers,
+                lambda sock, error: self._step(self._on_connected, sock, error, True),
+            )
+        except OSError as exc:
+            raise SessionError(f"cannot listen for the peer: {exc.strerror}") from None
+        listening(*self._binder.address)
 
     def open(self, host: str, port: int) -> None:
         """The handshake is complete: connect to the target, then relay."""
@@ -314,13 +367,18 @@ class Session:
         timeout = self.ctx.config.timeouts.handshake
         self._refuse(HandshakeTimeout(f"no complete request within {timeout:g} s"))
 
-    def _on_connected(self, remote: socket.socket | None, error: SessionError | None) -> None:
-        self._connector = None
+    def _on_connected(
+        self, remote: socket.socket | None, error: SessionError | None, bind: bool = False
+    ) -> None:
+        """The target is connected (or, for BIND, the peer has connected to us)."""
+        self._connector = self._binder = None
         if error is not None:
             raise error
         assert remote is not None and self._handler is not None
         self._remote = remote
-        first_up = self._handler.established(remote.getsockname()[:2])
+        # CONNECT replies with our end of the connection, BIND with the peer's address
+        bound = remote.getpeername() if bind else remote.getsockname()
+        first_up = self._handler.established(bound[:2])
         self._handler = None  # the handshake is over: an idle tunnel keeps no parser
         cfg = self.ctx.config
         self._tunnel = Tunnel(
@@ -400,6 +458,10 @@ class Session:
             self._auth.cancel()
         if self._connector is not None:
             self._connector.cancel()
+        if self._binder is not None:
+            self._binder.cancel()
+        if self._lookup is not None:
+            self._lookup.cancel()
         tunnel = self._tunnel
         if tunnel is not None:
             tunnel.stop()
@@ -429,7 +491,7 @@ class Session:
         # Drop the links back to this session (handler, relay, connector callbacks):
         # without cycles it is freed at once, not by a garbage collection pass.
         self._handler = self._tunnel = self._connector = self._auth = self._task = None
-        self._association = None
+        self._association = self._binder = self._lookup = None
 
 
 def _nothing() -> None:
@@ -483,9 +545,13 @@ class Socks5Handler:
         if request.command is socks5.Command.UDP_ASSOCIATE:
             session.associate(request.port, self._udp_reply)
             return
-        if request.command is not socks5.Command.CONNECT:
-            raise Unsupported(f"SOCKS5 {session.command} is not supported yet")
+        if request.command is socks5.Command.BIND:
+            session.bind(request.host, request.port, self._listening)
+            return
         session.open(request.host, request.port)
+
+    def _listening(self, host: str, port: int) -> None:
+        self.session.send(self.parser.bind_listening(host, port))
 
     def _udp_reply(self, host: str, port: int) -> None:
         self.session.send(self.parser.reply(REP_SUCCEEDED, host, port))
@@ -526,8 +592,14 @@ class Socks4Handler:
         cfg = session.ctx.config
         if session.ctx.auth.required and not cfg.auth.allow_socks4:
             raise AuthFailed("SOCKS4 has no password; users are configured (auth.allow_socks4)")
-        if request.command is not socks4.Command.CONNECT:
-            raise Unsupported(f"SOCKS4 {session.command} is not supported yet")
+        if request.command is socks4.Command.BIND:
+            parser = self.parser
+            session.bind(
+                request.host,
+                request.port,
+                lambda host, port: session.send(parser.bind_listening(host, port)),
+            )
+            return
         session.open(request.host, request.port)
 
     def established(self, bound: tuple[str, int]) -> bytes:

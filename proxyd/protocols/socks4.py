@@ -119,6 +119,17 @@ class Socks4Server:
             packed, port = bytes(4), 0
         return _HEAD.pack(REPLY_VERSION, GRANTED if granted else REJECTED, port, packed)
 
+    def bind_listening(self, host: str, port: int) -> bytes:
+        """BIND's first reply (90 and the listening address); the second, `reply`,
+        follows when the peer connects."""
+        if self.state is not State.REPLY:
+            raise LocalProtocolError(f"cannot reply in state {self.state.name}")
+        try:
+            packed = socket.inet_pton(socket.AF_INET, host)
+        except OSError:
+            packed = bytes(4)
+        return _HEAD.pack(REPLY_VERSION, GRANTED, port, packed)
+
     @property
     def trailing_data(self) -> bytes:
         """Bytes the client sent after its request: the first bytes of the tunnel."""

@@ -203,6 +203,12 @@ class Socks5Server:
             self.state = State.CLOSED
         return bytes((VERSION, code, 0x00)) + pack_address(bind_host, bind_port)
 
+    def bind_listening(self, bind_host: str, bind_port: int) -> bytes:
+        """BIND's first reply: the address the proxy listens on for the peer. The
+        request still awaits its second reply (`reply`: the peer, or a failure)."""
+        self._expect(State.REPLY)
+        return bytes((VERSION, REP_SUCCEEDED, 0x00)) + pack_address(bind_host, bind_port)
+
     @property
     def trailing_data(self) -> bytes:
         """Bytes the client sent after its request: the first bytes of the tunnel."""

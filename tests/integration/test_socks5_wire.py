@@ -73,14 +73,6 @@ def test_unresolvable_name_gives_0x04(daemon):
     assert daemon.access()["status"] == "unreachable"
 
 
-def test_bind_not_yet_gives_0x07(daemon):
-    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", 9, command=2)
-    with sock:
-        assert rep == 0x07
-    line = daemon.access()
-    assert (line["command"], line["status"]) == ("bind", "unsupported")
-
-
 def test_unknown_command_and_address_type(daemon):
     with socket.create_connection(daemon.address, timeout=5) as sock:
         sock.sendall(b"\x05\x01\x00")

@@ -1,0 +1,84 @@
+"""SOCKS5 and SOCKS4 BIND: the daemon listens for the peer the client names, replies
+twice, then relays; any other peer is turned away; the wait is bounded."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from integration import socks5client
+from integration.socks5client import read_reply, recv_exact
+
+BIND = 2
+
+
+def peer_from(source: str, address: tuple[str, int]) -> socket.socket:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(address)
+    return sock
+
+
+def test_socks5_bind_relays_the_expected_peer(start_daemon):
+    daemon = start_daemon()
+    control, rep, host, port = socks5client.connect(daemon.address, "127.0.0.1", 0, command=BIND)
+    with control:
+        assert (rep, host) == (0, "127.0.0.1")  # first reply: where the peer should connect
+        with peer_from("127.0.0.1", (host, port)) as peer:
+            rep, peer_host, peer_port = read_reply(control)  # second reply: who connected
+            assert rep == 0
+            assert (peer_host, peer_port) == peer.getsockname()
+            peer.sendall(b"from the peer")
+            assert recv_exact(control, 13) == b"from the peer"
+            control.sendall(b"from the client")
+            assert recv_exact(peer, 15) == b"from the client"
+    line = daemon.access()
+    assert (line["command"], line["status"]) == ("bind", "ok")
+    assert (line["bytes_up"], line["bytes_down"]) == (15, 13)
+
+
+def test_socks5_bind_turns_away_other_peers(start_daemon):
+    daemon = start_daemon()
+    control, rep, host, port = socks5client.connect(daemon.address, "127.0.0.2", 0, command=BIND)
+    with control:
+        assert rep == 0
+        with peer_from("127.0.0.1", (host, port)) as stranger:
+            try:
+                assert stranger.recv(1) == b""  # closed by the daemon
+            except ConnectionResetError:
+                pass
+        with peer_from("127.0.0.2", (host, port)) as peer:
+            rep, peer_host, _ = read_reply(control)
+            assert (rep, peer_host) == (0, "127.0.0.2")
+            peer.sendall(b"ok")
+            assert recv_exact(control, 2) == b"ok"
+
+
+def test_socks5_bind_gives_up_after_the_connect_timeout(start_daemon):
+    daemon = start_daemon("[timeouts]\nconnect = 1\n")
+    control, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", 0, command=BIND)
+    with control:
+        assert rep == 0
+        rep, _, _ = read_reply(control)  # nobody came
+        assert rep == 0x04
+    assert daemon.access()["status"] == "timeout"
+
+
+def test_socks4_bind(start_daemon):
+    daemon = start_daemon()
+    control = socket.create_connection(daemon.address, timeout=10)
+    with control:
+        control.sendall(b"\x04\x02\x00\x15" + bytes((127, 0, 0, 1)) + b"ftp\0")
+        first = recv_exact(control, 8)
+        assert first[:2] == b"\x00\x5a"
+        port = struct.unpack("!H", first[2:4])[0]
+        assert first[4:] == bytes((127, 0, 0, 1))
+        with peer_from("127.0.0.1", ("127.0.0.1", port)) as peer:
+            second = recv_exact(control, 8)
+            assert second[:2] == b"\x00\x5a"
+            assert struct.unpack("!H", second[2:4])[0] == peer.getsockname()[1]
+            peer.sendall(b"data")
+            assert recv_exact(control, 4) == b"data"
+    line = daemon.access()
+    assert (line["protocol"], line["command"], line["status"]) == ("socks4", "bind", "ok")
