@@ -126,3 +126,16 @@ def test_socks4_refused_when_users_are_configured(start_daemon, origin, users_fi
     result = curl("--socks4a", f"127.0.0.1:{allowed.port}", origin.url)
     assert result.returncode == 0, result.stderr
     assert result.stdout == origin.body
+
+
+def test_an_ipv6_listener(start_daemon, origin):
+    daemon = start_daemon(listen="[::1]:0")
+    assert daemon.host == "::1"
+    for args in (
+        ["--socks5-hostname", f"[::1]:{daemon.port}"],
+        ["-x", f"http://[::1]:{daemon.port}"],
+    ):
+        result = curl(*args, origin.url)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == origin.body
+    assert daemon.access()["client"].startswith("[::1]:")

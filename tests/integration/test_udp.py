@@ -213,3 +213,16 @@ def test_pysocks_udp_client_to_echo_servers_on_127_0_0_1_and_ipv6(start_daemon, 
         )
     finally:
         echo.close()
+
+
+def test_a_datagram_from_another_address_is_dropped(start_daemon, udp_echo):
+    daemon = start_daemon()
+    control, relay = associate(daemon)
+    elsewhere = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    elsewhere.bind(("127.0.0.2", 0))  # not the control connection's address
+    with control, elsewhere:
+        elsewhere.settimeout(5)
+        elsewhere.sendto(header("127.0.0.1", udp_echo.port) + b"not the client", relay)
+        assert no_datagram(elsewhere)
+    line = daemon.access()
+    assert (line["datagrams_up"], line["datagrams_dropped"]) == (0, 1)
