@@ -64,15 +64,33 @@ class UpstreamBroken(SessionError):
     status = "upstream_closed"
 
 
+# Headers a `Connection` token must not remove: the message framing and the host.
+FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+
 def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The headers without the hop-by-hop ones, including those `Connection` names."""
+    """The headers without the hop-by-hop ones, including those `Connection` names
+    (but never the framing). With Transfer-Encoding, a Content-Length is dropped:
+    the body is framed by the former (RFC 9112 section 6.3), and passing both on
+    would let the next hop read the message differently."""
     named = {
         token.strip().lower()
         for name, value in headers
         if name == b"connection"
         for token in value.split(b",")
-    }
-    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
+    } - FRAMING
+    chunked = any(n == b"transfer-encoding" for n, _ in headers)
+    return [
+        (n, v)
+        for n, v in headers
+        if n not in HOP_BY_HOP and n not in named and not (chunked and n == b"content-length")
+    ]
+
+
+def ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Both Content-Length and Transfer-Encoding: the classic request smuggling."""
+    names = {n for n, _ in headers}
+    return b"content-length" in names and b"transfer-encoding" in names
 
 
 def pac_file(address: str) -> bytes:
@@ -87,6 +105,17 @@ class _Origin:
         self.key = key
         self.sock = sock
         self.conn = h11.Connection(h11.CLIENT)
+
+    def quiet(self) -> bool:
+        """Still open with nothing unasked-for to read: fit for the next request. An
+        origin closes idle connections when it likes (or says 408 first)."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)  # b"": closed; bytes: an unasked answer
+        except (BlockingIOError, InterruptedError):
+            return True  # nothing to read: still good
+        except OSError:
+            pass
+        return False
 
     def close(self) -> None:
         self.sock.close()
@@ -120,6 +149,8 @@ class Forwarder:
                     next_request = await self._next_request()
                 except ProtocolError as exc:
                     self._send_client(self.parser.error_response(exc.http_status, str(exc)))
+                    self.session.command = self.session.target = None
+                    self.bytes_up = self.bytes_down = 0
                     self._log(exc.status, str(exc), time.monotonic())
                     return
                 except (SessionError, OSError):
@@ -151,6 +182,8 @@ class Forwarder:
             session.target = format_hostport(*origin)
             if target[:8].lower() == "https://":
                 raise ProtocolError("https:// requests go through CONNECT", http_status=400)
+            if ambiguous_framing(list(request.headers)):
+                raise ProtocolError("request has both Content-Length and Transfer-Encoding")
             await self._check_credentials(request)
             await self._forward(request, origin, target)
         except SessionError as exc:
@@ -160,6 +193,12 @@ class Forwarder:
             return False
         except OSError as exc:  # the client's socket
             status, error = "client_closed", exc.strerror or type(exc).__name__
+            return False
+        except h11.LocalProtocolError as exc:  # a message h11 will not send on as it came
+            # (h11's text may quote a header value: it stays out of the log)
+            status, error = "bad_request", f"cannot forward this message ({type(exc).__name__})"
+            if self.client.our_state is h11.SEND_RESPONSE:
+                self._send_client(self.parser.error_response(502, "cannot forward this message"))
             return False
         except asyncio.CancelledError:
             status = "shutdown"
@@ -213,7 +252,8 @@ class Forwarder:
         except TimeoutError:
             return None
         if isinstance(event, h11.InformationalResponse):
-            self._send_client_event(event)
+            await self._client_send(event)
+            await self._flush_client()
             return None
         assert isinstance(event, h11.Response)
         return event
@@ -238,7 +278,7 @@ class Forwarder:
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101:
                     raise UpstreamBroken("the origin switched protocols; not supported")
-                self._send_client_event(event)
+                await self._client_send(event)
             elif isinstance(event, h11.Response):
                 headers = [*end_to_end(list(event.headers)), (b"via", VIA)]
                 await self._client_send(
@@ -282,7 +322,7 @@ class Forwarder:
             if method == "GET":
                 data = (data or b"") + (self.client.send(h11.Data(data=body)) or b"")
             data = (data or b"") + (self.client.send(h11.EndOfMessage()) or b"")
-            self._send_client(data)
+            await self._sendall(self.sock, data, "the client")
             self.bytes_down = len(body) if method == "GET" else 0
             return
         raise ProtocolError(
@@ -293,7 +333,11 @@ class Forwarder:
 
     async def _origin_for(self, key: tuple[str, int]) -> _Origin:
         if self.origin is not None:
-            if self.origin.key == key and self.origin.conn.our_state is h11.IDLE:
+            if (
+                self.origin.key == key
+                and self.origin.conn.our_state is h11.IDLE
+                and self.origin.quiet()
+            ):
                 return self.origin
             self.origin.close()
             self.origin = None
@@ -301,6 +345,10 @@ class Forwarder:
         done: asyncio.Future[socket.socket] = self.loop.create_future()
 
         def connected(sock: socket.socket | None, error: UpstreamError | None) -> None:
+            if done.done():  # the task was cancelled meanwhile
+                if sock is not None:
+                    sock.close()
+                return
             if error is not None:
                 done.set_exception(error)
             else:
@@ -322,8 +370,13 @@ class Forwarder:
         return self.origin
 
     async def _next_request(self) -> h11.Request | None:
-        """The client's next request on this connection, or None once it closes."""
-        event = await self._client_event()
+        """The client's next request on this connection, or None once it closes. The
+        whole head must come within `timeouts.idle`, not each piece of it."""
+        try:
+            async with asyncio.timeout(self.idle):
+                event = await self._client_event()
+        except TimeoutError:
+            return None
         if isinstance(event, h11.ConnectionClosed):
             return None
         if not isinstance(event, h11.Request):
@@ -402,11 +455,8 @@ class Forwarder:
             self._queued = 0
             await self._sendall(self.sock, data, "the client")
 
-    def _send_client_event(self, event: h11.Event) -> None:
-        self._send_client(self.client.send(event) or b"")
-
     def _send_client(self, data: bytes) -> None:
-        """A short answer (error page, 100 Continue, PAC file) into an idle socket."""
+        """An error page before the connection closes: into an idle socket, best effort."""
         with contextlib.suppress(OSError):
             self.sock.send(data)
 

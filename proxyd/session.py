@@ -25,6 +25,7 @@ from proxyd.errors import (
     OverLimit,
     ProtocolError,
     SessionError,
+    UpstreamTimeout,
 )
 from proxyd.forward import Forwarder
 from proxyd.log import access
@@ -107,6 +108,7 @@ class Session:
         "fd",
         "loop",
         "over_limit",
+        "peer_ip",
         "phase",
         "protocol",
         "sock",
@@ -131,6 +133,7 @@ class Session:
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
         self.conn_id = conn_id
+        self.peer_ip: str = peer[0]
         self.client = format_hostport(peer[0], peer[1])
         self.over_limit = over_limit
         self.user: str | None = None
@@ -244,6 +247,9 @@ class Session:
             if cached is None:
                 lookup = self._lookup = self.ctx.resolver.lookup(host, port)
                 lookup.add_done_callback(lambda f: self._step(self._on_peer_resolved, f, listening))
+                # the peer's name, like a target's, must resolve within timeouts.connect
+                timeout = UpstreamTimeout(f"resolving {self.target} timed out")
+                self._timer = self.loop.call_later(cfg.timeouts.connect, self._refuse, timeout)
                 return
             if isinstance(cached, OSError):
                 raise upstream.classify(cached, format_hostport(host, port))
@@ -253,6 +259,8 @@ class Session:
         self, lookup: asyncio.Future[list[upstream.AddrInfo]], listening: Callable[[str, int], None]
     ) -> None:
         self._lookup = None
+        if self._timer is not None:
+            self._timer.cancel()
         if lookup.cancelled():
             return
         exc = lookup.exception()

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 # Targets an association remembers (replies are accepted from these), least recent out.
 MAX_PEERS: Final = 1024
+# Names being looked up at once per association; datagrams beyond are dropped.
+MAX_LOOKUPS: Final = 16
 Address = tuple[str, int]
 
 
@@ -46,7 +48,7 @@ class Association:
         cfg = session.ctx.config
         self.idle = cfg.timeouts.udp_idle
         self.advertise = cfg.server.udp_advertise
-        self.client_ip = session.sock.getpeername()[0]
+        self.client_ip = session.peer_ip
         self.client_port = client_port or None  # the port the request named, if any
         self.client: Address | None = None  # where the client's datagrams come from
         self.reply = reply
@@ -56,6 +58,7 @@ class Association:
         self.last_activity = self.loop.time()
         self.ended: asyncio.Future[str] = self.loop.create_future()  # "ok" when the control closes
         self.pumps: list[asyncio.Task[None]] = []
+        self.lookups: set[asyncio.Task[None]] = set()  # names being resolved
         self.datagrams_up = self.datagrams_down = 0
         self.bytes_up = self.bytes_down = 0
         self.dropped = 0
@@ -110,9 +113,10 @@ class Association:
                 except TimeoutError:
                     continue  # datagrams moved meanwhile: wait for what is left
         finally:
-            for task in self.pumps:
+            tasks = [*self.pumps, *self.lookups]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self.pumps, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _start_pump(self, endpoint: Any) -> None:
         task = self.loop.create_task(self._pump(endpoint))
@@ -161,7 +165,11 @@ class Association:
         elif sender in self.peers and self.client is not None:
             self.peers.move_to_end(sender)
             header = socks5.udp_header(*sender)
-            await self.relay.send(header + data, self.client)
+            try:
+                await self.relay.send(header + data, self.client)
+            except (OSError, asyncio_dgram.TransportClosed):
+                self.dropped += 1  # e.g. too large for the client's family once wrapped
+                return
             self.datagrams_down += 1
             self.bytes_down += len(data)
             self.last_activity = self.loop.time()
@@ -187,12 +195,31 @@ class Association:
                 self.dropped += 1
                 return
             if cached is None:
-                try:
-                    cached = await resolver.lookup(datagram.host, datagram.port)
-                except (OSError, UnicodeError):
+                # a name to look up: in a task of its own, so a slow resolver does not
+                # hold up the datagrams behind this one; a few at a time, the rest dropped
+                if len(self.lookups) >= MAX_LOOKUPS:
                     self.dropped += 1
                     return
+                task = self.loop.create_task(self._resolve_and_send(datagram))
+                self.lookups.add(task)
+                task.add_done_callback(self.lookups.discard)
+                return
             addresses = cached
+        await self._send_to(datagram, addresses)
+
+    async def _resolve_and_send(self, datagram: socks5.UdpDatagram) -> None:
+        resolver = self.session.ctx.resolver
+        try:
+            async with asyncio.timeout(self.session.ctx.config.timeouts.connect):
+                addresses = await resolver.lookup(datagram.host, datagram.port)
+        except (OSError, UnicodeError):  # TimeoutError included
+            self.dropped += 1
+            return
+        await self._send_to(datagram, addresses)
+
+    async def _send_to(
+        self, datagram: socks5.UdpDatagram, addresses: list[upstream.AddrInfo]
+    ) -> None:
         if not addresses:
             self.dropped += 1
             return

@@ -397,8 +397,15 @@ class Binder:
                 sock, peer = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                continue  # that client is gone already
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # that peer is gone already
+                # out of descriptors or memory: the peer would stay queued and this
+                # loop spin, so the BIND fails instead
+                done = self._done
+                self.cancel()
+                done(None, UpstreamError(f"cannot accept the peer: {exc.strerror}"))
+                return
             if self._expected is not None and peer[0] not in self._expected:
                 sock.close()
                 self.refused += 1

@@ -431,3 +431,51 @@ def test_curl_head_and_304(start_daemon, web):
     not_modified = curl_via(daemon, "-o", "/dev/null", "-w", "%{http_code}", f"{web.base}/304")
     assert not_modified.returncode == 0, not_modified.stderr
     assert not_modified.stdout == b"304"
+
+
+def test_both_content_length_and_transfer_encoding_is_refused(start_daemon, web):
+    """The request-smuggling shape: answered 400, nothing reaches the origin."""
+    daemon = start_daemon()
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(
+            f"POST {web.base}/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode()
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
+    assert web.requests == []
+    assert daemon.access()["status"] == "bad_request"
+
+
+def test_connection_cannot_name_away_the_framing(start_daemon, web):
+    daemon = start_daemon()
+    conn = via(daemon)
+    conn.request(
+        "POST", web.base + "/f", body=b"12345", headers={"Connection": "content-length, host"}
+    )
+    report = json.loads(conn.getresponse().read())
+    assert report["body_length"] == 5
+    seen = dict(report["headers"])
+    assert seen["content-length"] == "5"
+    assert seen["host"] == f"127.0.0.1:{web.port}"
+
+
+def one_answer_then_close(conn: socket.socket) -> None:
+    """An origin that says keep-alive but closes its idle connection soon after."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    time.sleep(0.2)
+
+
+def test_an_upstream_closed_while_idle_is_not_reused(start_daemon, tcp_server):
+    daemon = start_daemon()
+    origin = tcp_server(one_answer_then_close)
+    conn = via(daemon)
+    for _ in range(2):
+        conn.request("GET", f"http://127.0.0.1:{origin.port}/")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"ok")
+        time.sleep(0.5)  # the origin has closed its end by now
+    assert len(origin.peers) == 2
+    assert [e["status"] for e in access_lines(daemon, 2)] == ["ok", "ok"]
