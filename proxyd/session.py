@@ -204,14 +204,19 @@ class Session:
         self._auth = self.loop.create_task(auth.verify(credentials))
         self._auth.add_done_callback(lambda task: self._step(self._on_verified, task, then))
 
+    def _request_complete(self) -> None:
+        """The client's request is whole: the handshake timer stops, and a client over
+        `server.max_connections` is refused now that it can be answered properly."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.over_limit:
+            limit = self.ctx.config.server.max_connections
+            raise OverLimit(f"server.max_connections ({limit}) reached")
+
     def forward(self, parser: http_proto.HttpProxyServer) -> None:
         """A plain HTTP request: from now on a task forwards this connection's requests,
         each of which writes its own access line."""
-        if self._timer is not None:
-            self._timer.cancel()
-        cfg = self.ctx.config
-        if self.over_limit:
-            raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
+        self._request_complete()
         self._enter(Phase.FORWARD)
         self._task = self.loop.create_task(Forwarder(self, parser).run(parser.request))
         self._task.add_done_callback(self._on_forward_done)
@@ -219,11 +224,7 @@ class Session:
     def associate(self, client_port: int, reply: Callable[[str, int], None]) -> None:
         """A UDP ASSOCIATE request: a task relays the datagrams until the control
         connection closes; `reply` answers the request with the relay's address."""
-        if self._timer is not None:
-            self._timer.cancel()
-        cfg = self.ctx.config
-        if self.over_limit:
-            raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
+        self._request_complete()
         self._enter(Phase.UDP)
         self._association = Association(self, client_port, reply)
         self._task = self.loop.create_task(self._association.run())
@@ -232,11 +233,8 @@ class Session:
     def bind(self, host: str, port: int, listening: Callable[[str, int], None]) -> None:
         """A BIND request: listen for the peer `host` names (0.0.0.0 or :: for any),
         tell the client where (`listening`), and relay once that peer connects."""
-        if self._timer is not None:
-            self._timer.cancel()
+        self._request_complete()
         cfg = self.ctx.config
-        if self.over_limit:
-            raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
         self._enter(Phase.CONNECT)
         if host in ("0.0.0.0", "::"):
             self._listen(None, listening)
@@ -286,11 +284,8 @@ class Session:
 
     def open(self, host: str, port: int) -> None:
         """The handshake is complete: connect to the target, then relay."""
-        if self._timer is not None:
-            self._timer.cancel()
+        self._request_complete()
         cfg = self.ctx.config
-        if self.over_limit:
-            raise OverLimit(f"server.max_connections ({cfg.server.max_connections}) reached")
         self._enter(Phase.CONNECT)
         self._connector = upstream.Connector(
             self.ctx.resolver,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -290,6 +291,31 @@ def tcp_server() -> Iterator[Callable[..., TcpServer]]:
     yield make
     for server in servers:
         server.close()
+
+
+@contextlib.contextmanager
+def silent_listener(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
+    """A port whose accept queue is full: the kernel drops further SYNs, so a connect
+    to it neither succeeds nor fails (a target that never answers). Yields the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family)
+    if family == socket.AF_INET6:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind((host, port))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(8):
+            filler = socket.socket(family)
+            filler.setblocking(False)
+            filler.connect_ex((host, port))
+            fillers.append(filler)
+        time.sleep(0.2)
+        yield port
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
 
 
 def closed_port() -> int:

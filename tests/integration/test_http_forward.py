@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PASSWORD, USER, closed_port
+from conftest import PASSWORD, USER, closed_port, silent_listener
 
 
 class _OriginHandler(http.server.BaseHTTPRequestHandler):
@@ -117,6 +117,15 @@ def via(daemon) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(*daemon.address, timeout=10)
 
 
+def curl_via(daemon, *args: str) -> subprocess.CompletedProcess[bytes]:
+    proxy = f"http://{daemon.address[0]}:{daemon.address[1]}"
+    return subprocess.run(
+        ["curl", "-sS", "-v", "--max-time", "10", "-x", proxy, *args],
+        capture_output=True,
+        timeout=30,
+    )
+
+
 def access_lines(daemon, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
     """The first `count` access lines, waiting for them to be written."""
     deadline = time.monotonic() + timeout
@@ -128,21 +137,9 @@ def access_lines(daemon, count: int, timeout: float = 10.0) -> list[dict[str, An
 
 def test_curl_get_through_the_proxy(start_daemon, web):
     daemon = start_daemon()
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "-x",
-            f"http://{daemon.address[0]}:{daemon.address[1]}",
-            "-o",
-            "-",
-            f"{web.base}/big",
-        ],
-        capture_output=True,
-        check=True,
-    ).stdout
+    result = curl_via(daemon, "-o", "-", f"{web.base}/big")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     assert hashlib.sha256(out).digest() == hashlib.sha256(web.big).digest()
     line = daemon.access()
     assert line["protocol"] == "http"
@@ -229,25 +226,10 @@ def test_expect_100_continue_with_curl(start_daemon, web, tmp_path):
     daemon = start_daemon()
     payload = tmp_path / "payload"
     payload.write_bytes(os.urandom(300_000))
-    proxy = f"http://{daemon.address[0]}:{daemon.address[1]}"
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-v",
-            "--max-time",
-            "10",
-            "-x",
-            proxy,
-            "-H",
-            "Expect: 100-continue",
-            "--data-binary",
-            f"@{payload}",
-            f"{web.base}/upload",
-        ],
-        capture_output=True,
-        check=True,
+    out = curl_via(
+        daemon, "-H", "Expect: 100-continue", "--data-binary", f"@{payload}", f"{web.base}/upload"
     )
+    assert out.returncode == 0, out.stderr
     assert b"HTTP/1.1 100 Continue" in out.stderr
     report = json.loads(out.stdout)
     assert report["body_sha256"] == hashlib.sha256(payload.read_bytes()).hexdigest()
@@ -299,22 +281,9 @@ def test_auth_is_asked_for_and_not_passed_on(start_daemon, web, users_file):
     response.read()
     assert response.status == 407
     assert response.getheader("Proxy-Authenticate") == 'Basic realm="proxyd"'
-    proxy = f"http://{daemon.address[0]}:{daemon.address[1]}"
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "-x",
-            proxy,
-            "-U",
-            f"{USER}:{PASSWORD}",
-            f"{web.base}/secret",
-        ],
-        capture_output=True,
-        check=True,
-    ).stdout
+    result = curl_via(daemon, "-U", f"{USER}:{PASSWORD}", f"{web.base}/secret")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
     seen = dict(json.loads(out)["headers"])
     assert "proxy-authorization" not in seen
     assert daemon.access(lambda e: e["status"] == "ok")["user"] == USER
@@ -340,28 +309,13 @@ def test_pac_file_points_at_the_listener(start_daemon):
 
 def test_origin_that_never_answers_the_connect_is_504(start_daemon):
     """An origin whose accept queue is full never completes the handshake."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        for _ in range(8):  # fill the accept queue: the kernel then drops further SYNs
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            fillers.append(s)
-        time.sleep(0.2)
+    with silent_listener() as port:
         daemon = start_daemon("[timeouts]\nconnect = 1\n")
         conn = via(daemon)
         conn.request("GET", f"http://127.0.0.1:{port}/")
         response = conn.getresponse()
         assert response.status == 504
         assert daemon.access()["status"] == "timeout"
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
 
 
 def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(start_daemon, web):
@@ -382,15 +336,6 @@ def test_a_client_that_stops_reading_is_cut_after_the_idle_timeout(start_daemon,
         except ConnectionResetError:
             pass
         assert received < len(web.big)
-
-
-def curl_via(daemon, *args: str) -> subprocess.CompletedProcess[bytes]:
-    proxy = f"http://{daemon.address[0]}:{daemon.address[1]}"
-    return subprocess.run(
-        ["curl", "-sS", "-v", "--max-time", "10", "-x", proxy, *args],
-        capture_output=True,
-        timeout=30,
-    )
 
 
 def test_curl_two_urls_in_one_run_reuse_one_connection(start_daemon, web):

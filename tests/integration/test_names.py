@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import silent_listener
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -35,24 +36,6 @@ def serve_once(listener: socket.socket, word: bytes) -> None:
         conn.sendall(word)
 
 
-def silent(family: int, host: str, port: int) -> tuple[socket.socket, list[socket.socket]]:
-    """A listener whose accept queue is full: the kernel drops further SYNs, so a
-    connect to it neither succeeds nor fails."""
-    sock = socket.socket(family)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind((host, port))
-    sock.listen(0)
-    fillers = []
-    for _ in range(8):
-        s = socket.socket(family)
-        s.setblocking(False)
-        s.connect_ex((host, port))
-        fillers.append(s)
-    time.sleep(0.2)
-    return sock, fillers
-
-
 def fetch_word(daemon, name: str, port: int, server: socket.socket) -> tuple[int, bytes]:
     """SOCKS5 CONNECT to name:port, `server` expected to take it; the reply code and
     what the server said."""
@@ -69,21 +52,16 @@ def test_happy_eyeballs_gets_past_a_silent_address(start_daemon, tmp_path, silen
     """One family black-holes the connect: the other is tried 250 ms later and wins,
     well inside timeouts.connect (one address at a time would wait it out and fail)."""
     hosts = hosts_file(tmp_path, "::1 dual.test\n127.0.0.1 dual.test\n")
-    if silent_family == "ipv6":
-        good = listener(socket.AF_INET, "127.0.0.1")
+    good_host, silent_host = (
+        ("127.0.0.1", "::1") if silent_family == "ipv6" else ("::1", "127.0.0.1")
+    )
+    family = socket.AF_INET6 if ":" in good_host else socket.AF_INET
+    with listener(family, good_host) as good:
         port = good.getsockname()[1]
-        black_hole, fillers = silent(socket.AF_INET6, "::1", port)
-    else:
-        good = listener(socket.AF_INET6, "::1")
-        port = good.getsockname()[1]
-        black_hole, fillers = silent(socket.AF_INET, "127.0.0.1", port)
-    try:
-        daemon = start_daemon("[timeouts]\nconnect = 5\n", hosts=hosts)
-        assert fetch_word(daemon, "dual.test", port, good) == (0, b"hi")
-        assert daemon.access()["status"] == "ok"
-    finally:
-        for s in (good, black_hole, *fillers):
-            s.close()
+        with silent_listener(silent_host, port):
+            daemon = start_daemon("[timeouts]\nconnect = 5\n", hosts=hosts)
+            assert fetch_word(daemon, "dual.test", port, good) == (0, b"hi")
+            assert daemon.access()["status"] == "ok"
 
 
 def test_a_refused_family_moves_on_at_once(start_daemon, tmp_path):

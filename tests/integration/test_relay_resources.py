@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 
+from conftest import silent_listener
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -92,19 +93,7 @@ def test_slow_reader_slows_the_writer(start_daemon, tcp_server, relay_kind):
 
 def test_connect_timeout_gives_0x04_and_504(start_daemon):
     """A target whose accept queue is full never completes the handshake: connect times out."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    fillers = []
-    try:
-        # fill the accept queue so the kernel drops further SYNs
-        for _ in range(8):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            fillers.append(s)
-        time.sleep(0.2)
+    with silent_listener() as port:
         daemon = start_daemon("[timeouts]\nconnect = 1\n")
         started = time.monotonic()
         sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", port)
@@ -115,10 +104,6 @@ def test_connect_timeout_gives_0x04_and_504(start_daemon):
         with socket.create_connection(daemon.address, timeout=10) as s:
             s.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert s.recv(4096).startswith(b"HTTP/1.1 504 ")
-    finally:
-        for s in fillers:
-            s.close()
-        listener.close()
 
 
 def pipes_of(pid: int) -> int:
