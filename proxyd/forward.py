@@ -136,6 +136,7 @@ class Forwarder:
         self.idle = cfg.timeouts.idle
         self._to_client: list[bytes] = []  # answer bytes not sent yet
         self._queued = 0
+        self.lines = 0  # access lines written
         # per request, for its access line
         self.bytes_up = 0
         self.bytes_down = 0
@@ -461,6 +462,7 @@ class Forwarder:
             self.sock.send(data)
 
     def _log(self, status: str, error: str | None, started: float) -> None:
+        self.lines += 1
         session = self.session
         if not session.ctx.config.log.access:
             return

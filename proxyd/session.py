@@ -93,6 +93,7 @@ class Session:
         "_auth",
         "_binder",
         "_connector",
+        "_forwarder",
         "_handler",
         "_lookup",
         "_on_close",
@@ -148,6 +149,7 @@ class Session:
         self._auth: asyncio.Task[bool] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._association: Association | None = None
+        self._forwarder: Forwarder | None = None
         self._binder: upstream.Binder | None = None
         self._lookup: asyncio.Future[list[upstream.AddrInfo]] | None = None  # BIND's peer name
         self._connector: upstream.Connector | None = None
@@ -218,7 +220,8 @@ class Session:
         each of which writes its own access line."""
         self._request_complete()
         self._enter(Phase.FORWARD)
-        self._task = self.loop.create_task(Forwarder(self, parser).run(parser.request))
+        self._forwarder = Forwarder(self, parser)
+        self._task = self.loop.create_task(self._forwarder.run(parser.request))
         self._task.add_done_callback(self._on_forward_done)
 
     def associate(self, client_port: int, reply: Callable[[str, int], None]) -> None:
@@ -402,7 +405,9 @@ class Session:
             self.ctx.log.error(
                 "session_error", conn_id=self.conn_id, error=f"{type(exc).__name__}: {exc}"
             )
-        self._end("ok", None, logged=True)
+        # the requests wrote their lines; stopped before the first, the connection writes one
+        logged = self._forwarder is not None and self._forwarder.lines > 0
+        self._end("shutdown" if task.cancelled() else "ok", None, logged=logged)
 
     def _on_association_done(self, task: asyncio.Task[str]) -> None:
         self._task = None
@@ -494,7 +499,7 @@ class Session:
         # Drop the links back to this session (handler, relay, connector callbacks):
         # without cycles it is freed at once, not by a garbage collection pass.
         self._handler = self._tunnel = self._connector = self._auth = self._task = None
-        self._association = self._binder = self._lookup = None
+        self._association = self._binder = self._lookup = self._forwarder = None
 
 
 def _nothing() -> None:
