@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from proxyd.errors import ConfigError
 from proxyd.protocols.common import format_hostport
+from proxyd.rules import Rule, parse_rules
 
 DEFAULT_PATH: Final = Path("/etc/proxyd/proxyd.toml")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -69,6 +70,8 @@ class ServerConfig:
     allow_open_proxy: bool = False
     # the address UDP ASSOCIATE replies give clients (behind NAT); unset = the relay's own
     udp_advertise: str | None = None
+    # what happens to a request no [[rules]] table matches
+    default_action: str = "allow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,7 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     buffers: BuffersConfig = field(default_factory=BuffersConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    rules: tuple[Rule, ...] = ()
 
     def open_proxy_problem(self) -> str | None:
         """Why starting would make an open proxy, or None when it would not."""
@@ -236,6 +240,7 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
             "max_connections": _integer(1, 10_000_000),
             "allow_open_proxy": _boolean,
             "udp_advertise": _ip_address,
+            "default_action": _choice(("allow", "deny")),
         },
     ),
     "auth": (AuthConfig, {"users_file": _path, "allow_socks4": _boolean}),
@@ -278,8 +283,11 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     problems: list[str] = []
     sections: dict[str, Any] = {}
     for name, value in data.items():
+        if name == "rules":
+            sections["rules"] = parse_rules(value, problems)
+            continue
         if name not in _SCHEMA:
-            problems.append(f"{name}: unknown section (known: {', '.join(_SCHEMA)})")
+            problems.append(f"{name}: unknown section (known: {', '.join(_SCHEMA)}, rules)")
             continue
         cls, checks = _SCHEMA[name]
         if not isinstance(value, Mapping):

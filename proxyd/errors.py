@@ -70,6 +70,19 @@ class AuthFailed(SessionError):
     http_status = 407
 
 
+class Denied(SessionError):
+    """An access rule, or `server.default_action`, refuses the request."""
+
+    status = "denied"
+    socks_reply = REP_NOT_ALLOWED
+    http_status = 403
+
+    def __init__(self, rule: int | None) -> None:
+        reason = f"denied by rules[{rule}]" if rule is not None else "denied by default_action"
+        super().__init__(reason)
+        self.rule = rule  # the access line's `rule`: None for the default action
+
+
 class Unsupported(SessionError):
     """A valid request for something this build does not do (yet)."""
 

@@ -16,13 +16,14 @@ import contextlib
 import socket
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import h11
 
 from proxyd import upstream
 from proxyd.errors import (
     AuthFailed,
+    Denied,
     ProtocolError,
     SessionError,
     UpstreamError,
@@ -31,6 +32,7 @@ from proxyd.errors import (
 from proxyd.log import access
 from proxyd.protocols.common import format_hostport
 from proxyd.protocols.http import absolute_origin, parse_basic_credentials
+from proxyd.rules import allowed_addresses
 
 if TYPE_CHECKING:
     from proxyd.protocols.http import HttpProxyServer
@@ -175,6 +177,7 @@ class Forwarder:
         session.command = method
         session.target = None
         status, error = "ok", None
+        extra: dict[str, Any] = {}
         try:
             origin = absolute_origin(target)
             if origin is None:
@@ -186,9 +189,12 @@ class Forwarder:
             if ambiguous_framing(list(request.headers)):
                 raise ProtocolError("request has both Content-Length and Transfer-Encoding")
             await self._check_credentials(request)
-            await self._forward(request, origin, target)
+            addresses = await self._authorize(*origin)
+            await self._forward(request, origin, target, addresses)
         except SessionError as exc:
             status, error = exc.status, str(exc)
+            if isinstance(exc, Denied):
+                extra["rule"] = exc.rule
             if self.client.our_state is h11.SEND_RESPONSE:
                 self._send_client(self.parser.error_response(exc.http_status, str(exc)))
             return False
@@ -205,7 +211,7 @@ class Forwarder:
             status = "shutdown"
             raise
         finally:
-            self._log(status, error, started)
+            self._log(status, error, started, extra)
         return self._reusable()
 
     def _reusable(self) -> bool:
@@ -224,8 +230,40 @@ class Forwarder:
         if not auth.cached(credentials) and not await auth.verify(credentials):
             raise AuthFailed("wrong user name or password")
 
-    async def _forward(self, request: h11.Request, key: tuple[str, int], target: str) -> None:
-        origin = await self._origin_for(key)
+    async def _authorize(self, host: str, port: int) -> list[upstream.AddrInfo] | None:
+        """The access rules for this request (Denied when they refuse): like a tunnel's,
+        with a name resolved first when address rules need it; then the allowed
+        addresses are the ones to connect to."""
+        rules = self.session.ctx.rules
+        if rules.trivial:
+            return None
+        request = self.session.request_for(host, port)
+        address = rules.address_of(host)
+        if address is not None or not rules.need_addresses:
+            decision = rules.decide(request, address)
+            if not decision.allowed:
+                raise Denied(decision.rule)
+            return None
+        resolver = self.session.ctx.resolver
+        cached = resolver.cached(host, port)
+        if cached is None:
+            try:
+                async with asyncio.timeout(self.session.ctx.config.timeouts.connect):
+                    cached = await resolver.lookup(host, port)
+            except OSError as exc:  # TimeoutError and gaierror
+                raise upstream.classify(exc, format_hostport(host, port)) from None
+        elif isinstance(cached, OSError):
+            raise upstream.classify(cached, format_hostport(host, port))
+        return allowed_addresses(rules, request, cached)
+
+    async def _forward(
+        self,
+        request: h11.Request,
+        key: tuple[str, int],
+        target: str,
+        addresses: list[upstream.AddrInfo] | None,
+    ) -> None:
+        origin = await self._origin_for(key, addresses)
         parts = urllib.parse.urlsplit(target)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         name = f"[{key[0]}]" if ":" in key[0] else key[0]
@@ -332,7 +370,9 @@ class Forwarder:
 
     # -- connections ------------------------------------------------------------------
 
-    async def _origin_for(self, key: tuple[str, int]) -> _Origin:
+    async def _origin_for(
+        self, key: tuple[str, int], addresses: list[upstream.AddrInfo] | None
+    ) -> _Origin:
         if self.origin is not None:
             if (
                 self.origin.key == key
@@ -359,7 +399,10 @@ class Forwarder:
         connector = upstream.Connector(
             self.session.ctx.resolver, cfg.buffers, cfg.timeouts.connect, connected
         )
-        connector.start(*key)
+        if addresses is None:
+            connector.start(*key)
+        else:
+            connector.start_resolved(*key, addresses)
         try:
             sock = await done
         except asyncio.CancelledError:
@@ -461,7 +504,9 @@ class Forwarder:
         with contextlib.suppress(OSError):
             self.sock.send(data)
 
-    def _log(self, status: str, error: str | None, started: float) -> None:
+    def _log(
+        self, status: str, error: str | None, started: float, extra: dict[str, Any] | None = None
+    ) -> None:
         self.lines += 1
         session = self.session
         if not session.ctx.config.log.access:
@@ -477,5 +522,6 @@ class Forwarder:
             bytes_up=self.bytes_up,
             bytes_down=self.bytes_down,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
+            **(extra or {}),
             **({"error": error} if error else {}),
         )

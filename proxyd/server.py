@@ -16,6 +16,7 @@ from proxyd.auth import Authenticator
 from proxyd.config import Config, ListenAddress
 from proxyd.log import access
 from proxyd.protocols.common import format_hostport
+from proxyd.rules import Rules
 from proxyd.session import Context, Session
 
 ACCEPT_BATCH = 128  # accepts per wake-up, so one busy listener cannot starve the loop
@@ -62,7 +63,8 @@ class Server:
         resolver = upstream.Resolver(
             size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
         )
-        self.ctx = Context(config, auth, resolver, log)
+        rules = Rules(config.rules, default_allow=config.server.default_action == "allow")
+        self.ctx = Context(config, auth, resolver, log, rules)
         self.listeners: list[socket.socket] = []
         self.sessions: set[Session] = set()
         # connection ids stay unique across workers: worker w of n counts w+1, w+1+n, ...

@@ -13,7 +13,7 @@ import contextlib
 import enum
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxyd import upstream
@@ -22,6 +22,7 @@ from proxyd.config import Config
 from proxyd.errors import (
     REP_SUCCEEDED,
     AuthFailed,
+    Denied,
     OverLimit,
     ProtocolError,
     SessionError,
@@ -34,6 +35,7 @@ from proxyd.protocols import socks4, socks5
 from proxyd.protocols.common import NEED_DATA, Credentials, format_hostport
 from proxyd.protocols.detect import Kind, sniff
 from proxyd.relay import Tunnel
+from proxyd.rules import Request, Rules, allowed_addresses
 from proxyd.udp import Association
 
 # Handshake reads are small: a request is at most a few KiB, and what a client
@@ -58,6 +60,7 @@ class Context:
     auth: Authenticator
     resolver: upstream.Resolver
     log: Any
+    rules: Rules = field(default_factory=Rules)
 
 
 class Handler(Protocol):
@@ -224,10 +227,15 @@ class Session:
         self._task = self.loop.create_task(self._forwarder.run(parser.request))
         self._task.add_done_callback(self._on_forward_done)
 
-    def associate(self, client_port: int, reply: Callable[[str, int], None]) -> None:
+    def associate(self, host: str, client_port: int, reply: Callable[[str, int], None]) -> None:
         """A UDP ASSOCIATE request: a task relays the datagrams until the control
         connection closes; `reply` answers the request with the relay's address."""
         self._request_complete()
+        rules = self.ctx.rules
+        if not rules.trivial:  # the association itself; each datagram is checked too
+            decision = rules.decide(self.request_for(host, client_port), rules.address_of(host))
+            if not decision.allowed:
+                raise Denied(decision.rule)
         self._enter(Phase.UDP)
         self._association = Association(self, client_port, reply)
         self._task = self.loop.create_task(self._association.run())
@@ -239,6 +247,11 @@ class Session:
         self._request_complete()
         cfg = self.ctx.config
         self._enter(Phase.CONNECT)
+        rules = self.ctx.rules
+        if not rules.trivial:  # the peer by its address (or name) as the request gives it
+            decision = rules.decide(self.request_for(host, port), rules.address_of(host))
+            if not decision.allowed:
+                raise Denied(decision.rule)
         if host in ("0.0.0.0", "::"):
             self._listen(None, listening)
         elif upstream.literal_addresses(host, port) is not None:
@@ -286,17 +299,79 @@ class Session:
         listening(*self._binder.address)
 
     def open(self, host: str, port: int) -> None:
-        """The handshake is complete: connect to the target, then relay."""
+        """The handshake is complete: check the rules, connect to the target, relay."""
         self._request_complete()
-        cfg = self.ctx.config
         self._enter(Phase.CONNECT)
+        self._authorize(host, port, lambda addresses: self._connect(host, port, addresses))
+
+    def _connect(self, host: str, port: int, addresses: list[upstream.AddrInfo] | None) -> None:
+        cfg = self.ctx.config
         self._connector = upstream.Connector(
             self.ctx.resolver,
             cfg.buffers,
             cfg.timeouts.connect,
             lambda sock, error: self._step(self._on_connected, sock, error),
         )
-        self._connector.start(host, port)
+        if addresses is None:
+            self._connector.start(host, port)
+        else:
+            self._connector.start_resolved(host, port, addresses)
+
+    def request_for(self, host: str, port: int) -> Request:
+        """This session's request to host:port, as the access rules see it."""
+        return Request(self.peer_ip, self.user, self.protocol or "", self.command or "", host, port)
+
+    def _authorize(
+        self,
+        host: str,
+        port: int,
+        then: Callable[[list[upstream.AddrInfo] | None], None],
+    ) -> None:
+        """Check the rules for host:port; go on with `then(addresses)`: the addresses
+        that were allowed when a name had to be resolved for address rules (connect
+        to those, not to a fresh lookup), else None."""
+        rules = self.ctx.rules
+        if rules.trivial:
+            then(None)
+            return
+        request = self.request_for(host, port)
+        address = rules.address_of(host)
+        if address is not None or not rules.need_addresses:
+            decision = rules.decide(request, address)
+            if not decision.allowed:
+                raise Denied(decision.rule)
+            then(None)
+            return
+        cached = self.ctx.resolver.cached(host, port)
+        if isinstance(cached, OSError):
+            raise upstream.classify(cached, format_hostport(host, port))
+        if cached is not None:
+            then(allowed_addresses(rules, request, cached))
+            return
+        lookup = self._lookup = self.ctx.resolver.lookup(host, port)
+        lookup.add_done_callback(
+            lambda f: self._step(self._on_authorize_resolved, f, request, then)
+        )
+        timeout = UpstreamTimeout(f"resolving {format_hostport(host, port)} timed out")
+        self._timer = self.loop.call_later(self.ctx.config.timeouts.connect, self._refuse, timeout)
+
+    def _on_authorize_resolved(
+        self,
+        lookup: asyncio.Future[list[upstream.AddrInfo]],
+        request: Request,
+        then: Callable[[list[upstream.AddrInfo] | None], None],
+    ) -> None:
+        self._lookup = None
+        if self._timer is not None:
+            self._timer.cancel()
+        if lookup.cancelled():
+            return
+        exc = lookup.exception()
+        if isinstance(exc, OSError):
+            raise upstream.classify(exc, format_hostport(request.host, request.port))
+        if exc is not None:
+            raise exc
+        then(allowed_addresses(self.ctx.rules, request, lookup.result()))
 
     # -- loop callbacks -------------------------------------------------------------
 
@@ -442,7 +517,8 @@ class Session:
             # a few bytes into an idle socket: one send, never a wait
             with contextlib.suppress(OSError):
                 self.sock.send(answer)
-        self._end(error.status, str(error))
+        extra = {"rule": error.rule} if isinstance(error, Denied) else None
+        self._end(error.status, str(error), extra=extra)
 
     def _end(
         self,
@@ -450,7 +526,7 @@ class Session:
         error: str | None,
         *,
         logged: bool = False,
-        extra: dict[str, int] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """Release everything and write the access line (unless the requests of a
         forwarding connection wrote theirs); once."""
@@ -551,7 +627,7 @@ class Socks5Handler:
         session.command = request.command.name.lower()
         session.target = format_hostport(request.host, request.port)
         if request.command is socks5.Command.UDP_ASSOCIATE:
-            session.associate(request.port, self._udp_reply)
+            session.associate(request.host, request.port, self._udp_reply)
             return
         if request.command is socks5.Command.BIND:
             session.bind(request.host, request.port, self._listening)

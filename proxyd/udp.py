@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, Final
 import asyncio_dgram
 
 from proxyd import upstream
-from proxyd.errors import ProtocolError, SessionError
+from proxyd.errors import Denied, ProtocolError, SessionError
 from proxyd.protocols import socks5
+from proxyd.rules import allowed_addresses
 
 if TYPE_CHECKING:
     from proxyd.session import Session
@@ -62,6 +63,7 @@ class Association:
         self.datagrams_up = self.datagrams_down = 0
         self.bytes_up = self.bytes_down = 0
         self.dropped = 0
+        self.denied = 0  # datagrams to destinations the rules deny
         self.established = False  # the reply went out
 
     async def run(self) -> str:
@@ -96,6 +98,8 @@ class Association:
         }
         if self.dropped:
             fields["datagrams_dropped"] = self.dropped
+        if self.denied:
+            fields["datagrams_denied"] = self.denied
         return fields
 
     async def _relay(self) -> str:
@@ -223,6 +227,15 @@ class Association:
         if not addresses:
             self.dropped += 1
             return
+        rules = self.session.ctx.rules
+        if not rules.trivial:  # every datagram's destination, each address on its own
+            try:
+                addresses = allowed_addresses(
+                    rules, self.session.request_for(datagram.host, datagram.port), addresses
+                )
+            except Denied:
+                self.denied += 1
+                return
         family, addr = addresses[0]
         endpoint = await self._endpoint_for(family)
         if endpoint is None:

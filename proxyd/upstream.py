@@ -243,6 +243,13 @@ class Connector:
             self._lookup = self._resolver.lookup(host, port)
             self._lookup.add_done_callback(self._on_resolved)
 
+    def start_resolved(self, host: str, port: int, addresses: list[AddrInfo]) -> None:
+        """Connect to these addresses of host:port (already resolved and checked)."""
+        self._target = format_hostport(host, port)
+        self._timer = self._loop.call_later(self._timeout, self._on_timeout)
+        self._addresses = interleave(addresses)
+        self._next_attempt()
+
     def cancel(self) -> None:
         self._done = None
         for timer in (self._timer, self._delay):

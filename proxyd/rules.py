@@ -1,0 +1,290 @@
+"""Access rules: `[[rules]]` tables in order, the first that matches decides, else
+`server.default_action`. Pure functions of a request and the target's addresses.
+
+Destinations are matched by name (exact, or `*.example.com` for the names below
+it) and by address (CIDRs). A name is resolved before the address rules are
+checked, each of its addresses is judged on its own, and the connection may go
+only to the addresses that were allowed: a name cannot be re-resolved into a
+denied address between check and connect.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from proxyd.errors import Denied
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+ACTIONS: Final = ("allow", "deny")
+PROTOCOLS: Final = ("socks5", "socks4", "http")
+KEYS: Final = ("action", "clients", "users", "protocols", "commands", "destinations", "ports")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What a rule looks at; `command` as the access log writes it (connect, bind,
+    udp_associate, or the HTTP method)."""
+
+    client: str
+    user: str | None
+    protocol: str
+    command: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    allow: bool
+    clients: tuple[IPNetwork, ...] | None = None
+    users: frozenset[str] | None = None
+    protocols: frozenset[str] | None = None
+    commands: frozenset[str] | None = None  # lower case
+    names: frozenset[str] | None = None  # exact destination names, lower case
+    suffixes: tuple[str, ...] | None = None  # ".example.com" for "*.example.com"
+    networks: tuple[IPNetwork, ...] | None = None  # destination CIDRs
+    ports: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def has_destinations(self) -> bool:
+        return self.names is not None or self.suffixes is not None or self.networks is not None
+
+    def matches(self, request: Request, address: IPAddress | None) -> bool:
+        """Whether every key this rule sets matches; `address` is the target's IP (the
+        host itself when it is one, else the resolved address under judgement)."""
+        if self.clients is not None and not _in_any(_ip(request.client), self.clients):
+            return False
+        if self.users is not None and request.user not in self.users:
+            return False
+        if self.protocols is not None and request.protocol not in self.protocols:
+            return False
+        if self.commands is not None and request.command.lower() not in self.commands:
+            return False
+        if self.ports is not None and not any(
+            low <= request.port <= high for low, high in self.ports
+        ):
+            return False
+        if self.has_destinations:
+            name = request.host.rstrip(".").lower()
+            by_name = (self.names is not None and name in self.names) or (
+                self.suffixes is not None and name.endswith(self.suffixes)
+            )
+            by_address = (
+                self.networks is not None
+                and address is not None
+                and _in_any(address, self.networks)
+            )
+            if not (by_name or by_address):
+                return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    rule: int | None  # index of the deciding rule; None: the default action
+
+
+class Rules:
+    def __init__(self, rules: Sequence[Rule] = (), default_allow: bool = True) -> None:
+        self.rules = tuple(rules)
+        self.default_allow = default_allow
+        # only address rules need a name resolved before the decision
+        self.need_addresses = any(r.networks is not None for r in self.rules)
+
+    @property
+    def trivial(self) -> bool:
+        """No rules and allow by default: nothing to check."""
+        return not self.rules and self.default_allow
+
+    def decide(self, request: Request, address: IPAddress | None = None) -> Decision:
+        for index, rule in enumerate(self.rules):
+            if rule.matches(request, address):
+                return Decision(rule.allow, index)
+        return Decision(self.default_allow, None)
+
+    def address_of(self, host: str) -> IPAddress | None:
+        """The host as an address, when it is one."""
+        try:
+            return ipaddress.ip_address(host)
+        except ValueError:
+            return None
+
+
+AddrInfo = tuple[int, tuple[Any, ...]]  # (family, sockaddr), as upstream resolves them
+
+
+def allowed_addresses(rules: Rules, request: Request, addresses: list[AddrInfo]) -> list[AddrInfo]:
+    """The addresses of a resolved name that the rules allow, each judged on its own;
+    Denied (with the first address's rule) when none is."""
+    allowed = []
+    first: Decision | None = None
+    for family, addr in addresses:
+        decision = rules.decide(request, rules.address_of(addr[0]))
+        first = first or decision
+        if decision.allowed:
+            allowed.append((family, addr))
+    if not allowed:
+        raise Denied(first.rule if first is not None else None)
+    return allowed
+
+
+def _ip(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _in_any(address: IPAddress | None, networks: tuple[IPNetwork, ...]) -> bool:
+    if address is None:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1 to an IPv4 rule
+    return any(address.version == n.version and address in n for n in networks)
+
+
+# --- from the configuration -------------------------------------------------------
+
+
+def parse_rules(value: Any, problems: list[str]) -> tuple[Rule, ...]:
+    """`[[rules]]` into Rules; each problem is appended with its key path."""
+    if not isinstance(value, list):
+        problems.append("rules: must be an array of tables ([[rules]])")
+        return ()
+    rules = []
+    for index, table in enumerate(value):
+        rule = _parse_rule(table, f"rules[{index}]", problems)
+        if rule is not None:
+            rules.append(rule)
+    return tuple(rules)
+
+
+def _parse_rule(table: Any, path: str, problems: list[str]) -> Rule | None:
+    if not isinstance(table, Mapping):
+        problems.append(f"{path}: must be a table")
+        return None
+    before = len(problems)
+    for key in table:
+        if key not in KEYS:
+            problems.append(f"{path}.{key}: unknown key (known: {', '.join(KEYS)})")
+    action = table.get("action")
+    if action not in ACTIONS:
+        problems.append(f'{path}.action: must be "allow" or "deny", not {action!r}')
+    clients = _list(table, "clients", path, problems, _network)
+    users = _list(table, "users", path, problems, _text)
+    protocols = _list(table, "protocols", path, problems, _protocol)
+    commands = _list(table, "commands", path, problems, _command)
+    destinations = _list(table, "destinations", path, problems, _destination)
+    ports = _list(table, "ports", path, problems, _port_range)
+    if len(problems) > before:
+        return None
+    names = suffixes = networks = None
+    if destinations is not None:
+        found_networks = [d for d in destinations if not isinstance(d, str)]
+        found_names = [d for d in destinations if isinstance(d, str) and not d.startswith(".")]
+        found_suffixes = [d for d in destinations if isinstance(d, str) and d.startswith(".")]
+        names = frozenset(found_names) if found_names else None
+        suffixes = tuple(found_suffixes) if found_suffixes else None
+        networks = tuple(found_networks) if found_networks else None
+    return Rule(
+        allow=action == "allow",
+        clients=tuple(clients) if clients is not None else None,
+        users=frozenset(users) if users is not None else None,
+        protocols=frozenset(protocols) if protocols is not None else None,
+        commands=frozenset(commands) if commands is not None else None,
+        names=names,
+        suffixes=suffixes,
+        networks=networks,
+        ports=tuple(ports) if ports is not None else None,
+    )
+
+
+def _list(
+    table: Mapping[str, Any], key: str, path: str, problems: list[str], parse: Any
+) -> list[Any] | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, list) or not value:
+        problems.append(f"{path}.{key}: must be a non-empty list")
+        return None
+    items = []
+    for i, item in enumerate(value):
+        try:
+            items.append(parse(item))
+        except ValueError as exc:
+            problems.append(f"{path}.{key}[{i}]: {exc}")
+    return items
+
+
+def _network(item: Any) -> IPNetwork:
+    if not isinstance(item, str):
+        raise ValueError(f"must be a CIDR string, not {item!r}")
+    try:
+        return ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+
+
+def _text(item: Any) -> str:
+    if not isinstance(item, str) or not item:
+        raise ValueError(f"must be a non-empty string, not {item!r}")
+    return item
+
+
+def _protocol(item: Any) -> str:
+    if item not in PROTOCOLS:
+        raise ValueError(f"must be one of {', '.join(PROTOCOLS)}, not {item!r}")
+    return str(item)
+
+
+def _command(item: Any) -> str:
+    if not isinstance(item, str) or not item.replace("_", "").isalpha():
+        raise ValueError(f"must be connect, bind, udp_associate or an HTTP method, not {item!r}")
+    return item.lower()
+
+
+def _destination(item: Any) -> IPNetwork | str:
+    """A CIDR, an exact name, or `*.example.com` (returned as ".example.com")."""
+    if not isinstance(item, str) or not item:
+        raise ValueError(f"must be a CIDR, a name or *.name, not {item!r}")
+    try:
+        return ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        pass
+    name = item.rstrip(".").lower()
+    wildcard = name.startswith("*.")
+    label_text = name[2:] if wildcard else name
+    if (
+        "*" in label_text
+        or not label_text
+        or any(
+            not label or len(label) > 63 or not all(c.isalnum() or c in "-_" for c in label)
+            for label in label_text.split(".")
+        )
+    ):
+        raise ValueError(f"{item!r} is not a CIDR, a host name or a *.name pattern")
+    return "." + label_text if wildcard else label_text
+
+
+def _port_range(item: Any) -> tuple[int, int]:
+    if type(item) is int:
+        low = high = item
+    elif isinstance(item, str) and item.strip().isdigit():
+        low = high = int(item)
+    elif isinstance(item, str) and item.count("-") == 1:
+        low_text, high_text = item.split("-")
+        if not (low_text.strip().isdigit() and high_text.strip().isdigit()):
+            raise ValueError(f"{item!r} is not a port or a range like 8000-8999")
+        low, high = int(low_text), int(high_text)
+    else:
+        raise ValueError(f"{item!r} is not a port or a range like 8000-8999")
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"{item!r}: ports are 1-65535, the low end first")
+    return low, high

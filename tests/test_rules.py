@@ -1,0 +1,105 @@
+"""proxyd.rules without sockets: matching, order, defaults, address filtering."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from proxyd.errors import Denied
+from proxyd.rules import Request, Rules, allowed_addresses, parse_rules
+
+
+def rules(*tables: dict[str, object], default_allow: bool = True) -> Rules:
+    problems: list[str] = []
+    parsed = parse_rules(list(tables), problems)
+    assert problems == []
+    return Rules(parsed, default_allow)
+
+
+def request(**changes: object) -> Request:
+    base: dict[str, object] = {
+        "client": "192.0.2.10",
+        "user": None,
+        "protocol": "socks5",
+        "command": "connect",
+        "host": "www.example.com",
+        "port": 443,
+    }
+    base.update(changes)
+    return Request(**base)  # type: ignore[arg-type]
+
+
+def verdict(r: Rules, address: str | None = None, **changes: object) -> tuple[bool, int | None]:
+    d = r.decide(request(**changes), r.address_of(address) if address else None)
+    return d.allowed, d.rule
+
+
+def test_no_rules_allow_and_the_default_can_deny() -> None:
+    assert rules().trivial
+    assert verdict(rules()) == (True, None)
+    assert verdict(rules(default_allow=False)) == (False, None)
+
+
+def test_first_match_wins() -> None:
+    r = rules(
+        {"action": "deny", "ports": [25]},
+        {"action": "allow", "ports": ["1-1024"]},
+        default_allow=False,
+    )
+    assert verdict(r, port=25) == (False, 0)
+    assert verdict(r, port=80) == (True, 1)
+    assert verdict(r, port=8080) == (False, None)
+
+
+@pytest.mark.parametrize(
+    ("table", "matching", "other"),
+    [
+        ({"clients": ["192.0.2.0/24"]}, {}, {"client": "198.51.100.1"}),
+        ({"clients": ["2001:db8::/32"]}, {"client": "2001:db8::5"}, {}),
+        ({"users": ["alice"]}, {"user": "alice"}, {"user": "bob"}),
+        ({"users": ["alice"]}, {"user": "alice"}, {"user": None}),
+        ({"protocols": ["http"]}, {"protocol": "http"}, {}),
+        ({"commands": ["GET", "udp_associate"]}, {"command": "get"}, {"command": "POST"}),
+        ({"commands": ["connect"]}, {}, {"command": "bind"}),
+        (
+            {"destinations": ["www.example.com"]},
+            {"host": "WWW.Example.COM."},
+            {"host": "example.com"},
+        ),
+        ({"destinations": ["*.example.com"]}, {"host": "a.b.example.com"}, {"host": "example.com"}),
+        ({"destinations": ["*.example.com"]}, {}, {"host": "badexample.com"}),
+        ({"ports": [443, "8000-8999"]}, {"port": 8500}, {"port": 9000}),
+    ],
+)
+def test_each_key(
+    table: dict[str, object], matching: dict[str, object], other: dict[str, object]
+) -> None:
+    r = rules({"action": "deny", **table})
+    assert verdict(r, **matching) == (False, 0)
+    assert verdict(r, **other) == (True, None)
+
+
+def test_destination_cidrs_need_the_address() -> None:
+    r = rules({"action": "deny", "destinations": ["10.0.0.0/8", "fd00::/8"]})
+    assert r.need_addresses
+    assert verdict(r, "10.1.2.3", host="internal.example") == (False, 0)
+    assert verdict(r, "::ffff:10.1.2.3", host="mapped.example") == (False, 0)
+    assert verdict(r, "fd12::1", host="v6.example") == (False, 0)
+    assert verdict(r, "192.0.2.1", host="public.example") == (True, None)
+    assert verdict(r, None, host="unresolved.example") == (True, None)
+
+
+def test_only_allowed_addresses_are_kept() -> None:
+    r = rules({"action": "deny", "destinations": ["127.0.0.2/32"]})
+    resolved = [
+        (socket.AF_INET, ("127.0.0.2", 80)),
+        (socket.AF_INET, ("127.0.0.1", 80)),
+    ]
+    assert allowed_addresses(r, request(host="mixed.test", port=80), resolved) == [
+        (socket.AF_INET, ("127.0.0.1", 80))
+    ]
+    with pytest.raises(Denied) as info:
+        allowed_addresses(r, request(host="mixed.test", port=80), resolved[:1])
+    assert info.value.rule == 0
+    assert info.value.socks_reply == 0x02 and info.value.http_status == 403
