@@ -245,7 +245,6 @@ class Session:
         """A BIND request: listen for the peer `host` names (0.0.0.0 or :: for any),
         tell the client where (`listening`), and relay once that peer connects."""
         self._request_complete()
-        cfg = self.ctx.config
         self._enter(Phase.CONNECT)
         rules = self.ctx.rules
         if not rules.trivial:  # the peer by its address (or name) as the request gives it
@@ -257,32 +256,9 @@ class Session:
         elif upstream.literal_addresses(host, port) is not None:
             self._listen({host}, listening)
         else:
-            cached = self.ctx.resolver.cached(host, port)
-            if cached is None:
-                lookup = self._lookup = self.ctx.resolver.lookup(host, port)
-                lookup.add_done_callback(lambda f: self._step(self._on_peer_resolved, f, listening))
-                # the peer's name, like a target's, must resolve within timeouts.connect
-                timeout = UpstreamTimeout(f"resolving {self.target} timed out")
-                self._timer = self.loop.call_later(cfg.timeouts.connect, self._refuse, timeout)
-                return
-            if isinstance(cached, OSError):
-                raise upstream.classify(cached, format_hostport(host, port))
-            self._listen({addr[0] for _family, addr in cached}, listening)
-
-    def _on_peer_resolved(
-        self, lookup: asyncio.Future[list[upstream.AddrInfo]], listening: Callable[[str, int], None]
-    ) -> None:
-        self._lookup = None
-        if self._timer is not None:
-            self._timer.cancel()
-        if lookup.cancelled():
-            return
-        exc = lookup.exception()
-        if isinstance(exc, OSError):
-            raise upstream.classify(exc, self.target or "")
-        if exc is not None:
-            raise exc
-        self._listen({addr[0] for _family, addr in lookup.result()}, listening)
+            self._resolve(
+                host, port, lambda found: self._listen({a[0] for _f, a in found}, listening)
+            )
 
     def _listen(self, expected: set[str] | None, listening: Callable[[str, int], None]) -> None:
         cfg = self.ctx.config
@@ -342,24 +318,30 @@ class Session:
                 raise Denied(decision.rule)
             then(None)
             return
+        self._resolve(host, port, lambda found: then(allowed_addresses(rules, request, found)))
+
+    def _resolve(
+        self, host: str, port: int, then: Callable[[list[upstream.AddrInfo]], None]
+    ) -> None:
+        """The addresses of a name, from the cache or a lookup bounded by
+        `timeouts.connect`, handed to `then`; a failure refuses the request."""
+        target = format_hostport(host, port)
         cached = self.ctx.resolver.cached(host, port)
         if isinstance(cached, OSError):
-            raise upstream.classify(cached, format_hostport(host, port))
+            raise upstream.classify(cached, target)
         if cached is not None:
-            then(allowed_addresses(rules, request, cached))
+            then(cached)
             return
         lookup = self._lookup = self.ctx.resolver.lookup(host, port)
-        lookup.add_done_callback(
-            lambda f: self._step(self._on_authorize_resolved, f, request, then)
-        )
-        timeout = UpstreamTimeout(f"resolving {format_hostport(host, port)} timed out")
+        lookup.add_done_callback(lambda f: self._step(self._on_resolved, f, target, then))
+        timeout = UpstreamTimeout(f"resolving {target} timed out")
         self._timer = self.loop.call_later(self.ctx.config.timeouts.connect, self._refuse, timeout)
 
-    def _on_authorize_resolved(
+    def _on_resolved(
         self,
         lookup: asyncio.Future[list[upstream.AddrInfo]],
-        request: Request,
-        then: Callable[[list[upstream.AddrInfo] | None], None],
+        target: str,
+        then: Callable[[list[upstream.AddrInfo]], None],
     ) -> None:
         self._lookup = None
         if self._timer is not None:
@@ -368,10 +350,10 @@ class Session:
             return
         exc = lookup.exception()
         if isinstance(exc, OSError):
-            raise upstream.classify(exc, format_hostport(request.host, request.port))
+            raise upstream.classify(exc, target)
         if exc is not None:
             raise exc
-        then(allowed_addresses(self.ctx.rules, request, lookup.result()))
+        then(lookup.result())
 
     # -- loop callbacks -------------------------------------------------------------
 
