@@ -77,8 +77,9 @@ class Denied(SessionError):
     socks_reply = REP_NOT_ALLOWED
     http_status = 403
 
-    def __init__(self, rule: int | None) -> None:
-        reason = f"denied by rules[{rule}]" if rule is not None else "denied by default_action"
+    def __init__(self, rule: int | None, reason: str | None = None) -> None:
+        if reason is None:
+            reason = f"denied by rules[{rule}]" if rule is not None else "denied by default_action"
         super().__init__(reason)
         self.rule = rule  # the access line's `rule`: None for the default action
 

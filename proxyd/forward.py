@@ -26,7 +26,6 @@ from proxyd.errors import (
     Denied,
     ProtocolError,
     SessionError,
-    UpstreamError,
     UpstreamTimeout,
 )
 from proxyd.log import access
@@ -385,7 +384,7 @@ class Forwarder:
         cfg = self.session.ctx.config
         done: asyncio.Future[socket.socket] = self.loop.create_future()
 
-        def connected(sock: socket.socket | None, error: UpstreamError | None) -> None:
+        def connected(sock: socket.socket | None, error: SessionError | None) -> None:
             if done.done():  # the task was cancelled meanwhile
                 if sock is not None:
                     sock.close()
@@ -397,7 +396,11 @@ class Forwarder:
                 done.set_result(sock)
 
         connector = upstream.Connector(
-            self.session.ctx.resolver, cfg.buffers, cfg.timeouts.connect, connected
+            self.session.ctx.resolver,
+            cfg.buffers,
+            cfg.timeouts.connect,
+            connected,
+            refuse=self.session.is_own_listener,
         )
         if addresses is None:
             connector.start(*key)

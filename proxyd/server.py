@@ -90,6 +90,7 @@ class Server:
         for sock in self.listeners:
             loop.add_reader(sock.fileno(), self._on_acceptable, sock)
             host, port = sock.getsockname()[:2]
+            self.ctx.listening.append((host, port))
             self.log.info("listening", address=str(ListenAddress(host, port)))
         self.log.info(
             "started",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ipaddress
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,24 @@ class Context:
     resolver: upstream.Resolver
     log: Any
     rules: Rules = field(default_factory=Rules)
+    listening: list[tuple[str, int]] = field(default_factory=list)  # our own listeners
+
+    def is_own_listener(self, ip: str, port: int, client: socket.socket) -> bool:
+        """Whether ip:port is one of this daemon's listeners, which a client must not
+        make it connect to (a loop through itself). A wildcard listener is reached
+        on loopback, on the unspecified address, and on the address the client used."""
+        for host, own_port in self.listening:
+            if own_port != port:
+                continue
+            if ip == host:
+                return True
+            if host in ("0.0.0.0", "::"):
+                if ip in ("0.0.0.0", "::") or ipaddress.ip_address(ip).is_loopback:
+                    return True
+                with contextlib.suppress(OSError):
+                    if ip == client.getsockname()[0]:
+                        return True
+        return False
 
 
 class Handler(Protocol):
@@ -287,11 +306,15 @@ class Session:
             cfg.buffers,
             cfg.timeouts.connect,
             lambda sock, error: self._step(self._on_connected, sock, error),
+            refuse=self.is_own_listener,
         )
         if addresses is None:
             self._connector.start(host, port)
         else:
             self._connector.start_resolved(host, port, addresses)
+
+    def is_own_listener(self, ip: str, port: int) -> bool:
+        return self.ctx.is_own_listener(ip, port, self.sock)
 
     def request_for(self, host: str, port: int) -> Request:
         """This session's request to host:port, as the access rules see it."""

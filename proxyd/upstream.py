@@ -18,8 +18,10 @@ from typing import Any, Final
 
 from proxyd.config import BuffersConfig
 from proxyd.errors import (
+    Denied,
     HostUnreachable,
     NetworkUnreachable,
+    SessionError,
     UpstreamError,
     UpstreamRefused,
     UpstreamTimeout,
@@ -181,7 +183,7 @@ def interleave(addresses: list[AddrInfo]) -> list[AddrInfo]:
 # RFC 8305 section 5: the pause before starting the next attempt while one is pending
 ATTEMPT_DELAY: Final = 0.25
 
-ConnectDone = Callable[[socket.socket | None, UpstreamError | None], object]
+ConnectDone = Callable[[socket.socket | None, SessionError | None], object]
 
 
 class Connector:
@@ -204,6 +206,8 @@ class Connector:
         "_last",
         "_lookup",
         "_loop",
+        "_refuse",
+        "_refused",
         "_resolver",
         "_target",
         "_timeout",
@@ -211,8 +215,16 @@ class Connector:
     )
 
     def __init__(
-        self, resolver: Resolver, buffers: BuffersConfig, timeout: float, done: ConnectDone
+        self,
+        resolver: Resolver,
+        buffers: BuffersConfig,
+        timeout: float,
+        done: ConnectDone,
+        refuse: Callable[[str, int], bool] | None = None,
     ) -> None:
+        """`refuse(ip, port)`: addresses never to connect to (the proxy's own listeners)."""
+        self._refuse = refuse
+        self._refused = False
         self._loop = asyncio.get_running_loop()
         self._resolver = resolver
         self._buffers = buffers
@@ -283,6 +295,9 @@ class Connector:
         self._delay = None
         while self._addresses:
             family, addr = self._addresses.pop(0)
+            if self._refuse is not None and self._refuse(addr[0], addr[1]):
+                self._refused = True
+                continue
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM)
             except OSError as exc:  # e.g. no IPv6 on this host: try the next address
@@ -314,7 +329,9 @@ class Connector:
             sock.close()
             self._last = OSError(err, os.strerror(err))
         if not self._attempts:
-            if self._last is None:
+            if self._last is None and self._refused:
+                self._finish(None, Denied(None, f"{self._target} is this proxy's own listener"))
+            elif self._last is None:
                 self._finish(None, HostUnreachable(f"{self._target} has no address"))
             else:
                 self._finish(None, classify(self._last, self._target))
@@ -339,7 +356,7 @@ class Connector:
         if done is not None:
             done(None, classify(TimeoutError(), self._target))
 
-    def _finish(self, sock: socket.socket | None, error: UpstreamError | None) -> None:
+    def _finish(self, sock: socket.socket | None, error: SessionError | None) -> None:
         done = self._done
         self.cancel()  # the other attempts, the timers
         if done is None:

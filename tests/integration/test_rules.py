@@ -7,7 +7,7 @@ import base64
 import http.client
 import socket
 
-from conftest import PASSWORD, USER
+from conftest import PASSWORD, ROOT, USER
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -135,3 +135,36 @@ def test_udp_datagrams_to_denied_destinations_are_dropped(start_daemon):
         assert echo.recvfrom(100)[0] == b"yes"
     line = daemon.access()
     assert (line["datagrams_up"], line["datagrams_denied"]) == (1, 1)
+
+
+def test_the_proxy_never_connects_to_its_own_listener(start_daemon):
+    daemon = start_daemon()
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", daemon.port)
+    sock.close()
+    assert rep == 0x02
+    line = daemon.access()
+    assert line["status"] == "denied"
+    assert "own listener" in line["error"]
+    conn = http.client.HTTPConnection(*daemon.address, timeout=10)
+    conn.request("GET", f"http://127.0.0.1:{daemon.port}/")
+    response = conn.getresponse()
+    assert response.status == 403
+    response.read()
+
+
+def test_a_wildcard_listener_is_its_own_on_loopback_too(start_daemon):
+    daemon = start_daemon("[server]\nallow_open_proxy = true\n", listen="0.0.0.0:0")
+    sock, rep, _, _ = socks5client.connect(("127.0.0.1", daemon.port), "127.0.0.1", daemon.port)
+    sock.close()
+    assert rep == 0x02
+
+
+def test_the_example_rule_set_keeps_clients_off_this_host(start_daemon, tcp_server):
+    server = tcp_server()
+    example = (ROOT / "config" / "rules-example.toml").read_text()
+    daemon = start_daemon(example)
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+    sock.close()
+    assert rep == 0x02
+    assert daemon.access()["rule"] == 1
+    assert server.peers == []
