@@ -82,6 +82,12 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    per_client: int = 0  # open connections per client IP address; 0 = no limit
+    per_user: int = 0  # open connections per authenticated user; 0 = no limit
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     cache_size: int = 1024  # names; 0 turns the cache off
     cache_ttl: float = 60.0  # seconds an answer is reused
@@ -116,6 +122,7 @@ class LogConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     buffers: BuffersConfig = field(default_factory=BuffersConfig)
@@ -244,6 +251,10 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
         },
     ),
     "auth": (AuthConfig, {"users_file": _path, "allow_socks4": _boolean}),
+    "limits": (
+        LimitsConfig,
+        {"per_client": _integer(0, 10_000_000), "per_user": _integer(0, 10_000_000)},
+    ),
     "dns": (
         DnsConfig,
         {

@@ -181,7 +181,7 @@ class Server:
             peer,
             conn_id,
             on_close=self.sessions.discard,
-            over_limit=active >= limit,
+            over_limit=f"server.max_connections ({limit}) reached" if active >= limit else None,
         )
         self.sessions.add(session)
         session.start()

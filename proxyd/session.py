@@ -63,6 +63,9 @@ class Context:
     log: Any
     rules: Rules = field(default_factory=Rules)
     listening: list[tuple[str, int]] = field(default_factory=list)  # our own listeners
+    # open sessions per client address and per user, for `[limits]`
+    per_client: dict[str, int] = field(default_factory=dict)
+    per_user: dict[str, int] = field(default_factory=dict)
 
     def is_own_listener(self, ip: str, port: int, client: socket.socket) -> bool:
         """Whether ip:port is one of this daemon's listeners, which a client must not
@@ -124,6 +127,7 @@ class Session:
         "_task",
         "_timer",
         "_tunnel",
+        "_user_counted",
         "client",
         "command",
         "conn_id",
@@ -148,7 +152,7 @@ class Session:
         conn_id: int,
         *,
         on_close: Callable[[Session], object],
-        over_limit: bool = False,
+        over_limit: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.sock = sock
@@ -158,7 +162,14 @@ class Session:
         self.conn_id = conn_id
         self.peer_ip: str = peer[0]
         self.client = format_hostport(peer[0], peer[1])
+        # why this client is refused once its request is read, if it is
         self.over_limit = over_limit
+        count = ctx.per_client.get(self.peer_ip, 0)
+        ctx.per_client[self.peer_ip] = count + 1
+        per_client = ctx.config.limits.per_client
+        if over_limit is None and per_client and count >= per_client:
+            self.over_limit = f"limits.per_client ({per_client}) reached for {self.peer_ip}"
+        self._user_counted = False
         self.user: str | None = None
         self.protocol: str | None = None
         self.command: str | None = None
@@ -230,12 +241,18 @@ class Session:
 
     def _request_complete(self) -> None:
         """The client's request is whole: the handshake timer stops, and a client over
-        `server.max_connections` is refused now that it can be answered properly."""
+        a limit is refused now that it can be answered properly."""
         if self._timer is not None:
             self._timer.cancel()
         if self.over_limit:
-            limit = self.ctx.config.server.max_connections
-            raise OverLimit(f"server.max_connections ({limit}) reached")
+            raise OverLimit(self.over_limit)
+        per_user = self.ctx.config.limits.per_user
+        if per_user and self.user is not None:
+            count = self.ctx.per_user.get(self.user, 0)
+            if count >= per_user:
+                raise OverLimit(f"limits.per_user ({per_user}) reached for {self.user}")
+            self.ctx.per_user[self.user] = count + 1
+            self._user_counted = True
 
     def forward(self, parser: http_proto.HttpProxyServer) -> None:
         """A plain HTTP request: from now on a task forwards this connection's requests,
@@ -557,6 +574,9 @@ class Session:
         self.sock.close()
         if self._remote is not None:
             self._remote.close()
+        _release(self.ctx.per_client, self.peer_ip)
+        if self._user_counted and self.user is not None:
+            _release(self.ctx.per_user, self.user)
         if self.ctx.config.log.access and not logged:
             fields: dict[str, Any] = {
                 "bytes_up": tunnel.bytes_up if tunnel else 0,
@@ -581,6 +601,15 @@ class Session:
         # without cycles it is freed at once, not by a garbage collection pass.
         self._handler = self._tunnel = self._connector = self._auth = self._task = None
         self._association = self._binder = self._lookup = self._forwarder = None
+
+
+def _release(counts: dict[str, int], key: str) -> None:
+    """One open session fewer for `key`; gone at zero, so the table stays small."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _nothing() -> None:

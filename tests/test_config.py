@@ -196,6 +196,8 @@ BAD = [
     ({"timeouts": {"idle": 0.0}}, "timeouts.idle"),
     ({"timeouts": {"udp_idle": [60]}}, "timeouts.udp_idle"),
     ({"auth": {"allow_socks4": "yes"}}, "auth.allow_socks4"),
+    ({"limits": {"per_client": -1}}, "limits.per_client"),
+    ({"limits": {"per_user": "10"}}, "limits.per_user"),
     ({"dns": {"cache_size": -1}}, "dns.cache_size"),
     ({"dns": {"cache_size": 1.5}}, "dns.cache_size"),
     ({"dns": {"cache_ttl": -1}}, "dns.cache_ttl"),
