@@ -293,6 +293,35 @@ def tcp_server() -> Iterator[Callable[..., TcpServer]]:
         server.close()
 
 
+def listening_socket(
+    host: str = "127.0.0.1", port: int = 0, *, also_free_on: str = ""
+) -> socket.socket:
+    """A listening TCP socket on host:port. With `also_free_on`, its (ephemeral) port
+    is one that the other address can bind too, for tests that need the same port
+    on two addresses; a port taken there is skipped (a bounded number of times)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        sock = socket.socket(family)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(16)
+        if not also_free_on:
+            return sock
+        other_family = socket.AF_INET6 if ":" in also_free_on else socket.AF_INET
+        probe = socket.socket(other_family)
+        if other_family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind((also_free_on, sock.getsockname()[1]))
+            return sock
+        except OSError:
+            sock.close()  # taken on the other address: another port
+        finally:
+            probe.close()
+    raise RuntimeError(f"no port free on both {host} and {also_free_on}")
+
+
 @contextlib.contextmanager
 def silent_listener(host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
     """A port whose accept queue is full: the kernel drops further SYNs, so a connect

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import silent_listener
+from conftest import listening_socket, silent_listener
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -17,17 +17,6 @@ def hosts_file(tmp_path, text: str):
     path = tmp_path / "hosts"
     path.write_text(text)
     return path
-
-
-def listener(family: int = socket.AF_INET, host: str = "127.0.0.1", port: int = 0):
-    """A listening socket (the test accepts from it with serve_once)."""
-    sock = socket.socket(family)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind((host, port))
-    sock.listen(16)
-    sock.settimeout(10)
-    return sock
 
 
 def serve_once(listener: socket.socket, word: bytes) -> None:
@@ -55,8 +44,7 @@ def test_happy_eyeballs_gets_past_a_silent_address(start_daemon, tmp_path, silen
     good_host, silent_host = (
         ("127.0.0.1", "::1") if silent_family == "ipv6" else ("::1", "127.0.0.1")
     )
-    family = socket.AF_INET6 if ":" in good_host else socket.AF_INET
-    with listener(family, good_host) as good:
+    with listening_socket(good_host, also_free_on=silent_host) as good:
         port = good.getsockname()[1]
         with silent_listener(silent_host, port):
             daemon = start_daemon("[timeouts]\nconnect = 5\n", hosts=hosts)
@@ -66,7 +54,7 @@ def test_happy_eyeballs_gets_past_a_silent_address(start_daemon, tmp_path, silen
 
 def test_a_refused_family_moves_on_at_once(start_daemon, tmp_path):
     hosts = hosts_file(tmp_path, "::1 dual.test\n127.0.0.1 dual.test\n")
-    good = listener(socket.AF_INET, "127.0.0.1")  # nothing listens on [::1]:port
+    good = listening_socket()  # nothing listens on [::1]:port
     with good:
         daemon = start_daemon("[timeouts]\nconnect = 5\n", hosts=hosts)
         assert fetch_word(daemon, "dual.test", good.getsockname()[1], good) == (0, b"hi")
@@ -74,7 +62,7 @@ def test_a_refused_family_moves_on_at_once(start_daemon, tmp_path):
 
 def test_every_address_refused_is_0x05(start_daemon, tmp_path):
     hosts = hosts_file(tmp_path, "::1 dual.test\n127.0.0.1 dual.test\n")
-    probe = listener()
+    probe = listening_socket()
     port = probe.getsockname()[1]
     probe.close()
     daemon = start_daemon(hosts=hosts)
@@ -86,9 +74,9 @@ def test_every_address_refused_is_0x05(start_daemon, tmp_path):
 
 def test_answers_are_cached_for_their_lifetime(start_daemon, tmp_path):
     hosts = hosts_file(tmp_path, "127.0.0.1 moving.test\n")
-    first = listener(host="127.0.0.1")
+    first = listening_socket(also_free_on="127.0.0.2")
     port = first.getsockname()[1]
-    second = listener(host="127.0.0.2", port=port)
+    second = listening_socket("127.0.0.2", port)
     try:
         cached = start_daemon("[dns]\ncache_ttl = 1\n", hosts=hosts)
         uncached = start_daemon("[dns]\ncache_size = 0\n", hosts=hosts)
@@ -106,7 +94,7 @@ def test_answers_are_cached_for_their_lifetime(start_daemon, tmp_path):
 
 def test_unknown_names_are_cached_briefly(start_daemon, tmp_path):
     hosts = hosts_file(tmp_path, "127.0.0.1 other.test\n")
-    target = listener()
+    target = listening_socket()
     port = target.getsockname()[1]
     try:
         remembers = start_daemon("[dns]\nnegative_ttl = 60\n", hosts=hosts)

@@ -7,7 +7,7 @@ import base64
 import http.client
 import socket
 
-from conftest import PASSWORD, ROOT, USER
+from conftest import PASSWORD, ROOT, USER, listening_socket
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -71,13 +71,9 @@ def test_a_name_goes_only_to_its_allowed_addresses(start_daemon, tmp_path):
     judged, and only the allowed one is connected to."""
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.2 mixed.test\n127.0.0.1 mixed.test\n127.0.0.2 inside.test\n")
-    allowed = socket.socket()
-    allowed.bind(("127.0.0.1", 0))
-    allowed.listen(8)
+    allowed = listening_socket(also_free_on="127.0.0.2")
     port = allowed.getsockname()[1]
-    denied = socket.socket()
-    denied.bind(("127.0.0.2", port))
-    denied.listen(8)
+    denied = listening_socket("127.0.0.2", port)
     denied.setblocking(False)
     with allowed, denied:
         daemon = start_daemon(deny_second_loopback(), hosts=hosts)
