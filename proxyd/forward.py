@@ -237,23 +237,11 @@ class Forwarder:
         if rules.trivial:
             return None
         request = self.session.request_for(host, port)
-        address = rules.address_of(host)
-        if address is not None or not rules.need_addresses:
-            decision = rules.decide(request, address)
-            if not decision.allowed:
-                raise Denied(decision.rule)
+        if rules.check_before_lookup(request):
             return None
-        resolver = self.session.ctx.resolver
-        cached = resolver.cached(host, port)
-        if cached is None:
-            try:
-                async with asyncio.timeout(self.session.ctx.config.timeouts.connect):
-                    cached = await resolver.lookup(host, port)
-            except OSError as exc:  # TimeoutError and gaierror
-                raise upstream.classify(exc, format_hostport(host, port)) from None
-        elif isinstance(cached, OSError):
-            raise upstream.classify(cached, format_hostport(host, port))
-        return allowed_addresses(rules, request, cached)
+        ctx = self.session.ctx
+        found = await ctx.resolver.resolve(host, port, ctx.config.timeouts.connect)
+        return allowed_addresses(rules, request, found)
 
     async def _forward(
         self,

@@ -108,6 +108,21 @@ class Rules:
                 return Decision(rule.allow, index)
         return Decision(self.default_allow, None)
 
+    def check(self, request: Request) -> None:
+        """Judge the request by its host as given (a name is not resolved); Denied
+        when the rules refuse it."""
+        decision = self.decide(request, self.address_of(request.host))
+        if not decision.allowed:
+            raise Denied(decision.rule)
+
+    def check_before_lookup(self, request: Request) -> bool:
+        """Decide what needs no lookup: Denied when refused, True when allowed, False
+        when the host is a name that address rules need resolved first."""
+        if self.need_addresses and self.address_of(request.host) is None:
+            return False
+        self.check(request)
+        return True
+
     def address_of(self, host: str) -> IPAddress | None:
         """The host as an address, when it is one."""
         try:

@@ -269,9 +269,7 @@ class Session:
         self._request_complete()
         rules = self.ctx.rules
         if not rules.trivial:  # the association itself; each datagram is checked too
-            decision = rules.decide(self.request_for(host, client_port), rules.address_of(host))
-            if not decision.allowed:
-                raise Denied(decision.rule)
+            rules.check(self.request_for(host, client_port))
         self._enter(Phase.UDP)
         self._association = Association(self, client_port, reply)
         self._task = self.loop.create_task(self._association.run())
@@ -284,9 +282,7 @@ class Session:
         self._enter(Phase.CONNECT)
         rules = self.ctx.rules
         if not rules.trivial:  # the peer by its address (or name) as the request gives it
-            decision = rules.decide(self.request_for(host, port), rules.address_of(host))
-            if not decision.allowed:
-                raise Denied(decision.rule)
+            rules.check(self.request_for(host, port))
         if host in ("0.0.0.0", "::"):
             self._listen(None, listening)
         elif upstream.literal_addresses(host, port) is not None:
@@ -351,11 +347,7 @@ class Session:
             then(None)
             return
         request = self.request_for(host, port)
-        address = rules.address_of(host)
-        if address is not None or not rules.need_addresses:
-            decision = rules.decide(request, address)
-            if not decision.allowed:
-                raise Denied(decision.rule)
+        if rules.check_before_lookup(request):
             then(None)
             return
         self._resolve(host, port, lambda found: then(allowed_addresses(rules, request, found)))

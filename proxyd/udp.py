@@ -212,11 +212,12 @@ class Association:
         await self._send_to(datagram, addresses)
 
     async def _resolve_and_send(self, datagram: socks5.UdpDatagram) -> None:
-        resolver = self.session.ctx.resolver
+        ctx = self.session.ctx
         try:
-            async with asyncio.timeout(self.session.ctx.config.timeouts.connect):
-                addresses = await resolver.lookup(datagram.host, datagram.port)
-        except (OSError, UnicodeError):  # TimeoutError included
+            addresses = await ctx.resolver.resolve(
+                datagram.host, datagram.port, ctx.config.timeouts.connect
+            )
+        except SessionError:
             self.dropped += 1
             return
         await self._send_to(datagram, addresses)

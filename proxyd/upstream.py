@@ -134,6 +134,23 @@ class Resolver:
         pending.add_done_callback(deliver)
         return result
 
+    async def resolve(self, host: str, port: int, timeout: float) -> list[AddrInfo]:
+        """The addresses of a name, cached or looked up within `timeout`; a failure
+        raises the UpstreamError that says what to answer."""
+        target = format_hostport(host, port)
+        cached = self.cached(host, port)
+        if isinstance(cached, OSError):
+            raise classify(cached, target)
+        if cached is not None:
+            return cached
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.lookup(host, port)
+        except OSError as exc:  # TimeoutError and gaierror
+            raise classify(exc, target) from None
+        except UnicodeError:  # a name IDNA cannot encode; parsers check first
+            raise HostUnreachable(f"cannot resolve {target}: invalid name") from None
+
     def _store(self, host: str, future: asyncio.Future[list[AddrInfo]]) -> None:
         del self._pending[host]
         if future.cancelled() or self._size == 0:
