@@ -19,14 +19,16 @@ import os
 import secrets
 import stat
 import tempfile
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from proxyd.errors import ConfigError, OverLimit
+from proxyd.errors import AuthFailed, ConfigError, LockedOut, OverLimit
 from proxyd.protocols.common import Credentials
 
 SCHEME: Final = "scrypt"
@@ -38,6 +40,7 @@ KEY_BYTES: Final = 32
 MAX_FIELD_BYTES: Final = 255  # SOCKS5 (RFC 1929) carries at most 255 bytes of each
 MAX_KDF_MEMORY: Final = 256 * 1024 * 1024  # hashes asking for more are refused at load
 MAX_PENDING_CHECKS: Final = 256  # distinct verifications queued at once, beyond: refused
+MAX_THROTTLED_CLIENTS: Final = 65536  # client addresses whose failures are remembered
 
 
 def _kdf_memory(log_n: int, r: int) -> int:
@@ -170,14 +173,67 @@ def set_user(path: Path, user: str, password: str) -> None:
         raise
 
 
-# Stands in for unknown users so they cost the same derivation as known ones.
-_DECOY: Final = PasswordHash(
-    DEFAULT_LOG_N,
-    DEFAULT_R,
-    DEFAULT_P,
-    secrets.token_bytes(SALT_BYTES),
-    secrets.token_bytes(KEY_BYTES),
-)
+def _decoy(users: dict[str, PasswordHash]) -> PasswordHash:
+    """A hash no password matches, standing in for unknown users so that they cost
+    the same derivation as known ones: with the parameters most users' hashes have."""
+    params = [(h.log_n, h.r, h.p) for h in users.values()]
+    log_n, r, p = (DEFAULT_LOG_N, DEFAULT_R, DEFAULT_P)
+    if params:
+        log_n, r, p = max(set(params), key=params.count)
+    salt, key = secrets.token_bytes(SALT_BYTES), secrets.token_bytes(KEY_BYTES)
+    return PasswordHash(log_n, r, p, salt, key)
+
+
+class Throttle:
+    """Failed logins per client address: `max_failures` of them within `window`
+    seconds lock the address out for `lockout` seconds. Memory is bounded: at most
+    MAX_THROTTLED_CLIENTS addresses, the least recently failed forgotten first."""
+
+    def __init__(
+        self,
+        max_failures: int,
+        window: float,
+        lockout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.lockout = lockout
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._locked: dict[str, float] = {}  # address -> when its lockout ends
+
+    def locked(self, client: str) -> float:
+        """Seconds left of the client's lockout; 0 when it may try."""
+        until = self._locked.get(client)
+        if until is None:
+            return 0.0
+        left = until - self._clock()
+        if left > 0:
+            return left
+        del self._locked[client]
+        return 0.0
+
+    def failed(self, client: str) -> bool:
+        """Count one failure; True when it starts a lockout (report it, once)."""
+        if not self.max_failures:
+            return False
+        now = self._clock()
+        times = self._failures.pop(client, None)
+        if times is None:
+            times = deque(maxlen=self.max_failures)
+        times.append(now)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) < self.max_failures:
+            self._failures[client] = times  # most recent last
+            while len(self._failures) > MAX_THROTTLED_CLIENTS:
+                self._failures.popitem(last=False)
+            return False
+        if len(self._locked) >= MAX_THROTTLED_CLIENTS:  # drop the expired ones first
+            self._locked = {c: t for c, t in self._locked.items() if t > now}
+        self._locked[client] = now + self.lockout
+        return True
 
 
 @dataclass(slots=True)
@@ -189,14 +245,25 @@ class _PendingCheck:
 
 
 class Authenticator:
-    """Verifies credentials against the users; remembers successes, bounded in size."""
+    """Verifies credentials against the users; remembers successes, bounded in size;
+    locks out client addresses that fail too often (see Throttle)."""
 
-    def __init__(self, users: dict[str, PasswordHash], cache_size: int = 4096) -> None:
+    def __init__(
+        self,
+        users: dict[str, PasswordHash],
+        cache_size: int = 4096,
+        *,
+        throttle: Throttle | None = None,
+        log: Any = None,
+    ) -> None:
         self._users = users
+        self._decoy = _decoy(users)
         self._cache: OrderedDict[bytes, PasswordHash] = OrderedDict()
         self._cache_size = cache_size
         self._key = secrets.token_bytes(32)
         self._pending: dict[bytes, _PendingCheck] = {}
+        self.throttle = throttle or Throttle(0, 1.0, 1.0)
+        self._log = log
         # Own threads, so a burst of derivations never queues behind DNS lookups.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proxyd-kdf")
 
@@ -215,6 +282,13 @@ class Authenticator:
             sha256,
         ).digest()
 
+    def check_lockout(self, client: str) -> None:
+        """Refuse a client address that is locked out, whatever it sends: right and
+        wrong passwords get the same answer, at once, with no derivation."""
+        left = self.throttle.locked(client)
+        if left:
+            raise LockedOut(f"too many failed logins from {client}; locked for {left:.0f} s more")
+
     def cached(self, credentials: Credentials) -> bool:
         """True when these credentials were verified recently (and the user is unchanged):
         the answer without a derivation. False says nothing; ask `verify`."""
@@ -226,9 +300,13 @@ class Authenticator:
             return True
         return False
 
-    async def verify(self, credentials: Credentials) -> bool:
+    async def verify(self, credentials: Credentials, client: str) -> None:
+        """Return when the credentials are right; raise AuthFailed (or LockedOut, or
+        OverLimit) when not. Unknown users cost the same derivation as known ones,
+        so right and wrong answers take the same time."""
+        self.check_lockout(client)
         if self.cached(credentials):
-            return True
+            return
         stored = self._users.get(credentials.username)
         token = self._token(credentials)
         # Concurrent connections with the same credentials share one derivation;
@@ -238,7 +316,7 @@ class Authenticator:
             if len(self._pending) >= MAX_PENDING_CHECKS:
                 raise OverLimit("too many password checks in progress")
             loop = asyncio.get_running_loop()
-            target = stored if stored is not None else _DECOY
+            target = stored if stored is not None else self._decoy
             future = loop.run_in_executor(self._executor, target.matches, credentials.password)
             entry = self._pending[token] = _PendingCheck(future)
             future.add_done_callback(lambda _: self._pending.pop(token, None))
@@ -251,9 +329,24 @@ class Authenticator:
             raise
         finally:
             entry.waiters -= 1
-        if ok and stored is not None:
-            self._cache[token] = stored
-            self._cache.move_to_end(token)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return ok
+        # Guesses sent in parallel all wait for derivations: those finishing after
+        # the lockout began learn nothing, right or wrong.
+        self.check_lockout(client)
+        if not ok or stored is None:
+            self._failed(client)
+            raise AuthFailed("wrong user name or password")
+        self._cache[token] = stored
+        self._cache.move_to_end(token)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _failed(self, client: str) -> None:
+        throttle = self.throttle
+        if throttle.failed(client) and self._log is not None:
+            self._log.warning(
+                "auth_lockout",
+                client=client,
+                failures=throttle.max_failures,
+                window_s=throttle.window,
+                lockout_s=throttle.lockout,
+            )

@@ -9,12 +9,14 @@ import argparse
 import asyncio
 import getpass
 import os
+import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxyd import __version__, auth, config, log
+from proxyd import __version__, auth, config, log, tls
 from proxyd.errors import ConfigError
 
 EXIT_OK = 0
@@ -45,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     passwd = sub.add_parser("passwd", help="add or replace a user in a users file")
     passwd.add_argument("--file", type=Path, required=True, help="users file to write")
     passwd.add_argument("user")
+    gen_cert = sub.add_parser(
+        "gen-cert", help="write a self-signed TLS certificate and key for trials"
+    )
+    gen_cert.add_argument("--out", type=Path, required=True, help="directory for cert.pem, key.pem")
+    gen_cert.add_argument(
+        "--name", required=True, help="the host name or IP address clients will use"
+    )
     return parser
 
 
@@ -54,21 +63,32 @@ def _load(path: Path | None) -> config.Config:
     return config.Config() if path is None else config.load(path)
 
 
-def _problems(
-    path: Path | None, cfg: config.Config
-) -> tuple[list[str], dict[str, auth.PasswordHash]]:
+@dataclass(slots=True)
+class Loaded:
+    """What the daemon starts with beyond the config: the files it names, read."""
+
+    users: dict[str, auth.PasswordHash] = field(default_factory=dict)
+    tls: ssl.SSLContext | None = None
+
+
+def _problems(cfg: config.Config) -> tuple[list[str], Loaded]:
     """Everything that would stop the daemon from starting, beyond the file's own keys,
-    and the users it would start with."""
+    and the users and certificate it would start with."""
     problems = []
-    users: dict[str, auth.PasswordHash] = {}
+    loaded = Loaded()
     if cfg.auth.users_file is not None:
         try:
-            users = auth.load_users(cfg.auth.users_file)
+            loaded.users = auth.load_users(cfg.auth.users_file)
+        except ConfigError as exc:
+            problems += exc.problems
+    if cfg.tls.cert is not None and cfg.tls.key is not None:
+        try:
+            loaded.tls = tls.server_context(cfg.tls.cert, cfg.tls.key)
         except ConfigError as exc:
             problems += exc.problems
     if (why := cfg.open_proxy_problem()) is not None:
         problems.append(why)
-    return problems, users
+    return problems, loaded
 
 
 def _report(path: Path | None, problems: list[str]) -> None:
@@ -83,7 +103,7 @@ def check_config(path: Path | None) -> int:
     except ConfigError as exc:
         _report(path, exc.problems)
         return EXIT_PROBLEM
-    problems, _users = _problems(path, cfg)
+    problems, _loaded = _problems(cfg)
     _report(path, problems)
     if problems:
         return EXIT_PROBLEM
@@ -134,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _report(args.config, exc.problems)
         return EXIT_PROBLEM
-    problems, users = _problems(args.config, cfg)
+    problems, loaded = _problems(cfg)
     if problems:
         _report(args.config, problems)
         return EXIT_PROBLEM
@@ -147,12 +167,21 @@ def run(args: argparse.Namespace) -> int:
                 path=str(cfg.auth.users_file),
                 hint="chmod 600 it: it holds password hashes",
             )
-        if not users:
+        if not loaded.users:
             logger.warning("users_file_empty", path=str(cfg.auth.users_file))
+    if cfg.tls.key is not None and auth.is_world_readable(cfg.tls.key):
+        logger.warning(
+            "tls_key_world_readable",
+            path=str(cfg.tls.key),
+            hint="chmod 600 it: it is the TLS private key",
+        )
     from proxyd.server import Server  # after logging is configured
 
     def run_worker(index: int, worker_cfg: config.Config) -> int:
-        server = Server(worker_cfg, auth.Authenticator(users), logger, worker=index)
+        limits = worker_cfg.auth
+        throttle = auth.Throttle(limits.max_failures, limits.failure_window, limits.lockout)
+        authenticator = auth.Authenticator(loaded.users, throttle=throttle, log=logger)
+        server = Server(worker_cfg, authenticator, logger, worker=index, tls=loaded.tls)
         try:
             _run_loop(server.serve())
         except OSError as exc:
@@ -174,6 +203,20 @@ def run(args: argparse.Namespace) -> int:
         _detach_broken_stdout()
 
 
+def gen_cert(out: Path, name: str) -> int:
+    if not name or any(c.isspace() for c in name):
+        print(f"proxyd gen-cert: --name {name!r} is not a host name or address", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cert, key = tls.generate(out.resolve(), name)
+    except OSError as exc:
+        print(f"proxyd gen-cert: cannot write into {out}: {exc.strerror}", file=sys.stderr)
+        return EXIT_PROBLEM
+    print(f"wrote {cert} and {key} (mode 0600), valid {tls.CERT_DAYS} days for {name}")
+    print(f'[tls]\ncert = "{cert}"\nkey = "{key}"')
+    return EXIT_OK
+
+
 def _detach_broken_stdout() -> None:
     """Whoever read our stdout may be gone: then let the exit flush go to /dev/null."""
     try:
@@ -190,4 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.check_path or args.config)
     if args.command == "passwd":
         return passwd(args.file, args.user)
+    if args.command == "gen-cert":
+        return gen_cert(args.out, args.name)
     return run(args)

@@ -79,6 +79,11 @@ class AuthConfig:
     users_file: Path | None = None
     # SOCKS4 cannot carry a password: with users configured it is refused unless allowed
     allow_socks4: bool = False
+    # brute-force throttling: this many failed logins from one client address within
+    # failure_window seconds lock it out for lockout seconds; 0 turns it off
+    max_failures: int = 5
+    failure_window: float = 60.0
+    lockout: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +117,13 @@ class BuffersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    # PEM files; with both set, a client starting with a TLS handshake gets TLS
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = "json"
     level: str = "info"
@@ -126,6 +138,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     buffers: BuffersConfig = field(default_factory=BuffersConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     rules: tuple[Rule, ...] = ()
 
@@ -250,7 +263,16 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
             "default_action": _choice(("allow", "deny")),
         },
     ),
-    "auth": (AuthConfig, {"users_file": _path, "allow_socks4": _boolean}),
+    "auth": (
+        AuthConfig,
+        {
+            "users_file": _path,
+            "allow_socks4": _boolean,
+            "max_failures": _integer(0, 1_000_000),
+            "failure_window": _seconds,
+            "lockout": _seconds,
+        },
+    ),
     "limits": (
         LimitsConfig,
         {"per_client": _integer(0, 10_000_000), "per_user": _integer(0, 10_000_000)},
@@ -282,6 +304,7 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
             "splice": _boolean,
         },
     ),
+    "tls": (TlsConfig, {"cert": _path, "key": _path}),
     "log": (
         LogConfig,
         {"format": _choice(LOG_FORMATS), "level": _choice(LOG_LEVELS), "access": _boolean},
@@ -313,6 +336,9 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
             if checked is not _INVALID:
                 kwargs[key] = checked
         sections[name] = cls(**kwargs)
+    tls = sections.get("tls")
+    if tls is not None and (tls.cert is None) != (tls.key is None):
+        problems.append("tls: cert and key must be set together")
     if problems:
         raise ConfigError(problems)
     return Config(**sections)

@@ -70,6 +70,13 @@ class AuthFailed(SessionError):
     http_status = 407
 
 
+class LockedOut(AuthFailed):
+    """Too many failed logins from this client address lately (`auth.max_failures`)."""
+
+    status = "locked_out"
+    http_status = 429
+
+
 class Denied(SessionError):
     """An access rule, or `server.default_action`, refuses the request."""
 

@@ -94,9 +94,11 @@ def ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> bool:
     return b"content-length" in names and b"transfer-encoding" in names
 
 
-def pac_file(address: str) -> bytes:
-    """A proxy auto-config file pointing browsers at this listener."""
-    return (f'function FindProxyForURL(url, host) {{\n  return "PROXY {address}";\n}}\n').encode()
+def pac_file(address: str, *, tls: bool = False) -> bytes:
+    """A proxy auto-config file pointing browsers at this listener (over TLS when
+    the PAC file itself was fetched over TLS)."""
+    kind = "HTTPS" if tls else "PROXY"
+    return f'function FindProxyForURL(url, host) {{\n  return "{kind} {address}";\n}}\n'.encode()
 
 
 class _Origin:
@@ -226,8 +228,7 @@ class Forwarder:
         if credentials is None:
             raise AuthFailed("credentials required")
         self.session.user = credentials.username
-        if not auth.cached(credentials) and not await auth.verify(credentials):
-            raise AuthFailed("wrong user name or password")
+        await auth.verify(credentials, self.session.peer_ip)
 
     async def _authorize(self, host: str, port: int) -> list[upstream.AddrInfo] | None:
         """The access rules for this request (Denied when they refuse): like a tunnel's,
@@ -337,8 +338,8 @@ class Forwarder:
             # read the (empty) rest of the request, so the connection can carry another
             if not isinstance(await self._client_event(), h11.EndOfMessage):
                 raise ProtocolError("a request for the PAC file has no body")
-            host, port = self.sock.getsockname()[:2]
-            body = pac_file(format_hostport(host, port))
+            host, port = self.session.local_address()[:2]
+            body = pac_file(format_hostport(host, port), tls=self.session.tls)
             self.session.target = None
             headers = [
                 (b"content-type", b"application/x-ns-proxy-autoconfig"),
@@ -515,4 +516,5 @@ class Forwarder:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
             **(extra or {}),
             **({"error": error} if error else {}),
+            **({"tls": session.tls_version} if session.tls else {}),
         )

@@ -9,6 +9,7 @@ import itertools
 import os
 import signal
 import socket
+import ssl
 from typing import Any
 
 from proxyd import __version__, upstream
@@ -55,7 +56,15 @@ def bind(address: ListenAddress, config: Config, *, listen: bool = True) -> sock
 
 
 class Server:
-    def __init__(self, config: Config, auth: Authenticator, log: Any, *, worker: int = 0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        auth: Authenticator,
+        log: Any,
+        *,
+        worker: int = 0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.worker = worker
@@ -64,7 +73,7 @@ class Server:
             size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
         )
         rules = Rules(config.rules, default_allow=config.server.default_action == "allow")
-        self.ctx = Context(config, auth, resolver, log, rules)
+        self.ctx = Context(config, auth, resolver, log, rules, tls=tls)
         self.listeners: list[socket.socket] = []
         self.sessions: set[Session] = set()
         # connection ids stay unique across workers: worker w of n counts w+1, w+1+n, ...

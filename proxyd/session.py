@@ -13,6 +13,7 @@ import contextlib
 import enum
 import ipaddress
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from proxyd.protocols.common import NEED_DATA, Credentials, format_hostport
 from proxyd.protocols.detect import Kind, sniff
 from proxyd.relay import Tunnel
 from proxyd.rules import Request, Rules, allowed_addresses
+from proxyd.tls import Bridge
 from proxyd.udp import Association
 
 # Handshake reads are small: a request is at most a few KiB, and what a client
@@ -66,8 +68,9 @@ class Context:
     # open sessions per client address and per user, for `[limits]`
     per_client: dict[str, int] = field(default_factory=dict)
     per_user: dict[str, int] = field(default_factory=dict)
+    tls: ssl.SSLContext | None = None  # `[tls]`: clients starting with a TLS handshake get TLS
 
-    def is_own_listener(self, ip: str, port: int, client: socket.socket) -> bool:
+    def is_own_listener(self, ip: str, port: int, client: Session) -> bool:
         """Whether ip:port is one of this daemon's listeners, which a client must not
         make it connect to (a loop through itself). A wildcard listener is reached
         on loopback, on the unspecified address, and on the address the client used."""
@@ -80,7 +83,7 @@ class Context:
                 if ip in ("0.0.0.0", "::") or ipaddress.ip_address(ip).is_loopback:
                     return True
                 with contextlib.suppress(OSError):
-                    if ip == client.getsockname()[0]:
+                    if ip == client.local_address()[0]:
                         return True
         return False
 
@@ -97,6 +100,7 @@ class Handler(Protocol):
 
 class Phase(enum.Enum):
     HANDSHAKE = enum.auto()  # reading the client's request
+    TLS = enum.auto()  # the TLS handshake, which the bridge reads for
     AUTH = enum.auto()  # a password derivation is running
     CONNECT = enum.auto()  # reaching the target
     RELAY = enum.auto()
@@ -120,12 +124,14 @@ class Session:
         "_connector",
         "_forwarder",
         "_handler",
+        "_local",
         "_lookup",
         "_on_close",
         "_reading",
         "_remote",
         "_task",
         "_timer",
+        "_tls",
         "_tunnel",
         "_user_counted",
         "client",
@@ -179,7 +185,7 @@ class Session:
         self._handler: Handler | None = None
         self._reading = False
         self._timer: asyncio.TimerHandle | None = None
-        self._auth: asyncio.Task[bool] | None = None
+        self._auth: asyncio.Task[None] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._association: Association | None = None
         self._forwarder: Forwarder | None = None
@@ -188,6 +194,8 @@ class Session:
         self._connector: upstream.Connector | None = None
         self._remote: socket.socket | None = None
         self._tunnel: Tunnel | None = None
+        self._tls: Bridge | None = None  # TLS for this client, once it started with it
+        self._local: tuple[Any, ...] | None = None  # where the client reached us, under TLS
 
     def start(self) -> None:
         self._timer = self.loop.call_at(
@@ -231,12 +239,13 @@ class Session:
         if credentials is None:
             raise AuthFailed("credentials required")
         self.user = credentials.username
+        auth.check_lockout(self.peer_ip)
         # over the limit: refused after the request anyway, so spend no derivation on it
         if self.over_limit or auth.cached(credentials):
             then()
             return
         self._enter(Phase.AUTH)
-        self._auth = self.loop.create_task(auth.verify(credentials))
+        self._auth = self.loop.create_task(auth.verify(credentials, self.peer_ip))
         self._auth.add_done_callback(lambda task: self._step(self._on_verified, task, then))
 
     def _request_complete(self) -> None:
@@ -296,7 +305,7 @@ class Session:
         cfg = self.ctx.config
         try:
             self._binder = upstream.Binder(
-                self.sock.getsockname()[0],
+                self.local_address()[0],
                 expected,
                 cfg.timeouts.connect,
                 cfg.buffers,
@@ -327,7 +336,20 @@ class Session:
             self._connector.start_resolved(host, port, addresses)
 
     def is_own_listener(self, ip: str, port: int) -> bool:
-        return self.ctx.is_own_listener(ip, port, self.sock)
+        return self.ctx.is_own_listener(ip, port, self)
+
+    def local_address(self) -> tuple[Any, ...]:
+        """The listener address the client connected to (under TLS, `sock` is the
+        plaintext end of a socket pair, which has none)."""
+        return self._local if self._local is not None else self.sock.getsockname()
+
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
+
+    @property
+    def tls_version(self) -> str | None:
+        return self._tls.version if self._tls is not None else None
 
     def request_for(self, host: str, port: int) -> Request:
         """This session's request to host:port, as the access rules see it."""
@@ -434,9 +456,29 @@ class Session:
         if not data:
             raise ClientClosed("client closed the connection during the handshake")
         if self._handler is None:
+            if sniff(data) is Kind.TLS and self._tls is None and self.ctx.tls is not None:
+                self._start_tls(self.ctx.tls, data)
+                return
             self._handler = self._handler_for(data)
             self.protocol = self._handler.protocol
         self._handler.received(data)
+
+    def _start_tls(self, context: ssl.SSLContext, first: bytes) -> None:
+        """The client starts with TLS: the bridge reads its socket from now on, and once
+        the handshake is done this session reads the plaintext (`_on_tls_ready`)."""
+        self._enter(Phase.TLS)
+        self._tls = Bridge(
+            self.sock,
+            context,
+            ready=lambda plain: self._step(self._on_tls_ready, plain),
+            failed=lambda reason: self._step(_raise, ProtocolError(reason)),
+        )
+        self._tls.start(first)
+
+    def _on_tls_ready(self, plain: socket.socket) -> None:
+        self._local = self.sock.getsockname()
+        self.sock, self.fd = plain, plain.fileno()
+        self._enter(Phase.HANDSHAKE)
 
     def _handler_for(self, first: bytes) -> Handler:
         kind = sniff(first)
@@ -446,14 +488,17 @@ class Session:
             return HttpHandler(self)
         if kind is Kind.SOCKS4:
             return Socks4Handler(self)
+        if kind is Kind.TLS:
+            raise ProtocolError(
+                "a TLS handshake inside TLS" if self._tls else "TLS, but no [tls] certificate"
+            )
         raise ProtocolError(f"unknown protocol (first byte {first[0]:#04x})")
 
-    def _on_verified(self, task: asyncio.Task[bool], then: Callable[[], None]) -> None:
+    def _on_verified(self, task: asyncio.Task[None], then: Callable[[], None]) -> None:
         self._auth = None
         if task.cancelled():
             return  # the session ended first
-        if not task.result():  # OverLimit (too many checks in flight) raises here
-            raise AuthFailed("wrong user name or password")
+        task.result()  # AuthFailed, LockedOut or OverLimit raise here
         self._enter(Phase.HANDSHAKE)
         then()
 
@@ -563,6 +608,8 @@ class Session:
         tunnel = self._tunnel
         if tunnel is not None:
             tunnel.stop()
+        if self._tls is not None:
+            self._tls.session_ended()  # before the close: it may be watching this socket
         self.sock.close()
         if self._remote is not None:
             self._remote.close()
@@ -577,6 +624,8 @@ class Session:
             }
             if error:
                 fields["error"] = error
+            if self._tls is not None:
+                fields["tls"] = self._tls.version
             access(
                 conn_id=self.conn_id,
                 client=self.client,
@@ -592,7 +641,7 @@ class Session:
         # Drop the links back to this session (handler, relay, connector callbacks):
         # without cycles it is freed at once, not by a garbage collection pass.
         self._handler = self._tunnel = self._connector = self._auth = self._task = None
-        self._association = self._binder = self._lookup = self._forwarder = None
+        self._association = self._binder = self._lookup = self._forwarder = self._tls = None
 
 
 def _release(counts: dict[str, int], key: str) -> None:
@@ -606,6 +655,10 @@ def _release(counts: dict[str, int], key: str) -> None:
 
 def _nothing() -> None:
     """A readiness callback that found nothing to read."""
+
+
+def _raise(error: Exception) -> None:
+    raise error
 
 
 class Socks5Handler:

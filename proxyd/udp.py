@@ -71,7 +71,7 @@ class Association:
         A SessionError before the answer is for the session to refuse with."""
         sock = self.session.sock
         try:
-            self.relay = await asyncio_dgram.bind((sock.getsockname()[0], 0))
+            self.relay = await asyncio_dgram.bind((self.session.local_address()[0], 0))
         except OSError as exc:
             raise SessionError(f"cannot open a UDP relay socket: {exc.strerror}") from None
         try:

@@ -13,11 +13,12 @@ import pytest
 from proxyd.auth import (
     Authenticator,
     PasswordHash,
+    Throttle,
     hash_password,
     load_users,
     set_user,
 )
-from proxyd.errors import ConfigError
+from proxyd.errors import AuthFailed, ConfigError, LockedOut
 from proxyd.protocols.common import Credentials
 
 FAST = 10  # log_n for hashes made here: 2**10 keeps each derivation around a millisecond
@@ -283,8 +284,19 @@ def make_auth() -> Iterator[type[Authenticator]]:
         auth.close()
 
 
+async def accepted(
+    auth: Authenticator, credentials: Credentials, client: str = "192.0.2.1"
+) -> bool:
+    """Whether `verify` lets the credentials in (it raises AuthFailed when not)."""
+    try:
+        await auth.verify(credentials, client)
+    except AuthFailed:
+        return False
+    return True
+
+
 def verify(auth: Authenticator, username: str, password: str) -> bool:
-    return asyncio.run(auth.verify(Credentials(username, password)))
+    return asyncio.run(accepted(auth, Credentials(username, password)))
 
 
 def test_required(make_auth: type[Authenticator], users: dict[str, PasswordHash]) -> None:
@@ -311,6 +323,8 @@ def test_unknown_user_costs_a_derivation_too(
     assert derivations == ["guess"]  # same work as a known user: no timing oracle
     assert verify(auth, "mallory", "guess") is False
     assert derivations == ["guess", "guess"]  # failures are never cached
+    # with the users' own parameters, not the defaults: the same cost
+    assert (auth._decoy.log_n, auth._decoy.r) == (FAST, users["alice"].r)
 
 
 def test_success_is_cached(
@@ -385,7 +399,7 @@ def test_concurrent_verifications_share_one_derivation(
 
     async def many() -> list[bool]:
         creds = Credentials("alice", "alice-pw")
-        return await asyncio.gather(*(auth.verify(creds) for _ in range(5)))
+        return await asyncio.gather(*(accepted(auth, creds) for _ in range(5)))
 
     assert asyncio.run(many()) == [True] * 5
     assert len(derivations) == 1
@@ -398,10 +412,92 @@ def test_concurrent_wrong_and_right_passwords(
 
     async def both() -> list[bool]:
         return await asyncio.gather(
-            auth.verify(Credentials("alice", "alice-pw")),
-            auth.verify(Credentials("alice", "nope")),
-            auth.verify(Credentials("bob", "bob-pw")),
-            auth.verify(Credentials("nobody", "alice-pw")),
+            accepted(auth, Credentials("alice", "alice-pw")),
+            accepted(auth, Credentials("alice", "nope")),
+            accepted(auth, Credentials("bob", "bob-pw")),
+            accepted(auth, Credentials("nobody", "alice-pw")),
         )
 
     assert asyncio.run(both()) == [True, False, True, False]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throttle_locks_after_max_failures_within_the_window() -> None:
+    clock = Clock()
+    throttle = Throttle(3, window=10, lockout=60, clock=clock)
+    assert [throttle.failed("a") for _ in range(2)] == [False, False]
+    assert throttle.locked("a") == 0
+    assert throttle.failed("a") is True  # the third: locked, reported once
+    assert throttle.locked("a") == 60
+    assert throttle.locked("b") == 0  # per client address
+    clock.now += 59
+    assert throttle.locked("a") == pytest.approx(1)
+    clock.now += 1
+    assert throttle.locked("a") == 0  # recovered
+
+
+def test_throttle_forgets_failures_older_than_the_window() -> None:
+    clock = Clock()
+    throttle = Throttle(3, window=10, lockout=60, clock=clock)
+    throttle.failed("a")
+    throttle.failed("a")
+    clock.now += 10  # those two have left the window
+    assert throttle.failed("a") is False
+    assert throttle.failed("a") is False
+    assert throttle.locked("a") == 0
+    assert throttle.failed("a") is True
+
+
+def test_throttle_off_and_bounded() -> None:
+    off = Throttle(0, window=10, lockout=60)
+    assert not any(off.failed("a") for _ in range(100))
+    assert off.locked("a") == 0
+    throttle = Throttle(2, window=10, lockout=60)
+    for i in range(70_000):
+        throttle.failed(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
+    assert len(throttle._failures) <= 65536
+
+
+def test_lockout_refuses_right_passwords_too(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash]
+) -> None:
+    auth = make_auth(users, throttle=Throttle(2, window=60, lockout=60))
+
+    async def attempts() -> None:
+        assert not await accepted(auth, Credentials("alice", "x"), "198.51.100.7")
+        assert not await accepted(auth, Credentials("mallory", "y"), "198.51.100.7")
+        with pytest.raises(LockedOut):
+            await auth.verify(Credentials("alice", "alice-pw"), "198.51.100.7")
+        with pytest.raises(LockedOut):
+            auth.check_lockout("198.51.100.7")
+        assert await accepted(auth, Credentials("alice", "alice-pw"), "198.51.100.8")
+
+    asyncio.run(attempts())
+
+
+def test_parallel_guesses_learn_nothing_after_the_lockout(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash]
+) -> None:
+    """Guesses sent all at once cannot outrun the throttle: once max_failures of them
+    have failed, the rest are refused without their answer, the right one included."""
+    auth = make_auth(users, throttle=Throttle(2, window=60, lockout=60))
+
+    async def burst() -> list[str]:
+        guesses = [Credentials("alice", f"guess-{i}") for i in range(6)]
+        guesses.append(Credentials("alice", "alice-pw"))
+        results = await asyncio.gather(
+            *(auth.verify(c, "198.51.100.9") for c in guesses), return_exceptions=True
+        )
+        return [type(r).__name__ for r in results]
+
+    outcomes = asyncio.run(burst())
+    assert outcomes.count("AuthFailed") == 2
+    assert outcomes.count("LockedOut") == 5
+    assert outcomes[-1] == "LockedOut"

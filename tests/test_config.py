@@ -22,6 +22,7 @@ from proxyd.config import (
     LogConfig,
     ServerConfig,
     TimeoutsConfig,
+    TlsConfig,
     from_mapping,
     load,
     parse_listen,
@@ -112,7 +113,14 @@ def test_every_key_set() -> None:
                 "max_connections": 5,
                 "allow_open_proxy": True,
             },
-            "auth": {"users_file": "/etc/proxyd/users", "allow_socks4": True},
+            "auth": {
+                "users_file": "/etc/proxyd/users",
+                "allow_socks4": True,
+                "max_failures": 0,
+                "failure_window": 30,
+                "lockout": 0.5,
+            },
+            "tls": {"cert": "/etc/proxyd/cert.pem", "key": "/etc/proxyd/key.pem"},
             "dns": {"cache_size": 0, "cache_ttl": 0, "negative_ttl": 1.5},
             "timeouts": {"handshake": 2.5, "connect": 3, "idle": 600, "udp_idle": 0.5},
             "buffers": {
@@ -131,7 +139,14 @@ def test_every_key_set() -> None:
             max_connections=5,
             allow_open_proxy=True,
         ),
-        auth=AuthConfig(users_file=Path("/etc/proxyd/users"), allow_socks4=True),
+        auth=AuthConfig(
+            users_file=Path("/etc/proxyd/users"),
+            allow_socks4=True,
+            max_failures=0,
+            failure_window=30.0,
+            lockout=0.5,
+        ),
+        tls=TlsConfig(cert=Path("/etc/proxyd/cert.pem"), key=Path("/etc/proxyd/key.pem")),
         dns=DnsConfig(cache_size=0, cache_ttl=0.0, negative_ttl=1.5),
         timeouts=TimeoutsConfig(handshake=2.5, connect=3.0, idle=600.0, udp_idle=0.5),
         buffers=BuffersConfig(read_size=1024, so_rcvbuf=4096, so_sndbuf=8192, tcp_nodelay=False),
@@ -551,3 +566,25 @@ def test_any_mapping_gives_config_or_config_error(data: dict[str, Any]) -> None:
         assert isinstance(cfg, Config)
         assert all(isinstance(a, ListenAddress) for a in cfg.server.listen)
         assert 0 < cfg.timeouts.connect <= config.MAX_SECONDS
+
+
+@pytest.mark.parametrize("tls", [{"cert": "/c.pem"}, {"key": "/k.pem"}])
+def test_tls_cert_and_key_go_together(tls: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"tls": tls})
+    assert info.value.problems == ["tls: cert and key must be set together"]
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        ({"auth": {"max_failures": -1}}, "auth.max_failures"),
+        ({"auth": {"failure_window": 0}}, "auth.failure_window"),
+        ({"auth": {"lockout": "1h"}}, "auth.lockout"),
+        ({"tls": {"cert": 1, "key": "/k.pem"}}, "tls.cert"),
+    ],
+)
+def test_bad_throttle_and_tls_values(data: dict[str, Any], path: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_mapping(data)
+    assert any(p.startswith(f"{path}: ") for p in info.value.problems), info.value.problems

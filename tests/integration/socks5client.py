@@ -49,9 +49,13 @@ def connect(
     auth: tuple[str, str] | None = None,
     command: int = 1,
     timeout: float = 10.0,
+    source: str | None = None,
 ) -> tuple[socket.socket, int, str, int]:
-    """Open a tunnel; returns (socket, REP, BND.ADDR, BND.PORT). The socket stays open."""
-    sock = socket.create_connection(proxy, timeout=timeout)
+    """Open a tunnel; returns (socket, REP, BND.ADDR, BND.PORT), or REP -1 when the
+    credentials are refused. The socket stays open. `source`: the client's own address."""
+    sock = socket.create_connection(
+        proxy, timeout=timeout, source_address=None if source is None else (source, 0)
+    )
     try:
         sock.sendall(b"\x05\x01\x02" if auth else b"\x05\x01\x00")
         method = recv_exact(sock, 2)

@@ -1,0 +1,332 @@
+"""The TLS listener (HTTPS proxy): a client that starts with a TLS handshake gets TLS on
+any listener, and the protocol inside is detected again. Certificates come from
+`proxyd gen-cert`; clients are curl and Python's ssl module."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import PASSWORD, ROOT, USER
+from integration import socks5client
+from integration.socks5client import recv_exact
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["curl", "--silent", "--show-error", "--max-time", "20", *args],
+        capture_output=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """cert.pem and key.pem for "localhost", made by `proxyd gen-cert`."""
+    out = tmp_path_factory.mktemp("tls")
+    result = subprocess.run(
+        [sys.executable, "-m", "proxyd", "gen-cert", "--out", str(out), "--name", "localhost"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    cert, key = out / "cert.pem", out / "key.pem"
+    assert f'cert = "{cert}"' in result.stdout
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    return cert, key
+
+
+def tls_config(cert: tuple[Path, Path], extra: str = "") -> str:
+    return f'[tls]\ncert = "{cert[0]}"\nkey = "{cert[1]}"\n{extra}'
+
+
+def client_context(cert: tuple[Path, Path]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(cert[0]))
+
+
+def tls_connect(daemon, cert: tuple[Path, Path]) -> ssl.SSLSocket:
+    raw = socket.create_connection(daemon.address, timeout=10)
+    return client_context(cert).wrap_socket(raw, server_hostname="localhost")
+
+
+def test_curl_https_proxy_connect_and_forward(start_daemon, cert, origin, users_file):
+    daemon = start_daemon(tls_config(cert, f'[auth]\nusers_file = "{users_file}"\n'))
+    proxy = f"https://{USER}:{PASSWORD}@localhost:{daemon.port}"
+    common = ["--proxy", proxy, "--proxy-cacert", str(cert[0])]
+    tunnel = curl(*common, "--proxytunnel", origin.url)
+    assert tunnel.returncode == 0, tunnel.stderr
+    assert tunnel.stdout == origin.body
+    forwarded = curl(*common, origin.url)
+    assert forwarded.returncode == 0, forwarded.stderr
+    assert forwarded.stdout == origin.body
+    lines = [daemon.access(lambda e, i=i: e["conn_id"] == i) for i in (1, 2)]
+    assert [line["command"] for line in lines] == ["connect", "GET"]
+    for line in lines:
+        assert (line["protocol"], line["status"], line["user"]) == ("http", "ok", USER)
+        assert line["tls"].startswith("TLSv1.")
+        assert line["client"].startswith("127.0.0.1:")
+    assert lines[0]["bytes_down"] > len(origin.body)  # the origin's head and body
+    assert lines[1]["bytes_down"] == len(origin.body)
+    # a client that does not trust the certificate gets no answer, and is logged
+    untrusted = curl("--proxy", proxy, origin.url)
+    assert untrusted.returncode != 0
+    line = daemon.access(lambda e: e["conn_id"] == 3)
+    assert line["status"] == "bad_request" and "TLS handshake" in line["error"]
+    assert PASSWORD not in daemon.output()
+
+
+def test_plain_and_tls_clients_share_the_listener(start_daemon, cert, tcp_server):
+    """SOCKS5 inside TLS and SOCKS5 without it, on one port; echo both ways."""
+    daemon = start_daemon(tls_config(cert))
+    server = tcp_server()
+    with tls_connect(daemon, cert) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        assert recv_exact(sock, 2) == b"\x05\x00"
+        sock.sendall(b"\x05\x01\x00" + socks5client.address("127.0.0.1", server.port))
+        rep, host, _port = socks5client.read_reply(sock)
+        assert (rep, host) == (0, "127.0.0.1")  # where the client reached us, not ""
+        sock.sendall(b"inside TLS")
+        assert recv_exact(sock, 10) == b"inside TLS"
+    plain, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+    with plain:
+        assert rep == 0
+        plain.sendall(b"no TLS")
+        assert recv_exact(plain, 6) == b"no TLS"
+    lines = [daemon.access(lambda e, i=i: e["conn_id"] == i) for i in (1, 2)]
+    assert [line["protocol"] for line in lines] == ["socks5", "socks5"]
+    assert lines[0]["tls"].startswith("TLSv1.") and "tls" not in lines[1]
+    assert lines[0]["bytes_up"] == 10
+
+
+def sink_then_answer(conn: socket.socket) -> None:
+    """Read until the client's EOF, then send back the SHA-256 of what came and 4 MiB."""
+    digest = hashlib.sha256()
+    while data := conn.recv(65536):
+        digest.update(data)
+    conn.sendall(digest.digest() + DOWN)
+
+
+DOWN = os.urandom(4 * 1024 * 1024)
+
+
+def test_bulk_and_half_close_over_tls(start_daemon, cert, tcp_server):
+    """8 MiB up, then close_notify (TLS half-close), then 4 MiB down with its
+    close_notify: every byte arrives, in both directions, intact."""
+    daemon = start_daemon(tls_config(cert))
+    server = tcp_server(sink_then_answer)
+    up = os.urandom(8 * 1024 * 1024)
+    raw = socket.create_connection(daemon.address, timeout=20)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(cert).wrap_bio(incoming, outgoing, server_hostname="localhost")
+
+    def flush() -> None:
+        if data := outgoing.read():
+            raw.sendall(data)
+
+    def feed() -> bool:
+        data = raw.recv(65536)
+        if data:
+            incoming.write(data)
+        else:
+            incoming.write_eof()
+        return bool(data)
+
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            flush()
+            feed()
+    flush()
+    target = f"127.0.0.1:{server.port}"
+    tls.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    flush()
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        try:
+            answer += tls.read(65536)
+        except ssl.SSLWantReadError:
+            assert feed()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    received = bytearray(answer.split(b"\r\n\r\n", 1)[1])
+
+    def upload() -> None:
+        for i in range(0, len(up), 65536):
+            tls.write(up[i : i + 65536])
+            flush()
+        try:
+            tls.unwrap()  # close_notify: we send no more, and go on reading
+        except ssl.SSLWantReadError:
+            pass
+        flush()
+
+    # the origin answers only after our EOF, so the upload cannot block on the download
+    writer = threading.Thread(target=upload)
+    writer.start()
+    writer.join(60)
+    assert not writer.is_alive()
+    closed = False
+    while not closed:
+        try:
+            chunk = tls.read(65536)
+            if not chunk:
+                closed = True
+            received += chunk
+        except ssl.SSLWantReadError:
+            if not feed():
+                break
+        except ssl.SSLZeroReturnError:
+            closed = True
+    raw.close()
+    assert closed, "the proxy's close_notify"
+    assert bytes(received[:32]) == hashlib.sha256(up).digest()
+    assert hashlib.sha256(received[32:]).digest() == hashlib.sha256(DOWN).digest()
+    line = daemon.access()
+    assert (line["status"], line["bytes_up"], line["tls"]) == ("ok", len(up), "TLSv1.3")
+    assert line["bytes_down"] == 32 + len(DOWN)
+
+
+def test_tls_failures_are_logged_and_harm_no_one(start_daemon, cert, tcp_server):
+    daemon = start_daemon(tls_config(cert, "[timeouts]\nhandshake = 1\n"))
+    server = tcp_server()
+    # a handshake record that is no ClientHello
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01\x00\x05hello")
+        assert sock.recv(4096)[:1] in (b"\x15", b"")  # a TLS alert, or just the close
+        assert sock.recv(4096) == b""
+    line = daemon.access(lambda e: e["conn_id"] == 1)
+    assert line["status"] == "bad_request" and "TLS handshake failed" in line["error"]
+    # half a ClientHello, then silence: cut at timeouts.handshake
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01")
+        assert sock.recv(4096) == b""
+    assert daemon.access(lambda e: e["conn_id"] == 2)["status"] == "handshake_timeout"
+    # TLS inside TLS is not a protocol
+    with tls_connect(daemon, cert) as sock:
+        sock.sendall(b"\x16\x03\x01\x00\x05hello")
+        assert sock.recv(4096) == b""
+    line = daemon.access(lambda e: e["conn_id"] == 3)
+    assert line["status"] == "bad_request" and "TLS handshake inside TLS" in line["error"]
+    # and the listener goes on serving
+    with tls_connect(daemon, cert) as sock:
+        sock.sendall(b"\x05\x01\x00")
+        assert recv_exact(sock, 2) == b"\x05\x00"
+        sock.sendall(b"\x05\x01\x00" + socks5client.address("127.0.0.1", server.port))
+        assert socks5client.read_reply(sock)[0] == 0
+
+
+def test_tls_without_a_certificate_is_refused(start_daemon):
+    daemon = start_daemon()
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01\x00\x05hello")
+        assert sock.recv(4096) == b""
+    line = daemon.access()
+    assert line["status"] == "bad_request" and "no [tls] certificate" in line["error"]
+
+
+def test_secrets_stay_out_of_the_log_under_tls(start_daemon, cert, users_file, tcp_server):
+    daemon = start_daemon(
+        tls_config(cert, f'[auth]\nusers_file = "{users_file}"\n'), "--log-level", "debug"
+    )
+    server = tcp_server()
+    for password in (PASSWORD, "tls-wrong-secret"):
+        token = base64.b64encode(f"{USER}:{password}".encode()).decode()
+        with tls_connect(daemon, cert) as sock:
+            sock.sendall(
+                f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\nHost: x\r\n"
+                f"Proxy-Authorization: Basic {token}\r\n\r\n".encode()
+            )
+            sock.recv(4096)
+    daemon.access(lambda e: e["conn_id"] == 2)
+    daemon.stop()
+    output = daemon.output()
+    key_body = "".join(cert[1].read_text().splitlines()[1:-1])
+    for secret in (PASSWORD, "tls-wrong-secret", key_body[:40]):
+        assert secret not in output
+
+
+def test_gen_cert_for_an_address_and_check_config(start_daemon, tmp_path, origin):
+    out = tmp_path / "ip"
+    made = subprocess.run(
+        [sys.executable, "-m", "proxyd", "gen-cert", "--out", str(out), "--name", "127.0.0.1"],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert made.returncode == 0, made.stderr
+    pair = (out / "cert.pem", out / "key.pem")
+    config = tmp_path / "tls.toml"
+    config.write_text(tls_config(pair))
+    checked = subprocess.run(
+        [sys.executable, "-m", "proxyd", "check-config", "--config", str(config)],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert checked.returncode == 0, checked.stderr
+    daemon = start_daemon(tls_config(pair))
+    result = curl(
+        "--proxy", f"https://127.0.0.1:{daemon.port}", "--proxy-cacert", str(pair[0]), origin.url
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == origin.body
+
+
+@pytest.mark.parametrize(
+    ("tls", "problem"),
+    [
+        ('cert = "{missing}"\nkey = "{key}"', "tls.cert: "),
+        ('cert = "{cert}"\nkey = "{cert}"', "tls.cert, tls.key: "),
+        ('cert = "{cert}"', "tls: cert and key must be set together"),
+    ],
+)
+def test_check_config_reports_tls_problems(tmp_path, cert, tls, problem):
+    config = tmp_path / "bad.toml"
+    text = tls.format(missing=tmp_path / "nope.pem", cert=cert[0], key=cert[1])
+    config.write_text(f"[tls]\n{text}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "proxyd", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"{config}: {problem}"), result.stderr
+    assert "PRIVATE KEY" not in result.stderr
+
+
+def test_udp_associate_with_its_control_connection_in_tls(start_daemon, cert):
+    """The UDP relay is bound where the client reached the listener (the TLS end of
+    the session is a socket pair without an address), and ends with the control."""
+    from integration.test_udp import UdpEcho, header, udp_client
+
+    echo = UdpEcho()
+    daemon = start_daemon(tls_config(cert))
+    try:
+        with tls_connect(daemon, cert) as control, udp_client() as client:
+            control.sendall(b"\x05\x01\x00")
+            assert recv_exact(control, 2) == b"\x05\x00"
+            control.sendall(b"\x05\x03\x00" + socks5client.address("0.0.0.0", 0))
+            rep, host, port = socks5client.read_reply(control)
+            assert (rep, host) == (0, "127.0.0.1")
+            client.sendto(header("127.0.0.1", echo.port) + b"ping", (host, port))
+            data, _ = client.recvfrom(65535)
+            assert data == header("127.0.0.1", echo.port) + b"echo:ping"
+        line = daemon.access()
+        assert (line["command"], line["status"], line["datagrams_up"]) == ("udp_associate", "ok", 1)
+        assert line["tls"].startswith("TLSv1.")
+    finally:
+        echo.close()
