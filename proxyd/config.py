@@ -90,6 +90,8 @@ class AuthConfig:
 class LimitsConfig:
     per_client: int = 0  # open connections per client IP address; 0 = no limit
     per_user: int = 0  # open connections per authenticated user; 0 = no limit
+    # bytes per second each way, for all of one authenticated user's traffic together
+    per_user_rate: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +277,11 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
     ),
     "limits": (
         LimitsConfig,
-        {"per_client": _integer(0, 10_000_000), "per_user": _integer(0, 10_000_000)},
+        {
+            "per_client": _integer(0, 10_000_000),
+            "per_user": _integer(0, 10_000_000),
+            "per_user_rate": _integer(0, 1 << 40),
+        },
     ),
     "dns": (
         DnsConfig,

@@ -429,7 +429,7 @@ class Forwarder:
             if event is not h11.NEED_DATA:
                 assert isinstance(event, h11.Event)
                 return event
-            conn.receive_data(await self._recv(self.sock, "the client"))
+            conn.receive_data(await self._recv(self.sock, "the client", up=True))
 
     async def _origin_event(self, origin: _Origin) -> h11.Event:
         conn = origin.conn
@@ -450,12 +450,24 @@ class Forwarder:
                 raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
             conn.receive_data(data)
 
-    async def _recv(self, sock: socket.socket, who: str) -> bytes:
+    async def _recv(self, sock: socket.socket, who: str, *, up: bool = False) -> bytes:
+        """What `sock` has, within `timeouts.idle`; no faster than the user's rate."""
+        size = READ_SIZE
+        rate = self.session.ctx.rate_for(self.session.user)
+        bucket = None if rate is None else rate[0 if up else 1]
+        while bucket is not None:
+            size, wait = bucket.allowance(READ_SIZE)
+            if size:
+                break
+            await asyncio.sleep(wait)
         try:
             async with asyncio.timeout(self.idle):
-                return await self.loop.sock_recv(sock, READ_SIZE)
+                data = await self.loop.sock_recv(sock, size)
         except TimeoutError:
             raise UpstreamTimeout(f"{who} sent nothing for {self.idle:g} s") from None
+        if bucket is not None:
+            bucket.take(len(data))
+        return data
 
     async def _sendall(self, sock: socket.socket, data: bytes, who: str) -> None:
         """Send everything, waiting while the receiver's window is full, at most

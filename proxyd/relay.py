@@ -35,6 +35,49 @@ _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_N
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
+# A rate-limited direction waits for at least this many bytes of allowance (or its
+# whole read size, if smaller) before it reads again: few, larger reads.
+RATE_CHUNK: Final = 16384
+
+
+class Bucket:
+    """A token bucket: `rate` bytes per second, bursts of up to one second's worth.
+
+    One bucket is shared by every tunnel (and forwarded request, and association)
+    of one user in one direction, so their sum keeps to the rate."""
+
+    __slots__ = ("_loop", "_stamp", "_tokens", "capacity", "rate")
+
+    def __init__(self, rate: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.rate = rate
+        self.capacity = rate
+        self._tokens = float(rate)
+        self._stamp = self._loop.time()
+
+    def available(self) -> int:
+        """Bytes that may pass now."""
+        now = self._loop.time()
+        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        return int(self._tokens)
+
+    def take(self, n: int) -> None:
+        self._tokens -= n
+
+    def delay(self, want: int) -> float:
+        """Seconds until `want` bytes (at most a burst) may pass, after `available()`."""
+        return max(0.0, (min(want, self.capacity) - self._tokens) / self.rate)
+
+    def allowance(self, size: int) -> tuple[int, float]:
+        """How much of a `size`-byte read may happen now, or else how long to wait."""
+        allowed = self.available()
+        want = min(size, RATE_CHUNK, self.capacity)
+        if allowed >= want:
+            return min(allowed, size), 0.0
+        return 0, self.delay(want)
+
+
 _shared_buffers: dict[int, memoryview] = {}
 
 
@@ -55,8 +98,10 @@ class _Pump:
         "_loop",
         "_pending",
         "_pending_is_shared",
+        "_refill",
         "_tunnel",
         "_watching",
+        "bucket",
         "count",
         "done",
         "dst",
@@ -68,7 +113,14 @@ class _Pump:
         "stopped",
     )
 
-    def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
+    def __init__(
+        self,
+        tunnel: Tunnel,
+        src: socket.socket,
+        dst: socket.socket,
+        size: int,
+        bucket: Bucket | None = None,
+    ) -> None:
         self._loop = tunnel.loop
         # A weak link back: no reference cycle, so a finished tunnel is freed at
         # once rather than by a garbage-collection pass (pumps never outlive it).
@@ -84,13 +136,16 @@ class _Pump:
         self._watching: str | None = None  # "read" (the source), "write" (the destination)
         self._pending: memoryview | None = None
         self._pending_is_shared = False
+        self.bucket = bucket  # the user's rate limit, if there is one
+        self._refill: asyncio.TimerHandle | None = None  # waiting for the bucket
 
     # -- the two steps a pump kind defines ---------------------------------------
 
-    def _read(self) -> int:
-        """Take what the source has (0 at EOF); raises BlockingIOError when it has nothing."""
+    def _read(self, size: int) -> int:
+        """Take up to `size` bytes the source has (0 at EOF); raises BlockingIOError
+        when it has nothing."""
         buffer = self._buffer
-        n = self.src.recv_into(buffer)
+        n = self.src.recv_into(buffer, size)
         self._pending = buffer[:n]
         self._pending_is_shared = True
         return n
@@ -128,6 +183,8 @@ class _Pump:
     def stop(self) -> None:
         self.stopped = True
         self._watch(None)
+        if self._refill is not None:
+            self._refill.cancel()
         self.close()
 
     def _watch(self, what: str | None) -> None:
@@ -164,13 +221,22 @@ class _Pump:
             # a continuation may arrive after backpressure, EOF or the end of the tunnel
             if self.stopped or self.done or self.staged:
                 return
+            size = self.size
+            if self.bucket is not None:
+                size, wait = self.bucket.allowance(size)
+                if not size:  # over the user's rate: read again once it allows
+                    self._watch(None)
+                    self._refill = self._loop.call_later(wait, self._on_refilled)
+                    return
             try:
-                n = self._read()
+                n = self._read(size)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self._tunnel.fail(exc)
                 return
+            if self.bucket is not None:
+                self.bucket.take(n)
             if n == 0:
                 self._watch(None)
                 self._finish()
@@ -187,6 +253,11 @@ class _Pump:
         # Still readable after a full batch: continue on the next loop iteration
         # rather than rely on a readiness event uvloop may no longer deliver.
         self._loop.call_soon(self._on_readable)
+
+    def _on_refilled(self) -> None:
+        self._refill = None
+        if not (self.stopped or self.done):
+            self._watch("read")
 
     def _on_writable(self) -> None:
         if self.stopped:
@@ -229,8 +300,15 @@ class _SplicePump(_Pump):
 
     __slots__ = ("_bulk", "_in_pipe", "_pipe_r", "_pipe_w")
 
-    def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
-        super().__init__(tunnel, src, dst, size)
+    def __init__(
+        self,
+        tunnel: Tunnel,
+        src: socket.socket,
+        dst: socket.socket,
+        size: int,
+        bucket: Bucket | None = None,
+    ) -> None:
+        super().__init__(tunnel, src, dst, size, bucket)
         self._bulk = False
         self._pipe_r = self._pipe_w = -1
         self._in_pipe = 0
@@ -257,18 +335,18 @@ class _SplicePump(_Pump):
             os.close(self._pipe_w)
         self._pipe_r = self._pipe_w = -1
 
-    def _read(self) -> int:
+    def _read(self, size: int) -> int:
         if not self._bulk:
-            n = super()._read()
+            n = super()._read(size)
             self._bulk = n == self.size
             return n
         if self._pipe_w < 0:
             try:
                 self._take_pipe()
             except OSError:
-                return super()._read()
+                return super()._read(size)
         try:
-            n = os.splice(self.src_fd, self._pipe_w, self.size, flags=_SPLICE_FLAGS)
+            n = os.splice(self.src_fd, self._pipe_w, size, flags=_SPLICE_FLAGS)
         except OSError:
             self._release_pipe()
             raise
@@ -324,6 +402,7 @@ class Tunnel:
         idle: float,
         on_end: Callable[[], object],
         splice: bool = SPLICE_AVAILABLE,
+        rate: tuple[Bucket, Bucket] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.idle = idle
@@ -332,9 +411,10 @@ class Tunnel:
         self.error: str | None = None
         self._on_end: Callable[[], object] | None = on_end
         kind = _SplicePump if splice and SPLICE_AVAILABLE else _Pump
-        self._up = kind(self, client, upstream, read_size)
+        up, down = rate if rate is not None else (None, None)
+        self._up = kind(self, client, upstream, read_size, up)
         try:
-            self._down = kind(self, upstream, client, read_size)
+            self._down = kind(self, upstream, client, read_size, down)
         except BaseException:
             self._up.close()
             raise

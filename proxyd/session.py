@@ -36,7 +36,7 @@ from proxyd.protocols import http as http_proto
 from proxyd.protocols import socks4, socks5
 from proxyd.protocols.common import NEED_DATA, Credentials, format_hostport
 from proxyd.protocols.detect import Kind, sniff
-from proxyd.relay import Tunnel
+from proxyd.relay import Bucket, Tunnel
 from proxyd.rules import Request, Rules, allowed_addresses
 from proxyd.tls import Bridge
 from proxyd.udp import Association
@@ -69,6 +69,19 @@ class Context:
     per_client: dict[str, int] = field(default_factory=dict)
     per_user: dict[str, int] = field(default_factory=dict)
     tls: ssl.SSLContext | None = None  # `[tls]`: clients starting with a TLS handshake get TLS
+    # each user's rate limit (limits.per_user_rate): one bucket per direction, (up, down)
+    rates: dict[str, tuple[Bucket, Bucket]] = field(default_factory=dict)
+
+    def rate_for(self, user: str | None) -> tuple[Bucket, Bucket] | None:
+        """The buckets every transfer of this user shares, when its rate is limited.
+        Only authenticated users have one, so the table holds at most the users file."""
+        rate = self.config.limits.per_user_rate
+        if not rate or user is None:
+            return None
+        buckets = self.rates.get(user)
+        if buckets is None:
+            buckets = self.rates[user] = (Bucket(rate), Bucket(rate))
+        return buckets
 
     def is_own_listener(self, ip: str, port: int, client: Session) -> bool:
         """Whether ip:port is one of this daemon's listeners, which a client must not
@@ -528,6 +541,7 @@ class Session:
             idle=cfg.timeouts.idle,
             splice=cfg.buffers.splice,
             on_end=self._on_tunnel_end,
+            rate=self.ctx.rate_for(self.user),
         )
         self._enter(Phase.RELAY)
         self._tunnel.start(first_up)

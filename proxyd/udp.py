@@ -64,6 +64,8 @@ class Association:
         self.bytes_up = self.bytes_down = 0
         self.dropped = 0
         self.denied = 0  # datagrams to destinations the rules deny
+        self.over_rate = 0  # datagrams beyond the user's rate (limits.per_user_rate)
+        self.rate = session.ctx.rate_for(session.user)
         self.established = False  # the reply went out
 
     async def run(self) -> str:
@@ -100,7 +102,21 @@ class Association:
             fields["datagrams_dropped"] = self.dropped
         if self.denied:
             fields["datagrams_denied"] = self.denied
+        if self.over_rate:
+            fields["datagrams_over_rate"] = self.over_rate
         return fields
+
+    def _over_rate(self, direction: int, size: int) -> bool:
+        """Whether a datagram exceeds the user's rate (then it is dropped: UDP is
+        policed, not queued); else it is counted against the rate."""
+        if self.rate is None:
+            return False
+        bucket = self.rate[direction]
+        if bucket.available() < size:
+            self.over_rate += 1
+            return True
+        bucket.take(size)
+        return False
 
     async def _relay(self) -> str:
         """Pump datagrams until the control connection closes or nothing moves for
@@ -165,8 +181,11 @@ class Association:
             except ProtocolError:
                 self.dropped += 1
                 return
-            await self._send_out(datagram)
+            if not self._over_rate(0, len(datagram.payload)):
+                await self._send_out(datagram)
         elif sender in self.peers and self.client is not None:
+            if self._over_rate(1, len(data)):
+                return
             self.peers.move_to_end(sender)
             header = socks5.udp_header(*sender)
             try:
