@@ -123,7 +123,9 @@ def test_no_secret_in_any_output(start_daemon, users_file, tcp_server):
     """Passwords, Authorization values and hashes never reach stdout or stderr."""
     import base64
 
-    daemon = start_daemon(f'[auth]\nusers_file = "{users_file}"\n', "--log-level", "debug")
+    daemon = start_daemon(
+        f'[auth]\nusers_file = "{users_file}"\nmax_failures = 3\n', "--log-level", "debug"
+    )
     server = tcp_server()
     for password in (PASSWORD, "wrong-password-xyz"):
         sock, _, _, _ = socks5client.connect(
@@ -154,6 +156,18 @@ def test_no_secret_in_any_output(start_daemon, users_file, tcp_server):
             sock.recv(4096)
     for i in range(1, 8):
         daemon.access(lambda e, i=i: e["conn_id"] == i)
+    # forwarded requests carry credentials in every request; the third failure
+    # (with the two above) locks the client out, and the lockout is logged
+    for password in ("wrong-password-xyz", PASSWORD):
+        token = base64.b64encode(f"{USER}:{password}".encode()).decode()
+        with socketlib.create_connection(daemon.address, timeout=5) as sock:
+            sock.sendall(
+                f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Proxy-Authorization: Basic {token}\r\n\r\n".encode()
+            )
+            sock.recv(4096)
+    daemon.wait_for(lambda e: e.get("event") == "auth_lockout")
+    assert daemon.access(lambda e: e["conn_id"] == 9)["status"] == "locked_out"
     daemon.stop()
     output = daemon.output()
     hashes = [line.split(":", 1)[1] for line in users_file.read_text().splitlines()]
