@@ -330,3 +330,31 @@ def test_udp_associate_with_its_control_connection_in_tls(start_daemon, cert):
         assert line["tls"].startswith("TLSv1.")
     finally:
         echo.close()
+
+
+def test_no_descriptor_outlives_its_tls_client(start_daemon, cert, tcp_server):
+    """Finished, failed and abandoned TLS clients leave no socket pair or socket behind."""
+    import time
+
+    daemon = start_daemon(tls_config(cert, "[timeouts]\nhandshake = 1\n"))
+    server = tcp_server()
+    fds = f"/proc/{daemon.proc.pid}/fd"
+    baseline = len(os.listdir(fds))
+    for _ in range(5):
+        with tls_connect(daemon, cert) as sock:  # a tunnel, closed by the client
+            sock.sendall(b"\x05\x01\x00")
+            recv_exact(sock, 2)
+            sock.sendall(b"\x05\x01\x00" + socks5client.address("127.0.0.1", server.port))
+            socks5client.read_reply(sock)
+            sock.sendall(b"x")
+            recv_exact(sock, 1)
+        with tls_connect(daemon, cert):  # TLS, then nothing: cut at the handshake timeout
+            pass
+        with socket.create_connection(daemon.address) as sock:  # gone mid-handshake
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01")
+    deadline = time.monotonic() + 10
+    while len(os.listdir(fds)) > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(os.listdir(fds)) == baseline
+    daemon.access(lambda e: e["conn_id"] == 15)
+    assert len(daemon.access_events()) == 15
