@@ -469,7 +469,7 @@ class Session:
         if not data:
             raise ClientClosed("client closed the connection during the handshake")
         if self._handler is None:
-            if sniff(data) is Kind.TLS and self._tls is None and self.ctx.tls is not None:
+            if self.ctx.tls is not None and self._tls is None and sniff(data) is Kind.TLS:
                 self._start_tls(self.ctx.tls, data)
                 return
             self._handler = self._handler_for(data)
