@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import getpass
 import os
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxyd import __version__, auth, config, log, tls
+from proxyd import __version__, auth, config, log, systemd, tls
 from proxyd.errors import ConfigError
 
 EXIT_OK = 0
@@ -177,11 +178,31 @@ def run(args: argparse.Namespace) -> int:
         )
     from proxyd.server import Server  # after logging is configured
 
+    activated = systemd.listen_sockets()
+    if problems := _activation_problems(activated):
+        for problem in problems:
+            logger.error("socket_activation", error=problem)
+        return EXIT_PROBLEM
+    if activated:
+        passed = [str(config.ListenAddress(*sock.getsockname()[:2])) for sock in activated]
+        ignored = [str(a) for a in cfg.server.listen]
+        logger.info("socket_activation", listeners=passed, ignored=ignored)
+
     def run_worker(index: int, worker_cfg: config.Config) -> int:
         limits = worker_cfg.auth
         throttle = auth.Throttle(limits.max_failures, limits.failure_window, limits.lockout)
         authenticator = auth.Authenticator(loaded.users, throttle=throttle, log=logger)
-        server = Server(worker_cfg, authenticator, logger, worker=index, tls=loaded.tls)
+        # with workers, the supervisor alone speaks to systemd (NotifyAccess=main)
+        notifier = systemd.Notifier() if worker_cfg.server.workers == 1 else None
+        server = Server(
+            worker_cfg,
+            authenticator,
+            logger,
+            worker=index,
+            tls=loaded.tls,
+            activated=activated,
+            notifier=notifier,
+        )
         try:
             _run_loop(server.serve())
         except OSError as exc:
@@ -195,12 +216,21 @@ def run(args: argparse.Namespace) -> int:
         from proxyd.workers import Supervisor
 
         try:
-            return Supervisor(cfg, run_worker, logger).run()
+            return Supervisor(cfg, run_worker, logger, activated=bool(activated)).run()
         except OSError as exc:
             logger.error("listen_failed", error=str(exc))
             return EXIT_PROBLEM
     finally:
         _detach_broken_stdout()
+
+
+def _activation_problems(activated: list[socket.socket]) -> list[str]:
+    problems = []
+    for sock in activated:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or not listening:
+            problems.append(f"LISTEN_FDS: descriptor {sock.fileno()} is not a listening TCP socket")
+    return problems
 
 
 def gen_cert(out: Path, name: str) -> int:

@@ -72,6 +72,8 @@ class ServerConfig:
     udp_advertise: str | None = None
     # what happens to a request no [[rules]] table matches
     default_action: str = "allow"
+    # seconds open connections may take to finish after SIGTERM (0 = close them at once)
+    shutdown_grace: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +265,7 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
             "allow_open_proxy": _boolean,
             "udp_advertise": _ip_address,
             "default_action": _choice(("allow", "deny")),
+            "shutdown_grace": _non_negative_seconds,
         },
     ),
     "auth": (

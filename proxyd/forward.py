@@ -140,6 +140,7 @@ class Forwarder:
         self._to_client: list[bytes] = []  # answer bytes not sent yet
         self._queued = 0
         self.lines = 0  # access lines written
+        self.between_requests = False  # waiting for the client's next request
         # per request, for its access line
         self.bytes_up = 0
         self.bytes_down = 0
@@ -148,7 +149,10 @@ class Forwarder:
         """Serve requests until the client or an answer ends the connection."""
         try:
             while await self._exchange(request):
+                if self.session.ctx.draining:
+                    return  # the daemon is stopping: this answer was the last
                 self.client.start_next_cycle()
+                self.between_requests = True
                 try:
                     next_request = await self._next_request()
                 except ProtocolError as exc:
@@ -159,6 +163,8 @@ class Forwarder:
                     return
                 except (SessionError, OSError):
                     return  # idle past timeouts.idle, or gone, between requests: just close
+                finally:
+                    self.between_requests = False
                 if next_request is None:
                     return
                 request = next_request

@@ -1,4 +1,5 @@
-"""Listeners and lifecycle: bind, accept, one Session per client, stop on a signal."""
+"""Listeners and lifecycle: bind (or take systemd's sockets), accept, one Session per
+client, tell systemd how things stand, and drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import socket
 import ssl
 from typing import Any
 
-from proxyd import __version__, upstream
+from proxyd import __version__, systemd, upstream
 from proxyd.auth import Authenticator
 from proxyd.config import Config, ListenAddress
 from proxyd.log import access
@@ -23,6 +24,7 @@ from proxyd.session import Context, Session
 ACCEPT_BATCH = 128  # accepts per wake-up, so one busy listener cannot starve the loop
 ACCEPT_BACKOFF = 0.5  # seconds to pause a listener after EMFILE and friends
 OVERLOAD_SLACK = 256  # clients beyond max_connections that still get a polite refusal
+STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to systemd
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -64,6 +66,8 @@ class Server:
         *,
         worker: int = 0,
         tls: ssl.SSLContext | None = None,
+        activated: list[socket.socket] | None = None,
+        notifier: systemd.Notifier | None = None,
     ) -> None:
         self.config = config
         self.log = log
@@ -79,7 +83,13 @@ class Server:
         # connection ids stay unique across workers: worker w of n counts w+1, w+1+n, ...
         self._ids = itertools.count(worker + 1, config.server.workers)
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()  # a second stop signal: no more draining
+        self._drained = asyncio.Event()  # the last session ended while draining
+        self._draining = False
         self._nodelay = config.buffers.tcp_nodelay
+        self._activated = activated or []  # listening sockets systemd passed
+        self.notifier = notifier or systemd.Notifier({})
+        self._tick: asyncio.TimerHandle | None = None
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then close every listener and tunnel."""
@@ -87,12 +97,15 @@ class Server:
         # before the first "listening" line: a SIGTERM right after it must stop us cleanly
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        try:
-            for address in self.config.server.listen:
-                self.listeners.append(bind(address, self.config))
-        except OSError:
-            self._close_listeners()
-            raise
+        if self._activated:  # socket activation: systemd's sockets instead of server.listen
+            self.listeners = list(self._activated)
+        else:
+            try:
+                for address in self.config.server.listen:
+                    self.listeners.append(bind(address, self.config))
+            except OSError:
+                self._close_listeners()
+                raise
         # What exists now (modules, config) lives as long as the daemon: keep it out
         # of every garbage-collection pass.
         gc.freeze()
@@ -107,11 +120,19 @@ class Server:
             pid=os.getpid(),
             worker=self.worker,
             loop=type(loop).__module__,
+            socket_activated=bool(self._activated),
         )
+        self.notifier.send("READY=1", self._status())
+        self._on_tick()
         try:
             await self._stop.wait()
+            self._close_listeners()
+            self.notifier.send("STOPPING=1", f"STATUS=draining {len(self.sessions)} connections")
+            await self._drain()
         finally:
             self._close_listeners()
+            if self._tick is not None:
+                self._tick.cancel()
             for session in list(self.sessions):
                 session.abort()
             # forwarding connections and UDP associations end in their own tasks
@@ -125,11 +146,58 @@ class Server:
         self.log.info("stopped")
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        """The first SIGTERM or SIGINT drains, a second one stops at once."""
         first = not self._stop.is_set()
         self._stop.set()
+        if not first:
+            self._force.set()
         self.log.info(
-            "stopping" if first else "already_stopping", signal=sig.name, active=len(self.sessions)
+            "stopping" if first else "stopping_now", signal=sig.name, active=len(self.sessions)
         )
+
+    async def _drain(self) -> None:
+        """Listeners are closed: let open sessions finish, for up to server.shutdown_grace
+        seconds or until a second signal. Keep-alive connections waiting for their next
+        request are closed at once; the others close after their current answer."""
+        grace = self.config.server.shutdown_grace
+        self.ctx.draining = True
+        for session in list(self.sessions):
+            if session.between_requests:
+                session.abort()
+        if not self.sessions or grace <= 0 or self._force.is_set():
+            return
+        self._draining = True
+        self.log.info("draining", active=len(self.sessions), grace_s=grace)
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._drained, self._force)]
+        try:
+            await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self.sessions:
+            self.log.info("drain_ended", cut=len(self.sessions))
+
+    def _closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if self._draining and not self.sessions:
+            self._drained.set()
+
+    def _status(self) -> str:
+        return f"STATUS={len(self.sessions)} active connections"
+
+    def _on_tick(self) -> None:
+        """From the event loop, so that a stuck loop stops the watchdog pings and systemd
+        restarts the daemon: WATCHDOG=1 at half its timeout, and the status line."""
+        notifier = self.notifier
+        if not notifier.enabled:
+            return
+        interval = notifier.watchdog_interval
+        if interval is not None:
+            notifier.send("WATCHDOG=1", self._status())
+        else:
+            notifier.send(self._status())
+        delay = STATUS_INTERVAL if interval is None else min(interval, STATUS_INTERVAL)
+        self._tick = asyncio.get_running_loop().call_later(delay, self._on_tick)
 
     def _close_listeners(self) -> None:
         loop = asyncio.get_running_loop()
@@ -137,6 +205,7 @@ class Server:
             if sock.fileno() >= 0:
                 loop.remove_reader(sock.fileno())
                 sock.close()
+        self.listeners = []
 
     def _on_acceptable(self, listener: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -189,7 +258,7 @@ class Server:
             sock,
             peer,
             conn_id,
-            on_close=self.sessions.discard,
+            on_close=self._closed,
             over_limit=f"server.max_connections ({limit}) reached" if active >= limit else None,
         )
         self.sessions.add(session)

@@ -71,6 +71,7 @@ class Context:
     tls: ssl.SSLContext | None = None  # `[tls]`: clients starting with a TLS handshake get TLS
     # each user's rate limit (limits.per_user_rate): one bucket per direction, (up, down)
     rates: dict[str, tuple[Bucket, Bucket]] = field(default_factory=dict)
+    draining: bool = False  # the daemon is stopping: no new request on a kept-alive connection
 
     def rate_for(self, user: str | None) -> tuple[Bucket, Bucket] | None:
         """The buckets every transfer of this user shares, when its rate is limited.
@@ -216,6 +217,11 @@ class Session:
         )
         # The request is often here already: read before asking the loop to watch.
         self._on_readable()
+
+    @property
+    def between_requests(self) -> bool:
+        """A forwarding connection kept alive, waiting for its next request."""
+        return self._forwarder is not None and self._forwarder.between_requests
 
     @property
     def task(self) -> asyncio.Task[Any] | None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from proxyd import systemd
 from proxyd.config import Config, ListenAddress
 from proxyd.server import bind
 
@@ -28,8 +29,17 @@ _SIGNALS: Final = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
 
 class Supervisor:
-    def __init__(self, config: Config, run_worker: Callable[[int, Config], int], log: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        run_worker: Callable[[int, Config], int],
+        log: Any,
+        *,
+        activated: bool = False,
+    ) -> None:
         self.config = config
+        self.activated = activated  # systemd passed the listeners: nothing to bind
+        self.notifier = systemd.Notifier()
         self.run_worker = run_worker
         self.log = log
         self.children: dict[int, int] = {}  # pid -> worker index
@@ -41,19 +51,23 @@ class Supervisor:
     def run(self) -> int:
         """Fork the workers and look after them until a stop signal; the exit code."""
         for address in self.config.server.listen:  # OSError (address in use) reaches the CLI
-            self._reserved.append(bind(address, self.config, listen=False))
-        listen = tuple(
-            ListenAddress(address.host, sock.getsockname()[1])
-            for address, sock in zip(self.config.server.listen, self._reserved, strict=True)
-        )
-        self.config = dataclasses.replace(
-            self.config, server=dataclasses.replace(self.config.server, listen=listen)
-        )
+            if not self.activated:
+                self._reserved.append(bind(address, self.config, listen=False))
+        if not self.activated:
+            listen = tuple(
+                ListenAddress(address.host, sock.getsockname()[1])
+                for address, sock in zip(self.config.server.listen, self._reserved, strict=True)
+            )
+            self.config = dataclasses.replace(
+                self.config, server=dataclasses.replace(self.config.server, listen=listen)
+            )
         self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
             for index in range(self.config.server.workers):
                 self._spawn(index)
             self.log.info("supervising", workers=self.config.server.workers, pid=os.getpid())
+            # once the workers are forked; each is listening a moment later
+            self.notifier.send("READY=1", f"STATUS={len(self.children)} workers")
             while self.children or (self.restarts and not self.stopping):
                 self._wait()
         finally:
@@ -95,6 +109,7 @@ class Supervisor:
 
     def _stop(self, sig: signal.Signals) -> None:
         self.log.info("stopping", signal=sig.name, workers=len(self.children))
+        self.notifier.send("STOPPING=1")
         self.stopping = True
         self.restarts.clear()
         for pid in self.children:

@@ -113,14 +113,20 @@ class Daemon:
         with self._cond:
             return "\n".join(self.lines) + self.stderr.decode("utf-8", "replace")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0, grace: float = 2.0) -> int:
+        """Stop with `sig`; a connection still open after `grace` seconds of draining
+        gets the second signal, which closes it at once."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.proc.send_signal(sig)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
         self._reader.join(5)
         self._err_reader.join(5)
         return self.proc.returncode
@@ -154,6 +160,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         listen: str = "127.0.0.1:0",
         wait: bool = True,
         hosts: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Daemon:
         """`hosts`: a file the daemon sees as /etc/hosts, in a mount namespace of its own
         where names are looked up in that file only: tests name loopback addresses,
@@ -165,7 +172,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         if listen:
             args += ["--listen", listen]
         prefix = None if hosts is None else local_names(tmp_path / f"names-{index}", hosts)
-        daemon = Daemon(args, prefix=prefix)
+        daemon = Daemon(args, env=env, prefix=prefix)
         daemons.append(daemon)
         return daemon.started() if wait else daemon
 

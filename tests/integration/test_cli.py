@@ -105,14 +105,15 @@ def test_passwd_rejects_bad_input(tmp_path):
 
 
 def test_sigterm_and_sigint_stop_with_open_tunnel(start_daemon, tcp_server):
+    """With no grace, a stop signal closes every tunnel at once."""
     server = tcp_server()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        daemon = start_daemon()
+        daemon = start_daemon("[server]\nshutdown_grace = 0\n")
         sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
         with sock:
             assert rep == 0
             started = time.monotonic()
-            assert daemon.stop(sig) == 0
+            assert daemon.stop(sig, grace=10) == 0
             assert time.monotonic() - started < 5
             assert sock.recv(1) == b""
         assert daemon.access()["status"] == "shutdown"

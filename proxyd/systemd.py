@@ -1,0 +1,78 @@
+"""systemd glue: sd_notify (readiness, status, watchdog, stopping) and socket activation.
+
+Both follow the documented environment protocol (sd_notify(3), sd_listen_fds(3))
+with the standard library, so nothing here needs libsystemd; without systemd the
+variables are unset and every call does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping, MutableMapping
+from typing import Final
+
+SD_LISTEN_FDS_START: Final = 3
+
+
+class Notifier:
+    """Datagrams to $NOTIFY_SOCKET ("READY=1", "STATUS=...", "WATCHDOG=1", ...)."""
+
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
+        self._sock: socket.socket | None = None
+        self._address = ""
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address.startswith("@"):  # the abstract namespace
+            address = "\0" + address[1:]
+        if address.startswith(("/", "\0")):
+            self._address = address
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.setblocking(False)
+        # WATCHDOG_USEC applies to us only when WATCHDOG_PID, if given, is our own
+        self.watchdog_usec = 0
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and (not pid or pid == str(os.getpid())):
+            self.watchdog_usec = int(usec)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    @property
+    def watchdog_interval(self) -> float | None:
+        """Seconds between WATCHDOG=1 pings (half the timeout), or None without one."""
+        if not self.enabled or not self.watchdog_usec:
+            return None
+        return self.watchdog_usec / 2e6
+
+    def send(self, *assignments: str) -> None:
+        """One notification of `KEY=value` lines; lost, never blocking, when systemd
+        cannot take it."""
+        if self._sock is None:
+            return
+        try:
+            self._sock.sendto("\n".join(assignments).encode(), self._address)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[socket.socket]:
+    """The listening sockets systemd passed (LISTEN_FDS, for this LISTEN_PID), non-blocking,
+    in order; the variables are removed so that no child takes them for its own."""
+    pid, count = environ.get("LISTEN_PID", ""), environ.get("LISTEN_FDS", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if pid != str(os.getpid()) or not count.isdigit():
+        return []
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets

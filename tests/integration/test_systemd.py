@@ -1,0 +1,226 @@
+"""Life under systemd: sd_notify messages, socket activation, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Daemon
+from integration import socks5client
+from integration.socks5client import recv_exact
+
+
+class NotifyReceiver:
+    """A NOTIFY_SOCKET of our own: the datagrams the daemon sends, as lists of lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[list[str]] = []
+
+    def wait_for(self, line: str, timeout: float = 10.0) -> list[str]:
+        """The first message (seen or arriving within `timeout`) with `line` in it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self.messages:
+                if line in message:
+                    return message
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {line!r} in {self.messages}")
+            try:
+                self.messages.append(self.sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_notify_ready_status_watchdog_stopping(start_daemon, tmp_path, tcp_server):
+    receiver = NotifyReceiver(tmp_path / "notify")
+    try:
+        daemon = start_daemon(env={"NOTIFY_SOCKET": str(receiver.path), "WATCHDOG_USEC": "300000"})
+        ready = receiver.wait_for("READY=1")
+        assert "STATUS=0 active connections" in ready
+        server = tcp_server()
+        sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+        with sock:
+            assert rep == 0
+            # pings at half of WATCHDOG_USEC, from the loop, with the status
+            ping = receiver.wait_for("STATUS=1 active connections", timeout=5)
+            assert "WATCHDOG=1" in ping
+            receiver.messages.clear()
+            started = time.monotonic()
+            receiver.wait_for("WATCHDOG=1", timeout=5)
+            assert time.monotonic() - started < 2
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert receiver.wait_for("STOPPING=1")
+        assert daemon.proc.wait(10) == 0
+    finally:
+        receiver.close()
+
+
+def test_no_notify_socket_no_messages(start_daemon, tcp_server):
+    """Without NOTIFY_SOCKET the daemon runs as ever (every other test shows it too)."""
+    env = {k: "" for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    daemon = start_daemon(env=env)
+    server = tcp_server()
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+    sock.close()
+    assert rep == 0
+    assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="needs systemd")
+def test_socket_activation_serves_curl(tmp_path, origin):
+    """Under systemd-socket-activate the daemon takes the passed socket (LISTEN_FDS,
+    LISTEN_PID) instead of binding server.listen, and detects protocols on it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "proxyd.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:1"]\n')  # ignored: systemd's socket wins
+    daemon = Daemon(
+        ["--config", str(config)],
+        prefix=["systemd-socket-activate", "--listen", f"127.0.0.1:{port}"],
+    )
+    try:
+        # systemd-socket-activate runs the daemon when the first client connects
+        for proxy in (f"socks5h://127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
+            result = subprocess.run(
+                ["curl", "-sS", "--max-time", "20", "--proxy", proxy, origin.url],
+                capture_output=True,
+                timeout=30,
+            )
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == origin.body
+        daemon.started()
+        assert daemon.port == port
+        activation = daemon.wait_for(lambda e: e.get("event") == "socket_activation")
+        assert activation["listeners"] == [f"127.0.0.1:{port}"]
+        protocols = [daemon.access(lambda e, i=i: e["conn_id"] == i)["protocol"] for i in (1, 2)]
+        assert protocols == ["socks5", "http"]
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_sigterm_drains_open_tunnels(start_daemon, tcp_server):
+    """SIGTERM: new clients are turned away at once, an open tunnel carries on until
+    its client is done, then the daemon exits 0."""
+    daemon = start_daemon("[server]\nshutdown_grace = 30\n")
+    server = tcp_server()
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+    with sock:
+        assert rep == 0
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.wait_for(lambda e: e.get("event") == "draining")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(daemon.address, timeout=5).close()
+        for i in range(3):
+            sock.sendall(b"still %d" % i)
+            assert recv_exact(sock, 7) == b"still %d" % i
+        assert daemon.proc.poll() is None
+    started = time.monotonic()
+    assert daemon.proc.wait(10) == 0
+    assert time.monotonic() - started < 5
+    line = daemon.access()
+    assert (line["status"], line["bytes_up"]) == ("ok", 21)
+
+
+def test_grace_runs_out_and_a_second_signal_cuts_short(start_daemon, tcp_server):
+    server = tcp_server()
+    daemon = start_daemon("[server]\nshutdown_grace = 1\n")
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+    with sock:
+        assert rep == 0
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(10) == 0
+        assert 0.9 <= time.monotonic() - started < 5
+        assert sock.recv(1) == b""
+    assert daemon.access()["status"] == "shutdown"
+
+    daemon = start_daemon("[server]\nshutdown_grace = 60\n")
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+    with sock:
+        assert rep == 0
+        daemon.proc.send_signal(signal.SIGTERM)
+        daemon.wait_for(lambda e: e.get("event") == "draining")
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGINT)
+        assert daemon.proc.wait(10) == 0
+        assert time.monotonic() - started < 5
+    assert daemon.access()["status"] == "shutdown"
+
+
+def test_drain_closes_idle_keep_alive_connections(start_daemon, origin):
+    """A forwarding connection waiting for its next request holds no drain up."""
+    daemon = start_daemon("[server]\nshutdown_grace = 30\n")
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(f"GET {origin.url} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        received = b""
+        while len(received) < len(origin.body):
+            received += sock.recv(65536)
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(10) == 0
+        assert time.monotonic() - started < 5
+    assert daemon.access()["status"] == "ok"
+
+
+def _unit_text(name: str) -> str:
+    return (ROOT / "systemd" / name).read_text()
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd")
+def test_units_verify(tmp_path):
+    """systemd-analyze verify accepts both units (ExecStart pointed at this checkout's
+    proxyd, since verify wants the program to exist)."""
+    program = Path(sys.executable).parent / "proxyd"
+    for name in ("proxyd.service", "proxyd.socket"):
+        text = _unit_text(name).replace("/usr/local/bin/proxyd", str(program))
+        (tmp_path / name).write_text(text)
+    result = subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            str(tmp_path / "proxyd.service"),
+            str(tmp_path / "proxyd.socket"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"},
+    )
+    assert result.returncode == 0, result.stderr
+    problems = [line for line in result.stderr.splitlines() if "proxyd" in line]
+    assert not problems, problems
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd")
+def test_service_security_rating_is_ok_or_better(tmp_path):
+    """systemd-analyze security (offline: no running systemd needed) rates the service
+    OK or better; README quotes the score."""
+    unit = tmp_path / "proxyd.service"
+    unit.write_text(_unit_text("proxyd.service"))
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    overall = [line for line in result.stdout.splitlines() if "Overall exposure level" in line]
+    assert overall, result.stdout + result.stderr
+    score, rating = overall[0].split(": ", 1)[1].split()[:2]
+    assert rating in ("PERFECT", "SAFE", "OK"), overall[0]
+    assert float(score) <= 2.0
