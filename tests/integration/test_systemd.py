@@ -93,7 +93,17 @@ def test_socket_activation_serves_curl(tmp_path, origin):
         prefix=["systemd-socket-activate", "--listen", f"127.0.0.1:{port}"],
     )
     try:
-        # systemd-socket-activate runs the daemon when the first client connects
+        # systemd-socket-activate listens first (wait for it without connecting), and
+        # runs the daemon when the first client connects
+        deadline = time.monotonic() + 15
+        while (
+            f":{port} "
+            not in subprocess.run(
+                ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True
+            ).stdout
+        ):
+            assert time.monotonic() < deadline, "systemd-socket-activate is not listening"
+            time.sleep(0.05)
         for proxy in (f"socks5h://127.0.0.1:{port}", f"http://127.0.0.1:{port}"):
             result = subprocess.run(
                 ["curl", "-sS", "--max-time", "20", "--proxy", proxy, origin.url],
