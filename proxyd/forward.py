@@ -345,7 +345,7 @@ class Forwarder:
             if not isinstance(await self._client_event(), h11.EndOfMessage):
                 raise ProtocolError("a request for the PAC file has no body")
             host, port = self.session.local_address()[:2]
-            body = pac_file(format_hostport(host, port), tls=self.session.tls)
+            body = pac_file(format_hostport(host, port), tls=self.session.tls_version is not None)
             self.session.target = None
             headers = [
                 (b"content-type", b"application/x-ns-proxy-autoconfig"),
@@ -534,5 +534,5 @@ class Forwarder:
             duration_ms=round((time.monotonic() - started) * 1000, 1),
             **(extra or {}),
             **({"error": error} if error else {}),
-            **({"tls": session.tls_version} if session.tls else {}),
+            **({"tls": session.tls_version} if session.tls_version else {}),
         )

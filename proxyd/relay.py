@@ -113,14 +113,7 @@ class _Pump:
         "stopped",
     )
 
-    def __init__(
-        self,
-        tunnel: Tunnel,
-        src: socket.socket,
-        dst: socket.socket,
-        size: int,
-        bucket: Bucket | None = None,
-    ) -> None:
+    def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
         self._loop = tunnel.loop
         # A weak link back: no reference cycle, so a finished tunnel is freed at
         # once rather than by a garbage-collection pass (pumps never outlive it).
@@ -136,7 +129,7 @@ class _Pump:
         self._watching: str | None = None  # "read" (the source), "write" (the destination)
         self._pending: memoryview | None = None
         self._pending_is_shared = False
-        self.bucket = bucket  # the user's rate limit, if there is one
+        self.bucket: Bucket | None = None  # the user's rate limit, if there is one
         self._refill: asyncio.TimerHandle | None = None  # waiting for the bucket
 
     # -- the two steps a pump kind defines ---------------------------------------
@@ -300,15 +293,8 @@ class _SplicePump(_Pump):
 
     __slots__ = ("_bulk", "_in_pipe", "_pipe_r", "_pipe_w")
 
-    def __init__(
-        self,
-        tunnel: Tunnel,
-        src: socket.socket,
-        dst: socket.socket,
-        size: int,
-        bucket: Bucket | None = None,
-    ) -> None:
-        super().__init__(tunnel, src, dst, size, bucket)
+    def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
+        super().__init__(tunnel, src, dst, size)
         self._bulk = False
         self._pipe_r = self._pipe_w = -1
         self._in_pipe = 0
@@ -411,13 +397,14 @@ class Tunnel:
         self.error: str | None = None
         self._on_end: Callable[[], object] | None = on_end
         kind = _SplicePump if splice and SPLICE_AVAILABLE else _Pump
-        up, down = rate if rate is not None else (None, None)
-        self._up = kind(self, client, upstream, read_size, up)
+        self._up = kind(self, client, upstream, read_size)
         try:
-            self._down = kind(self, upstream, client, read_size, down)
+            self._down = kind(self, upstream, client, read_size)
         except BaseException:
             self._up.close()
             raise
+        if rate is not None:
+            self._up.bucket, self._down.bucket = rate
         self._timer: asyncio.TimerHandle | None = None
 
     @property

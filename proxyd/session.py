@@ -363,11 +363,8 @@ class Session:
         return self._local if self._local is not None else self.sock.getsockname()
 
     @property
-    def tls(self) -> bool:
-        return self._tls is not None
-
-    @property
     def tls_version(self) -> str | None:
+        """ "TLSv1.3" and the like for a client in TLS, else None."""
         return self._tls.version if self._tls is not None else None
 
     def request_for(self, host: str, port: int) -> Request:
@@ -490,7 +487,7 @@ class Session:
             self.sock,
             context,
             ready=lambda plain: self._step(self._on_tls_ready, plain),
-            failed=lambda reason: self._step(_raise, ProtocolError(reason)),
+            failed=lambda reason: self._refuse(ProtocolError(reason)),
         )
         self._tls.start(first)
 
@@ -675,10 +672,6 @@ def _release(counts: dict[str, int], key: str) -> None:
 
 def _nothing() -> None:
     """A readiness callback that found nothing to read."""
-
-
-def _raise(error: Exception) -> None:
-    raise error
 
 
 class Socks5Handler:

@@ -268,15 +268,9 @@ class Bridge:
         pending = self._out.read()
         if pending:
             self._to_client += pending
-        if self._to_client:
-            try:
-                sent = self.raw.send(self._to_client)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self._end()
-                return
-            del self._to_client[:sent]
+        if self._to_client and not _send(self.raw, self._to_client):
+            self._end()
+            return
         if self._to_client:
             self._watch(self.raw, True, self._on_raw_writable)
         else:
@@ -293,14 +287,8 @@ class Bridge:
         inner = self.inner
         if inner is None:
             return
-        if self._to_inner:
-            try:
-                sent = inner.send(self._to_inner)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:  # the session closed its end: drop what the client sends
-                sent = len(self._to_inner)
-            del self._to_inner[:sent]
+        if self._to_inner and not _send(inner, self._to_inner):
+            self._to_inner.clear()  # the session closed its end: drop what the client sends
         if self._to_inner:
             self._watch(inner, True, self._on_inner_writable)
         else:
@@ -351,3 +339,16 @@ class Bridge:
         if self.inner is not None:
             self.inner.close()
         self.ready = self.failed = None
+
+
+def _send(sock: socket.socket, pending: bytearray) -> bool:
+    """Send what the socket takes now and drop it from `pending`; False when the
+    connection has failed."""
+    try:
+        sent = sock.send(pending)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    del pending[:sent]
+    return True
