@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import getpass
 import os
-import socket
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -178,9 +177,10 @@ def run(args: argparse.Namespace) -> int:
         )
     from proxyd.server import Server  # after logging is configured
 
-    activated = systemd.listen_sockets()
-    if problems := _activation_problems(activated):
-        for problem in problems:
+    try:
+        activated = systemd.listen_sockets()
+    except ConfigError as exc:
+        for problem in exc.problems:
             logger.error("socket_activation", error=problem)
         return EXIT_PROBLEM
     if activated:
@@ -222,15 +222,6 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_PROBLEM
     finally:
         _detach_broken_stdout()
-
-
-def _activation_problems(activated: list[socket.socket]) -> list[str]:
-    problems = []
-    for sock in activated:
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        if sock.family not in (socket.AF_INET, socket.AF_INET6) or not listening:
-            problems.append(f"LISTEN_FDS: descriptor {sock.fileno()} is not a listening TCP socket")
-    return problems
 
 
 def gen_cert(out: Path, name: str) -> int:

@@ -12,6 +12,8 @@ import socket
 from collections.abc import Mapping, MutableMapping
 from typing import Final
 
+from proxyd.errors import ConfigError
+
 SD_LISTEN_FDS_START: Final = 3
 
 
@@ -63,16 +65,28 @@ class Notifier:
 
 def listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[socket.socket]:
     """The listening sockets systemd passed (LISTEN_FDS, for this LISTEN_PID), non-blocking,
-    in order; the variables are removed so that no child takes them for its own."""
+    in order; the variables are removed so that no child takes them for its own.
+    ConfigError when a descriptor is not a listening TCP socket."""
     pid, count = environ.get("LISTEN_PID", ""), environ.get("LISTEN_FDS", "")
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         environ.pop(name, None)
     if pid != str(os.getpid()) or not count.isdigit():
         return []
-    sockets = []
+    sockets, problems = [], []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
-        os.set_inheritable(fd, False)
-        sock = socket.socket(fileno=fd)
+        try:
+            os.set_inheritable(fd, False)
+            sock = socket.socket(fileno=fd)
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        except OSError as exc:
+            problems.append(f"LISTEN_FDS: descriptor {fd}: {exc.strerror}")
+            continue
+        if sock.family not in (socket.AF_INET, socket.AF_INET6) or not listening:
+            problems.append(f"LISTEN_FDS: descriptor {fd} is not a listening TCP socket")
         sock.setblocking(False)
         sockets.append(sock)
+    if problems:
+        for sock in sockets:
+            sock.close()
+        raise ConfigError(problems)
     return sockets
