@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import json
@@ -113,20 +114,23 @@ class Daemon:
         with self._cond:
             return "\n".join(self.lines) + self.stderr.decode("utf-8", "replace")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0, grace: float = 2.0) -> int:
-        """Stop with `sig`; a connection still open after `grace` seconds of draining
-        gets the second signal, which closes it at once."""
+    def stop(
+        self, sig: int = signal.SIGTERM, timeout: float = 10.0, *, force_after: float | None = None
+    ) -> int:
+        """Stop with one `sig` (the daemon drains for server.shutdown_grace); with
+        `force_after`, a second signal after that many seconds ends the drain."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
-                self.proc.wait(grace)
+                if force_after is not None:
+                    try:
+                        self.proc.wait(force_after)
+                    except subprocess.TimeoutExpired:
+                        self.proc.send_signal(sig)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.send_signal(sig)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+                self.proc.kill()
+                self.proc.wait()
         self._reader.join(5)
         self._err_reader.join(5)
         return self.proc.returncode
@@ -177,8 +181,8 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         return daemon.started() if wait else daemon
 
     yield start
-    for daemon in daemons:
-        daemon.stop()
+    for daemon in daemons:  # a test's leftover connections do not hold teardown up
+        daemon.stop(force_after=2.0)
 
 
 @pytest.fixture(params=["splice", "copy"])
@@ -202,6 +206,38 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 USER, PASSWORD = "alice", "wonderland-42"
+
+
+def basic_token(user: str = USER, password: str = PASSWORD) -> str:
+    """The Basic credentials of a Proxy-Authorization header."""
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def request_head(
+    method: str,
+    target: str,
+    *,
+    host: str | None = None,
+    password: str | None = None,
+    user: str = USER,
+) -> bytes:
+    """An HTTP/1.1 request head to the proxy; with `password`, Basic credentials."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host or target}"]
+    if password is not None:
+        lines.append(f"Proxy-Authorization: Basic {basic_token(user, password)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def proxyd(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+    """The proxyd command line, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "proxyd", *args],
+        input=stdin.decode(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
 
 
 # --- real servers on loopback -------------------------------------------------

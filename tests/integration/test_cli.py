@@ -12,19 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PASSWORD, ROOT, USER
+from conftest import PASSWORD, ROOT, USER, basic_token, proxyd, request_head
 from integration import socks5client
-
-
-def proxyd(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxyd", *args],
-        input=stdin.decode(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
 
 
 def test_version():
@@ -113,7 +102,7 @@ def test_sigterm_and_sigint_stop_with_open_tunnel(start_daemon, tcp_server):
         with sock:
             assert rep == 0
             started = time.monotonic()
-            assert daemon.stop(sig, grace=10) == 0
+            assert daemon.stop(sig) == 0
             assert time.monotonic() - started < 5
             assert sock.recv(1) == b""
         assert daemon.access()["status"] == "shutdown"
@@ -122,7 +111,6 @@ def test_sigterm_and_sigint_stop_with_open_tunnel(start_daemon, tcp_server):
 
 def test_no_secret_in_any_output(start_daemon, users_file, tcp_server):
     """Passwords, Authorization values and hashes never reach stdout or stderr."""
-    import base64
 
     daemon = start_daemon(
         f'[auth]\nusers_file = "{users_file}"\nmax_failures = 3\n', "--log-level", "debug"
@@ -136,12 +124,8 @@ def test_no_secret_in_any_output(start_daemon, users_file, tcp_server):
     import socket as socketlib
 
     for password in (PASSWORD, "wrong-password-xyz"):
-        token = base64.b64encode(f"{USER}:{password}".encode()).decode()
         with socketlib.create_connection(daemon.address, timeout=5) as sock:
-            sock.sendall(
-                f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\nHost: x\r\n"
-                f"Proxy-Authorization: Basic {token}\r\n\r\n".encode()
-            )
+            sock.sendall(request_head("CONNECT", f"127.0.0.1:{server.port}", password=password))
             sock.recv(4096)
     # a malformed head that quotes a credential must not be echoed into the log either
     with socketlib.create_connection(daemon.address, timeout=5) as sock:
@@ -160,12 +144,9 @@ def test_no_secret_in_any_output(start_daemon, users_file, tcp_server):
     # forwarded requests carry credentials in every request; the third failure
     # (with the two above) locks the client out, and the lockout is logged
     for password in ("wrong-password-xyz", PASSWORD):
-        token = base64.b64encode(f"{USER}:{password}".encode()).decode()
         with socketlib.create_connection(daemon.address, timeout=5) as sock:
-            sock.sendall(
-                f"GET http://127.0.0.1:{server.port}/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"Proxy-Authorization: Basic {token}\r\n\r\n".encode()
-            )
+            url = f"http://127.0.0.1:{server.port}/"
+            sock.sendall(request_head("GET", url, host="127.0.0.1", password=password))
             sock.recv(4096)
     daemon.wait_for(lambda e: e.get("event") == "auth_lockout")
     assert daemon.access(lambda e: e["conn_id"] == 9)["status"] == "locked_out"
@@ -175,7 +156,7 @@ def test_no_secret_in_any_output(start_daemon, users_file, tcp_server):
     for secret in (PASSWORD, "wrong-password-xyz", "c2VjcmV0LXRva2Vu", "userinfo-secret", *hashes):
         assert secret not in output
     for password in (PASSWORD, "wrong-password-xyz"):
-        assert base64.b64encode(f"{USER}:{password}".encode()).decode() not in output
+        assert basic_token(USER, password) not in output
 
 
 def test_console_script_is_installed():

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
 import socket
 
 import pytest
 
-from conftest import PASSWORD, USER, closed_port
+from conftest import PASSWORD, USER, basic_token, closed_port, request_head
 
 
 def request(address, head: bytes) -> tuple[bytes, bytes]:
@@ -22,11 +21,9 @@ def request(address, head: bytes) -> tuple[bytes, bytes]:
 
 
 def connect_head(target: str, auth: tuple[str, str] | None = None) -> bytes:
-    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
-    if auth:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        lines.append(f"Proxy-Authorization: Basic {token}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    if auth is None:
+        return request_head("CONNECT", target)
+    return request_head("CONNECT", target, user=auth[0], password=auth[1])
 
 
 @pytest.fixture
@@ -65,7 +62,7 @@ def test_right_credentials_tunnel(auth_daemon, tcp_server):
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     line = auth_daemon.access()
     assert (line["user"], line["status"]) == (USER, "ok")
-    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    token = basic_token()
     output = auth_daemon.output()
     assert token not in output and PASSWORD not in output
 

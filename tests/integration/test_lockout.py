@@ -3,21 +3,16 @@ every protocol, and it may try again once the lockout is over."""
 
 from __future__ import annotations
 
-import base64
 import socket
 import time
 
-from conftest import PASSWORD, USER
+from conftest import PASSWORD, USER, request_head
 from integration import socks5client
 
 
 def http_connect(address: tuple[str, int], target: str, password: str) -> bytes:
-    token = base64.b64encode(f"{USER}:{password}".encode()).decode()
     with socket.create_connection(address, timeout=10) as sock:
-        sock.sendall(
-            f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
-            f"Proxy-Authorization: Basic {token}\r\n\r\n".encode()
-        )
+        sock.sendall(request_head("CONNECT", target, password=password))
         return sock.recv(4096)
 
 
@@ -48,12 +43,8 @@ def test_lockout_after_failures_and_recovery(start_daemon, users_file, tcp_serve
     # now even the right password is refused, in every protocol, without being checked
     assert socks5_rep(daemon, server.port, PASSWORD) == -1
     assert http_connect(daemon.address, target, PASSWORD).startswith(b"HTTP/1.1 429 ")
-    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     with socket.create_connection(daemon.address, timeout=10) as sock:
-        sock.sendall(
-            f"GET {origin.url} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Proxy-Authorization: Basic {token}\r\n\r\n".encode()
-        )
+        sock.sendall(request_head("GET", origin.url, host="127.0.0.1", password=PASSWORD))
         assert sock.recv(4096).startswith(b"HTTP/1.1 429 ")
     for conn_id in (4, 5, 6):
         line = daemon.access(lambda e, i=conn_id: e["conn_id"] == i)

@@ -53,7 +53,7 @@ def test_reset_with_unread_data_ends_tunnel_at_once(start_daemon, tcp_server, si
 
 def test_counts_kept_when_shutdown_cuts_a_tunnel(start_daemon, tcp_server, relay_kind):
     server = tcp_server()
-    daemon = start_daemon(relay_kind)
+    daemon = start_daemon(relay_kind + "[server]\nshutdown_grace = 0\n")
     sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
     with sock:
         assert rep == 0

@@ -3,11 +3,10 @@ UDP datagrams; names resolved once and connected to only where allowed."""
 
 from __future__ import annotations
 
-import base64
 import http.client
 import socket
 
-from conftest import PASSWORD, ROOT, USER, listening_socket
+from conftest import ROOT, USER, basic_token, listening_socket
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -99,8 +98,7 @@ def test_forwarded_requests_are_checked_each(start_daemon, users_file, origin):
     )
     daemon = start_daemon(config)
     conn = http.client.HTTPConnection(*daemon.address, timeout=10)
-    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    headers = {"Proxy-Authorization": f"Basic {token}"}
+    headers = {"Proxy-Authorization": f"Basic {basic_token()}"}
     conn.request("GET", origin.url, headers=headers)
     response = conn.getresponse()
     assert response.status == 200

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon
+from conftest import ROOT, Daemon, proxyd
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -230,3 +230,59 @@ def test_service_security_rating_is_ok_or_better(tmp_path):
     score, rating = overall[0].split(": ", 1)[1].split()[:2]
     assert rating in ("PERFECT", "SAFE", "OK"), overall[0]
     assert float(score) <= 2.0
+
+
+def test_a_passed_descriptor_that_is_no_listening_socket_is_an_error(tmp_path):
+    """LISTEN_FDS naming something else (here /dev/null as fd 3) stops the start with
+    a clear error, not a traceback."""
+    config = tmp_path / "proxyd.toml"
+    config.write_text("")
+    script = (
+        'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -m proxyd --config "$1" --listen 127.0.0.1:0 '
+        "3</dev/null"
+    )
+    result = subprocess.run(
+        ["sh", "-c", script, sys.executable, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1
+    assert "LISTEN_FDS: descriptor 3" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_workers_supervisor_notifies(start_daemon, tmp_path):
+    """With workers > 1 the supervisor speaks to systemd (NotifyAccess=main)."""
+    receiver = NotifyReceiver(tmp_path / "notify")
+    try:
+        daemon = start_daemon("[server]\nworkers = 2\n", env={"NOTIFY_SOCKET": str(receiver.path)})
+        assert "STATUS=2 workers" in receiver.wait_for("READY=1")
+        daemon.proc.send_signal(signal.SIGTERM)
+        receiver.wait_for("STOPPING=1")
+        assert daemon.proc.wait(10) == 0
+        assert not [m for m in receiver.messages if "WATCHDOG=1" in m]  # workers stay silent
+    finally:
+        receiver.close()
+
+
+@pytest.mark.parametrize("which", ["users_file", "tls_key"])
+def test_files_readable_by_others_are_warned_about(start_daemon, tmp_path, users_file, which):
+    """A users file or TLS key readable by other users gives a warning at start."""
+    import shutil
+
+    users = tmp_path / "users"
+    shutil.copy(users_file, users)
+    made = proxyd("gen-cert", "--out", str(tmp_path), "--name", "x")
+    assert made.returncode == 0
+    users.chmod(0o644 if which == "users_file" else 0o600)
+    (tmp_path / "key.pem").chmod(0o644 if which == "tls_key" else 0o600)
+    daemon = start_daemon(
+        f'[auth]\nusers_file = "{users}"\n'
+        f'[tls]\ncert = "{tmp_path / "cert.pem"}"\nkey = "{tmp_path / "key.pem"}"\n'
+    )
+    warning = daemon.wait_for(lambda e: e.get("event", "").endswith("world_readable"))
+    assert warning["event"] == f"{which}_world_readable"
+    assert warning["level"] == "warning"
+    assert len([e for e in daemon.events if e.get("event", "").endswith("world_readable")]) == 1

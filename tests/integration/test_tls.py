@@ -4,19 +4,17 @@ any listener, and the protocol inside is detected again. Certificates come from
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import PASSWORD, ROOT, USER
+from conftest import PASSWORD, USER, proxyd, request_head
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -33,13 +31,7 @@ def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
 def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """cert.pem and key.pem for "localhost", made by `proxyd gen-cert`."""
     out = tmp_path_factory.mktemp("tls")
-    result = subprocess.run(
-        [sys.executable, "-m", "proxyd", "gen-cert", "--out", str(out), "--name", "localhost"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    result = proxyd("gen-cert", "--out", str(out), "--name", "localhost")
     assert result.returncode == 0, result.stderr
     cert, key = out / "cert.pem", out / "key.pem"
     assert f'cert = "{cert}"' in result.stdout
@@ -242,12 +234,8 @@ def test_secrets_stay_out_of_the_log_under_tls(start_daemon, cert, users_file, t
     )
     server = tcp_server()
     for password in (PASSWORD, "tls-wrong-secret"):
-        token = base64.b64encode(f"{USER}:{password}".encode()).decode()
         with tls_connect(daemon, cert) as sock:
-            sock.sendall(
-                f"CONNECT 127.0.0.1:{server.port} HTTP/1.1\r\nHost: x\r\n"
-                f"Proxy-Authorization: Basic {token}\r\n\r\n".encode()
-            )
+            sock.sendall(request_head("CONNECT", f"127.0.0.1:{server.port}", password=password))
             sock.recv(4096)
     daemon.access(lambda e: e["conn_id"] == 2)
     daemon.stop()
@@ -259,22 +247,12 @@ def test_secrets_stay_out_of_the_log_under_tls(start_daemon, cert, users_file, t
 
 def test_gen_cert_for_an_address_and_check_config(start_daemon, tmp_path, origin):
     out = tmp_path / "ip"
-    made = subprocess.run(
-        [sys.executable, "-m", "proxyd", "gen-cert", "--out", str(out), "--name", "127.0.0.1"],
-        capture_output=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    made = proxyd("gen-cert", "--out", str(out), "--name", "127.0.0.1")
     assert made.returncode == 0, made.stderr
     pair = (out / "cert.pem", out / "key.pem")
     config = tmp_path / "tls.toml"
     config.write_text(tls_config(pair))
-    checked = subprocess.run(
-        [sys.executable, "-m", "proxyd", "check-config", "--config", str(config)],
-        capture_output=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    checked = proxyd("check-config", "--config", str(config))
     assert checked.returncode == 0, checked.stderr
     daemon = start_daemon(tls_config(pair))
     result = curl(
@@ -296,13 +274,7 @@ def test_check_config_reports_tls_problems(tmp_path, cert, tls, problem):
     config = tmp_path / "bad.toml"
     text = tls.format(missing=tmp_path / "nope.pem", cert=cert[0], key=cert[1])
     config.write_text(f"[tls]\n{text}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "proxyd", "check-config", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    result = proxyd("check-config", "--config", str(config))
     assert result.returncode == 1
     assert result.stderr.startswith(f"{config}: {problem}"), result.stderr
     assert "PRIVATE KEY" not in result.stderr

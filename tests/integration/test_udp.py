@@ -179,7 +179,7 @@ def test_udp_associate_with_a_user(start_daemon, users_file, udp_echo):
 
 
 def test_sigterm_ends_the_association_with_its_line_before_stopped(start_daemon):
-    daemon = start_daemon()
+    daemon = start_daemon("[server]\nshutdown_grace = 0\n")
     control, _ = associate(daemon)
     with control:
         assert daemon.stop() == 0

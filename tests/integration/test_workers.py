@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
-from conftest import ROOT
+from conftest import proxyd
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -78,12 +76,6 @@ def test_two_workers_share_port_restart_and_stop(start_daemon, tcp_server):
 def test_workers_config_is_checked(tmp_path):
     path = tmp_path / "w.toml"
     path.write_text("[server]\nworkers = 0\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "proxyd", "check-config", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=30,
-    )
+    result = proxyd("check-config", "--config", str(path))
     assert result.returncode == 1
     assert "server.workers" in result.stderr
