@@ -123,12 +123,23 @@ class Rules:
         self.check(request)
         return True
 
-    def address_of(self, host: str) -> IPAddress | None:
+    def check_without_destination(self, request: Request) -> None:
+        """Judge a request that names no destination of its own (a UDP association,
+        whose datagrams are each judged by `check`): only the rules that set neither
+        destinations nor ports can refuse it, and when none of them matches it is
+        allowed, its datagrams then meet the rest of the rules and the default."""
+        for index, rule in enumerate(self.rules):
+            if rule.has_destinations or rule.ports is not None:
+                continue
+            if rule.matches(request, None):
+                if not rule.allow:
+                    raise Denied(index)
+                return
+
+    @staticmethod
+    def address_of(host: str) -> IPAddress | None:
         """The host as an address, when it is one."""
-        try:
-            return ipaddress.ip_address(host)
-        except ValueError:
-            return None
+        return _ip(host)
 
 
 AddrInfo = tuple[int, tuple[Any, ...]]  # (family, sockaddr), as upstream resolves them

@@ -296,8 +296,8 @@ class Session:
         connection closes; `reply` answers the request with the relay's address."""
         self._request_complete()
         rules = self.ctx.rules
-        if not rules.trivial:  # the association itself; each datagram is checked too
-            rules.check(self.request_for(host, client_port))
+        if not rules.trivial:  # who may associate; each datagram's destination is checked too
+            rules.check_without_destination(self.request_for(host, client_port))
         self._enter(Phase.UDP)
         self._association = Association(self, client_port, reply)
         self._task = self.loop.create_task(self._association.run())

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 import pytest
 
 from proxyd.errors import Denied
-from proxyd.rules import Request, Rules, allowed_addresses, parse_rules
+from proxyd.rules import Request, Rule, Rules, allowed_addresses, parse_rules
 
 
 def rules(*tables: dict[str, object], default_allow: bool = True) -> Rules:
@@ -103,3 +104,27 @@ def test_only_allowed_addresses_are_kept() -> None:
         allowed_addresses(r, request(host="mixed.test", port=80), resolved[:1])
     assert info.value.rule == 0
     assert info.value.socks_reply == 0x02 and info.value.http_status == 403
+
+
+def test_an_association_meets_only_the_rules_without_destinations() -> None:
+    """UDP ASSOCIATE names the client's own address, not a destination: destination
+    and port rules are for its datagrams, the others decide about the association."""
+    association = Request("192.0.2.9", "bob", "socks5", "udp_associate", "0.0.0.0", 0)
+    rules = Rules(
+        [
+            Rule(allow=False, networks=(ipaddress.ip_network("0.0.0.0/8"),)),
+            Rule(allow=True, ports=((53, 53),)),
+        ],
+        default_allow=False,
+    )
+    rules.check_without_destination(association)  # neither rule is about who asks
+    with pytest.raises(Denied):
+        rules.check(association)  # what judging the request's own DST would have done
+    by_user = Rules([Rule(allow=False, users=frozenset({"bob"}))])
+    with pytest.raises(Denied) as denied:
+        by_user.check_without_destination(association)
+    assert denied.value.rule == 0
+    allowed_first = Rules(
+        [Rule(allow=True, clients=(ipaddress.ip_network("192.0.2.0/24"),)), Rule(allow=False)]
+    )
+    allowed_first.check_without_destination(association)

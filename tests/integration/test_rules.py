@@ -162,3 +162,39 @@ def test_the_example_rule_set_keeps_clients_off_this_host(start_daemon, tcp_serv
     assert rep == 0x02
     assert daemon.access()["rule"] == 1
     assert server.peers == []
+
+
+def test_udp_associate_under_destination_rules(start_daemon):
+    """The association is not judged by its own DST (0.0.0.0:0 here) as if it were a
+    destination: with 0.0.0.0/8 denied and an allow list of ports, it is made, and
+    its datagrams meet the destination rules."""
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo_port = echo.getsockname()[1]
+    daemon = start_daemon(
+        '[server]\ndefault_action = "deny"\n'
+        '[[rules]]\naction = "deny"\ndestinations = ["0.0.0.0/8"]\n'
+        f'[[rules]]\naction = "allow"\nports = [{echo_port}]\n'
+    )
+    control, rep, host, port = socks5client.connect(daemon.address, "0.0.0.0", 0, command=3)
+    assert rep == 0
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    with control, client, echo:
+        client.sendto(b"\0\0\0" + socks5client.address("127.0.0.1", 9) + b"no", (host, port))
+        client.sendto(
+            b"\0\0\0" + socks5client.address("127.0.0.1", echo_port) + b"yes", (host, port)
+        )
+        echo.settimeout(5)
+        assert echo.recvfrom(100)[0] == b"yes"
+    line = daemon.access()
+    assert (line["status"], line["datagrams_up"], line["datagrams_denied"]) == ("ok", 1, 1)
+
+
+def test_udp_associate_refused_by_a_rule_about_who_asks(start_daemon):
+    daemon = start_daemon('[[rules]]\naction = "deny"\ncommands = ["udp_associate"]\n')
+    control, rep, _, _ = socks5client.connect(daemon.address, "0.0.0.0", 0, command=3)
+    control.close()
+    assert rep == 0x02
+    line = daemon.access()
+    assert (line["status"], line["rule"]) == ("denied", 0)
