@@ -148,8 +148,6 @@ class Resolver:
                 return await self.lookup(host, port)
         except OSError as exc:  # TimeoutError and gaierror
             raise classify(exc, target) from None
-        except UnicodeError:  # a name IDNA cannot encode; parsers check first
-            raise HostUnreachable(f"cannot resolve {target}: invalid name") from None
 
     def _store(self, host: str, future: asyncio.Future[list[AddrInfo]]) -> None:
         del self._pending[host]
@@ -177,7 +175,10 @@ _NO_SUCH_NAME: Final = {
 
 
 def _getaddrinfo(host: str) -> list[AddrInfo]:
-    infos = socket.getaddrinfo(host, 0, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        infos = socket.getaddrinfo(host, 0, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    except UnicodeError:  # a name IDNA cannot encode (parsers check first): no such name
+        raise socket.gaierror(socket.EAI_NONAME, "invalid name") from None
     return [(family, addr) for family, _type, _proto, _name, addr in infos]
 
 
@@ -298,8 +299,6 @@ class Connector:
         exc = lookup.exception()
         if isinstance(exc, OSError):  # gaierror included
             self._finish(None, classify(exc, self._target))
-        elif isinstance(exc, UnicodeError):  # a name IDNA cannot encode; parsers check first
-            self._finish(None, HostUnreachable(f"cannot resolve {self._target}: invalid name"))
         elif exc is not None:
             raise exc
         else:
