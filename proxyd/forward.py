@@ -431,7 +431,9 @@ class Forwarder:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise ProtocolError("malformed HTTP request", http_status=400) from exc
+                raise ProtocolError(
+                    "malformed HTTP request", http_status=exc.error_status_hint
+                ) from exc
             if event is not h11.NEED_DATA:
                 assert isinstance(event, h11.Event)
                 return event

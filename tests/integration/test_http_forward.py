@@ -424,3 +424,21 @@ def test_an_upstream_closed_while_idle_is_not_reused(start_daemon, tcp_server):
         time.sleep(0.5)  # the origin has closed its end by now
     assert len(origin.peers) == 2
     assert [e["status"] for e in access_lines(daemon, 2)] == ["ok", "ok"]
+
+
+def test_a_later_request_gets_the_same_error_status_as_a_first(start_daemon, web):
+    """A head over the size limit is 431 and an unknown Transfer-Encoding 501, on
+    the second request of a kept-alive connection as on the first."""
+    for bad, status in (
+        (b"X-Big: " + b"x" * 100_000 + b"\r\n", b"431"),
+        (b"Transfer-Encoding: gzip\r\n", b"501"),
+    ):
+        daemon = start_daemon()
+        with socket.create_connection(daemon.address, timeout=10) as sock:
+            sock.sendall(f"GET {web.base}/a HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            sock.sendall(f"GET {web.base}/b HTTP/1.1\r\nHost: x\r\n".encode() + bad + b"\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 " + status + b" ")
