@@ -65,6 +65,14 @@ class Bucket:
     def take(self, n: int) -> None:
         self._tokens -= n
 
+    def try_take(self, n: int) -> bool:
+        """Let `n` bytes pass now, or refuse them whole (a datagram). One larger than
+        a burst passes when the bucket is full, and the debt is paid off over time."""
+        if self.available() < min(n, self.capacity):
+            return False
+        self._tokens -= n
+        return True
+
     def delay(self, want: int) -> float:
         """Seconds until `want` bytes (at most a burst) may pass, after `available()`."""
         return max(0.0, (min(want, self.capacity) - self._tokens) / self.rate)

@@ -111,12 +111,10 @@ class Association:
         policed, not queued); else it is counted against the rate."""
         if self.rate is None:
             return False
-        bucket = self.rate[direction]
-        if bucket.available() < size:
-            self.over_rate += 1
-            return True
-        bucket.take(size)
-        return False
+        if self.rate[direction].try_take(size):
+            return False
+        self.over_rate += 1
+        return True
 
     async def _relay(self) -> str:
         """Pump datagrams until the control connection closes or nothing moves for

@@ -205,3 +205,26 @@ def test_per_user_rate_applies_to_forwarded_requests(start_daemon, origin, users
     assert result.stdout == origin.body
     assert elapsed >= (len(origin.body) - rate) / rate * 0.9, elapsed
     assert daemon.access()["bytes_down"] == len(origin.body)
+
+
+def test_a_datagram_larger_than_the_rate_passes_now_and_then(start_daemon, users_file):
+    """With a rate below one datagram, a datagram passes when the bucket is full and
+    the next waits until the debt is paid: not every datagram is dropped."""
+    from integration.test_udp import UDP_ASSOCIATE, UdpEcho, header, udp_client
+
+    echo = UdpEcho()
+    daemon = start_daemon(f'[auth]\nusers_file = "{users_file}"\n[limits]\nper_user_rate = 500\n')
+    try:
+        control, rep, host, port = socks5client.connect(
+            daemon.address, "0.0.0.0", 0, auth=(USER, PASSWORD), command=UDP_ASSOCIATE
+        )
+        with control, udp_client() as client:
+            assert rep == 0
+            for _ in range(3):
+                client.sendto(header("127.0.0.1", echo.port) + b"x" * 1000, (host, port))
+            client.recvfrom(65535)  # the first one's echo (1005 bytes, also over the rate)
+        line = daemon.access()
+        assert (line["datagrams_up"], line["datagrams_over_rate"]) == (1, 2)
+        assert line["datagrams_down"] == 1
+    finally:
+        echo.close()
