@@ -91,14 +91,6 @@ class Denied(SessionError):
         self.rule = rule  # the access line's `rule`: None for the default action
 
 
-class Unsupported(SessionError):
-    """A valid request for something this build does not do (yet)."""
-
-    status = "unsupported"
-    socks_reply = REP_COMMAND_NOT_SUPPORTED
-    http_status = 501
-
-
 class OverLimit(SessionError):
     """The daemon is at `server.max_connections`."""
 
