@@ -1,8 +1,9 @@
-"""HTTP proxy requests (CONNECT now, absolute-form forwarding later), sans-I/O on top of h11.
+"""The first HTTP request of a proxy connection, sans-I/O on top of h11.
 
-Feed bytes with `receive_data`, pull a ConnectRequest or ForwardRequest with
-`next_event`, then answer with `established()` (200, the tunnel begins) or
-`error_response(status)` (the connection then closes).
+Feed bytes with `receive_data` and pull a ConnectRequest or ForwardRequest with
+`next_event`. A CONNECT is answered with `established()` (200, the tunnel
+begins) or `error_response(status)`, which closes the connection; a forwarding
+connection is handed, with its h11 connection, to proxyd.forward.
 """
 
 from __future__ import annotations
