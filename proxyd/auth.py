@@ -203,6 +203,10 @@ class Throttle:
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._locked: dict[str, float] = {}  # address -> when its lockout ends
 
+    def configure(self, max_failures: int, window: float, lockout: float) -> None:
+        """New limits (a reload); failures counted so far and running lockouts stay."""
+        self.max_failures, self.window, self.lockout = max_failures, window, lockout
+
     def locked(self, client: str) -> float:
         """Seconds left of the client's lockout; 0 when it may try."""
         until = self._locked.get(client)
@@ -264,12 +268,20 @@ class Authenticator:
         self._pending: dict[bytes, _PendingCheck] = {}
         self.throttle = throttle or Throttle(0, 1.0, 1.0)
         self._log = log
+        self.on_failure: Callable[[bool], object] | None = None  # (started a lockout)
         # Own threads, so a burst of derivations never queues behind DNS lookups.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proxyd-kdf")
 
     @property
     def required(self) -> bool:
         return bool(self._users)
+
+    def replace_users(self, users: dict[str, PasswordHash]) -> None:
+        """A reload's users file. Remembered successes are forgotten, so a removed
+        user or a changed password takes effect at once."""
+        self._users = users
+        self._decoy = _decoy(users)
+        self._cache.clear()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -342,7 +354,10 @@ class Authenticator:
 
     def _failed(self, client: str) -> None:
         throttle = self.throttle
-        if throttle.failed(client) and self._log is not None:
+        locked = throttle.failed(client)
+        if self.on_failure is not None:
+            self.on_failure(locked)
+        if locked and self._log is not None:
             self._log.warning(
                 "auth_lockout",
                 client=client,

@@ -9,14 +9,12 @@ import argparse
 import asyncio
 import getpass
 import os
-import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxyd import __version__, auth, config, log, systemd, tls
+from proxyd import __version__, auth, config, log, metrics, settings, systemd, tls
 from proxyd.errors import ConfigError
 
 EXIT_OK = 0
@@ -57,57 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: Path | None) -> config.Config:
-    if path is None:
-        path = config.DEFAULT_PATH if config.DEFAULT_PATH.exists() else None
-    return config.Config() if path is None else config.load(path)
-
-
-@dataclass(slots=True)
-class Loaded:
-    """What the daemon starts with beyond the config: the files it names, read."""
-
-    users: dict[str, auth.PasswordHash] = field(default_factory=dict)
-    tls: ssl.SSLContext | None = None
-
-
-def _problems(cfg: config.Config) -> tuple[list[str], Loaded]:
-    """Everything that would stop the daemon from starting, beyond the file's own keys,
-    and the users and certificate it would start with."""
-    problems = []
-    loaded = Loaded()
-    if cfg.auth.users_file is not None:
-        try:
-            loaded.users = auth.load_users(cfg.auth.users_file)
-        except ConfigError as exc:
-            problems += exc.problems
-    if cfg.tls.cert is not None and cfg.tls.key is not None:
-        try:
-            loaded.tls = tls.server_context(cfg.tls.cert, cfg.tls.key)
-        except ConfigError as exc:
-            problems += exc.problems
-    if (why := cfg.open_proxy_problem()) is not None:
-        problems.append(why)
-    return problems, loaded
-
-
-def _report(path: Path | None, problems: list[str]) -> None:
-    where = str(path) if path is not None else "(built-in defaults)"
+def _report(name: str, problems: list[str]) -> None:
     for problem in problems:
-        print(f"{where}: {problem}", file=sys.stderr)
+        print(f"{name}: {problem}", file=sys.stderr)
 
 
 def check_config(path: Path | None) -> int:
+    source = settings.Source(path)
     try:
-        cfg = _load(path)
+        source.read()
     except ConfigError as exc:
-        _report(path, exc.problems)
+        _report(source.name, exc.problems)
         return EXIT_PROBLEM
-    problems, _loaded = _problems(cfg)
-    _report(path, problems)
-    if problems:
-        return EXIT_PROBLEM
-    print(f"{path or '(built-in defaults)'}: OK")
+    print(f"{source.name}: OK")
     return EXIT_OK
 
 
@@ -144,37 +104,17 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    source = settings.Source(args.config, args.listen, args.log_format, args.log_level)
     try:
-        cfg = config.with_overrides(
-            _load(args.config),
-            listen=args.listen,
-            log_format=args.log_format,
-            log_level=args.log_level,
-        )
+        current = source.read()
     except ConfigError as exc:
-        _report(args.config, exc.problems)
+        _report(source.name, exc.problems)
         return EXIT_PROBLEM
-    problems, loaded = _problems(cfg)
-    if problems:
-        _report(args.config, problems)
-        return EXIT_PROBLEM
+    cfg = current.config
     log.configure(cfg.log.format, cfg.log.level)
     logger = log.get_logger()
-    if cfg.auth.users_file is not None:
-        if auth.is_world_readable(cfg.auth.users_file):
-            logger.warning(
-                "users_file_world_readable",
-                path=str(cfg.auth.users_file),
-                hint="chmod 600 it: it holds password hashes",
-            )
-        if not loaded.users:
-            logger.warning("users_file_empty", path=str(cfg.auth.users_file))
-    if cfg.tls.key is not None and auth.is_world_readable(cfg.tls.key):
-        logger.warning(
-            "tls_key_world_readable",
-            path=str(cfg.tls.key),
-            hint="chmod 600 it: it is the TLS private key",
-        )
+    for event, fields in current.warnings():
+        logger.warning(event, **fields)
     from proxyd.server import Server  # after logging is configured
 
     try:
@@ -188,21 +128,7 @@ def run(args: argparse.Namespace) -> int:
         ignored = [str(a) for a in cfg.server.listen]
         logger.info("socket_activation", listeners=passed, ignored=ignored)
 
-    def run_worker(index: int, worker_cfg: config.Config) -> int:
-        limits = worker_cfg.auth
-        throttle = auth.Throttle(limits.max_failures, limits.failure_window, limits.lockout)
-        authenticator = auth.Authenticator(loaded.users, throttle=throttle, log=logger)
-        # with workers, the supervisor alone speaks to systemd (NotifyAccess=main)
-        notifier = systemd.Notifier() if worker_cfg.server.workers == 1 else None
-        server = Server(
-            worker_cfg,
-            authenticator,
-            logger,
-            worker=index,
-            tls=loaded.tls,
-            activated=activated,
-            notifier=notifier,
-        )
+    def serve(server: Server) -> int:
         try:
             _run_loop(server.serve())
         except OSError as exc:
@@ -212,11 +138,28 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if cfg.server.workers == 1:
-            return run_worker(0, cfg)
-        from proxyd.workers import Supervisor
+            # metrics of one process live in it; no multiprocess files of someone else's
+            os.environ.pop(metrics.MULTIPROC_ENV, None)
+            watcher = systemd.Notifier()
+            return serve(
+                Server(current, logger, activated=activated, watcher=watcher, reread=source.read)
+            )
+        from proxyd.workers import Supervisor, SupervisorLink
+
+        def run_worker(index: int, start: settings.Settings, link: SupervisorLink) -> int:
+            return serve(
+                Server(
+                    start,
+                    logger,
+                    worker=index,
+                    activated=activated,
+                    watcher=link,
+                    reread=link.reread,
+                )
+            )
 
         try:
-            return Supervisor(cfg, run_worker, logger, activated=bool(activated)).run()
+            return Supervisor(current, source, run_worker, logger, activated=bool(activated)).run()
         except OSError as exc:
             logger.error("listen_failed", error=str(exc))
             return EXIT_PROBLEM

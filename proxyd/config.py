@@ -128,6 +128,12 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # the admin listener for /metrics (Prometheus) and /healthz; unset = none
+    listen: ListenAddress | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     format: str = "json"
     level: str = "info"
@@ -143,6 +149,7 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     buffers: BuffersConfig = field(default_factory=BuffersConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     rules: tuple[Rule, ...] = ()
 
@@ -255,6 +262,17 @@ def _listen(value: Any, path: str, problems: list[str]) -> Any:
     return tuple(addresses)
 
 
+def _one_listen(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, str):
+        problems.append(f'{path}: must be a "HOST:PORT" string')
+        return _INVALID
+    try:
+        return parse_listen(value)
+    except ValueError as exc:
+        problems.append(f"{path}: {exc}")
+        return _INVALID
+
+
 _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
     "server": (
         ServerConfig,
@@ -314,6 +332,7 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
         },
     ),
     "tls": (TlsConfig, {"cert": _path, "key": _path}),
+    "metrics": (MetricsConfig, {"listen": _one_listen}),
     "log": (
         LogConfig,
         {"format": _choice(LOG_FORMATS), "level": _choice(LOG_LEVELS), "access": _boolean},

@@ -378,6 +378,7 @@ class Forwarder:
             self.origin = None
         cfg = self.session.ctx.config
         done: asyncio.Future[socket.socket] = self.loop.create_future()
+        started = self.loop.time()
 
         def connected(sock: socket.socket | None, error: SessionError | None) -> None:
             if done.done():  # the task was cancelled meanwhile
@@ -408,6 +409,8 @@ class Forwarder:
             if done.done() and not done.cancelled() and done.exception() is None:
                 done.result().close()
             raise
+        if (metrics := self.session.ctx.metrics) is not None:
+            metrics.connected(self.loop.time() - started)
         self.origin = _Origin(key, sock)
         return self.origin
 
@@ -521,6 +524,8 @@ class Forwarder:
     ) -> None:
         self.lines += 1
         session = self.session
+        if (metrics := session.ctx.metrics) is not None:
+            metrics.request_done(status, self.bytes_up, self.bytes_down)
         if not session.ctx.config.log.access:
             return
         access(

@@ -1,5 +1,5 @@
 """Listeners and lifecycle: bind (or take systemd's sockets), accept, one Session per
-client, tell systemd how things stand, and drain on SIGTERM."""
+client, tell systemd how things stand, reload on SIGHUP and drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,21 +10,24 @@ import itertools
 import os
 import signal
 import socket
-import ssl
+from collections.abc import Callable
 from typing import Any
 
 from proxyd import __version__, systemd, upstream
-from proxyd.auth import Authenticator
+from proxyd.auth import Authenticator, Throttle
 from proxyd.config import Config, ListenAddress
+from proxyd.errors import ConfigError
 from proxyd.log import access
+from proxyd.metrics import AdminServer, Metrics
 from proxyd.protocols.common import format_hostport
 from proxyd.rules import Rules
 from proxyd.session import Context, Session
+from proxyd.settings import Settings, keep_fixed
 
 ACCEPT_BATCH = 128  # accepts per wake-up, so one busy listener cannot starve the loop
 ACCEPT_BACKOFF = 0.5  # seconds to pause a listener after EMFILE and friends
 OVERLOAD_SLACK = 256  # clients beyond max_connections that still get a polite refusal
-STATUS_INTERVAL = 5.0  # seconds between STATUS= updates to systemd
+METER_INTERVAL = 5.0  # seconds between metric updates for the bytes of open tunnels
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -43,10 +46,7 @@ def bind(address: ListenAddress, config: Config, *, listen: bool = True) -> sock
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         # Accepted sockets inherit these; set here so TCP window scaling sees them.
-        if config.buffers.so_rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, config.buffers.so_rcvbuf)
-        if config.buffers.so_sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.buffers.so_sndbuf)
+        _set_buffers(sock, config)
         sock.bind((address.host, address.port))
         if listen:
             sock.listen(socket.SOMAXCONN)
@@ -57,28 +57,45 @@ def bind(address: ListenAddress, config: Config, *, listen: bool = True) -> sock
     return sock
 
 
+def _set_buffers(sock: socket.socket, config: Config) -> None:
+    if config.buffers.so_rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, config.buffers.so_rcvbuf)
+    if config.buffers.so_sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.buffers.so_sndbuf)
+
+
+def _name(sock: socket.socket) -> str:
+    """ "127.0.0.1:1080" or "[::1]:1080": where a listener listens."""
+    return str(ListenAddress(*sock.getsockname()[:2]))
+
+
+def _rules(config: Config) -> Rules:
+    return Rules(config.rules, default_allow=config.server.default_action == "allow")
+
+
 class Server:
+    """One event loop's daemon: its listeners, its sessions, its reloads and its end."""
+
     def __init__(
         self,
-        config: Config,
-        auth: Authenticator,
+        settings: Settings,
         log: Any,
         *,
         worker: int = 0,
-        tls: ssl.SSLContext | None = None,
         activated: list[socket.socket] | None = None,
-        notifier: systemd.Notifier | None = None,
+        watcher: systemd.Watcher | None = None,
+        reread: Callable[[], Settings] | None = None,
     ) -> None:
-        self.config = config
+        config = self.config = settings.config
         self.log = log
         self.worker = worker
-        dns = config.dns
+        dns, limits = config.dns, config.auth
         resolver = upstream.Resolver(
             size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
         )
-        rules = Rules(config.rules, default_allow=config.server.default_action == "allow")
-        self.ctx = Context(config, auth, resolver, log, rules, tls=tls)
-        self.listeners: list[socket.socket] = []
+        throttle = Throttle(limits.max_failures, limits.failure_window, limits.lockout)
+        authenticator = Authenticator(settings.users, throttle=throttle, log=log)
+        self.ctx = Context(config, authenticator, resolver, log, _rules(config), tls=settings.tls)
         self.sessions: set[Session] = set()
         # connection ids stay unique across workers: worker w of n counts w+1, w+1+n, ...
         self._ids = itertools.count(worker + 1, config.server.workers)
@@ -88,8 +105,18 @@ class Server:
         self._draining = False
         self._nodelay = config.buffers.tcp_nodelay
         self._activated = activated or []  # listening sockets systemd passed
-        self.notifier = notifier or systemd.Notifier({})
+        self._bound: dict[ListenAddress, socket.socket] = {}  # server.listen -> its socket
+        self.watcher: systemd.Watcher = watcher or systemd.Notifier({})
+        self._reread = reread  # SIGHUP: the settings read anew (blocking: run in a thread)
+        self._reload: asyncio.Task[None] | None = None
+        self._reload_again = False  # a SIGHUP came while a reload was running
         self._tick: asyncio.TimerHandle | None = None
+        self.metrics: Metrics | None = None
+        self._admin: AdminServer | None = None
+
+    @property
+    def listeners(self) -> list[socket.socket]:
+        return list(self._bound.values())
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then close every listener and tunnel."""
@@ -97,23 +124,24 @@ class Server:
         # before the first "listening" line: a SIGTERM right after it must stop us cleanly
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        if self._activated:  # socket activation: systemd's sockets instead of server.listen
-            self.listeners = list(self._activated)
-        else:
-            try:
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        try:
+            if self._activated:  # socket activation: systemd's sockets instead of server.listen
+                for sock in self._activated:
+                    self._bound[ListenAddress(*sock.getsockname()[:2])] = sock
+            else:
                 for address in self.config.server.listen:
-                    self.listeners.append(bind(address, self.config))
-            except OSError:
-                self._close_listeners()
-                raise
+                    self._bound[address] = bind(address, self.config)
+            if self.config.metrics.listen is not None:
+                await self._open_admin(self.config.metrics.listen, self.config)
+        except OSError:
+            self._close_listeners()
+            raise
         # What exists now (modules, config) lives as long as the daemon: keep it out
         # of every garbage-collection pass.
         gc.freeze()
-        for sock in self.listeners:
-            loop.add_reader(sock.fileno(), self._on_acceptable, sock)
-            host, port = sock.getsockname()[:2]
-            self.ctx.listening.append((host, port))
-            self.log.info("listening", address=str(ListenAddress(host, port)))
+        for sock in self._bound.values():
+            self._watch(sock)
         self.log.info(
             "started",
             version=__version__,
@@ -122,28 +150,34 @@ class Server:
             loop=type(loop).__module__,
             socket_activated=bool(self._activated),
         )
-        self.notifier.send("READY=1", self._status())
-        self._on_tick()
+        self.watcher.ready(self._status())
+        self._schedule_tick()
         try:
             await self._stop.wait()
             self._close_listeners()
-            self.notifier.send("STOPPING=1", f"STATUS=draining {len(self.sessions)} connections")
+            self.watcher.stopping(f"draining {len(self.sessions)} connections")
             await self._drain()
         finally:
             self._close_listeners()
             if self._tick is not None:
                 self._tick.cancel()
+            if self._reload is not None:
+                self._reload.cancel()
             for session in list(self.sessions):
                 session.abort()
             # forwarding connections and UDP associations end in their own tasks
             tasks = [s.task for s in self.sessions if s.task is not None]
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
+            if self._admin is not None:
+                await self._admin.close()
             self.ctx.auth.close()
             self.ctx.resolver.close()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         self.log.info("stopped")
+
+    # -- stopping ---------------------------------------------------------------------
 
     def _on_signal(self, sig: signal.Signals) -> None:
         """The first SIGTERM or SIGINT drains, a second one stops at once."""
@@ -182,30 +216,156 @@ class Server:
         if self._draining and not self.sessions:
             self._drained.set()
 
-    def _status(self) -> str:
-        return f"STATUS={len(self.sessions)} active connections"
+    # -- reloading --------------------------------------------------------------------
 
-    def _on_tick(self) -> None:
-        """From the event loop, so that a stuck loop stops the watchdog pings and systemd
-        restarts the daemon: WATCHDOG=1 at half its timeout, and the status line."""
-        notifier = self.notifier
-        if not notifier.enabled:
+    def _on_hangup(self) -> None:
+        """SIGHUP: read the settings anew; one more reload if it comes during one."""
+        if self._stop.is_set():
             return
-        interval = notifier.watchdog_interval
-        if interval is not None:
-            notifier.send("WATCHDOG=1", self._status())
+        if self._reload is not None and not self._reload.done():
+            self._reload_again = True
+            return
+        self._reload = asyncio.get_running_loop().create_task(self._reloads())
+
+    async def _reloads(self) -> None:
+        self._reload_again = True
+        while self._reload_again and not self._stop.is_set():
+            self._reload_again = False
+            await self._reload_once()
+
+    async def _reload_once(self) -> None:
+        self.watcher.reloading()
+        self.log.info("reloading", signal="SIGHUP")
+        try:
+            if self._reread is None:
+                raise ConfigError(["nothing to reload from"])
+            settings = await asyncio.to_thread(self._reread)
+            await self._apply(settings)
+            if self.config.server.workers == 1:  # else the supervisor reports them, once
+                for event, fields in settings.warnings():
+                    self.log.warning(event, **fields)
+        except ConfigError as exc:
+            # the old settings stay in force, whole
+            self.log.error("reload_failed", problems=exc.problems)
+            if self.metrics is not None:
+                self.metrics.reloads.labels("failed").inc()
         else:
-            notifier.send(self._status())
-        delay = STATUS_INTERVAL if interval is None else min(interval, STATUS_INTERVAL)
-        self._tick = asyncio.get_running_loop().call_later(delay, self._on_tick)
+            if self.metrics is not None:
+                self.metrics.reloads.labels("ok").inc()
+        self.watcher.ready(self._status())
+
+    async def _apply(self, settings: Settings) -> None:
+        """Make `settings` the daemon's for new connections; open tunnels keep theirs.
+        Listeners are opened first, so a reload that cannot bind changes nothing."""
+        old, new = self.config, settings.config
+        new, fixed = keep_fixed(old, settings.config)
+        if fixed:
+            self.log.warning("reload_needs_restart", keys=fixed, hint="restart to change these")
+        opened: dict[ListenAddress, socket.socket] = {}
+        wanted = () if self._activated else new.server.listen
+        try:
+            for address in wanted:
+                if address not in self._bound and address not in opened:
+                    opened[address] = bind(address, new)
+        except OSError as exc:
+            for sock in opened.values():
+                sock.close()
+            raise ConfigError([f"server.listen: {address}: {exc.strerror}"]) from None
+        if new.metrics.listen != old.metrics.listen:
+            try:
+                await self._open_admin(new.metrics.listen, new)
+            except OSError as exc:
+                for sock in opened.values():
+                    sock.close()
+                raise ConfigError(
+                    [f"metrics.listen: {new.metrics.listen}: {exc.strerror}"]
+                ) from None
+        removed = [] if self._activated else [a for a in self._bound if a not in new.server.listen]
+        closed = [self._unwatch(address) for address in removed]
+        for address, sock in opened.items():
+            self._bound[address] = sock
+            self._watch(sock)
+        if new.buffers != old.buffers:
+            for sock in self._bound.values():
+                _set_buffers(sock, new)
+        self.config = new
+        self._nodelay = new.buffers.tcp_nodelay
+        self.ctx.reconfigure(new, settings.users, _rules(new), settings.tls)
+        self._schedule_tick()
+        self.log.info(
+            "reloaded",
+            listeners=[_name(sock) for sock in self._bound.values()],
+            opened=[_name(sock) for sock in opened.values()],
+            closed=closed,
+            users=len(settings.users),
+            rules=len(new.rules),
+        )
+
+    # -- listeners --------------------------------------------------------------------
+
+    def _watch(self, sock: socket.socket) -> None:
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_acceptable, sock)
+        self.ctx.listening.append(sock.getsockname()[:2])
+        self.log.info("listening", address=_name(sock))
+
+    def _unwatch(self, address: ListenAddress) -> str:
+        """Close one listener (connections it accepted go on); the address it had."""
+        sock = self._bound.pop(address)
+        name = _name(sock)
+        self.ctx.listening.remove(sock.getsockname()[:2])
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        sock.close()
+        self.log.info("listener_closed", address=name)
+        return name
 
     def _close_listeners(self) -> None:
         loop = asyncio.get_running_loop()
-        for sock in self.listeners:
+        for sock in self._bound.values():
             if sock.fileno() >= 0:
                 loop.remove_reader(sock.fileno())
                 sock.close()
-        self.listeners = []
+        self._bound.clear()
+
+    async def _open_admin(self, address: ListenAddress | None, config: Config) -> None:
+        """Serve /metrics and /healthz on `address` (None: nowhere) from now on."""
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
+        if address is None:
+            return
+        sock = bind(address, config)
+        if self.metrics is None:
+            self.metrics = Metrics()
+            self.ctx.auth.on_failure = self.metrics.auth_failed
+        self.ctx.metrics = self.metrics
+        self._admin = AdminServer(self.metrics, lambda: not self._stop.is_set(), self.log)
+        await self._admin.start(sock)
+        self.log.info("metrics_listening", address=_name(sock))
+
+    # -- status -----------------------------------------------------------------------
+
+    def _status(self) -> str:
+        return f"{len(self.sessions)} active connections"
+
+    def _schedule_tick(self) -> None:
+        if self._tick is None and (self.watcher.interval or self.ctx.metrics is not None):
+            self._on_tick()
+
+    def _on_tick(self) -> None:
+        """From the event loop, so that a stuck loop stops the watchdog pings and
+        systemd restarts the daemon; also the bytes of open tunnels, for the metrics."""
+        self._tick = None
+        interval = self.watcher.interval
+        if interval is not None:
+            self.watcher.alive(self._status())
+        if self.ctx.metrics is not None:
+            for session in self.sessions:
+                session.meter()
+            interval = min(interval or METER_INTERVAL, METER_INTERVAL)
+        if interval is not None:
+            self._tick = asyncio.get_running_loop().call_later(interval, self._on_tick)
+
+    # -- accepting --------------------------------------------------------------------
 
     def _on_acceptable(self, listener: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):

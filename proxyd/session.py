@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from proxyd import upstream
-from proxyd.auth import Authenticator
+from proxyd.auth import Authenticator, PasswordHash
 from proxyd.config import Config
 from proxyd.errors import (
     REP_SUCCEEDED,
@@ -32,6 +32,7 @@ from proxyd.errors import (
 )
 from proxyd.forward import Forwarder
 from proxyd.log import access
+from proxyd.metrics import Metrics
 from proxyd.protocols import http as http_proto
 from proxyd.protocols import socks4, socks5
 from proxyd.protocols.common import NEED_DATA, Credentials, format_hostport
@@ -72,6 +73,26 @@ class Context:
     # each user's rate limit (limits.per_user_rate): one bucket per direction, (up, down)
     rates: dict[str, tuple[Bucket, Bucket]] = field(default_factory=dict)
     draining: bool = False  # the daemon is stopping: no new request on a kept-alive connection
+    metrics: Metrics | None = None  # `[metrics]`: what connections record
+
+    def reconfigure(
+        self,
+        config: Config,
+        users: dict[str, PasswordHash],
+        rules: Rules,
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        """A reload: new connections get these; open ones keep what they started with
+        (their relay's timeouts and buckets), and the counts behind [limits] go on."""
+        if config.limits.per_user_rate != self.config.limits.per_user_rate:
+            self.rates.clear()
+        a, dns = config.auth, config.dns
+        self.auth.replace_users(users)
+        self.auth.throttle.configure(a.max_failures, a.failure_window, a.lockout)
+        self.resolver.configure(
+            size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
+        )
+        self.config, self.rules, self.tls = config, rules, tls
 
     def rate_for(self, user: str | None) -> tuple[Bucket, Bucket] | None:
         """The buckets every transfer of this user shares, when its rate is limited.
@@ -140,6 +161,7 @@ class Session:
         "_handler",
         "_local",
         "_lookup",
+        "_metered",
         "_on_close",
         "_reading",
         "_remote",
@@ -210,6 +232,7 @@ class Session:
         self._tunnel: Tunnel | None = None
         self._tls: Bridge | None = None  # TLS for this client, once it started with it
         self._local: tuple[Any, ...] | None = None  # where the client reached us, under TLS
+        self._metered: Usage | None = None  # what the metrics have of it; None: not counted
 
     def start(self) -> None:
         self._timer = self.loop.call_at(
@@ -272,6 +295,9 @@ class Session:
         a limit is refused now that it can be answered properly."""
         if self._timer is not None:
             self._timer.cancel()
+        metrics = self.ctx.metrics
+        if metrics is not None and self.protocol is not None:
+            metrics.handshake_done(self.protocol, self.loop.time() - self.started)
         if self.over_limit:
             raise OverLimit(self.over_limit)
         per_user = self.ctx.config.limits.per_user
@@ -342,11 +368,12 @@ class Session:
 
     def _connect(self, host: str, port: int, addresses: list[upstream.AddrInfo] | None) -> None:
         cfg = self.ctx.config
+        started = self.loop.time()
         self._connector = upstream.Connector(
             self.ctx.resolver,
             cfg.buffers,
             cfg.timeouts.connect,
-            lambda sock, error: self._step(self._on_connected, sock, error),
+            lambda sock, error: self._step(self._on_connected, sock, error, False, started),
             refuse=self.is_own_listener,
         )
         if addresses is None:
@@ -477,6 +504,9 @@ class Session:
                 return
             self._handler = self._handler_for(data)
             self.protocol = self._handler.protocol
+            if (metrics := self.ctx.metrics) is not None:
+                metrics.opened(self.protocol)
+                self._metered = _NOTHING_YET
         self._handler.received(data)
 
     def _start_tls(self, context: ssl.SSLContext, first: bytes) -> None:
@@ -524,12 +554,18 @@ class Session:
         self._refuse(HandshakeTimeout(f"no complete request within {timeout:g} s"))
 
     def _on_connected(
-        self, remote: socket.socket | None, error: SessionError | None, bind: bool = False
+        self,
+        remote: socket.socket | None,
+        error: SessionError | None,
+        bind: bool = False,
+        started: float | None = None,
     ) -> None:
         """The target is connected (or, for BIND, the peer has connected to us)."""
         self._connector = self._binder = None
         if error is not None:
             raise error
+        if started is not None and (metrics := self.ctx.metrics) is not None:
+            metrics.connected(self.loop.time() - started)
         assert remote is not None and self._handler is not None
         self._remote = remote
         # CONNECT replies with our end of the connection, BIND with the peer's address
@@ -585,6 +621,28 @@ class Session:
         assert self._tunnel is not None
         self._end(self._tunnel.status, self._tunnel.error)
 
+    # -- metrics ------------------------------------------------------------------------
+
+    def usage(self) -> Usage:
+        """Bytes up and down, datagrams up and down, relayed so far."""
+        if (tunnel := self._tunnel) is not None:
+            return (tunnel.bytes_up, tunnel.bytes_down, 0, 0)
+        if (association := self._association) is not None:
+            a = association
+            return (a.bytes_up, a.bytes_down, a.datagrams_up, a.datagrams_down)
+        return _NOTHING_YET  # forwarded requests count their own bytes
+
+    def meter(self) -> None:
+        """Tell the metrics what was relayed since the last time (at the end, and
+        every few seconds while open, so a long tunnel shows while it runs)."""
+        before, metrics = self._metered, self.ctx.metrics
+        if before is None or metrics is None:
+            return
+        now = self.usage()
+        if now != before:
+            metrics.relayed(*(n - b for n, b in zip(now, before, strict=True)))
+            self._metered = now
+
     # -- the end ----------------------------------------------------------------------
 
     def _refuse(self, error: SessionError) -> None:
@@ -630,6 +688,9 @@ class Session:
         self.sock.close()
         if self._remote is not None:
             self._remote.close()
+        if (metrics := self.ctx.metrics) is not None:
+            self.meter()
+            metrics.closed(self.protocol, status, active=self._metered is not None)
         _release(self.ctx.per_client, self.peer_ip)
         if self._user_counted and self.user is not None:
             _release(self.ctx.per_user, self.user)
@@ -659,6 +720,10 @@ class Session:
         # without cycles it is freed at once, not by a garbage collection pass.
         self._handler = self._tunnel = self._connector = self._auth = self._task = None
         self._association = self._binder = self._lookup = self._forwarder = self._tls = None
+
+
+Usage = tuple[int, int, int, int]
+_NOTHING_YET: Usage = (0, 0, 0, 0)
 
 
 def _release(counts: dict[str, int], key: str) -> None:

@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Mapping, MutableMapping
-from typing import Final
+from typing import Final, Protocol
 
 from proxyd.errors import ConfigError
 
 SD_LISTEN_FDS_START: Final = 3
+STATUS_INTERVAL: Final = 5.0  # seconds between status updates when no watchdog asks for more
+
+
+class Watcher(Protocol):
+    """Who a server tells how it is doing: systemd itself, or the workers' supervisor."""
+
+    @property
+    def interval(self) -> float | None:
+        """Seconds between `alive()` calls it wants, or None for none."""
+
+    def ready(self, status: str) -> None: ...
+    def reloading(self) -> None: ...
+    def alive(self, status: str) -> None: ...
+    def stopping(self, status: str) -> None: ...
 
 
 class Notifier:
@@ -46,6 +61,32 @@ class Notifier:
         if not self.enabled or not self.watchdog_usec:
             return None
         return self.watchdog_usec / 2e6
+
+    @property
+    def interval(self) -> float | None:
+        if not self.enabled:
+            return None
+        watchdog = self.watchdog_interval
+        return STATUS_INTERVAL if watchdog is None else min(watchdog, STATUS_INTERVAL)
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}")
+
+    def reloading(self) -> None:
+        # MONOTONIC_USEC lets systemd tell this reload from an earlier one (Type=notify-reload)
+        self.send(
+            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
+
+    def alive(self, status: str) -> None:
+        """From the event loop: a stuck loop stops the pings, and systemd restarts us."""
+        if self.watchdog_interval is not None:
+            self.send("WATCHDOG=1", f"STATUS={status}")
+        else:
+            self.send(f"STATUS={status}")
+
+    def stopping(self, status: str) -> None:
+        self.send("STOPPING=1", f"STATUS={status}")
 
     def send(self, *assignments: str) -> None:
         """One notification of `KEY=value` lines; lost, never blocking, when systemd

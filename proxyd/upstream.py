@@ -95,6 +95,12 @@ class Resolver:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def configure(self, *, size: int, ttl: float, negative_ttl: float) -> None:
+        """New cache limits (a reload); answers cached so far keep their expiry."""
+        self._size, self._ttl, self._negative_ttl = size, ttl, negative_ttl
+        while len(self._cache) > size:
+            self._cache.popitem(last=False)
+
     def cached(self, host: str, port: int) -> list[AddrInfo] | socket.gaierror | None:
         """A fresh cached answer for `host` (addresses, or the error that it does not
         exist), or None when it must be looked up."""

@@ -6,38 +6,104 @@ restarts; each worker then binds the same addresses with SO_REUSEPORT and
 listens, and the kernel spreads connections over them. A worker that dies is
 restarted (after a pause if it died young); SIGTERM or SIGINT is passed on to
 every worker and the supervisor exits once all are gone.
+
+The supervisor alone speaks to systemd. Workers tell it with real-time signals
+(queued, and carrying the sender's pid) when they are ready and that their loop
+is alive: READY=1 goes out once every worker listens, and under a systemd
+watchdog a worker whose loop stops answering is killed and restarted while the
+others go on. On SIGHUP the supervisor reads the settings, reserves new
+addresses, leaves them in its runtime directory and passes the signal on; each
+worker applies exactly what the supervisor checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
-from proxyd import systemd
+from proxyd import metrics, settings, systemd, tls
 from proxyd.config import Config, ListenAddress
+from proxyd.errors import ConfigError
 from proxyd.server import bind
+from proxyd.settings import Settings, Source
 
 RESTART_PAUSE: Final = 1.0  # seconds before restarting a worker that lived less than this
 EXIT_WORKER_FAILED: Final = 70
-_SIGNALS: Final = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+SIG_READY: Final = int(signal.SIGRTMIN)  # worker -> supervisor: listening (or reloaded)
+SIG_ALIVE: Final = SIG_READY + 1  # worker -> supervisor: its loop is alive
+_SIGNALS: Final[set[int]] = {
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGCHLD,
+    signal.SIGHUP,
+    SIG_READY,
+    SIG_ALIVE,
+}
+SETTINGS_FILE: Final = "settings.pickle"
+
+
+class SupervisorLink:
+    """A worker's systemd.Watcher: readiness and liveness go to the supervisor; the
+    settings of a reload come from it."""
+
+    def __init__(self, supervisor: int, interval: float | None, runtime: Path) -> None:
+        self._supervisor = supervisor
+        self._interval = interval
+        self._runtime = runtime
+
+    @property
+    def interval(self) -> float | None:
+        return self._interval
+
+    def _tell(self, sig: int) -> None:
+        if os.getppid() == self._supervisor:  # never a stranger that got its pid
+            os.kill(self._supervisor, sig)
+
+    def ready(self, status: str) -> None:
+        self._tell(SIG_READY)
+
+    def reloading(self) -> None:
+        pass  # the supervisor said so already
+
+    def alive(self, status: str) -> None:
+        self._tell(SIG_ALIVE)
+
+    def stopping(self, status: str) -> None:
+        pass
+
+    def reread(self) -> Settings:
+        """The settings the supervisor checked for this reload (the TLS context is made
+        anew here: it cannot travel)."""
+        with (self._runtime / SETTINGS_FILE).open("rb") as f:
+            cfg, users = pickle.load(f)
+        context = None
+        if cfg.tls.cert is not None and cfg.tls.key is not None:
+            context = tls.server_context(cfg.tls.cert, cfg.tls.key)
+        return Settings(cfg, users, context)
 
 
 class Supervisor:
     def __init__(
         self,
-        config: Config,
-        run_worker: Callable[[int, Config], int],
+        current: Settings,
+        source: Source,
+        run_worker: Callable[[int, Settings, SupervisorLink], int],
         log: Any,
         *,
         activated: bool = False,
     ) -> None:
-        self.config = config
+        self.settings = current
+        self.source = source
         self.activated = activated  # systemd passed the listeners: nothing to bind
         self.notifier = systemd.Notifier()
         self.run_worker = run_worker
@@ -45,71 +111,192 @@ class Supervisor:
         self.children: dict[int, int] = {}  # pid -> worker index
         self.started: dict[int, float] = {}  # worker index -> start time
         self.restarts: dict[int, float] = {}  # worker index -> when to restart it
+        self.alive: dict[int, float] = {}  # pid -> when it last said so
+        self.unready: set[int] = set()  # pids yet to listen (or to apply a reload)
+        self.announce = False  # READY=1 is due once `unready` is empty
         self.stopping = False
-        self._reserved: list[socket.socket] = []
+        self._reserved: dict[ListenAddress, socket.socket] = {}
+        self._next_ping = 0.0
+        self.runtime = Path(tempfile.mkdtemp(prefix="proxyd-"))
+
+    @property
+    def config(self) -> Config:
+        return self.settings.config
 
     def run(self) -> int:
         """Fork the workers and look after them until a stop signal; the exit code."""
-        for address in self.config.server.listen:  # OSError (address in use) reaches the CLI
-            if not self.activated:
-                self._reserved.append(bind(address, self.config, listen=False))
-        if not self.activated:
-            listen = tuple(
-                ListenAddress(address.host, sock.getsockname()[1])
-                for address, sock in zip(self.config.server.listen, self._reserved, strict=True)
-            )
-            self.config = dataclasses.replace(
-                self.config, server=dataclasses.replace(self.config.server, listen=listen)
-            )
-        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        # each worker's metrics go to files here, summed by whichever worker is scraped
+        (self.runtime / "metrics").mkdir()
+        os.environ[metrics.MULTIPROC_ENV] = str(self.runtime / "metrics")
         try:
-            for index in range(self.config.server.workers):
-                self._spawn(index)
-            self.log.info("supervising", workers=self.config.server.workers, pid=os.getpid())
-            # once the workers are forked; each is listening a moment later
-            self.notifier.send("READY=1", f"STATUS={len(self.children)} workers")
-            while self.children or (self.restarts and not self.stopping):
-                self._wait()
+            config = self._reserve(self.config)  # OSError (address in use) reaches the CLI
+            self.settings = dataclasses.replace(self.settings, config=config)
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+            try:
+                for index in range(config.server.workers):
+                    self._spawn(index)
+                self.announce = True
+                self.log.info("supervising", workers=config.server.workers, pid=os.getpid())
+                while self.children or (self.restarts and not self.stopping):
+                    self._wait()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
-            for sock in self._reserved:
+            for sock in self._reserved.values():
                 sock.close()
+            shutil.rmtree(self.runtime, ignore_errors=True)
         self.log.info("stopped")
         return 0
 
+    def _addresses(self, config: Config) -> list[ListenAddress]:
+        """What the workers bind: the listeners (unless systemd passed them) and the
+        metrics listener."""
+        found = [] if self.activated else list(config.server.listen)
+        if config.metrics.listen is not None:
+            found.append(config.metrics.listen)
+        return found
+
+    def _reserve(self, config: Config) -> Config:
+        """Bind (without listening) what `config` listens on and is not bound yet,
+        release what it no longer names; `config` with port 0 replaced by the port
+        the kernel chose, so every worker binds the same one. OSError changes nothing."""
+        wanted = self._addresses(config)
+        new: dict[ListenAddress, socket.socket] = {}
+        try:
+            for address in wanted:
+                if address not in self._reserved and address not in new:
+                    new[address] = bind(address, config, listen=False)
+        except OSError:
+            for sock in new.values():
+                sock.close()
+            raise
+        for address in [a for a in self._reserved if a not in wanted]:
+            self._reserved.pop(address).close()
+        self._reserved.update(new)
+
+        def fixed(address: ListenAddress) -> ListenAddress:
+            sock = self._reserved.get(address)
+            return address if sock is None else ListenAddress(address.host, sock.getsockname()[1])
+
+        server = dataclasses.replace(
+            config.server, listen=tuple(fixed(a) for a in config.server.listen)
+        )
+        listen = config.metrics.listen
+        metrics_cfg = dataclasses.replace(
+            config.metrics, listen=None if listen is None else fixed(listen)
+        )
+        return dataclasses.replace(config, server=server, metrics=metrics_cfg)
+
     def _spawn(self, index: int) -> None:
+        interval = self.notifier.watchdog_interval
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             code = EXIT_WORKER_FAILED
             try:
+                # a reload before the loop handles SIGHUP must not end the worker
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
-                for sock in self._reserved:
+                for sock in self._reserved.values():
                     sock.close()
-                code = self.run_worker(index, self.config)
+                self.notifier.close()
+                link = SupervisorLink(supervisor, interval, self.runtime)
+                code = self.run_worker(index, self.settings, link)
             finally:
                 sys.stdout.flush()
                 os._exit(code)
         self.children[pid] = index
-        self.started[index] = time.monotonic()
+        self.started[index] = self.alive[pid] = time.monotonic()
+        self.unready.add(pid)
+
+    def _status(self) -> str:
+        listening = len(self.children) - len(self.unready)
+        return f"{listening} of {self.config.server.workers} workers serving"
 
     def _wait(self) -> None:
-        timeout = None
-        if self.restarts:
-            timeout = max(0.0, min(self.restarts.values()) - time.monotonic())
-        info = signal.sigtimedwait(_SIGNALS, 3600 if timeout is None else timeout)
-        if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
-            self._stop(signal.Signals(info.si_signo))
+        deadlines = list(self.restarts.values())
+        if self.notifier.watchdog_interval is not None:
+            deadlines.append(self._next_ping)
+        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 3600.0
+        info = signal.sigtimedwait(_SIGNALS, timeout)
+        if info is not None:
+            if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                self._stop(signal.Signals(info.si_signo))
+            elif info.si_signo == signal.SIGHUP:
+                self._reload()
+            elif info.si_signo == SIG_ALIVE and info.si_pid in self.children:
+                self.alive[info.si_pid] = time.monotonic()
+            elif info.si_signo == SIG_READY and info.si_pid in self.children:
+                self.alive[info.si_pid] = time.monotonic()
+                self.unready.discard(info.si_pid)
         self._reap()
+        if self.announce and not self.unready and not self.stopping:
+            self.announce = False
+            self.notifier.ready(self._status())
         now = time.monotonic()
         for index, due in list(self.restarts.items()):
             if due <= now and not self.stopping:
                 del self.restarts[index]
                 self._spawn(index)
                 self.log.info("worker_restarted", worker=index)
+        if self.notifier.watchdog_interval is not None and now >= self._next_ping:
+            self._watchdog(now)
+
+    def _watchdog(self, now: float) -> None:
+        """Ping systemd for the supervisor; a worker silent for the whole watchdog
+        timeout has a stuck loop: kill it, and the reaping restarts it."""
+        interval = self.notifier.watchdog_interval
+        assert interval is not None
+        self._next_ping = now + min(interval, systemd.STATUS_INTERVAL)
+        if not self.stopping:
+            for pid, last in self.alive.items():
+                if pid in self.children and now - last > 2 * interval:
+                    self.log.error(
+                        "worker_unresponsive",
+                        worker=self.children[pid],
+                        pid=pid,
+                        silent_s=round(now - last, 1),
+                    )
+                    os.kill(pid, signal.SIGKILL)
+                    self.alive[pid] = now  # once: the kill takes a moment to be reaped
+        self.notifier.alive(self._status())
+
+    def _reload(self) -> None:
+        """SIGHUP: read and check the settings here, then let every worker apply them.
+        A bad config changes nothing, anywhere."""
+        if self.stopping:
+            return
+        self.notifier.reloading()
+        self.log.info("reloading", signal="SIGHUP")
+        try:
+            new = self.source.read()
+            config, fixed = settings.keep_fixed(self.config, new.config)
+            try:
+                config = self._reserve(config)
+            except OSError as exc:
+                raise ConfigError([f"listen: {exc.strerror}"]) from None
+            new = dataclasses.replace(new, config=config)
+            path = self.runtime / SETTINGS_FILE
+            with tempfile.NamedTemporaryFile("wb", dir=self.runtime, delete=False) as f:
+                pickle.dump((new.config, new.users), f)
+            os.replace(f.name, path)
+        except ConfigError as exc:
+            self.log.error("reload_failed", problems=exc.problems)
+            self.notifier.ready(self._status())
+            return
+        if fixed:
+            self.log.warning("reload_needs_restart", keys=fixed, hint="restart to change these")
+        for event, fields in new.warnings():
+            self.log.warning(event, **fields)
+        self.settings = new  # for workers started from now on
+        for pid in self.children:
+            os.kill(pid, signal.SIGHUP)
+        self.unready.update(self.children)
+        self.announce = True
 
     def _stop(self, sig: signal.Signals) -> None:
         self.log.info("stopping", signal=sig.name, workers=len(self.children))
-        self.notifier.send("STOPPING=1")
+        self.notifier.stopping(f"stopping {len(self.children)} workers")
         self.stopping = True
         self.restarts.clear()
         for pid in self.children:
@@ -124,6 +311,9 @@ class Supervisor:
             if pid == 0:
                 return
             index = self.children.pop(pid, None)
+            self.alive.pop(pid, None)
+            self.unready.discard(pid)
+            metrics.forget_process(pid)
             if index is None or self.stopping:
                 continue
             code = os.waitstatus_to_exitcode(status)

@@ -258,7 +258,7 @@ def test_workers_supervisor_notifies(start_daemon, tmp_path):
     receiver = NotifyReceiver(tmp_path / "notify")
     try:
         daemon = start_daemon("[server]\nworkers = 2\n", env={"NOTIFY_SOCKET": str(receiver.path)})
-        assert "STATUS=2 workers" in receiver.wait_for("READY=1")
+        assert "STATUS=2 of 2 workers serving" in receiver.wait_for("READY=1")
         daemon.proc.send_signal(signal.SIGTERM)
         receiver.wait_for("STOPPING=1")
         assert daemon.proc.wait(10) == 0

@@ -1,0 +1,258 @@
+"""Prometheus metrics (prometheus-client) and the admin listener that serves them.
+
+`[metrics] listen` turns them on: `GET /metrics` in the Prometheus text format
+and `GET /healthz` (200 while serving, 503 while draining). With several workers
+every worker records into prometheus-client's multiprocess files (the supervisor
+sets PROMETHEUS_MULTIPROC_DIR before forking), and whichever worker the kernel
+hands a scrape to answers with the sum over all of them, dead workers' counters
+included.
+
+Hot paths pay one method call and a few increments per connection; the label
+children are looked up once and kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import h11
+
+if TYPE_CHECKING:
+    import socket
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+# seconds: a handshake is mostly sub-millisecond on loopback, a password derivation
+# tens of milliseconds, a slow client up to timeouts.handshake
+LATENCY_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+ADMIN_TIMEOUT: Final = 30.0  # seconds an admin connection may sit idle or half-sent
+ADMIN_MAX_CONNECTIONS: Final = 64
+ADMIN_MAX_REQUEST: Final = 16 * 1024
+
+
+class Metrics:
+    """The metrics one process records; `render()` gives what /metrics answers."""
+
+    def __init__(self) -> None:
+        # imported here: prometheus-client picks its multiprocess mode at import,
+        # from the environment the supervisor prepares
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
+
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created: noise here
+
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV)
+        # in multiprocess mode the values live in files and a fresh registry reads
+        # them all at each scrape; otherwise they register here
+        self._registry = None if self.multiprocess_dir else CollectorRegistry()
+        reg: Any = {"registry": self._registry}
+        self.active = Gauge(
+            "proxyd_connections_active",
+            "Client connections open now, past protocol detection",
+            ["protocol"],
+            multiprocess_mode="livesum",
+            **reg,
+        )
+        self.connections = Counter(
+            "proxyd_connections",
+            "Client connections finished, by protocol and access-log status",
+            ["protocol", "status"],
+            **reg,
+        )
+        self.requests = Counter(
+            "proxyd_http_requests",
+            "Forwarded HTTP requests finished, by access-log status",
+            ["status"],
+            **reg,
+        )
+        self.bytes = Counter(
+            "proxyd_bytes",
+            "Payload bytes relayed: up is client to target, down is target to client",
+            ["direction"],
+            **reg,
+        )
+        self.datagrams = Counter(
+            "proxyd_udp_datagrams",
+            "UDP datagrams relayed for SOCKS5 UDP associations",
+            ["direction"],
+            **reg,
+        )
+        self.handshake = Histogram(
+            "proxyd_handshake_seconds",
+            "From accept to a complete, authenticated request",
+            ["protocol"],
+            buckets=LATENCY_BUCKETS,
+            **reg,
+        )
+        self.connect = Histogram(
+            "proxyd_upstream_connect_seconds",
+            "Reaching the target: name lookup and TCP connect, successful ones",
+            buckets=LATENCY_BUCKETS,
+            **reg,
+        )
+        self.auth_failures = Counter("proxyd_auth_failures", "Wrong user names or passwords", **reg)
+        self.lockouts = Counter(
+            "proxyd_auth_lockouts", "Client addresses locked out after failed logins", **reg
+        )
+        self.reloads = Counter(
+            "proxyd_config_reloads", "SIGHUP reloads, by result", ["result"], **reg
+        )
+        up, down = self.bytes.labels("up"), self.bytes.labels("down")
+        self.bytes_up_inc, self.bytes_down_inc = up.inc, down.inc
+        self._dg_up, self._dg_down = self.datagrams.labels("up"), self.datagrams.labels("down")
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    # -- what sessions call --------------------------------------------------------
+
+    def opened(self, protocol: str) -> None:
+        self._child(self.active, protocol).inc()
+
+    def handshake_done(self, protocol: str, seconds: float) -> None:
+        self._child(self.handshake, protocol).observe(seconds)
+
+    def connected(self, seconds: float) -> None:
+        self.connect.observe(seconds)
+
+    def closed(self, protocol: str | None, status: str, *, active: bool) -> None:
+        """A connection ended; `active` when `opened` counted it."""
+        if active and protocol is not None:
+            self._child(self.active, protocol).dec()
+        self._child(self.connections, protocol or "unknown", status).inc()
+
+    def request_done(self, status: str, bytes_up: int, bytes_down: int) -> None:
+        self._child(self.requests, status).inc()
+        self.relayed(bytes_up, bytes_down)
+
+    def relayed(self, bytes_up: int, bytes_down: int, dg_up: int = 0, dg_down: int = 0) -> None:
+        if bytes_up:
+            self.bytes_up_inc(bytes_up)
+        if bytes_down:
+            self.bytes_down_inc(bytes_down)
+        if dg_up:
+            self._dg_up.inc(dg_up)
+        if dg_down:
+            self._dg_down.inc(dg_down)
+
+    def auth_failed(self, locked_out: bool) -> None:
+        self.auth_failures.inc()
+        if locked_out:
+            self.lockouts.inc()
+
+    # -- exposition ------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The text exposition; reads every worker's files in multiprocess mode."""
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        registry = self._registry
+        if registry is None:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        data: bytes = generate_latest(registry)
+        return data
+
+
+def forget_process(pid: int) -> None:
+    """A worker is gone: its live gauges (open connections) stop counting. Its
+    counters stay, so totals never go backwards."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+class AdminServer:
+    """The admin listener: GET /metrics and GET /healthz over HTTP/1.1 (h11)."""
+
+    def __init__(self, metrics: Metrics, healthy: Callable[[], bool], log: Any) -> None:
+        self.metrics = metrics
+        self.healthy = healthy
+        self.log = log
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    async def start(self, sock: socket.socket) -> None:
+        self._server = await asyncio.start_server(self._serve, sock=sock)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._clients):
+            task.cancel()
+        if self._clients:
+            await asyncio.gather(*self._clients, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._clients) >= ADMIN_MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._clients.add(task)
+        try:
+            await self._conversation(reader, writer)
+        except (OSError, TimeoutError, h11.ProtocolError):
+            pass  # a scraper that went away or spoke nonsense: nothing to tell it
+        finally:
+            self._clients.discard(task)
+            writer.close()
+
+    async def _conversation(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ADMIN_MAX_REQUEST)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                async with asyncio.timeout(ADMIN_TIMEOUT):
+                    data = await reader.read(65536)
+                conn.receive_data(data)
+            elif isinstance(event, h11.Request):
+                status, body, kind = await self._answer(event)
+                headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
+                writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                if event.method != b"HEAD":
+                    writer.write(conn.send(h11.Data(data=body)))
+                writer.write(conn.send(h11.EndOfMessage()))
+                async with asyncio.timeout(ADMIN_TIMEOUT):
+                    await writer.drain()
+                if conn.our_state is not h11.DONE:  # HTTP/1.0 or "Connection: close"
+                    return
+            elif isinstance(event, h11.ConnectionClosed):
+                return
+            elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()  # the request's end: ready for the next one
+
+    async def _answer(self, request: h11.Request) -> tuple[int, bytes, str]:
+        text = "text/plain; charset=utf-8"
+        if request.method not in (b"GET", b"HEAD"):
+            return 405, b"GET /metrics or /healthz\n", text
+        path = request.target.split(b"?", 1)[0]
+        if path == b"/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            # the multiprocess files are read off the loop
+            return 200, await asyncio.to_thread(self.metrics.render), CONTENT_TYPE_LATEST
+        if path == b"/healthz":
+            if self.healthy():
+                return 200, b"ok\n", text
+            return 503, b"draining\n", text
+        return 404, b"GET /metrics or /healthz\n", text
