@@ -53,6 +53,7 @@ class Daemon:
         self._err_reader.start()
         self.port = 0
         self.host = "127.0.0.1"
+        self.config_path: Path | None = None
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -101,6 +102,23 @@ class Daemon:
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
+    def named(self, *names: str) -> list[dict[str, Any]]:
+        """The events so far with one of these names, in order."""
+        with self._cond:
+            return [e for e in self.events if e.get("event") in names]
+
+    def reload(self, config_toml: str | None = None, *, results: int = 1) -> list[dict[str, Any]]:
+        """Rewrite the config file (when given) and send SIGHUP; the next `results`
+        outcome events ("reloaded" or "reload_failed": one per worker)."""
+        outcomes = ("reloaded", "reload_failed")
+        before = len(self.named(*outcomes))
+        if config_toml is not None:
+            assert self.config_path is not None
+            self.config_path.write_text(config_toml)
+        self.proc.send_signal(signal.SIGHUP)
+        self.wait_for(lambda _e: len(self.named(*outcomes)) >= before + results)
+        return self.named(*outcomes)[before:]
+
     def access(
         self, conn_filter: Callable[[dict[str, Any]], bool] = lambda e: True, timeout: float = 10.0
     ) -> dict[str, Any]:
@@ -134,6 +152,34 @@ class Daemon:
         self._reader.join(5)
         self._err_reader.join(5)
         return self.proc.returncode
+
+
+class NotifyReceiver:
+    """A NOTIFY_SOCKET of our own: the datagrams the daemon sends, as lists of lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[list[str]] = []
+
+    def wait_for(self, line: str, timeout: float = 10.0) -> list[str]:
+        """The first message (seen or arriving within `timeout`) with `line` in it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self.messages:
+                if line in message:
+                    return message
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {line!r} in {self.messages}")
+            try:
+                self.messages.append(self.sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def local_names(workdir: Path, hosts: Path) -> list[str]:
@@ -177,6 +223,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             args += ["--listen", listen]
         prefix = None if hosts is None else local_names(tmp_path / f"names-{index}", hosts)
         daemon = Daemon(args, env=env, prefix=prefix)
+        daemon.config_path = path
         daemons.append(daemon)
         return daemon.started() if wait else daemon
 

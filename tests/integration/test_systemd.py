@@ -12,37 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Daemon, proxyd
+from conftest import ROOT, Daemon, NotifyReceiver, proxyd
 from integration import socks5client
 from integration.socks5client import recv_exact
-
-
-class NotifyReceiver:
-    """A NOTIFY_SOCKET of our own: the datagrams the daemon sends, as lists of lines."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[list[str]] = []
-
-    def wait_for(self, line: str, timeout: float = 10.0) -> list[str]:
-        """The first message (seen or arriving within `timeout`) with `line` in it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for message in self.messages:
-                if line in message:
-                    return message
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {line!r} in {self.messages}")
-            try:
-                self.messages.append(self.sock.recv(4096).decode().split("\n"))
-            except TimeoutError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_notify_ready_status_watchdog_stopping(start_daemon, tmp_path, tcp_server):
