@@ -115,7 +115,7 @@ class Supervisor:
         self.unready: set[int] = set()  # pids yet to listen (or to apply a reload)
         self.announce = False  # READY=1 is due once `unready` is empty
         self.stopping = False
-        self._reserved: dict[ListenAddress, socket.socket] = {}
+        self._reserved: dict[tuple[str, ListenAddress], socket.socket] = {}
         self._next_ping = 0.0
         self.runtime = Path(tempfile.mkdtemp(prefix="proxyd-"))
 
@@ -148,12 +148,12 @@ class Supervisor:
         self.log.info("stopped")
         return 0
 
-    def _addresses(self, config: Config) -> list[ListenAddress]:
-        """What the workers bind: the listeners (unless systemd passed them) and the
-        metrics listener."""
-        found = [] if self.activated else list(config.server.listen)
+    def _addresses(self, config: Config) -> list[tuple[str, ListenAddress]]:
+        """What the workers bind, by role: the listeners (unless systemd passed them)
+        and the metrics listener (port 0 in both is two ports)."""
+        found = [] if self.activated else [("listen", a) for a in config.server.listen]
         if config.metrics.listen is not None:
-            found.append(config.metrics.listen)
+            found.append(("metrics", config.metrics.listen))
         return found
 
     def _reserve(self, config: Config) -> Config:
@@ -161,29 +161,29 @@ class Supervisor:
         release what it no longer names; `config` with port 0 replaced by the port
         the kernel chose, so every worker binds the same one. OSError changes nothing."""
         wanted = self._addresses(config)
-        new: dict[ListenAddress, socket.socket] = {}
+        new: dict[tuple[str, ListenAddress], socket.socket] = {}
         try:
-            for address in wanted:
-                if address not in self._reserved and address not in new:
-                    new[address] = bind(address, config, listen=False)
+            for key in wanted:
+                if key not in self._reserved and key not in new:
+                    new[key] = bind(key[1], config, listen=False)
         except OSError:
             for sock in new.values():
                 sock.close()
             raise
-        for address in [a for a in self._reserved if a not in wanted]:
-            self._reserved.pop(address).close()
+        for key in [k for k in self._reserved if k not in wanted]:
+            self._reserved.pop(key).close()
         self._reserved.update(new)
 
-        def fixed(address: ListenAddress) -> ListenAddress:
-            sock = self._reserved.get(address)
+        def fixed(role: str, address: ListenAddress) -> ListenAddress:
+            sock = self._reserved.get((role, address))
             return address if sock is None else ListenAddress(address.host, sock.getsockname()[1])
 
         server = dataclasses.replace(
-            config.server, listen=tuple(fixed(a) for a in config.server.listen)
+            config.server, listen=tuple(fixed("listen", a) for a in config.server.listen)
         )
         listen = config.metrics.listen
         metrics_cfg = dataclasses.replace(
-            config.metrics, listen=None if listen is None else fixed(listen)
+            config.metrics, listen=None if listen is None else fixed("metrics", listen)
         )
         return dataclasses.replace(config, server=server, metrics=metrics_cfg)
 
