@@ -239,6 +239,35 @@ def test_workers_supervisor_notifies(start_daemon, tmp_path):
         receiver.close()
 
 
+def test_workers_watchdog_restarts_a_stuck_worker(start_daemon, tmp_path, tcp_server):
+    """Under a watchdog each worker's loop pings the supervisor; one that stops (here:
+    SIGSTOP) is killed and restarted while the supervisor keeps systemd's watchdog fed."""
+    from integration.test_workers import alive, workers_started
+
+    receiver = NotifyReceiver(tmp_path / "notify")
+    try:
+        env = {"NOTIFY_SOCKET": str(receiver.path), "WATCHDOG_USEC": "1000000"}
+        daemon = start_daemon("[server]\nworkers = 2\n", env=env)
+        pids = workers_started(daemon, 2)
+        assert "STATUS=2 of 2 workers serving" in receiver.wait_for("READY=1")
+        os.kill(pids[0], signal.SIGSTOP)
+        stuck = daemon.wait_for(lambda e: e.get("event") == "worker_unresponsive")
+        assert (stuck["worker"], stuck["pid"]) == (0, pids[0])
+        daemon.wait_for(lambda e: e.get("event") == "worker_restarted")
+        new = workers_started(daemon, 3)[0]
+        assert new != pids[0] and not alive(pids[0]) and alive(pids[1])
+        receiver.messages.clear()
+        assert "WATCHDOG=1" in receiver.wait_for("STATUS=2 of 2 workers serving")
+        server = tcp_server()
+        for _ in range(10):
+            sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
+            sock.close()
+            assert rep == 0
+        assert not [e for e in daemon.events if e.get("event") == "worker_unresponsive"][1:]
+    finally:
+        receiver.close()
+
+
 @pytest.mark.parametrize("which", ["users_file", "tls_key"])
 def test_files_readable_by_others_are_warned_about(start_daemon, tmp_path, users_file, which):
     """A users file or TLS key readable by other users gives a warning at start."""
