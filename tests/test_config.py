@@ -20,6 +20,7 @@ from proxyd.config import (
     DnsConfig,
     ListenAddress,
     LogConfig,
+    MetricsConfig,
     ServerConfig,
     TimeoutsConfig,
     TlsConfig,
@@ -130,6 +131,7 @@ def test_every_key_set() -> None:
                 "tcp_nodelay": False,
             },
             "log": {"format": "console", "level": "debug", "access": False},
+            "metrics": {"listen": "[::1]:9180"},
         }
     )
     assert cfg == Config(
@@ -151,6 +153,7 @@ def test_every_key_set() -> None:
         timeouts=TimeoutsConfig(handshake=2.5, connect=3.0, idle=600.0, udp_idle=0.5),
         buffers=BuffersConfig(read_size=1024, so_rcvbuf=4096, so_sndbuf=8192, tcp_nodelay=False),
         log=LogConfig(format="console", level="debug", access=False),
+        metrics=MetricsConfig(listen=ListenAddress("::1", 9180)),
     )
     assert isinstance(cfg.auth.users_file, Path)
     assert type(cfg.timeouts.connect) is float
@@ -231,6 +234,10 @@ BAD = [
     ({"log": {"level": "trace"}}, "log.level"),
     ({"log": {"level": ""}}, "log.level"),
     ({"log": {"access": "yes"}}, "log.access"),
+    ({"metrics": {"listen": ["127.0.0.1:9180"]}}, "metrics.listen"),
+    ({"metrics": {"listen": "localhost:9180"}}, "metrics.listen"),
+    ({"metrics": {"listen": "127.0.0.1:99999"}}, "metrics.listen"),
+    ({"metrics": {"port": 9180}}, "metrics.port"),
     # Unknown keys and sections are errors, so a typo is never silently ignored.
     ({"server": {"listn": ["127.0.0.1:1080"]}}, "server.listn"),
     ({"timeouts": {"conect": 10}}, "timeouts.conect"),
