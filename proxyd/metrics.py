@@ -109,10 +109,10 @@ class Metrics:
         up, down = self.bytes.labels("up"), self.bytes.labels("down")
         self.bytes_up_inc, self.bytes_down_inc = up.inc, down.inc
         self._dg_up, self._dg_down = self.datagrams.labels("up"), self.datagrams.labels("down")
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (metric._name, *labels)
+        key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
@@ -181,10 +181,9 @@ def forget_process(pid: int) -> None:
 class AdminServer:
     """The admin listener: GET /metrics and GET /healthz over HTTP/1.1 (h11)."""
 
-    def __init__(self, metrics: Metrics, healthy: Callable[[], bool], log: Any) -> None:
+    def __init__(self, metrics: Metrics, healthy: Callable[[], bool]) -> None:
         self.metrics = metrics
         self.healthy = healthy
-        self.log = log
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 

@@ -114,10 +114,6 @@ class Server:
         self.metrics: Metrics | None = None
         self._admin: AdminServer | None = None
 
-    @property
-    def listeners(self) -> list[socket.socket]:
-        return list(self._bound.values())
-
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then close every listener and tunnel."""
         loop = asyncio.get_running_loop()
@@ -244,9 +240,10 @@ class Server:
             if self.config.server.workers == 1:  # else the supervisor reports them, once
                 for event, fields in settings.warnings():
                     self.log.warning(event, **fields)
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:
             # the old settings stay in force, whole
-            self.log.error("reload_failed", problems=exc.problems)
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            self.log.error("reload_failed", problems=problems)
             if self.metrics is not None:
                 self.metrics.reloads.labels("failed").inc()
         else:
@@ -338,7 +335,7 @@ class Server:
             self.metrics = Metrics()
             self.ctx.auth.on_failure = self.metrics.auth_failed
         self.ctx.metrics = self.metrics
-        self._admin = AdminServer(self.metrics, lambda: not self._stop.is_set(), self.log)
+        self._admin = AdminServer(self.metrics, lambda: not self._stop.is_set())
         await self._admin.start(sock)
         self.log.info("metrics_listening", address=_name(sock))
 

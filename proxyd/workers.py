@@ -166,10 +166,11 @@ class Supervisor:
             for key in wanted:
                 if key not in self._reserved and key not in new:
                     new[key] = bind(key[1], config, listen=False)
-        except OSError:
+        except OSError as exc:
             for sock in new.values():
                 sock.close()
-            raise
+            role = "server.listen" if key[0] == "listen" else "metrics.listen"
+            raise OSError(exc.errno, f"{role}: {key[1]}: {exc.strerror}") from None
         for key in [k for k in self._reserved if k not in wanted]:
             self._reserved.pop(key).close()
         self._reserved.update(new)
@@ -274,12 +275,9 @@ class Supervisor:
             try:
                 config = self._reserve(config)
             except OSError as exc:
-                raise ConfigError([f"listen: {exc.strerror}"]) from None
+                raise ConfigError([str(exc.strerror)]) from None
             new = dataclasses.replace(new, config=config)
-            path = self.runtime / SETTINGS_FILE
-            with tempfile.NamedTemporaryFile("wb", dir=self.runtime, delete=False) as f:
-                pickle.dump((new.config, new.users), f)
-            os.replace(f.name, path)
+            self._hand_over(new)
         except ConfigError as exc:
             self.log.error("reload_failed", problems=exc.problems)
             self.notifier.ready(self._status())
@@ -293,6 +291,15 @@ class Supervisor:
             os.kill(pid, signal.SIGHUP)
         self.unready.update(self.children)
         self.announce = True
+
+    def _hand_over(self, new: Settings) -> None:
+        """Leave the checked settings where the workers read them (SupervisorLink.reread)."""
+        try:
+            with tempfile.NamedTemporaryFile("wb", dir=self.runtime, delete=False) as f:
+                pickle.dump((new.config, new.users), f)
+            os.replace(f.name, self.runtime / SETTINGS_FILE)
+        except OSError as exc:
+            raise ConfigError([f"cannot hand the settings to the workers: {exc}"]) from None
 
     def _stop(self, sig: signal.Signals) -> None:
         self.log.info("stopping", signal=sig.name, workers=len(self.children))

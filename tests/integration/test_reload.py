@@ -252,9 +252,18 @@ def test_workers_reload_together(start_daemon, tcp_server, users, tmp_path):
                 with sock:
                     assert rep == 0
                     echo_through(sock, b"bob")
-            # a bad config reaches no worker
+            # a bad config, or an address that cannot be bound, reaches no worker
             (outcome,) = daemon.reload("[server\n")
             assert outcome["event"] == "reload_failed"
+            with listening_socket("127.0.0.3") as taken:
+                busy = f"127.0.0.3:{taken.getsockname()[1]}"
+                (outcome,) = daemon.reload(
+                    config(users, "127.0.0.1:0", busy).replace(
+                        "[server]\n", "[server]\nworkers = 2\n"
+                    )
+                )
+            assert outcome["event"] == "reload_failed"
+            assert outcome["problems"] == [f"server.listen: {busy}: Address already in use"]
             assert len(daemon.named("reloaded")) == 2
             echo_through(tunnel, b"y" * 1000)
         bob = [e for e in daemon.access_events() if e["user"] == "bob"]
