@@ -7,7 +7,7 @@ Measures, for each proxy and for a direct connection in the same run:
   (b) connect + handshake + 100-byte echo + close rate and latency (loadgen);
   (c) HTTP forward proxy requests/s with keep-alive (wrk, absolute-form requests);
   (d) RSS per idle tunnel with thousands open, and RSS and fds after they close;
-  (e) proxyd with `workers = 1` against `workers = 2`.
+  (e) proxyd with `workers = 1` against `workers = 2`, and with metrics on.
 Prints a table of ratios and writes bench/results/latest.json. Everything
 listens on 127.0.0.1 only, and everything started here is stopped at the end,
 also on failure or Ctrl-C.
@@ -31,7 +31,7 @@ from typing import Any
 
 from measure import Bench, Plan
 from procs import LOOPBACK, MeasurementFailed, Processes, StartFailed, busy_processes, usage
-from proxies import PEERS, PROXYD, Proxy, dpkg_version, proxyd_with_workers
+from proxies import PEERS, PROXYD, Proxy, dpkg_version, proxyd_variant
 from report import LEGEND, table, workers_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -107,28 +107,33 @@ def measure_proxy(bench: Bench, proxy: Proxy) -> dict[str, Any]:
 
 
 def measure_workers(bench: Bench) -> dict[str, Any]:
-    """proxyd SOCKS5 handshakes at c=64: one worker on the proxy core, two on any core."""
-    print("proxyd workers = 1 vs 2", flush=True)
+    """proxyd SOCKS5 handshakes at c=64: one worker on the proxy core, two on any core,
+    and one worker on the proxy core with the Prometheus metrics on."""
+    print("proxyd workers = 1 vs 2, metrics off vs on", flush=True)
     result: dict[str, Any] = {}
-    for workers in (1, 2):
-        key = f"workers_{workers}"
+    for key, workers, metrics in (
+        ("workers_1", 1, False),
+        ("workers_2", 2, False),
+        ("metrics_on", 1, True),
+    ):
         try:
             # Two workers get both cores, so they share core 1 with the load generator.
-            with bench.running(proxyd_with_workers(workers), pinned=workers == 1) as run:
+            with bench.running(proxyd_variant(workers, metrics), pinned=workers == 1) as run:
                 result[key] = attempt(
                     bench,
-                    f"workers = {workers}, socks5 c=64",
+                    f"{key}, socks5 c=64",
                     lambda port=run.port: bench.handshakes("socks5", port, 64),
                 )
                 result[key]["proxy_cpus"] = bench.proxy_cpu if workers == 1 else "any"
                 result[key]["processes"] = usage(run.proc.pid)["processes"]
         except StartFailed as exc:
-            bench.note(f"proxyd workers = {workers} not available: {exc}")
+            bench.note(f"proxyd {key} not available: {exc}")
             result[key] = {"available": False, "error": str(exc)}
     one = result["workers_1"].get("ops_per_s")
-    two = result["workers_2"].get("ops_per_s")
-    if one and two:
-        result["ratio"] = round(two / one, 2)
+    for key, ratio in (("workers_2", "ratio"), ("metrics_on", "metrics_ratio")):
+        other = result[key].get("ops_per_s")
+        if one and other:
+            result[ratio] = round(other / one, 2)
     return result
 
 

@@ -82,11 +82,17 @@ def _listening(procs: Processes, name: str, argv: list[str], cpu: str | None, po
 # ---- proxyd --------------------------------------------------------------------------------------
 
 
-def start_proxyd(procs: Processes, workdir: Path, cpu: str | None, workers: int = 1) -> Running:
-    """proxyd on its built-in defaults (access log on, to a file) but for listen and workers."""
+def start_proxyd(
+    procs: Processes, workdir: Path, cpu: str | None, workers: int = 1, metrics: bool = False
+) -> Running:
+    """proxyd on its built-in defaults (access log on, to a file) but for listen and
+    workers; with `metrics`, the Prometheus metrics on too."""
     name = _name(f"proxyd-w{workers}")
     config = workdir / f"{name}.toml"
-    config.write_text(f'[server]\nlisten = ["{LOOPBACK}:0"]\nworkers = {workers}\n')
+    text = f'[server]\nlisten = ["{LOOPBACK}:0"]\nworkers = {workers}\n'
+    if metrics:
+        text += f'[metrics]\nlisten = "{LOOPBACK}:0"\n'
+    config.write_text(text)
     argv = [VENV_PYTHON, "-m", "proxyd", "--config", str(config)]
     proc = procs.start(name, argv, cpu=cpu, nofile=True)
     log = procs.log(name)
@@ -108,11 +114,12 @@ def proxyd_version() -> str:
 PROXYD = Proxy("proxyd", True, True, True, start_proxyd, proxyd_version)
 
 
-def proxyd_with_workers(workers: int) -> Proxy:
+def proxyd_variant(workers: int, metrics: bool = False) -> Proxy:
     def start(procs: Processes, workdir: Path, cpu: str | None) -> Running:
-        return start_proxyd(procs, workdir, cpu, workers)
+        return start_proxyd(procs, workdir, cpu, workers, metrics)
 
-    return Proxy(f"proxyd-w{workers}", True, False, False, start, proxyd_version)
+    name = f"proxyd-w{workers}" + ("-metrics" if metrics else "")
+    return Proxy(name, True, False, False, start, proxyd_version)
 
 
 # ---- peers ---------------------------------------------------------------------------------------

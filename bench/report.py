@@ -137,4 +137,10 @@ def workers_line(workers: dict[str, Any] | None) -> str:
         else:
             cells.append(f"workers = {n}: not available")
     ratio = f"; ratio {workers['ratio']}" if "ratio" in workers else ""
-    return "proxyd SOCKS5 c=64 " + ", ".join(cells) + ratio
+    line = "proxyd SOCKS5 c=64 " + ", ".join(cells) + ratio
+    metrics = workers.get("metrics_on", {})
+    if "ops_per_s" in metrics:
+        line += f"\nproxyd SOCKS5 c=64 with [metrics] on: {_num(metrics['ops_per_s'])} hs/s"
+        if "metrics_ratio" in workers:
+            line += f" ({workers['metrics_ratio']} of metrics off)"
+    return line
