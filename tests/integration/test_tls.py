@@ -330,3 +330,23 @@ def test_no_descriptor_outlives_its_tls_client(start_daemon, cert, tcp_server):
     assert len(os.listdir(fds)) == baseline
     daemon.access(lambda e: e["conn_id"] == 15)
     assert len(daemon.access_events()) == 15
+
+
+def test_reload_turns_tls_on_and_refuses_a_bad_key(start_daemon, cert, origin, tmp_path):
+    """[tls] is read again on SIGHUP: new clients get TLS from then on; a certificate
+    that cannot be loaded fails the reload and the running settings stay."""
+    daemon = start_daemon("")
+    proxy = ["--proxy", f"https://localhost:{daemon.port}", "--proxy-cacert", str(cert[0])]
+    assert curl(*proxy, origin.url).returncode != 0  # no certificate yet
+    (outcome,) = daemon.reload(tls_config(cert))
+    assert outcome["event"] == "reloaded"
+    done = curl(*proxy, origin.url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == origin.body
+    wrong = tmp_path / "wrong.pem"
+    wrong.write_text("not a key\n")
+    (outcome,) = daemon.reload(tls_config((cert[0], wrong)))
+    assert outcome["event"] == "reload_failed"
+    assert outcome["problems"][0].startswith("tls.cert, tls.key:")
+    assert "not a key" not in daemon.output()
+    assert curl(*proxy, origin.url).stdout == origin.body  # the old certificate serves on
