@@ -381,6 +381,8 @@ def load(path: Path) -> Config:
         raise ConfigError([f"cannot read: {exc.strerror}"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not valid TOML: not UTF-8 at byte {exc.start}"]) from exc
     return from_mapping(data)
 
 

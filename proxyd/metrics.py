@@ -29,9 +29,10 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-ADMIN_TIMEOUT: Final = 30.0  # seconds an admin connection may sit idle or half-sent
+ADMIN_TIMEOUT: Final = 30.0  # seconds for a request and its answer, or between requests
 ADMIN_MAX_CONNECTIONS: Final = 64
 ADMIN_MAX_REQUEST: Final = 16 * 1024
+RELOADS: Final = ("proxyd_config_reloads", "SIGHUP reloads, by result")
 
 
 class Metrics:
@@ -103,9 +104,7 @@ class Metrics:
         self.lockouts = Counter(
             "proxyd_auth_lockouts", "Client addresses locked out after failed logins", **reg
         )
-        self.reloads = Counter(
-            "proxyd_config_reloads", "SIGHUP reloads, by result", ["result"], **reg
-        )
+        self.reloads = Counter(*RELOADS, ["result"], **reg)
         up, down = self.bytes.labels("up"), self.bytes.labels("down")
         self.bytes_up_inc, self.bytes_down_inc = up.inc, down.inc
         self._dg_up, self._dg_down = self.datagrams.labels("up"), self.datagrams.labels("down")
@@ -168,6 +167,14 @@ class Metrics:
         return data
 
 
+def reload_counter() -> Any:
+    """proxyd_config_reloads_total for the supervisor of workers, which checks every
+    reload once, in the multiprocess files the workers' scrapes read."""
+    from prometheus_client import Counter
+
+    return Counter(*RELOADS, ["result"], registry=None)
+
+
 def forget_process(pid: int) -> None:
     """A worker is gone: its live gauges (open connections) stop counting. Its
     counters stay, so totals never go backwards."""
@@ -185,7 +192,9 @@ class AdminServer:
         self.metrics = metrics
         self.healthy = healthy
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        # open connections, oldest first: a new one beyond the cap closes the oldest,
+        # so clients that connect and stall cannot lock the scrapers out
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_server(self._serve, sock=sock)
@@ -194,51 +203,54 @@ class AdminServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for task in list(self._clients):
+        tasks = list(self._clients)
+        for task in tasks:
             task.cancel()
-        if self._clients:
-            await asyncio.gather(*self._clients, return_exceptions=True)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         if len(self._clients) >= ADMIN_MAX_CONNECTIONS:
-            writer.close()
-            return
-        self._clients.add(task)
+            oldest = next(iter(self._clients))
+            self._clients.pop(oldest).transport.abort()
+        self._clients[task] = writer
         try:
             await self._conversation(reader, writer)
         except (OSError, TimeoutError, h11.ProtocolError):
-            pass  # a scraper that went away or spoke nonsense: nothing to tell it
+            pass  # a scraper that went away, stalled or spoke nonsense: nothing to tell it
+        except asyncio.CancelledError:
+            pass  # closing: the task ends here (a cancelled one would be logged on 3.11)
         finally:
-            self._clients.discard(task)
-            writer.close()
+            self._clients.pop(task, None)
+            writer.transport.abort()
 
     async def _conversation(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ADMIN_MAX_REQUEST)
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                async with asyncio.timeout(ADMIN_TIMEOUT):
-                    data = await reader.read(65536)
-                conn.receive_data(data)
-            elif isinstance(event, h11.Request):
-                status, body, kind = await self._answer(event)
-                headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
-                writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
-                if event.method != b"HEAD":
-                    writer.write(conn.send(h11.Data(data=body)))
-                writer.write(conn.send(h11.EndOfMessage()))
-                async with asyncio.timeout(ADMIN_TIMEOUT):
+        # each request, from its first byte to its answer sent, within ADMIN_TIMEOUT
+        async with asyncio.timeout(ADMIN_TIMEOUT) as deadline:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Request):
+                    status, body, kind = await self._answer(event)
+                    headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
+                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                    if event.method != b"HEAD":
+                        writer.write(conn.send(h11.Data(data=body)))
+                    writer.write(conn.send(h11.EndOfMessage()))
                     await writer.drain()
-                if conn.our_state is not h11.DONE:  # HTTP/1.0 or "Connection: close"
+                    if conn.our_state is not h11.DONE:  # HTTP/1.0 or "Connection: close"
+                        return
+                elif isinstance(event, h11.ConnectionClosed):
                     return
-            elif isinstance(event, h11.ConnectionClosed):
-                return
-            elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()  # the request's end: ready for the next one
+                elif conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()  # the request's end: ready for the next one
+                    deadline.reschedule(asyncio.get_running_loop().time() + ADMIN_TIMEOUT)
 
     async def _answer(self, request: h11.Request) -> tuple[int, bytes, str]:
         text = "text/plain; charset=utf-8"

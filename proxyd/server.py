@@ -4,6 +4,7 @@ client, tell systemd how things stand, reload on SIGHUP and drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import itertools
@@ -110,6 +111,8 @@ class Server:
         self._reread = reread  # SIGHUP: the settings read anew (blocking: run in a thread)
         self._reload: asyncio.Task[None] | None = None
         self._reload_again = False  # a SIGHUP came while a reload was running
+        self._serving = False  # listeners up and READY sent: reloads may run
+        self._hangup_pending = False  # a SIGHUP came before that
         self._tick: asyncio.TimerHandle | None = None
         self.metrics: Metrics | None = None
         self._admin: AdminServer | None = None
@@ -121,6 +124,10 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        # a worker is forked with SIGHUP blocked, so that one sent before this handler
+        # existed waits for it instead of being lost (workers.py)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        admin = None
         try:
             if self._activated:  # socket activation: systemd's sockets instead of server.listen
                 for sock in self._activated:
@@ -129,10 +136,12 @@ class Server:
                 for address in self.config.server.listen:
                     self._bound[address] = bind(address, self.config)
             if self.config.metrics.listen is not None:
-                await self._open_admin(self.config.metrics.listen, self.config)
+                admin = bind(self.config.metrics.listen, self.config)
         except OSError:
             self._close_listeners()
             raise
+        if admin is not None:
+            await self._replace_admin(admin)
         # What exists now (modules, config) lives as long as the daemon: keep it out
         # of every garbage-collection pass.
         gc.freeze()
@@ -146,12 +155,18 @@ class Server:
             loop=type(loop).__module__,
             socket_activated=bool(self._activated),
         )
-        self.watcher.ready(self._status())
+        self.watcher.ready(len(self.sessions))
+        self._serving = True
         self._schedule_tick()
+        if self._hangup_pending:
+            self._on_hangup()
         try:
             await self._stop.wait()
+            if self._reload is not None:  # one under way must not reopen what closes now
+                self._reload.cancel()
+                await asyncio.gather(self._reload, return_exceptions=True)
             self._close_listeners()
-            self.watcher.stopping(f"draining {len(self.sessions)} connections")
+            self.watcher.stopping(len(self.sessions))
             await self._drain()
         finally:
             self._close_listeners()
@@ -159,6 +174,7 @@ class Server:
                 self._tick.cancel()
             if self._reload is not None:
                 self._reload.cancel()
+                await asyncio.gather(self._reload, return_exceptions=True)
             for session in list(self.sessions):
                 session.abort()
             # forwarding connections and UDP associations end in their own tasks
@@ -218,6 +234,9 @@ class Server:
         """SIGHUP: read the settings anew; one more reload if it comes during one."""
         if self._stop.is_set():
             return
+        if not self._serving:  # still starting: reload once started
+            self._hangup_pending = True
+            return
         if self._reload is not None and not self._reload.done():
             self._reload_again = True
             return
@@ -232,51 +251,54 @@ class Server:
     async def _reload_once(self) -> None:
         self.watcher.reloading()
         self.log.info("reloading", signal="SIGHUP")
+        problems = None
         try:
             if self._reread is None:
                 raise ConfigError(["nothing to reload from"])
             settings = await asyncio.to_thread(self._reread)
+            if self._stop.is_set():
+                return  # stopping meanwhile: nothing to apply
             await self._apply(settings)
-            if self.config.server.workers == 1:  # else the supervisor reports them, once
+        except ConfigError as exc:
+            problems = exc.problems
+        except Exception as exc:  # a reload must never take the daemon down
+            problems = [f"{type(exc).__name__}: {exc}"]
+        # with workers, the supervisor reports (and counts) for all of them, once
+        alone = self.config.server.workers == 1
+        if problems is not None:  # the old settings stay in force, whole
+            self.log.error("reload_failed", problems=problems)
+            self.watcher.reload_failed()
+        elif alone:
+            with contextlib.suppress(OSError):  # a file gone since: no warning to give
                 for event, fields in settings.warnings():
                     self.log.warning(event, **fields)
-        except (ConfigError, OSError) as exc:
-            # the old settings stay in force, whole
-            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
-            self.log.error("reload_failed", problems=problems)
-            if self.metrics is not None:
-                self.metrics.reloads.labels("failed").inc()
-        else:
-            if self.metrics is not None:
-                self.metrics.reloads.labels("ok").inc()
-        self.watcher.ready(self._status())
+        if alone and self.metrics is not None:
+            self.metrics.reloads.labels("failed" if problems else "ok").inc()
+        self.watcher.ready(len(self.sessions))
 
     async def _apply(self, settings: Settings) -> None:
         """Make `settings` the daemon's for new connections; open tunnels keep theirs.
-        Listeners are opened first, so a reload that cannot bind changes nothing."""
-        old, new = self.config, settings.config
+        Everything new is bound first, so a reload that cannot bind changes nothing."""
+        old = self.config
         new, fixed = keep_fixed(old, settings.config)
-        if fixed:
-            self.log.warning("reload_needs_restart", keys=fixed, hint="restart to change these")
         opened: dict[ListenAddress, socket.socket] = {}
-        wanted = () if self._activated else new.server.listen
+        admin = None
+        move_admin = new.metrics.listen != old.metrics.listen
         try:
-            for address in wanted:
+            for address in () if self._activated else new.server.listen:
                 if address not in self._bound and address not in opened:
+                    where = f"server.listen: {address}"
                     opened[address] = bind(address, new)
+            if move_admin and new.metrics.listen is not None:
+                where = f"metrics.listen: {new.metrics.listen}"
+                admin = bind(new.metrics.listen, new)
         except OSError as exc:
             for sock in opened.values():
                 sock.close()
-            raise ConfigError([f"server.listen: {address}: {exc.strerror}"]) from None
-        if new.metrics.listen != old.metrics.listen:
-            try:
-                await self._open_admin(new.metrics.listen, new)
-            except OSError as exc:
-                for sock in opened.values():
-                    sock.close()
-                raise ConfigError(
-                    [f"metrics.listen: {new.metrics.listen}: {exc.strerror}"]
-                ) from None
+            raise ConfigError([f"{where}: {exc.strerror}"]) from None
+        # nothing fails from here on: the new settings take over
+        if fixed:
+            self.log.warning("reload_needs_restart", keys=fixed, hint="restart to change these")
         removed = [] if self._activated else [a for a in self._bound if a not in new.server.listen]
         closed = [self._unwatch(address) for address in removed]
         for address, sock in opened.items():
@@ -288,6 +310,8 @@ class Server:
         self.config = new
         self._nodelay = new.buffers.tcp_nodelay
         self.ctx.reconfigure(new, settings.users, _rules(new), settings.tls)
+        if move_admin:
+            await self._replace_admin(admin)
         self._schedule_tick()
         self.log.info(
             "reloaded",
@@ -323,26 +347,28 @@ class Server:
                 sock.close()
         self._bound.clear()
 
-    async def _open_admin(self, address: ListenAddress | None, config: Config) -> None:
-        """Serve /metrics and /healthz on `address` (None: nowhere) from now on."""
+    async def _replace_admin(self, sock: socket.socket | None) -> None:
+        """Serve /metrics and /healthz on `sock` (a bound socket; None: nowhere) instead
+        of where they were served. Turned off, the metrics go on recording."""
         if self._admin is not None:
             await self._admin.close()
             self._admin = None
-        if address is None:
+        if sock is None:
             return
-        sock = bind(address, config)
-        if self.metrics is None:
-            self.metrics = Metrics()
-            self.ctx.auth.on_failure = self.metrics.auth_failed
-        self.ctx.metrics = self.metrics
-        self._admin = AdminServer(self.metrics, lambda: not self._stop.is_set())
-        await self._admin.start(sock)
+        try:
+            if self.metrics is None:
+                self.metrics = Metrics()
+                self.ctx.auth.on_failure = self.metrics.auth_failed
+            self.ctx.metrics = self.metrics
+            admin = AdminServer(self.metrics, lambda: not self._stop.is_set())
+            await admin.start(sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._admin = admin
         self.log.info("metrics_listening", address=_name(sock))
 
     # -- status -----------------------------------------------------------------------
-
-    def _status(self) -> str:
-        return f"{len(self.sessions)} active connections"
 
     def _schedule_tick(self) -> None:
         if self._tick is None and (self.watcher.interval or self.ctx.metrics is not None):
@@ -351,16 +377,20 @@ class Server:
     def _on_tick(self) -> None:
         """From the event loop, so that a stuck loop stops the watchdog pings and
         systemd restarts the daemon; also the bytes of open tunnels, for the metrics."""
-        self._tick = None
         interval = self.watcher.interval
-        if interval is not None:
-            self.watcher.alive(self._status())
-        if self.ctx.metrics is not None:
-            for session in self.sessions:
-                session.meter()
+        metrics = self.ctx.metrics
+        if metrics is not None:
             interval = min(interval or METER_INTERVAL, METER_INTERVAL)
+        # the next one first: nothing below may stop the pings
+        self._tick = None
         if interval is not None:
             self._tick = asyncio.get_running_loop().call_later(interval, self._on_tick)
+        if self.watcher.interval is not None:
+            self.watcher.alive(len(self.sessions))
+        if metrics is not None:
+            with contextlib.suppress(OSError):  # metrics files on a full disk
+                for session in self.sessions:
+                    session.meter()
 
     # -- accepting --------------------------------------------------------------------
 
@@ -395,6 +425,8 @@ class Server:
         limit = self.config.server.max_connections
         if active >= limit + OVERLOAD_SLACK:
             sock.close()
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.closed(None, "limit", active=False)
             if self.config.log.access:
                 access(
                     conn_id=conn_id,

@@ -689,8 +689,9 @@ class Session:
         if self._remote is not None:
             self._remote.close()
         if (metrics := self.ctx.metrics) is not None:
-            self.meter()
-            metrics.closed(self.protocol, status, active=self._metered is not None)
+            with contextlib.suppress(OSError):  # metrics files on a full disk: still end
+                self.meter()
+                metrics.closed(self.protocol, status, active=self._metered is not None)
         _release(self.ctx.per_client, self.peer_ip)
         if self._user_counted and self.user is not None:
             _release(self.ctx.per_user, self.user)

@@ -20,16 +20,18 @@ STATUS_INTERVAL: Final = 5.0  # seconds between status updates when no watchdog 
 
 
 class Watcher(Protocol):
-    """Who a server tells how it is doing: systemd itself, or the workers' supervisor."""
+    """Who a server tells how it is doing: systemd itself, or the workers' supervisor.
+    `active` is the number of open client connections."""
 
     @property
     def interval(self) -> float | None:
         """Seconds between `alive()` calls it wants, or None for none."""
 
-    def ready(self, status: str) -> None: ...
+    def ready(self, active: int) -> None: ...
     def reloading(self) -> None: ...
-    def alive(self, status: str) -> None: ...
-    def stopping(self, status: str) -> None: ...
+    def reload_failed(self) -> None: ...
+    def alive(self, active: int) -> None: ...
+    def stopping(self, active: int) -> None: ...
 
 
 class Notifier:
@@ -69,24 +71,27 @@ class Notifier:
         watchdog = self.watchdog_interval
         return STATUS_INTERVAL if watchdog is None else min(watchdog, STATUS_INTERVAL)
 
-    def ready(self, status: str) -> None:
-        self.send("READY=1", f"STATUS={status}")
+    def ready(self, active: int) -> None:
+        self.send("READY=1", f"STATUS={active} active connections")
 
     def reloading(self) -> None:
         # MONOTONIC_USEC lets systemd tell this reload from an earlier one (Type=notify-reload)
-        self.send(
-            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-        )
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={now}")
 
-    def alive(self, status: str) -> None:
+    def reload_failed(self) -> None:
+        pass  # READY=1 follows, as after any reload; the log says why
+
+    def alive(self, active: int) -> None:
         """From the event loop: a stuck loop stops the pings, and systemd restarts us."""
+        status = f"STATUS={active} active connections"
         if self.watchdog_interval is not None:
-            self.send("WATCHDOG=1", f"STATUS={status}")
+            self.send("WATCHDOG=1", status)
         else:
-            self.send(f"STATUS={status}")
+            self.send(status)
 
-    def stopping(self, status: str) -> None:
-        self.send("STOPPING=1", f"STATUS={status}")
+    def stopping(self, active: int) -> None:
+        self.send("STOPPING=1", f"STATUS=draining {active} connections")
 
     def send(self, *assignments: str) -> None:
         """One notification of `KEY=value` lines; lost, never blocking, when systemd

@@ -8,16 +8,19 @@ restarted (after a pause if it died young); SIGTERM or SIGINT is passed on to
 every worker and the supervisor exits once all are gone.
 
 The supervisor alone speaks to systemd. Workers tell it with real-time signals
-(queued, and carrying the sender's pid) when they are ready and that their loop
-is alive: READY=1 goes out once every worker listens, and under a systemd
-watchdog a worker whose loop stops answering is killed and restarted while the
-others go on. On SIGHUP the supervisor reads the settings, reserves new
-addresses, leaves them in its runtime directory and passes the signal on; each
-worker applies exactly what the supervisor checked.
+(queued, and carrying the sender's pid) when they are ready, that their loop is
+alive (every few seconds, with their open connections written to a pipe first)
+and when a reload failed for them: READY=1 goes out once every worker listens,
+STATUS= sums the workers' connections, and under a systemd watchdog a worker
+whose loop stops answering is killed and restarted while the others go on. On
+SIGHUP the supervisor reads the settings, reserves new addresses, leaves them in
+its runtime directory and passes the signal on; each worker applies exactly
+what the supervisor checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -41,6 +44,7 @@ RESTART_PAUSE: Final = 1.0  # seconds before restarting a worker that lived less
 EXIT_WORKER_FAILED: Final = 70
 SIG_READY: Final = int(signal.SIGRTMIN)  # worker -> supervisor: listening (or reloaded)
 SIG_ALIVE: Final = SIG_READY + 1  # worker -> supervisor: its loop is alive
+SIG_FAILED: Final = SIG_READY + 2  # worker -> supervisor: it could not apply a reload
 _SIGNALS: Final[set[int]] = {
     signal.SIGTERM,
     signal.SIGINT,
@@ -48,6 +52,7 @@ _SIGNALS: Final[set[int]] = {
     signal.SIGHUP,
     SIG_READY,
     SIG_ALIVE,
+    SIG_FAILED,
 }
 SETTINGS_FILE: Final = "settings.pickle"
 
@@ -56,29 +61,38 @@ class SupervisorLink:
     """A worker's systemd.Watcher: readiness and liveness go to the supervisor; the
     settings of a reload come from it."""
 
-    def __init__(self, supervisor: int, interval: float | None, runtime: Path) -> None:
+    def __init__(self, supervisor: int, interval: float, runtime: Path, reports: int) -> None:
         self._supervisor = supervisor
         self._interval = interval
         self._runtime = runtime
+        self._reports = reports  # the pipe's write end (non-blocking)
 
     @property
     def interval(self) -> float | None:
         return self._interval
 
-    def _tell(self, sig: int) -> None:
-        if os.getppid() == self._supervisor:  # never a stranger that got its pid
-            os.kill(self._supervisor, sig)
+    def _tell(self, sig: int, active: int | None = None) -> None:
+        if os.getppid() != self._supervisor:  # never a stranger that got its pid
+            return
+        if active is not None:
+            # one short line: atomic in a pipe; lost, never waited for, when it is full
+            with contextlib.suppress(OSError):
+                os.write(self._reports, f"{os.getpid()} {active}\n".encode())
+        os.kill(self._supervisor, sig)
 
-    def ready(self, status: str) -> None:
-        self._tell(SIG_READY)
+    def ready(self, active: int) -> None:
+        self._tell(SIG_READY, active)
 
     def reloading(self) -> None:
         pass  # the supervisor said so already
 
-    def alive(self, status: str) -> None:
-        self._tell(SIG_ALIVE)
+    def reload_failed(self) -> None:
+        self._tell(SIG_FAILED)
 
-    def stopping(self, status: str) -> None:
+    def alive(self, active: int) -> None:
+        self._tell(SIG_ALIVE, active)
+
+    def stopping(self, active: int) -> None:
         pass
 
     def reread(self) -> Settings:
@@ -112,12 +126,18 @@ class Supervisor:
         self.started: dict[int, float] = {}  # worker index -> start time
         self.restarts: dict[int, float] = {}  # worker index -> when to restart it
         self.alive: dict[int, float] = {}  # pid -> when it last said so
+        self.active: dict[int, int] = {}  # pid -> its open connections, as it last said
         self.unready: set[int] = set()  # pids yet to listen (or to apply a reload)
         self.announce = False  # READY=1 is due once `unready` is empty
         self.stopping = False
         self._reserved: dict[tuple[str, ListenAddress], socket.socket] = {}
-        self._next_ping = 0.0
-        self.runtime = Path(tempfile.mkdtemp(prefix="proxyd-"))
+        self._next_tick = 0.0
+        self._reloads: Any = None  # proxyd_config_reloads_total, once there was a reload
+        # systemd's RuntimeDirectory= when the unit has one (removed even after a crash)
+        self.runtime = Path(
+            tempfile.mkdtemp(prefix="proxyd-", dir=os.environ.get("RUNTIME_DIRECTORY"))
+        )
+        self._reports_in, self._reports_out = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     @property
     def config(self) -> Config:
@@ -142,8 +162,11 @@ class Supervisor:
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         finally:
+            self._end_children()  # after a failure of our own: no worker left orphaned
             for sock in self._reserved.values():
                 sock.close()
+            os.close(self._reports_in)
+            os.close(self._reports_out)
             shutil.rmtree(self.runtime, ignore_errors=True)
         self.log.info("stopped")
         return 0
@@ -188,20 +211,36 @@ class Supervisor:
         )
         return dataclasses.replace(config, server=server, metrics=metrics_cfg)
 
+    def _end_children(self) -> None:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in list(self.children):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            self.children.pop(pid)
+
+    def _interval(self) -> float:
+        """Seconds between status updates (and watchdog pings)."""
+        watchdog = self.notifier.watchdog_interval
+        return (
+            systemd.STATUS_INTERVAL if watchdog is None else min(watchdog, systemd.STATUS_INTERVAL)
+        )
+
     def _spawn(self, index: int) -> None:
-        interval = self.notifier.watchdog_interval
-        supervisor = os.getpid()
+        supervisor, interval = os.getpid(), self._interval()
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             code = EXIT_WORKER_FAILED
             try:
-                # a reload before the loop handles SIGHUP must not end the worker
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+                # SIGHUP stays blocked until the worker's loop handles it (Server.serve):
+                # a reload sent meanwhile waits instead of ending the worker
+                signal.pthread_sigmask(signal.SIG_SETMASK, self._mask | {signal.SIGHUP})
                 for sock in self._reserved.values():
                     sock.close()
                 self.notifier.close()
-                link = SupervisorLink(supervisor, interval, self.runtime)
+                os.close(self._reports_in)
+                link = SupervisorLink(supervisor, interval, self.runtime, self._reports_out)
                 code = self.run_worker(index, self.settings, link)
             finally:
                 sys.stdout.flush()
@@ -210,14 +249,30 @@ class Supervisor:
         self.started[index] = self.alive[pid] = time.monotonic()
         self.unready.add(pid)
 
-    def _status(self) -> str:
-        listening = len(self.children) - len(self.unready)
-        return f"{listening} of {self.config.server.workers} workers serving"
+    def _active(self) -> int:
+        """Open connections over all workers, as they last reported them."""
+        try:
+            lines = os.read(self._reports_in, 65536).decode().split()
+        except BlockingIOError:
+            lines = []
+        for pid, count in zip(lines[::2], lines[1::2], strict=True):
+            if int(pid) in self.children:
+                self.active[int(pid)] = int(count)
+        return sum(self.active.get(pid, 0) for pid in self.children)
+
+    def _notify(self, assignment: str) -> None:
+        """`assignment` ("READY=1", ...; "" for none) to systemd, with the status."""
+        serving = len(self.children) - len(self.unready)
+        workers = self.config.server.workers
+        status = (
+            f"STATUS={self._active()} active connections, {serving} of {workers} workers serving"
+        )
+        self.notifier.send(*filter(None, (assignment, status)))
 
     def _wait(self) -> None:
-        deadlines = list(self.restarts.values())
-        if self.notifier.watchdog_interval is not None:
-            deadlines.append(self._next_ping)
+        deadlines = [*self.restarts.values()]
+        if self.notifier.enabled:
+            deadlines.append(self._next_tick)
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 3600.0
         info = signal.sigtimedwait(_SIGNALS, timeout)
         if info is not None:
@@ -230,26 +285,29 @@ class Supervisor:
             elif info.si_signo == SIG_READY and info.si_pid in self.children:
                 self.alive[info.si_pid] = time.monotonic()
                 self.unready.discard(info.si_pid)
+            elif info.si_signo == SIG_FAILED and info.si_pid in self.children:
+                worker = self.children[info.si_pid]
+                self.log.warning("reload_incomplete", worker=worker, pid=info.si_pid)
         self._reap()
         if self.announce and not self.unready and not self.stopping:
             self.announce = False
-            self.notifier.ready(self._status())
+            self._notify("READY=1")
         now = time.monotonic()
         for index, due in list(self.restarts.items()):
             if due <= now and not self.stopping:
                 del self.restarts[index]
                 self._spawn(index)
                 self.log.info("worker_restarted", worker=index)
-        if self.notifier.watchdog_interval is not None and now >= self._next_ping:
-            self._watchdog(now)
+        if self.notifier.enabled and now >= self._next_tick:
+            self._tick(now)
 
-    def _watchdog(self, now: float) -> None:
-        """Ping systemd for the supervisor; a worker silent for the whole watchdog
-        timeout has a stuck loop: kill it, and the reaping restarts it."""
+    def _tick(self, now: float) -> None:
+        """The status for systemd, and with a watchdog a ping for the supervisor; a
+        worker silent for the whole watchdog timeout has a stuck loop: kill it, and
+        the reaping restarts it."""
+        self._next_tick = now + self._interval()
         interval = self.notifier.watchdog_interval
-        assert interval is not None
-        self._next_ping = now + min(interval, systemd.STATUS_INTERVAL)
-        if not self.stopping:
+        if interval is not None and not self.stopping:
             for pid, last in self.alive.items():
                 if pid in self.children and now - last > 2 * interval:
                     self.log.error(
@@ -260,7 +318,7 @@ class Supervisor:
                     )
                     os.kill(pid, signal.SIGKILL)
                     self.alive[pid] = now  # once: the kill takes a moment to be reaped
-        self.notifier.alive(self._status())
+        self._notify("WATCHDOG=1" if interval is not None else "")
 
     def _reload(self) -> None:
         """SIGHUP: read and check the settings here, then let every worker apply them.
@@ -269,6 +327,19 @@ class Supervisor:
             return
         self.notifier.reloading()
         self.log.info("reloading", signal="SIGHUP")
+        try:
+            self._reload_checked()
+        except Exception as exc:  # a reload must never take the supervisor down
+            self.log.error("reload_failed", problems=[f"{type(exc).__name__}: {exc}"])
+            self._count_reload("failed")
+            self._notify("READY=1")
+
+    def _count_reload(self, result: str) -> None:
+        if self._reloads is None:
+            self._reloads = metrics.reload_counter()
+        self._reloads.labels(result).inc()
+
+    def _reload_checked(self) -> None:
         try:
             new = self.source.read()
             config, fixed = settings.keep_fixed(self.config, new.config)
@@ -280,12 +351,15 @@ class Supervisor:
             self._hand_over(new)
         except ConfigError as exc:
             self.log.error("reload_failed", problems=exc.problems)
-            self.notifier.ready(self._status())
+            self._count_reload("failed")
+            self._notify("READY=1")
             return
+        self._count_reload("ok")
         if fixed:
             self.log.warning("reload_needs_restart", keys=fixed, hint="restart to change these")
-        for event, fields in new.warnings():
-            self.log.warning(event, **fields)
+        with contextlib.suppress(OSError):  # a file gone since: no warning to give
+            for event, fields in new.warnings():
+                self.log.warning(event, **fields)
         self.settings = new  # for workers started from now on
         for pid in self.children:
             os.kill(pid, signal.SIGHUP)
@@ -303,7 +377,7 @@ class Supervisor:
 
     def _stop(self, sig: signal.Signals) -> None:
         self.log.info("stopping", signal=sig.name, workers=len(self.children))
-        self.notifier.stopping(f"stopping {len(self.children)} workers")
+        self.notifier.send("STOPPING=1", f"STATUS=stopping {len(self.children)} workers")
         self.stopping = True
         self.restarts.clear()
         for pid in self.children:
@@ -319,6 +393,7 @@ class Supervisor:
                 return
             index = self.children.pop(pid, None)
             self.alive.pop(pid, None)
+            self.active.pop(pid, None)
             self.unready.discard(pid)
             metrics.forget_process(pid)
             if index is None or self.stopping:

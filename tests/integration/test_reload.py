@@ -181,6 +181,9 @@ def test_invalid_reload_keeps_everything(start_daemon, tcp_server, users, tmp_pa
             (outcome,) = daemon.reload(text)
             assert outcome["event"] == "reload_failed", outcome
             assert problem in " ".join(outcome["problems"]), outcome
+        daemon.config_path.write_bytes(b'[server]\nlisten = ["127.0.0.1:0"] # \xff\n')
+        (outcome,) = daemon.reload()
+        assert outcome["problems"] == ["not valid TOML: not UTF-8 at byte 36"]
     assert not [e for e in daemon.named("listening") if not e["address"].startswith("127.0.0.1:")]
     sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port, auth=BOB)
     sock.close()

@@ -230,7 +230,8 @@ def test_workers_supervisor_notifies(start_daemon, tmp_path):
     receiver = NotifyReceiver(tmp_path / "notify")
     try:
         daemon = start_daemon("[server]\nworkers = 2\n", env={"NOTIFY_SOCKET": str(receiver.path)})
-        assert "STATUS=2 of 2 workers serving" in receiver.wait_for("READY=1")
+        ready = receiver.wait_for("READY=1")
+        assert "STATUS=0 active connections, 2 of 2 workers serving" in ready
         daemon.proc.send_signal(signal.SIGTERM)
         receiver.wait_for("STOPPING=1")
         assert daemon.proc.wait(10) == 0
@@ -249,7 +250,15 @@ def test_workers_watchdog_restarts_a_stuck_worker(start_daemon, tmp_path, tcp_se
         env = {"NOTIFY_SOCKET": str(receiver.path), "WATCHDOG_USEC": "1000000"}
         daemon = start_daemon("[server]\nworkers = 2\n", env=env)
         pids = workers_started(daemon, 2)
-        assert "STATUS=2 of 2 workers serving" in receiver.wait_for("READY=1")
+        assert "STATUS=0 active connections, 2 of 2 workers serving" in receiver.wait_for("READY=1")
+        held = [
+            socks5client.connect(daemon.address, "127.0.0.1", tcp_server().port)[0]
+            for _ in range(3)
+        ]
+        # the workers' counts, summed in the supervisor's status
+        receiver.wait_for("STATUS=3 active connections, 2 of 2 workers serving")
+        for sock in held:
+            sock.close()
         os.kill(pids[0], signal.SIGSTOP)
         stuck = daemon.wait_for(lambda e: e.get("event") == "worker_unresponsive")
         assert (stuck["worker"], stuck["pid"]) == (0, pids[0])
@@ -257,7 +266,9 @@ def test_workers_watchdog_restarts_a_stuck_worker(start_daemon, tmp_path, tcp_se
         new = workers_started(daemon, 3)[0]
         assert new != pids[0] and not alive(pids[0]) and alive(pids[1])
         receiver.messages.clear()
-        assert "WATCHDOG=1" in receiver.wait_for("STATUS=2 of 2 workers serving")
+        assert "WATCHDOG=1" in receiver.wait_for(
+            "STATUS=0 active connections, 2 of 2 workers serving"
+        )
         server = tcp_server()
         for _ in range(10):
             sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
