@@ -30,7 +30,7 @@ from proxyd.errors import (
 )
 from proxyd.log import access
 from proxyd.protocols.common import format_hostport
-from proxyd.protocols.http import absolute_origin, parse_basic_credentials
+from proxyd.protocols.http import absolute_origin, client_event, parse_basic_credentials
 from proxyd.rules import allowed_addresses
 
 if TYPE_CHECKING:
@@ -431,12 +431,7 @@ class Forwarder:
     async def _client_event(self) -> h11.Event:
         conn = self.client
         while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise ProtocolError(
-                    "malformed HTTP request", http_status=exc.error_status_hint
-                ) from exc
+            event = client_event(conn)
             if event is not h11.NEED_DATA:
                 assert isinstance(event, h11.Event)
                 return event

@@ -13,7 +13,7 @@ import http
 import ipaddress
 import urllib.parse
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import h11
 
@@ -116,6 +116,16 @@ def parse_basic_credentials(value: bytes) -> Credentials | None:
     return Credentials(username, password)
 
 
+def client_event(conn: h11.Connection) -> Any:
+    """The client's next h11 event (or h11.NEED_DATA); a malformed request is a
+    ProtocolError with h11's status for it (400, 431, 501, ...)."""
+    try:
+        return conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        # h11's message may quote the request, headers included: never pass it on.
+        raise ProtocolError("malformed HTTP request", http_status=exc.error_status_hint) from exc
+
+
 class HttpProxyServer:
     """One client connection's request head, and our answer to it."""
 
@@ -140,13 +150,7 @@ class HttpProxyServer:
         return self._request
 
     def next_event(self) -> Event:
-        try:
-            event = self._next_h11_event()
-        except h11.RemoteProtocolError as exc:
-            # h11's message may quote the request, headers included: never pass it on.
-            raise ProtocolError(
-                "malformed HTTP request", http_status=exc.error_status_hint
-            ) from exc
+        event = self._next_h11_event()
         if event is NEED_DATA:
             return NEED_DATA
         request = self._request
@@ -162,7 +166,7 @@ class HttpProxyServer:
     def _next_h11_event(self) -> NeedData | None:
         """Read up to the end of the request head (and CONNECT's empty body)."""
         while True:
-            event = self._conn.next_event()
+            event = client_event(self._conn)
             if event is h11.NEED_DATA:
                 return NEED_DATA
             if isinstance(event, h11.Request):
