@@ -248,16 +248,8 @@ def _listen(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, list) or not value:
         problems.append(f'{path}: must be a non-empty list of "HOST:PORT" strings')
         return _INVALID
-    addresses = []
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            problems.append(f'{path}[{i}]: must be a "HOST:PORT" string')
-            continue
-        try:
-            addresses.append(parse_listen(item))
-        except ValueError as exc:
-            problems.append(f"{path}[{i}]: {exc}")
-    if len(addresses) != len(value):
+    addresses = [_one_listen(item, f"{path}[{i}]", problems) for i, item in enumerate(value)]
+    if _INVALID in addresses:
         return _INVALID
     return tuple(addresses)
 

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from proxyd import auth, config, tls
 from proxyd.errors import ConfigError
@@ -93,23 +93,15 @@ def with_files(cfg: config.Config) -> Settings:
     return Settings(cfg, users, context)
 
 
-# What a reload cannot change in a running daemon, by key.
-FIXED_KEYS: Final = ("server.workers", "log.format", "log.level")
-
-
 def keep_fixed(old: config.Config, new: config.Config) -> tuple[config.Config, list[str]]:
-    """`new`, with the values a reload cannot change taken from `old`; and the keys
-    whose change was dropped (they need a restart)."""
-    changed = [
-        key
-        for key, a, b in zip(
-            FIXED_KEYS,
-            (old.server.workers, old.log.format, old.log.level),
-            (new.server.workers, new.log.format, new.log.level),
-            strict=True,
-        )
-        if a != b
-    ]
+    """`new`, with the values a reload cannot change (workers, log format and level)
+    taken from `old`; and the keys whose change was dropped (they need a restart)."""
+    values = {
+        "server.workers": (old.server.workers, new.server.workers),
+        "log.format": (old.log.format, new.log.format),
+        "log.level": (old.log.level, new.log.level),
+    }
+    changed = [key for key, (was, wanted) in values.items() if was != wanted]
     if changed:
         new = dataclasses.replace(
             new,
