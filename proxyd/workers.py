@@ -249,24 +249,22 @@ class Supervisor:
         self.started[index] = self.alive[pid] = time.monotonic()
         self.unready.add(pid)
 
-    def _active(self) -> int:
-        """Open connections over all workers, as they last reported them."""
+    def _read_reports(self) -> None:
+        """The workers' "pid count" lines that came with their signals."""
         try:
-            lines = os.read(self._reports_in, 65536).decode().split()
+            words = os.read(self._reports_in, 65536).decode().split()
         except BlockingIOError:
-            lines = []
-        for pid, count in zip(lines[::2], lines[1::2], strict=True):
+            return
+        for pid, count in zip(words[::2], words[1::2], strict=True):
             if int(pid) in self.children:
                 self.active[int(pid)] = int(count)
-        return sum(self.active.get(pid, 0) for pid in self.children)
 
     def _notify(self, assignment: str) -> None:
         """`assignment` ("READY=1", ...; "" for none) to systemd, with the status."""
         serving = len(self.children) - len(self.unready)
         workers = self.config.server.workers
-        status = (
-            f"STATUS={self._active()} active connections, {serving} of {workers} workers serving"
-        )
+        active = sum(self.active.get(pid, 0) for pid in self.children)
+        status = f"STATUS={active} active connections, {serving} of {workers} workers serving"
         self.notifier.send(*filter(None, (assignment, status)))
 
     def _wait(self) -> None:
@@ -282,9 +280,11 @@ class Supervisor:
                 self._reload()
             elif info.si_signo == SIG_ALIVE and info.si_pid in self.children:
                 self.alive[info.si_pid] = time.monotonic()
+                self._read_reports()
             elif info.si_signo == SIG_READY and info.si_pid in self.children:
                 self.alive[info.si_pid] = time.monotonic()
                 self.unready.discard(info.si_pid)
+                self._read_reports()
             elif info.si_signo == SIG_FAILED and info.si_pid in self.children:
                 worker = self.children[info.si_pid]
                 self.log.warning("reload_incomplete", worker=worker, pid=info.si_pid)
