@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from typing import Any
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -74,3 +75,12 @@ def connect(
         sock.close()
         raise
     return sock, rep, bnd_host, bnd_port
+
+
+def open_tunnel(proxy: tuple[str, int], host: str, port: int, **kwargs: Any) -> socket.socket:
+    """A tunnel that must be granted (REP 0), as `connect` opens it; the socket stays open."""
+    sock, rep, _, _ = connect(proxy, host, port, **kwargs)
+    if rep != 0:
+        sock.close()
+        raise AssertionError(f"tunnel to {host}:{port} refused: REP {rep}")
+    return sock

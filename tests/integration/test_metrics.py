@@ -58,9 +58,7 @@ def value(samples, name: str, **labels: str) -> float:
 
 
 def tunnel(daemon, port: int, payload: bytes, *, auth=ALICE) -> None:
-    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", port, auth=auth)
-    with sock:
-        assert rep == 0
+    with socks5client.open_tunnel(daemon.address, "127.0.0.1", port, auth=auth) as sock:
         sock.sendall(payload)
         assert recv_exact(sock, len(payload)) == payload
 
@@ -164,9 +162,7 @@ def test_healthz_and_admin_answers(start_daemon, tcp_server):
     assert get(daemon, "/metrics", "POST")[0] == 405
     # while draining, health says so (a balancer takes the instance out) and tunnels go on
     server = tcp_server()
-    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
-    with sock:
-        assert rep == 0
+    with socks5client.open_tunnel(daemon.address, "127.0.0.1", server.port) as sock:
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.wait_for(lambda e: e.get("event") == "draining")
         assert get(daemon, "/healthz")[:3:2] == (503, "draining\n")
@@ -233,9 +229,7 @@ def test_failed_move_of_the_metrics_listener_keeps_the_old_one(start_daemon):
 def test_open_tunnels_bytes_show_before_they_close(start_daemon, tcp_server):
     daemon = start_daemon('[metrics]\nlisten = "127.0.0.1:0"\n')
     server = tcp_server()
-    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
-    with sock:
-        assert rep == 0
+    with socks5client.open_tunnel(daemon.address, "127.0.0.1", server.port) as sock:
         sock.sendall(b"z" * 50_000)
         recv_exact(sock, 50_000)
         deadline = time.monotonic() + 15  # metered every 5 s

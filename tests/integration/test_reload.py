@@ -66,11 +66,9 @@ def test_tunnel_carries_data_across_reload_adding_user_and_listener(
         )
         receiver.wait_for("READY=1")
         server = tcp_server()
-        tunnel, rep, _, _ = socks5client.connect(
+        with socks5client.open_tunnel(
             daemon.address, "127.0.0.1", server.port, auth=("alice", "wonderland-42")
-        )
-        with tunnel:
-            assert rep == 0
+        ) as tunnel:
             echo_through(tunnel, b"before" * 1000)
             # bob is unknown, 127.0.0.2 not listened on
             sock, rep, _, _ = socks5client.connect(
@@ -91,9 +89,7 @@ def test_tunnel_carries_data_across_reload_adding_user_and_listener(
 
             echo_through(tunnel, b"during" * 50_000)  # the old tunnel still carries data
             for where in (daemon.address, new):  # bob, on the old listener and the new one
-                sock, rep, _, _ = socks5client.connect(where, "127.0.0.1", server.port, auth=BOB)
-                with sock:
-                    assert rep == 0
+                with socks5client.open_tunnel(where, "127.0.0.1", server.port, auth=BOB) as sock:
                     echo_through(sock, b"bob")
 
             # a users file that cannot be read: refused, everything stays
@@ -125,9 +121,7 @@ def test_reload_changes_users_rules_and_limits_for_new_connections(
     add_bob(users)
     server = tcp_server()
     daemon = start_daemon(config(users, "127.0.0.1:0"), listen="")
-    tunnel, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port, auth=BOB)
-    with tunnel:
-        assert rep == 0
+    with socks5client.open_tunnel(daemon.address, "127.0.0.1", server.port, auth=BOB) as tunnel:
         # bob removed from the users file, the echo port denied, one connection per user
         rules = (
             f'[limits]\nper_user = 1\n[[rules]]\naction = "deny"\nports = [{server.port}]\n'
@@ -145,11 +139,9 @@ def test_reload_changes_users_rules_and_limits_for_new_connections(
         sock.close()
         assert rep == 2  # denied by the new rule
         other = tcp_server()
-        first, rep, _, _ = socks5client.connect(
+        with socks5client.open_tunnel(
             daemon.address, "127.0.0.1", other.port, auth=("alice", "wonderland-42")
-        )
-        with first:
-            assert rep == 0
+        ):
             second, rep, _, _ = socks5client.connect(
                 daemon.address, "127.0.0.1", other.port, auth=("alice", "wonderland-42")
             )
@@ -188,11 +180,9 @@ def test_invalid_reload_keeps_everything(start_daemon, tcp_server, users, tmp_pa
     sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port, auth=BOB)
     sock.close()
     assert rep == -1  # the users file was not re-read by a failed reload
-    sock, rep, _, _ = socks5client.connect(
+    with socks5client.open_tunnel(
         daemon.address, "127.0.0.1", server.port, auth=("alice", "wonderland-42")
-    )
-    with sock:
-        assert rep == 0
+    ) as sock:
         echo_through(sock, b"ok")
     (outcome,) = daemon.reload(good)
     assert outcome["event"] == "reloaded" and outcome["users"] == 2
@@ -228,11 +218,9 @@ def test_workers_reload_together(start_daemon, tcp_server, users, tmp_path):
         workers_started(daemon, 2)
         receiver.wait_for("READY=1")
         server = tcp_server()
-        tunnel, rep, _, _ = socks5client.connect(
+        with socks5client.open_tunnel(
             daemon.address, "127.0.0.1", server.port, auth=("alice", "wonderland-42")
-        )
-        with tunnel:
-            assert rep == 0
+        ) as tunnel:
             add_bob(users)
             receiver.messages.clear()
             outcomes = daemon.reload(
@@ -251,9 +239,7 @@ def test_workers_reload_together(start_daemon, tcp_server, users, tmp_path):
             )
             echo_through(tunnel, b"x" * 100_000)
             for _ in range(10):
-                sock, rep, _, _ = socks5client.connect(new, "127.0.0.1", server.port, auth=BOB)
-                with sock:
-                    assert rep == 0
+                with socks5client.open_tunnel(new, "127.0.0.1", server.port, auth=BOB) as sock:
                     echo_through(sock, b"bob")
             # a bad config, or an address that cannot be bound, reaches no worker
             (outcome,) = daemon.reload("[server\n")

@@ -24,9 +24,7 @@ def test_notify_ready_status_watchdog_stopping(start_daemon, tmp_path, tcp_serve
         ready = receiver.wait_for("READY=1")
         assert "STATUS=0 active connections" in ready
         server = tcp_server()
-        sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
-        with sock:
-            assert rep == 0
+        with socks5client.open_tunnel(daemon.address, "127.0.0.1", server.port):
             # pings at half of WATCHDOG_USEC, from the loop, with the status
             ping = receiver.wait_for("STATUS=1 active connections", timeout=5)
             assert "WATCHDOG=1" in ping
@@ -99,9 +97,7 @@ def test_sigterm_drains_open_tunnels(start_daemon, tcp_server):
     its client is done, then the daemon exits 0."""
     daemon = start_daemon("[server]\nshutdown_grace = 30\n")
     server = tcp_server()
-    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
-    with sock:
-        assert rep == 0
+    with socks5client.open_tunnel(daemon.address, "127.0.0.1", server.port) as sock:
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.wait_for(lambda e: e.get("event") == "draining")
         with pytest.raises(ConnectionRefusedError):
@@ -120,9 +116,7 @@ def test_sigterm_drains_open_tunnels(start_daemon, tcp_server):
 def test_grace_runs_out_and_a_second_signal_cuts_short(start_daemon, tcp_server):
     server = tcp_server()
     daemon = start_daemon("[server]\nshutdown_grace = 1\n")
-    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
-    with sock:
-        assert rep == 0
+    with socks5client.open_tunnel(daemon.address, "127.0.0.1", server.port) as sock:
         started = time.monotonic()
         daemon.proc.send_signal(signal.SIGTERM)
         assert daemon.proc.wait(10) == 0
@@ -131,9 +125,7 @@ def test_grace_runs_out_and_a_second_signal_cuts_short(start_daemon, tcp_server)
     assert daemon.access()["status"] == "shutdown"
 
     daemon = start_daemon("[server]\nshutdown_grace = 60\n")
-    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port)
-    with sock:
-        assert rep == 0
+    with socks5client.open_tunnel(daemon.address, "127.0.0.1", server.port) as sock:
         daemon.proc.send_signal(signal.SIGTERM)
         daemon.wait_for(lambda e: e.get("event") == "draining")
         started = time.monotonic()
