@@ -128,3 +128,35 @@ class UpstreamTimeout(UpstreamError):
 
 class LocalProtocolError(ProxydError):
     """Our own code drove a protocol state machine through an illegal transition (a bug)."""
+
+
+class ParentError(UpstreamError):
+    """A parent proxy itself failed (unreachable, broke its protocol, refused our
+    credentials): it counts against the parent's health, and the next parent of
+    its group is tried. A failure the parent reports about the target is an
+    ordinary UpstreamError instead, answered as if we had connected ourselves."""
+
+    status = "parent_failed"
+
+
+class ParentDenied(UpstreamError):
+    """The parent proxy's own rules refused the target."""
+
+    status = "denied"
+    socks_reply = REP_NOT_ALLOWED
+    http_status = 403
+
+
+def from_socks5_reply(code: int, what: str) -> UpstreamError:
+    """The error for a SOCKS5 parent's failure reply about the target `what`."""
+    if code == REP_CONNECTION_REFUSED:
+        return UpstreamRefused(f"{what}: the parent proxy says the connection was refused")
+    if code == REP_NETWORK_UNREACHABLE:
+        return NetworkUnreachable(f"{what}: the parent proxy says the network is unreachable")
+    if code == REP_HOST_UNREACHABLE:
+        return HostUnreachable(f"{what}: the parent proxy says the host is unreachable")
+    if code == REP_TTL_EXPIRED:
+        return UpstreamTimeout(f"{what}: the parent proxy says the connection timed out")
+    if code == REP_NOT_ALLOWED:
+        return ParentDenied(f"{what}: the parent proxy's rules do not allow it")
+    return UpstreamError(f"{what}: the parent proxy failed (SOCKS5 reply {code:#04x})")

@@ -25,6 +25,22 @@ class Credentials:
         return f"Credentials(username={self.username!r}, password=<hidden>)"
 
 
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Bytes for the driver to send to the parent next."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Established:
+    """The parent granted the request; its bound address (BND.ADDR/PORT; for SOCKS5
+    UDP ASSOCIATE the relay to send datagrams to; ("0.0.0.0", 0) where the protocol gives none)."""
+
+    host: str
+    port: int
+
+
 def format_hostport(host: str, port: int) -> str:
     """`host:port`, with IPv6 addresses in brackets as URLs and logs write them."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

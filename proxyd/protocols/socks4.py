@@ -4,18 +4,33 @@ A request is VN=4, CD (1 CONNECT, 2 BIND), DSTPORT, DSTIP, a NUL-terminated
 USERID and, for SOCKS4a (DSTIP 0.0.0.x with x != 0), a NUL-terminated host
 name. The one reply is VN=0, CD 90 (granted) or 91 (rejected or failed),
 DSTPORT, DSTIP. SOCKS4 has no password: USERID is whatever the client claims.
+`Socks4Client` is the other side, for a parent proxy that speaks SOCKS4/4a.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
-from proxyd.errors import LocalProtocolError, ProtocolError
-from proxyd.protocols.common import NEED_DATA, NeedData, check_hostname
+from proxyd.errors import (
+    REP_ADDRESS_TYPE_NOT_SUPPORTED,
+    LocalProtocolError,
+    ParentError,
+    ProtocolError,
+    SessionError,
+    UpstreamError,
+)
+from proxyd.protocols.common import (
+    NEED_DATA,
+    Established,
+    NeedData,
+    check_hostname,
+    format_hostport,
+)
 
 VERSION: Final = 0x04
 REPLY_VERSION: Final = 0x00
@@ -149,3 +164,125 @@ class Socks4Server:
             return bytes(self._buffer[start:end]).decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError(f"SOCKS4 {what} is not valid UTF-8") from None
+
+
+# --- client side: our request to a parent proxy ------------------------------------
+
+IDENTD_UNREACHABLE: Final = 92
+IDENTD_MISMATCH: Final = 93
+# DSTIP 0.0.0.1: "the name follows the user id" (SOCKS4a)
+SOCKS4A_ADDRESS: Final = b"\0\0\0\x01"
+# the reply's VN is 0, but some servers echo the request's 4
+_REPLY_VERSIONS: Final = (REPLY_VERSION, VERSION)
+
+
+class AddressNotSupported(UpstreamError):
+    """The target's address cannot be carried to the parent (IPv6 under SOCKS4)."""
+
+    status = "unsupported"
+    socks_reply = REP_ADDRESS_TYPE_NOT_SUPPORTED
+
+
+class ClientState(enum.Enum):
+    START = enum.auto()  # the request is not handed out yet
+    AWAIT_REPLY = enum.auto()
+    ESTABLISHED = enum.auto()  # further bytes belong to the tunnel
+    FAILED = enum.auto()  # an error was raised; nothing more may happen
+
+
+class Socks4Client:
+    """Our SOCKS4 (IPv4 literal) or SOCKS4a (host name) CONNECT to a parent proxy."""
+
+    def __init__(self, host: str, port: int, user_id: str = "") -> None:
+        if not 0 < port <= 0xFFFF:
+            raise ValueError(f"port {port} is out of range")
+        userid = user_id.encode("utf-8")
+        if b"\0" in userid or len(userid) > MAX_FIELD:
+            raise ValueError(f"SOCKS4 user id must be at most {MAX_FIELD} bytes, without NUL")
+        try:
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if isinstance(address, ipaddress.IPv6Address):
+            raise AddressNotSupported("SOCKS4 cannot carry an IPv6 address")
+        head = _HEAD.pack(VERSION, Command.CONNECT, port, SOCKS4A_ADDRESS)
+        if address is None or address.packed[:3] == bytes(3):
+            # 0.0.0.x would read as the SOCKS4a marker, so such a literal goes as a name too.
+            name = check_hostname(host).encode("idna")
+            if len(name) > MAX_FIELD:
+                raise ValueError(f"SOCKS4a host name longer than {MAX_FIELD} bytes")
+            self._request = head + userid + b"\0" + name + b"\0"
+        else:
+            head = _HEAD.pack(VERSION, Command.CONNECT, port, address.packed)
+            self._request = head + userid + b"\0"
+        self._target = format_hostport(host, port)
+        self._buffer = bytearray()
+        self.state = ClientState.START
+
+    def start(self) -> bytes:
+        """The whole request: SOCKS4 has no greeting."""
+        self._expect(ClientState.START)
+        self.state = ClientState.AWAIT_REPLY
+        return self._request
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state is not ClientState.AWAIT_REPLY:
+            raise LocalProtocolError(f"no input expected in state {self.state.name}")
+        # The driver pulls an event after each chunk and the reply is decided
+        # within 8 bytes, so the buffer stays bounded; the rest is tunnel data.
+        self._buffer += data
+
+    def next_event(self) -> NeedData | Established:
+        if self.state is not ClientState.AWAIT_REPLY:
+            raise LocalProtocolError(f"no event to read in state {self.state.name}")
+        try:
+            return self._read_reply()
+        except SessionError:
+            self.state = ClientState.FAILED
+            raise
+
+    def connection_closed(self) -> NoReturn:
+        """The parent closed before the handshake ended."""
+        if self.state is ClientState.ESTABLISHED:
+            raise LocalProtocolError("the handshake is over: the parent's EOF is the relay's")
+        self.state = ClientState.FAILED
+        raise ParentError("the parent proxy closed the connection during the handshake")
+
+    @property
+    def request_sent(self) -> bool:
+        """Whether the request for the target went out: true from `start` on."""
+        return self.state is not ClientState.START
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes the parent sent after its reply: the target's first bytes."""
+        self._expect(ClientState.ESTABLISHED)
+        return bytes(self._buffer)
+
+    def _expect(self, state: ClientState) -> None:
+        if self.state is not state:
+            raise LocalProtocolError(f"expected state {state.name}, in {self.state.name}")
+
+    def _read_reply(self) -> NeedData | Established:
+        buf = self._buffer
+        if not buf:
+            return NEED_DATA
+        if buf[0] not in _REPLY_VERSIONS:
+            raise ParentError(f"SOCKS4 reply from the parent proxy has version {buf[0]:#04x}")
+        if len(buf) < 2:
+            return NEED_DATA
+        # A refusal ends the connection, so it is final before the rest of the reply.
+        code = buf[1]
+        if code == REJECTED:
+            raise UpstreamError(f"{self._target}: the parent proxy rejected or failed the request")
+        if code in (IDENTD_UNREACHABLE, IDENTD_MISMATCH):
+            raise ParentError(f"the parent proxy could not confirm our user id by identd ({code})")
+        if code != GRANTED:
+            raise ParentError(f"SOCKS4 reply from the parent proxy has unknown code {code:#04x}")
+        if len(buf) < _HEAD.size:
+            return NEED_DATA
+        _version, _code, port, ip = _HEAD.unpack_from(buf)
+        del buf[: _HEAD.size]
+        self.state = ClientState.ESTABLISHED
+        return Established(str(ipaddress.IPv4Address(ip)), port)

@@ -1,8 +1,9 @@
-"""SOCKS5 server side (RFC 1928) with username/password auth (RFC 1929), sans-I/O.
+"""SOCKS5 (RFC 1928) with username/password auth (RFC 1929), sans-I/O.
 
-Feed bytes with `receive_data`, pull typed events with `next_event`, and get
-the bytes to send from `choose_method`, `auth_result` and `reply`. Every state
-transition lives in this class; an illegal one raises LocalProtocolError.
+Server side: feed bytes with `receive_data`, pull typed events with
+`next_event`, and get the bytes to send from `choose_method`, `auth_result` and
+`reply`. Every state transition lives in this class; an illegal one raises
+LocalProtocolError. The client side, `Socks5Client`, talks to a parent proxy.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import enum
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 from proxyd.errors import (
     REP_ADDRESS_TYPE_NOT_SUPPORTED,
@@ -20,9 +21,20 @@ from proxyd.errors import (
     REP_HOST_UNREACHABLE,
     REP_SUCCEEDED,
     LocalProtocolError,
+    ParentError,
     ProtocolError,
+    SessionError,
+    from_socks5_reply,
 )
-from proxyd.protocols.common import NEED_DATA, Credentials, NeedData, check_hostname
+from proxyd.protocols.common import (
+    NEED_DATA,
+    Credentials,
+    Established,
+    NeedData,
+    Send,
+    check_hostname,
+    format_hostport,
+)
 
 VERSION: Final = 0x05
 AUTH_VERSION: Final = 0x01
@@ -305,3 +317,176 @@ def parse_udp(data: bytes) -> UdpDatagram:
 def udp_header(host: str, port: int) -> bytes:
     """The header that wraps a datagram sent to the client from host:port."""
     return b"\0\0\0" + pack_address(host, port)
+
+
+# --- client side: our handshake with a parent proxy --------------------------------
+
+
+class ClientState(enum.Enum):
+    START = enum.auto()  # the greeting is not handed out yet
+    AWAIT_METHOD = enum.auto()
+    AWAIT_AUTH_STATUS = enum.auto()
+    AWAIT_REPLY = enum.auto()
+    ESTABLISHED = enum.auto()  # further bytes belong to the tunnel
+    FAILED = enum.auto()  # an error was raised; nothing more may happen
+
+
+ClientEvent = NeedData | Send | Established
+
+
+def _pack_credentials(credentials: Credentials) -> bytes:
+    """The RFC 1929 request; ValueError (naming no value) when a field does not fit."""
+    username = credentials.username.encode("utf-8")
+    password = credentials.password.encode("utf-8")
+    if len(username) > 255:
+        raise ValueError("SOCKS5 username longer than 255 bytes (UTF-8)")
+    if len(password) > 255:
+        raise ValueError("SOCKS5 password longer than 255 bytes (UTF-8)")
+    return bytes((AUTH_VERSION, len(username))) + username + bytes((len(password),)) + password
+
+
+class Socks5Client:
+    """Our SOCKS5 handshake with a parent proxy: greeting, optional RFC 1929 auth,
+    the request for `host:port`, and the parent's reply to it.
+
+    BIND is refused at construction: its second reply (the peer) does not fit
+    an interface that ends at the first.
+    """
+
+    def __init__(
+        self, command: Command, host: str, port: int, credentials: Credentials | None = None
+    ) -> None:
+        if command is Command.BIND:
+            raise ValueError("BIND cannot be chained through a parent proxy")
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"port {port} is out of range")
+        address = pack_address(host, port)
+        if address[0] == AddressType.DOMAIN:
+            check_hostname(host)  # a NUL or space would make the parent look up another name
+        self._request = bytes((VERSION, command, 0x00)) + address
+        self._auth = None if credentials is None else _pack_credentials(credentials)
+        self._methods = bytes((METHOD_NO_AUTH,))
+        if self._auth is not None:
+            self._methods += bytes((METHOD_USERNAME_PASSWORD,))
+        self._target = format_hostport(host, port)
+        self._buffer = bytearray()
+        self._request_sent = False
+        self.state = ClientState.START
+
+    def start(self) -> bytes:
+        """The greeting: the methods we offer."""
+        self._expect(ClientState.START)
+        self.state = ClientState.AWAIT_METHOD
+        return bytes((VERSION, len(self._methods))) + self._methods
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state in (ClientState.START, ClientState.ESTABLISHED, ClientState.FAILED):
+            raise LocalProtocolError(f"no input expected in state {self.state.name}")
+        # A driver pulls events after each chunk, and every state decides within
+        # 262 bytes, so the buffer stays bounded; the rest is tunnel data, kept whole.
+        self._buffer += data
+
+    def next_event(self) -> ClientEvent:
+        try:
+            if self.state is ClientState.AWAIT_METHOD:
+                return self._read_method()
+            if self.state is ClientState.AWAIT_AUTH_STATUS:
+                return self._read_auth_status()
+            if self.state is ClientState.AWAIT_REPLY:
+                return self._read_reply()
+        except SessionError:
+            self.state = ClientState.FAILED
+            raise
+        raise LocalProtocolError(f"no event to read in state {self.state.name}")
+
+    def connection_closed(self) -> NoReturn:
+        """The parent closed before the handshake ended."""
+        if self.state is ClientState.ESTABLISHED:
+            raise LocalProtocolError("the handshake is over: the parent's EOF is the relay's")
+        self.state = ClientState.FAILED
+        raise ParentError("the parent proxy closed the connection during the handshake")
+
+    @property
+    def request_sent(self) -> bool:
+        """Whether the request for the target went out: a failure may now be the target's."""
+        return self._request_sent
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes the parent sent after its reply: the target's first bytes."""
+        self._expect(ClientState.ESTABLISHED)
+        return bytes(self._buffer)
+
+    def _expect(self, state: ClientState) -> None:
+        if self.state is not state:
+            raise LocalProtocolError(f"expected state {state.name}, in {self.state.name}")
+
+    def _send_request(self) -> Send:
+        self.state = ClientState.AWAIT_REPLY
+        self._request_sent = True
+        return Send(self._request)
+
+    def _read_method(self) -> ClientEvent:
+        buf = self._buffer
+        if not buf:
+            return NEED_DATA
+        _check_parent_version(buf[0], VERSION, "method choice")
+        if len(buf) < 2:
+            return NEED_DATA
+        method = buf[1]
+        del buf[:2]
+        if method == METHOD_NO_AUTH:
+            return self._send_request()
+        if method == METHOD_USERNAME_PASSWORD and self._auth is not None:
+            self.state = ClientState.AWAIT_AUTH_STATUS
+            return Send(self._auth)
+        if method == METHOD_NO_ACCEPTABLE:
+            raise ParentError("the parent proxy accepts none of the offered SOCKS5 methods")
+        raise ParentError(f"the parent proxy chose SOCKS5 method {method:#04x}, not offered")
+
+    def _read_auth_status(self) -> ClientEvent:
+        buf = self._buffer
+        if not buf:
+            return NEED_DATA
+        _check_parent_version(buf[0], AUTH_VERSION, "username/password status")
+        if len(buf) < 2:
+            return NEED_DATA
+        status = buf[1]
+        del buf[:2]
+        if status != 0x00:
+            raise ParentError("the parent proxy refused our credentials")
+        return self._send_request()
+
+    def _read_reply(self) -> ClientEvent:
+        buf = self._buffer
+        if not buf:
+            return NEED_DATA
+        _check_parent_version(buf[0], VERSION, "reply")
+        if len(buf) < 2:
+            return NEED_DATA
+        # A refusal ends the connection, so it is final before its address arrives
+        # (some parents close without sending one).
+        if buf[1] != REP_SUCCEEDED:
+            raise from_socks5_reply(buf[1], self._target)
+        if len(buf) < 3:
+            return NEED_DATA
+        if buf[2] != 0x00:
+            raise ParentError(f"SOCKS5 reply from the parent proxy has reserved byte {buf[2]:#04x}")
+        try:
+            parsed = unpack_address(buf, 3)
+        except ProtocolError as exc:
+            raise ParentError(f"SOCKS5 reply from the parent proxy: {exc}") from exc
+        if parsed is None:
+            return NEED_DATA
+        host, port, _atyp, end = parsed
+        del buf[:end]
+        self.state = ClientState.ESTABLISHED
+        return Established(host, port)
+
+
+def _check_parent_version(version: int, expected: int, what: str) -> None:
+    if version != expected:
+        raise ParentError(
+            f"SOCKS5 {what} from the parent proxy has version {version:#04x}, "
+            f"expected {expected:#04x}"
+        )
