@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from proxyd.errors import ConfigError
+from proxyd.parents import UpstreamGroup, parse_upstreams
 from proxyd.protocols.common import format_hostport
-from proxyd.rules import Rule, parse_rules
+from proxyd.rules import IPNetwork, Rule, parse_network, parse_rules
 
 DEFAULT_PATH: Final = Path("/etc/proxyd/proxyd.toml")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
@@ -74,6 +75,9 @@ class ServerConfig:
     default_action: str = "allow"
     # seconds open connections may take to finish after SIGTERM (0 = close them at once)
     shutdown_grace: float = 10.0
+    # load balancers whose connections start with a PROXY protocol header (v1 or v2),
+    # which then names the client; from them it is required, from anyone else refused
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +156,10 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     rules: tuple[Rule, ...] = ()
+    upstreams: tuple[UpstreamGroup, ...] = ()
+
+    def upstream(self, name: str) -> UpstreamGroup:
+        return next(g for g in self.upstreams if g.name == name)
 
     def open_proxy_problem(self) -> str | None:
         """Why starting would make an open proxy, or None when it would not."""
@@ -254,6 +262,19 @@ def _listen(value: Any, path: str, problems: list[str]) -> Any:
     return tuple(addresses)
 
 
+def _networks(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, list):
+        problems.append(f'{path}: must be a list of CIDRs like "10.0.0.0/8"')
+        return _INVALID
+    networks = []
+    for i, item in enumerate(value):
+        try:
+            networks.append(parse_network(item))
+        except ValueError as exc:
+            problems.append(f"{path}[{i}]: {exc}")
+    return tuple(networks) if len(networks) == len(value) else _INVALID
+
+
 def _one_listen(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, str):
         problems.append(f'{path}: must be a "HOST:PORT" string')
@@ -276,6 +297,7 @@ _SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
             "udp_advertise": _ip_address,
             "default_action": _choice(("allow", "deny")),
             "shutdown_grace": _non_negative_seconds,
+            "proxy_protocol_from": _networks,
         },
     ),
     "auth": (
@@ -340,8 +362,12 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         if name == "rules":
             sections["rules"] = parse_rules(value, problems)
             continue
+        if name == "upstreams":
+            sections["upstreams"] = parse_upstreams(value, problems)
+            continue
         if name not in _SCHEMA:
-            problems.append(f"{name}: unknown section (known: {', '.join(_SCHEMA)}, rules)")
+            known = ", ".join((*_SCHEMA, "rules", "upstreams"))
+            problems.append(f"{name}: unknown section (known: {known})")
             continue
         cls, checks = _SCHEMA[name]
         if not isinstance(value, Mapping):
@@ -359,9 +385,28 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     tls = sections.get("tls")
     if tls is not None and (tls.cert is None) != (tls.key is None):
         problems.append("tls: cert and key must be set together")
+    problems += _unknown_groups(data)
     if problems:
         raise ConfigError(problems)
     return Config(**sections)
+
+
+def _unknown_groups(data: Mapping[str, Any]) -> list[str]:
+    """Rules that route through a group no [[upstreams]] table names (a group named
+    but invalid has its own problems, so it counts as named here)."""
+    tables = data.get("upstreams")
+    tables = tables if isinstance(tables, list) else []
+    names = {t["name"] for t in tables if isinstance(t, Mapping) and isinstance(t.get("name"), str)}
+    raw = data.get("rules")
+    if not isinstance(raw, list):
+        return []
+    problems = []
+    for index, table in enumerate(raw):
+        via = table.get("via") if isinstance(table, Mapping) else None
+        if isinstance(via, str) and via and via != "direct" and via not in names:
+            known = ", ".join(sorted(names)) or "none defined"
+            problems.append(f"rules[{index}].via: no [[upstreams]] group named {via!r} ({known})")
+    return problems
 
 
 def load(path: Path) -> Config:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import h11
 
-from proxyd import upstream
+from proxyd import chain, upstream
 from proxyd.errors import (
     AuthFailed,
     Denied,
@@ -29,8 +29,14 @@ from proxyd.errors import (
     UpstreamTimeout,
 )
 from proxyd.log import access
+from proxyd.parents import Parent
 from proxyd.protocols.common import format_hostport
-from proxyd.protocols.http import absolute_origin, client_event, parse_basic_credentials
+from proxyd.protocols.http import (
+    absolute_origin,
+    basic_authorization,
+    client_event,
+    parse_basic_credentials,
+)
 from proxyd.rules import allowed_addresses
 
 if TYPE_CHECKING:
@@ -102,12 +108,22 @@ def pac_file(address: str, *, tls: bool = False) -> bytes:
 
 
 class _Origin:
-    """One upstream connection and its h11 client state."""
+    """One upstream connection and its h11 client state: to the origin itself, or
+    through a parent proxy (`lease`); `proxy` is an HTTP parent that is sent the
+    requests themselves, in absolute form."""
 
-    def __init__(self, key: tuple[str, int], sock: socket.socket) -> None:
+    def __init__(
+        self,
+        key: tuple[str, int, str | None],
+        sock: socket.socket,
+        lease: chain.Lease | None = None,
+        proxy: Parent | None = None,
+    ) -> None:
         self.key = key
         self.sock = sock
         self.conn = h11.Connection(h11.CLIENT)
+        self.lease = lease
+        self.proxy = proxy
 
     def quiet(self) -> bool:
         """Still open with nothing unasked-for to read: fit for the next request. An
@@ -122,6 +138,8 @@ class _Origin:
 
     def close(self) -> None:
         self.sock.close()
+        if self.lease is not None:
+            self.lease.release()
 
 
 class Forwarder:
@@ -196,8 +214,10 @@ class Forwarder:
             if ambiguous_framing(list(request.headers)):
                 raise ProtocolError("request has both Content-Length and Transfer-Encoding")
             await self._check_credentials(request)
-            addresses = await self._authorize(*origin)
-            await self._forward(request, origin, target, addresses)
+            addresses, via = await self._authorize(*origin)
+            if via is not None:
+                extra["via"] = via
+            await self._forward(request, origin, target, addresses, via, extra)
         except SessionError as exc:
             status, error = exc.status, str(exc)
             if isinstance(exc, Denied):
@@ -236,16 +256,19 @@ class Forwarder:
         self.session.user = credentials.username
         await auth.verify(credentials, self.session.peer_ip)
 
-    async def _authorize(self, host: str, port: int) -> list[upstream.AddrInfo] | None:
+    async def _authorize(
+        self, host: str, port: int
+    ) -> tuple[list[upstream.AddrInfo] | None, str | None]:
         """The access rules for this request (Denied when they refuse): like a tunnel's,
         with a name resolved first when address rules need it; then the allowed
-        addresses are the ones to connect to."""
+        addresses are the ones to connect to. With them, the group to go through."""
         rules = self.session.ctx.rules
         if rules.trivial:
-            return None
+            return None, None
         request = self.session.request_for(host, port)
-        if rules.check_before_lookup(request):
-            return None
+        decision = rules.check_before_lookup(request)
+        if decision is not None:
+            return None, decision.via
         ctx = self.session.ctx
         found = await ctx.resolver.resolve(host, port, ctx.config.timeouts.connect)
         return allowed_addresses(rules, request, found)
@@ -256,15 +279,26 @@ class Forwarder:
         key: tuple[str, int],
         target: str,
         addresses: list[upstream.AddrInfo] | None,
+        via: str | None,
+        extra: dict[str, Any],
     ) -> None:
-        origin = await self._origin_for(key, addresses)
+        origin = await self._origin_for(key, addresses, via)
+        if origin.lease is not None:
+            extra["upstream"] = str(origin.lease.parent)
         parts = urllib.parse.urlsplit(target)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         name = f"[{key[0]}]" if ":" in key[0] else key[0]
         host = name if key[1] == 80 else f"{name}:{key[1]}"
-        headers = [(b"host", host.encode("ascii") if host.isascii() else host.encode("idna"))]
+        host_value = host.encode("ascii") if host.isascii() else host.encode("idna")
+        headers = [(b"host", host_value)]
         headers += [(n, v) for n, v in end_to_end(list(request.headers)) if n != b"host"]
         headers.append((b"via", VIA))
+        if origin.proxy is not None:  # an HTTP parent is asked in absolute form, as we were
+            path = "http://" + host_value.decode("ascii") + path
+            if origin.proxy.credentials is not None:
+                headers.append(
+                    (b"proxy-authorization", basic_authorization(origin.proxy.credentials).encode())
+                )
         expects_continue = any(
             n == b"expect" and v.lower() == b"100-continue" for n, v in request.headers
         )
@@ -365,8 +399,12 @@ class Forwarder:
     # -- connections ------------------------------------------------------------------
 
     async def _origin_for(
-        self, key: tuple[str, int], addresses: list[upstream.AddrInfo] | None
+        self,
+        origin_key: tuple[str, int],
+        addresses: list[upstream.AddrInfo] | None,
+        via: str | None,
     ) -> _Origin:
+        key = (*origin_key, via)
         if self.origin is not None:
             if (
                 self.origin.key == key
@@ -391,17 +429,24 @@ class Forwarder:
                 assert sock is not None
                 done.set_result(sock)
 
-        connector = upstream.Connector(
-            self.session.ctx.resolver,
-            cfg.buffers,
-            cfg.timeouts.connect,
-            connected,
-            refuse=self.session.is_own_listener,
-        )
-        if addresses is None:
-            connector.start(*key)
+        connector: upstream.Connector | chain.ChainConnector
+        if via is not None:
+            assert self.session.ctx.upstreams is not None
+            pool = self.session.ctx.upstreams.pools[via]
+            connector = chain.ChainConnector(pool, cfg.timeouts.connect, connected)
+            connector.start(*origin_key, addresses, plain_http=True)
         else:
-            connector.start_resolved(*key, addresses)
+            connector = upstream.Connector(
+                self.session.ctx.resolver,
+                cfg.buffers,
+                cfg.timeouts.connect,
+                connected,
+                refuse=self.session.is_own_listener,
+            )
+            if addresses is None:
+                connector.start(*origin_key)
+            else:
+                connector.start_resolved(*origin_key, addresses)
         try:
             sock = await done
         except asyncio.CancelledError:
@@ -411,7 +456,14 @@ class Forwarder:
             raise
         if (metrics := self.session.ctx.metrics) is not None:
             metrics.connected(self.loop.time() - started)
-        self.origin = _Origin(key, sock)
+        if isinstance(connector, chain.ChainConnector):
+            lease = connector.lease
+            proxy = lease.parent if lease is not None and connector.plain else None
+            self.origin = _Origin(key, sock, lease, proxy)
+            if connector.trailing:  # the origin spoke first (b"" would tell h11 it closed)
+                self.origin.conn.receive_data(connector.trailing)
+        else:
+            self.origin = _Origin(key, sock)
         return self.origin
 
     async def _next_request(self) -> h11.Request | None:

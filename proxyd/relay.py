@@ -424,11 +424,12 @@ class Tunnel:
     def bytes_down(self) -> int:
         return self._down.count
 
-    def start(self, first_up: bytes = b"") -> None:
-        """Relay until the tunnel ends; `first_up` goes to the target before anything else."""
+    def start(self, first_up: bytes = b"", first_down: bytes = b"") -> None:
+        """Relay until the tunnel ends; `first_up` goes to the target and `first_down`
+        (what a parent proxy passed on with its answer) to the client before anything else."""
         self._timer = self.loop.call_at(self.last_activity + self.idle, self._check_idle)
         self._up.start(first_up)
-        self._down.start()
+        self._down.start(first_down)
 
     def stop(self) -> None:
         """Stop relaying now; `on_end` is not called."""

@@ -22,7 +22,17 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ACTIONS: Final = ("allow", "deny")
 PROTOCOLS: Final = ("socks5", "socks4", "http")
-KEYS: Final = ("action", "clients", "users", "protocols", "commands", "destinations", "ports")
+KEYS: Final = (
+    "action",
+    "clients",
+    "users",
+    "protocols",
+    "commands",
+    "destinations",
+    "ports",
+    "via",
+)
+DIRECT: Final = "direct"  # `via = "direct"`: connect to the target ourselves (the default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +59,7 @@ class Rule:
     suffixes: tuple[str, ...] | None = None  # ".example.com" for "*.example.com"
     networks: tuple[IPNetwork, ...] | None = None  # destination CIDRs
     ports: tuple[tuple[int, int], ...] | None = None
+    via: str | None = None  # the [[upstreams]] group an allowed request goes through; None: direct
 
     @property
     def has_destinations(self) -> bool:
@@ -88,6 +99,7 @@ class Rule:
 class Decision:
     allowed: bool
     rule: int | None  # index of the deciding rule; None: the default action
+    via: str | None = None  # the upstream group to go through; None: direct
 
 
 class Rules:
@@ -105,23 +117,23 @@ class Rules:
     def decide(self, request: Request, address: IPAddress | None = None) -> Decision:
         for index, rule in enumerate(self.rules):
             if rule.matches(request, address):
-                return Decision(rule.allow, index)
+                return Decision(rule.allow, index, rule.via)
         return Decision(self.default_allow, None)
 
-    def check(self, request: Request) -> None:
+    def check(self, request: Request) -> Decision:
         """Judge the request by its host as given (a name is not resolved); Denied
-        when the rules refuse it."""
+        when the rules refuse it, else the decision (which says the route)."""
         decision = self.decide(request, self.address_of(request.host))
         if not decision.allowed:
             raise Denied(decision.rule)
+        return decision
 
-    def check_before_lookup(self, request: Request) -> bool:
-        """Decide what needs no lookup: Denied when refused, True when allowed, False
-        when the host is a name that address rules need resolved first."""
+    def check_before_lookup(self, request: Request) -> Decision | None:
+        """Decide what needs no lookup: Denied when refused, the decision when allowed,
+        None when the host is a name that address rules need resolved first."""
         if self.need_addresses and self.address_of(request.host) is None:
-            return False
-        self.check(request)
-        return True
+            return None
+        return self.check(request)
 
     def check_without_destination(self, request: Request) -> None:
         """Judge a request that names no destination of its own (a UDP association,
@@ -145,19 +157,30 @@ class Rules:
 AddrInfo = tuple[int, tuple[Any, ...]]  # (family, sockaddr), as upstream resolves them
 
 
-def allowed_addresses(rules: Rules, request: Request, addresses: list[AddrInfo]) -> list[AddrInfo]:
-    """The addresses of a resolved name that the rules allow, each judged on its own;
-    Denied (with the first address's rule) when none is."""
-    allowed = []
+def allowed_addresses(
+    rules: Rules, request: Request, addresses: list[AddrInfo]
+) -> tuple[list[AddrInfo], str | None]:
+    """The addresses of a resolved name that the rules allow, each judged on its own,
+    and the route (`via`) of the first allowed one, which the others must share to be
+    used; Denied (with the first address's rule) when none is allowed."""
+    allowed: list[AddrInfo] = []
     first: Decision | None = None
+    route: Decision | None = None
     for family, addr in addresses:
         decision = rules.decide(request, rules.address_of(addr[0]))
         first = first or decision
         if decision.allowed:
-            allowed.append((family, addr))
-    if not allowed:
+            route = route or decision
+            if decision.via == route.via:
+                allowed.append((family, addr))
+    if route is None:
         raise Denied(first.rule if first is not None else None)
-    return allowed
+    return allowed, route.via
+
+
+def in_networks(ip: str, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether the address `ip` is in any of `networks`."""
+    return _in_any(_ip(ip), networks)
 
 
 def _ip(text: str) -> IPAddress | None:
@@ -202,12 +225,17 @@ def _parse_rule(table: Any, path: str, problems: list[str]) -> Rule | None:
     action = table.get("action")
     if action not in ACTIONS:
         problems.append(f'{path}.action: must be "allow" or "deny", not {action!r}')
-    clients = _list(table, "clients", path, problems, _network)
+    clients = _list(table, "clients", path, problems, parse_network)
     users = _list(table, "users", path, problems, _text)
     protocols = _list(table, "protocols", path, problems, _protocol)
     commands = _list(table, "commands", path, problems, _command)
     destinations = _list(table, "destinations", path, problems, _destination)
     ports = _list(table, "ports", path, problems, _port_range)
+    via = table.get("via")
+    if via is not None and (not isinstance(via, str) or not via):
+        problems.append(f'{path}.via: must be an [[upstreams]] name or "direct", not {via!r}')
+    elif via is not None and action == "deny" and via != DIRECT:
+        problems.append(f"{path}.via: only an allow rule routes; a denied request goes nowhere")
     if len(problems) > before:
         return None
     names = suffixes = networks = None
@@ -228,6 +256,7 @@ def _parse_rule(table: Any, path: str, problems: list[str]) -> Rule | None:
         suffixes=suffixes,
         networks=networks,
         ports=tuple(ports) if ports is not None else None,
+        via=None if via in (None, DIRECT) else via,
     )
 
 
@@ -249,7 +278,7 @@ def _list(
     return items
 
 
-def _network(item: Any) -> IPNetwork:
+def parse_network(item: Any) -> IPNetwork:
     if not isinstance(item, str):
         raise ValueError(f"must be a CIDR string, not {item!r}")
     try:

@@ -185,6 +185,8 @@ class Server:
                 await self._admin.close()
             self.ctx.auth.close()
             self.ctx.resolver.close()
+            if self.ctx.upstreams is not None:
+                self.ctx.upstreams.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         self.log.info("stopped")

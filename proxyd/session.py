@@ -18,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from proxyd import upstream
+from proxyd import chain, upstream
 from proxyd.auth import Authenticator, PasswordHash
 from proxyd.config import Config
 from proxyd.errors import (
+    REP_COMMAND_NOT_SUPPORTED,
     REP_SUCCEEDED,
     AuthFailed,
     Denied,
@@ -34,11 +35,11 @@ from proxyd.forward import Forwarder
 from proxyd.log import access
 from proxyd.metrics import Metrics
 from proxyd.protocols import http as http_proto
-from proxyd.protocols import socks4, socks5
+from proxyd.protocols import proxy_protocol, socks4, socks5
 from proxyd.protocols.common import NEED_DATA, Credentials, format_hostport
 from proxyd.protocols.detect import Kind, sniff
 from proxyd.relay import Bucket, Tunnel
-from proxyd.rules import Request, Rules, allowed_addresses
+from proxyd.rules import Request, Rules, allowed_addresses, in_networks
 from proxyd.tls import Bridge
 from proxyd.udp import Association
 
@@ -74,6 +75,12 @@ class Context:
     rates: dict[str, tuple[Bucket, Bucket]] = field(default_factory=dict)
     draining: bool = False  # the daemon is stopping: no new request on a kept-alive connection
     metrics: Metrics | None = None  # `[metrics]`: what connections record
+    upstreams: chain.Upstreams | None = None  # `[[upstreams]]`: parent proxies to go through
+
+    def __post_init__(self) -> None:
+        if self.upstreams is None:
+            self.upstreams = chain.Upstreams(self.resolver, self.log)
+        self.upstreams.configure(self.config)
 
     def reconfigure(
         self,
@@ -93,6 +100,13 @@ class Context:
             size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
         )
         self.config, self.rules, self.tls = config, rules, tls
+        assert self.upstreams is not None
+        self.upstreams.configure(config)
+
+    def proxy_protocol_from(self, ip: str) -> bool:
+        """Whether a connection from `ip` must start with a PROXY protocol header."""
+        networks = self.config.server.proxy_protocol_from
+        return bool(networks) and in_networks(ip, networks)
 
     def rate_for(self, user: str | None) -> tuple[Bucket, Bucket] | None:
         """The buckets every transfer of this user shares, when its rate is limited.
@@ -155,14 +169,18 @@ class Session:
     __slots__ = (
         "_association",
         "_auth",
+        "_balancer",
         "_binder",
+        "_client_counted",
         "_connector",
         "_forwarder",
         "_handler",
+        "_lease",
         "_local",
         "_lookup",
         "_metered",
         "_on_close",
+        "_proxy_header",
         "_reading",
         "_remote",
         "_task",
@@ -184,6 +202,7 @@ class Session:
         "started",
         "target",
         "user",
+        "via",
     )
 
     def __init__(
@@ -206,11 +225,14 @@ class Session:
         self.client = format_hostport(peer[0], peer[1])
         # why this client is refused once its request is read, if it is
         self.over_limit = over_limit
-        count = ctx.per_client.get(self.peer_ip, 0)
-        ctx.per_client[self.peer_ip] = count + 1
-        per_client = ctx.config.limits.per_client
-        if over_limit is None and per_client and count >= per_client:
-            self.over_limit = f"limits.per_client ({per_client}) reached for {self.peer_ip}"
+        self._client_counted = False
+        # a load balancer's connection starts with a PROXY header naming the client
+        self._proxy_header: proxy_protocol.ProxyHeaderParser | None = None
+        self._balancer: str | None = None  # the balancer's address, once the header named another
+        if ctx.proxy_protocol_from(self.peer_ip):
+            self._proxy_header = proxy_protocol.ProxyHeaderParser()
+        else:
+            self._count_client()
         self._user_counted = False
         self.user: str | None = None
         self.protocol: str | None = None
@@ -227,12 +249,24 @@ class Session:
         self._forwarder: Forwarder | None = None
         self._binder: upstream.Binder | None = None
         self._lookup: asyncio.Future[list[upstream.AddrInfo]] | None = None  # BIND's peer name
-        self._connector: upstream.Connector | None = None
+        self._connector: upstream.Connector | chain.ChainConnector | None = None
+        self._lease: chain.Lease | None = None  # the parent proxy this tunnel goes through
+        self.via: str | None = None  # its upstream group, for the access line
         self._remote: socket.socket | None = None
         self._tunnel: Tunnel | None = None
         self._tls: Bridge | None = None  # TLS for this client, once it started with it
         self._local: tuple[Any, ...] | None = None  # where the client reached us, under TLS
         self._metered: Usage | None = None  # what the metrics have of it; None: not counted
+
+    def _count_client(self) -> None:
+        """One session more for the client's address (`limits.per_client`)."""
+        ctx = self.ctx
+        count = ctx.per_client.get(self.peer_ip, 0)
+        ctx.per_client[self.peer_ip] = count + 1
+        self._client_counted = True
+        per_client = ctx.config.limits.per_client
+        if self.over_limit is None and per_client and count >= per_client:
+            self.over_limit = f"limits.per_client ({per_client}) reached for {self.peer_ip}"
 
     def start(self) -> None:
         self._timer = self.loop.call_at(
@@ -335,8 +369,13 @@ class Session:
         self._request_complete()
         self._enter(Phase.CONNECT)
         rules = self.ctx.rules
-        if not rules.trivial:  # the peer by its address (or name) as the request gives it
-            rules.check(self.request_for(host, port))
+        # the peer by its address (or name) as the request gives it
+        if not rules.trivial and rules.check(self.request_for(host, port)).via is not None:
+            raise ProtocolError(
+                "BIND is not chained through upstream proxies (a rule routes it via one)",
+                socks_reply=REP_COMMAND_NOT_SUPPORTED,
+                status="not_supported",
+            )
         if host in ("0.0.0.0", "::"):
             self._listen(None, listening)
         elif upstream.literal_addresses(host, port) is not None:
@@ -364,11 +403,26 @@ class Session:
         """The handshake is complete: check the rules, connect to the target, relay."""
         self._request_complete()
         self._enter(Phase.CONNECT)
-        self._authorize(host, port, lambda addresses: self._connect(host, port, addresses))
+        self._authorize(
+            host, port, lambda addresses, via: self._connect(host, port, addresses, via)
+        )
 
-    def _connect(self, host: str, port: int, addresses: list[upstream.AddrInfo] | None) -> None:
+    def _connect(
+        self, host: str, port: int, addresses: list[upstream.AddrInfo] | None, via: str | None
+    ) -> None:
         cfg = self.ctx.config
         started = self.loop.time()
+        if via is not None:
+            assert self.ctx.upstreams is not None
+            self.via = via
+            connector = chain.ChainConnector(
+                self.ctx.upstreams.pools[via],
+                cfg.timeouts.connect,
+                lambda sock, error: self._step(self._on_connected, sock, error, False, started),
+            )
+            self._connector = connector
+            connector.start(host, port, addresses)
+            return
         self._connector = upstream.Connector(
             self.ctx.resolver,
             cfg.buffers,
@@ -402,20 +456,22 @@ class Session:
         self,
         host: str,
         port: int,
-        then: Callable[[list[upstream.AddrInfo] | None], None],
+        then: Callable[[list[upstream.AddrInfo] | None, str | None], None],
     ) -> None:
-        """Check the rules for host:port; go on with `then(addresses)`: the addresses
-        that were allowed when a name had to be resolved for address rules (connect
-        to those, not to a fresh lookup), else None."""
+        """Check the rules for host:port; go on with `then(addresses, via)`: the
+        addresses that were allowed when a name had to be resolved for address rules
+        (connect to those, not to a fresh lookup), else None; and the upstream group
+        the deciding rule routes through (None: direct)."""
         rules = self.ctx.rules
         if rules.trivial:
-            then(None)
+            then(None, None)
             return
         request = self.request_for(host, port)
-        if rules.check_before_lookup(request):
-            then(None)
+        decision = rules.check_before_lookup(request)
+        if decision is not None:
+            then(None, decision.via)
             return
-        self._resolve(host, port, lambda found: then(allowed_addresses(rules, request, found)))
+        self._resolve(host, port, lambda found: then(*allowed_addresses(rules, request, found)))
 
     def _resolve(
         self, host: str, port: int, then: Callable[[list[upstream.AddrInfo]], None]
@@ -498,6 +554,17 @@ class Session:
     def _received(self, data: bytes) -> None:
         if not data:
             raise ClientClosed("client closed the connection during the handshake")
+        if self._proxy_header is not None:
+            data = self._read_proxy_header(self._proxy_header, data)
+            if not data:
+                return
+        elif (
+            self._handler is None and self._tls is None and proxy_protocol.starts_like_header(data)
+        ):
+            raise ProtocolError(
+                f"a PROXY protocol header from {self.peer_ip}, "
+                "which server.proxy_protocol_from does not trust"
+            )
         if self._handler is None:
             if self.ctx.tls is not None and self._tls is None and sniff(data) is Kind.TLS:
                 self._start_tls(self.ctx.tls, data)
@@ -508,6 +575,28 @@ class Session:
                 metrics.opened(self.protocol)
                 self._metered = _NOTHING_YET
         self._handler.received(data)
+
+    def _read_proxy_header(self, parser: proxy_protocol.ProxyHeaderParser, data: bytes) -> bytes:
+        """The header a trusted load balancer sends first; once whole, the client it
+        names is this session's client. The bytes that came after it are returned."""
+        if self._balancer is None:  # the first bytes: they must start a header
+            self._balancer = self.client
+            if proxy_protocol.starts_like_header(data) is False:
+                raise ProtocolError(
+                    f"no PROXY protocol header from {self.peer_ip} "
+                    "(server.proxy_protocol_from requires one)"
+                )
+        parser.receive_data(data)
+        header = parser.next_event()
+        if header is NEED_DATA:
+            return b""
+        assert isinstance(header, proxy_protocol.ProxyHeader)
+        self._proxy_header = None
+        if header.source is not None:
+            self.peer_ip = header.source[0]
+            self.client = format_hostport(*header.source)
+        self._count_client()
+        return parser.trailing_data
 
     def _start_tls(self, context: ssl.SSLContext, first: bytes) -> None:
         """The client starts with TLS: the bridge reads its socket from now on, and once
@@ -561,9 +650,12 @@ class Session:
         started: float | None = None,
     ) -> None:
         """The target is connected (or, for BIND, the peer has connected to us)."""
-        self._connector = self._binder = None
+        connector, self._connector, self._binder = self._connector, None, None
         if error is not None:
             raise error
+        first_down = b""
+        if isinstance(connector, chain.ChainConnector):
+            self._lease, first_down = connector.lease, connector.trailing
         if started is not None and (metrics := self.ctx.metrics) is not None:
             metrics.connected(self.loop.time() - started)
         assert remote is not None and self._handler is not None
@@ -583,7 +675,7 @@ class Session:
             rate=self.ctx.rate_for(self.user),
         )
         self._enter(Phase.RELAY)
-        self._tunnel.start(first_up)
+        self._tunnel.start(first_up, first_down)
 
     def _on_forward_done(self, task: asyncio.Task[None]) -> None:
         self._task = None
@@ -688,11 +780,14 @@ class Session:
         self.sock.close()
         if self._remote is not None:
             self._remote.close()
+        if self._lease is not None:
+            self._lease.release()
         if (metrics := self.ctx.metrics) is not None:
             with contextlib.suppress(OSError):  # metrics files on a full disk: still end
                 self.meter()
                 metrics.closed(self.protocol, status, active=self._metered is not None)
-        _release(self.ctx.per_client, self.peer_ip)
+        if self._client_counted:
+            _release(self.ctx.per_client, self.peer_ip)
         if self._user_counted and self.user is not None:
             _release(self.ctx.per_user, self.user)
         if self.ctx.config.log.access and not logged:
@@ -705,6 +800,12 @@ class Session:
                 fields["error"] = error
             if self._tls is not None:
                 fields["tls"] = self._tls.version
+            if self._balancer is not None:
+                fields["proxied_by"] = self._balancer
+            if self.via is not None:
+                fields["via"] = self.via
+                if self._lease is not None:
+                    fields["upstream"] = str(self._lease.parent)
             access(
                 conn_id=self.conn_id,
                 client=self.client,

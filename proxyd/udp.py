@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncio_dgram
 
-from proxyd import upstream
+from proxyd import chain, upstream
 from proxyd.errors import Denied, ProtocolError, SessionError
 from proxyd.protocols import socks5
 from proxyd.rules import allowed_addresses
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 MAX_PEERS: Final = 1024
 # Names being looked up at once per association; datagrams beyond are dropped.
 MAX_LOOKUPS: Final = 16
+# Datagrams held for a parent proxy's relay while it is being reached; beyond, dropped.
+MAX_WAITING: Final = 64
 Address = tuple[str, int]
 
 
@@ -67,6 +69,8 @@ class Association:
         self.over_rate = 0  # datagrams beyond the user's rate (limits.per_user_rate)
         self.rate = session.ctx.rate_for(session.user)
         self.established = False  # the reply went out
+        self.parents: dict[str, ParentRelay] = {}  # upstream group -> its parent's relay
+        self.via: list[str] = []  # the groups datagrams went through, for the access line
 
     async def run(self) -> str:
         """Open the relay, answer the request, relay until the end; the access status.
@@ -89,10 +93,12 @@ class Association:
             for endpoint in (self.relay, self.other):
                 if endpoint is not None:
                     endpoint.close()
+            for parent in self.parents.values():
+                parent.close()
 
-    def counts(self) -> dict[str, int]:
-        """The access line's byte and datagram counts."""
-        fields = {
+    def counts(self) -> dict[str, int | str]:
+        """The access line's byte and datagram counts (and the groups used)."""
+        fields: dict[str, int | str] = {
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "datagrams_up": self.datagrams_up,
@@ -104,6 +110,8 @@ class Association:
             fields["datagrams_denied"] = self.denied
         if self.over_rate:
             fields["datagrams_over_rate"] = self.over_rate
+        if self.via:
+            fields["via"] = ",".join(self.via)
         return fields
 
     def _over_rate(self, direction: int, size: int) -> bool:
@@ -208,6 +216,20 @@ class Association:
         return True
 
     async def _send_out(self, datagram: socks5.UdpDatagram) -> None:
+        rules = self.session.ctx.rules
+        checked = rules.trivial
+        if not checked:  # a destination the rules judge by its name routes before any lookup
+            try:
+                decision = rules.check_before_lookup(
+                    self.session.request_for(datagram.host, datagram.port)
+                )
+            except Denied:
+                self.denied += 1
+                return
+            if decision is not None and decision.via is not None:
+                self._send_via(decision.via, datagram)
+                return
+            checked = decision is not None
         resolver = self.session.ctx.resolver
         addresses = upstream.literal_addresses(datagram.host, datagram.port)
         if addresses is None:
@@ -221,14 +243,14 @@ class Association:
                 if len(self.lookups) >= MAX_LOOKUPS:
                     self.dropped += 1
                     return
-                task = self.loop.create_task(self._resolve_and_send(datagram))
+                task = self.loop.create_task(self._resolve_and_send(datagram, checked))
                 self.lookups.add(task)
                 task.add_done_callback(self.lookups.discard)
                 return
             addresses = cached
-        await self._send_to(datagram, addresses)
+        await self._send_to(datagram, addresses, checked)
 
-    async def _resolve_and_send(self, datagram: socks5.UdpDatagram) -> None:
+    async def _resolve_and_send(self, datagram: socks5.UdpDatagram, checked: bool) -> None:
         ctx = self.session.ctx
         try:
             addresses = await ctx.resolver.resolve(
@@ -237,22 +259,25 @@ class Association:
         except SessionError:
             self.dropped += 1
             return
-        await self._send_to(datagram, addresses)
+        await self._send_to(datagram, addresses, checked)
 
     async def _send_to(
-        self, datagram: socks5.UdpDatagram, addresses: list[upstream.AddrInfo]
+        self, datagram: socks5.UdpDatagram, addresses: list[upstream.AddrInfo], checked: bool
     ) -> None:
         if not addresses:
             self.dropped += 1
             return
-        rules = self.session.ctx.rules
-        if not rules.trivial:  # every datagram's destination, each address on its own
+        if not checked:  # every datagram's destination, each address on its own
+            rules = self.session.ctx.rules
             try:
-                addresses = allowed_addresses(
+                addresses, via = allowed_addresses(
                     rules, self.session.request_for(datagram.host, datagram.port), addresses
                 )
             except Denied:
                 self.denied += 1
+                return
+            if via is not None:
+                self._send_via(via, datagram, addresses[0][1][0])
                 return
         family, addr = addresses[0]
         endpoint = await self._endpoint_for(family)
@@ -284,3 +309,217 @@ class Association:
                 self.other = await asyncio_dgram.bind((wildcard, 0))
                 self._start_pump(self.other)
         return self.other
+
+    def _send_via(
+        self, group: str, datagram: socks5.UdpDatagram, address: str | None = None
+    ) -> None:
+        """A datagram the rules route through `group`: to its parent's relay, which is
+        reached on the first such datagram (and again after it went away)."""
+        relay = self.parents.get(group)
+        if relay is None or relay.closed:
+            upstreams = self.session.ctx.upstreams
+            assert upstreams is not None
+            relay = self.parents[group] = ParentRelay(self, upstreams.pools[group])
+            if group not in self.via:
+                self.via.append(group)
+        relay.send(datagram, address)
+
+    def reply_from_parent(self, data: bytes, payload: int) -> None:
+        """A parent relay's datagram (already in SOCKS5 UDP form, with the target as
+        sender) for the client."""
+        if self.client is None or self._over_rate(1, payload):
+            return
+        self.loop.create_task(self._reply(data, payload))
+
+    async def _reply(self, data: bytes, payload: int) -> None:
+        try:
+            await self.relay.send(data, self.client)
+        except (OSError, asyncio_dgram.TransportClosed):
+            self.dropped += 1
+            return
+        self.datagrams_down += 1
+        self.bytes_down += payload
+        self.last_activity = self.loop.time()
+
+    def sent_through_parent(self, payload: int) -> None:
+        self.datagrams_up += 1
+        self.bytes_up += payload
+        self.last_activity = self.loop.time()
+
+
+class ParentRelay:
+    """An association's datagrams for one upstream group, through the UDP relay of a
+    SOCKS5 parent, as RFC 1928 section 7 has any client do it: a control connection
+    asks the parent for UDP ASSOCIATE (our address all zeros: not known yet), and a
+    socket of ours, on the control connection's local address, sends the datagrams
+    wrapped in their SOCKS5 header to the relay the parent named and takes its
+    answers (already wrapped with the target as sender) for the client.
+
+    When the parent's control connection ends, so does this relay; the next datagram
+    for the group reaches a parent again.
+    """
+
+    def __init__(self, association: Association, pool: chain.Pool) -> None:
+        self.association = association
+        self.pool = pool
+        self.loop = association.loop
+        self.closed = False
+        self.waiting: deque[tuple[socks5.UdpDatagram, str | None]] = deque()
+        self.lookups = 0  # names being resolved for a socks5:// parent
+        self.control: socket.socket | None = None
+        self.sock: socket.socket | None = None  # ours, for the parent's relay
+        self.relay: tuple[str, int] = ("", 0)  # the parent's relay
+        self.endpoint: Any = None  # asyncio_dgram's view of it, which receives
+        self.lease: chain.Lease | None = None
+        self.parent: Any = None
+        self.connector = chain.ChainConnector(
+            pool, association.session.ctx.config.timeouts.connect, self._on_connected
+        )
+        self.connector.start("0.0.0.0", 0, command=socks5.Command.UDP_ASSOCIATE)
+        self.receiver: asyncio.Task[None] | None = None
+
+    def send(self, datagram: socks5.UdpDatagram, address: str | None) -> None:
+        """`address`: the target's address, when the rules already resolved it."""
+        if self.endpoint is None:
+            if len(self.waiting) >= MAX_WAITING:
+                self.association.dropped += 1
+            else:
+                self.waiting.append((datagram, address))
+            return
+        self._forward(datagram, address)
+
+    def _forward(self, datagram: socks5.UdpDatagram, address: str | None) -> None:
+        host = datagram.host
+        if not self.parent.resolves_names:  # a socks5:// parent is sent addresses only
+            if address is None:
+                address = self._address_of(datagram)
+                if address is None:
+                    return
+            host = address
+        assert self.sock is not None
+        try:
+            # a datagram socket queues nothing of its own: a plain send is the whole job
+            self.sock.sendto(socks5.udp_header(host, datagram.port) + datagram.payload, self.relay)
+        except OSError:
+            self.association.dropped += 1
+            return
+        self.association.sent_through_parent(len(datagram.payload))
+
+    def _address_of(self, datagram: socks5.UdpDatagram) -> str | None:
+        """The target's address from an IP literal or the resolver's cache; a name not
+        cached is looked up (a few at a time) and its datagram sent once it is known."""
+        if upstream.literal_addresses(datagram.host, datagram.port) is not None:
+            return datagram.host
+        resolver = self.association.session.ctx.resolver
+        cached = resolver.cached(datagram.host, datagram.port)
+        if isinstance(cached, list) and cached:
+            return str(cached[0][1][0])
+        if cached is None and self.lookups < MAX_LOOKUPS:
+            self.lookups += 1
+            lookup = resolver.lookup(datagram.host, datagram.port)
+            lookup.add_done_callback(lambda found: self._on_resolved(datagram, found))
+            return None
+        self.association.dropped += 1  # no such name, or too many lookups at once
+        return None
+
+    def _on_resolved(
+        self, datagram: socks5.UdpDatagram, found: asyncio.Future[list[upstream.AddrInfo]]
+    ) -> None:
+        self.lookups -= 1
+        if found.cancelled() or found.exception() is not None or not found.result():
+            self.association.dropped += 1
+        elif not self.closed:
+            self._forward(datagram, str(found.result()[0][1][0]))
+
+    def _on_connected(self, control: socket.socket | None, error: SessionError | None) -> None:
+        if self.closed:
+            if control is not None:
+                control.close()
+            return
+        if error is not None or control is None:
+            self.association.dropped += len(self.waiting)
+            self.waiting.clear()
+            self.closed = True
+            self.association.session.ctx.log.info(
+                "udp_parent_failed",
+                conn_id=self.association.session.conn_id,
+                group=self.pool.name,
+                error=str(error),
+            )
+            return
+        self.control = control
+        self.lease = self.connector.lease
+        assert self.lease is not None
+        self.parent = self.lease.parent
+        host, port = self.connector.bound
+        if host in ("0.0.0.0", "::"):  # "the address you reached me on" (RFC 1928)
+            host = control.getpeername()[0]
+        sock = socket.socket(control.family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((control.getsockname()[0], 0))
+        except OSError as exc:
+            sock.close()
+            self._on_connected(None, SessionError(f"cannot open a UDP socket: {exc.strerror}"))
+            return
+        # not connect()ed (asyncio_dgram cannot take a connected socket under uvloop):
+        # answers are taken from the relay's address only, checked on receipt
+        self.sock, self.relay = sock, (host, port)
+        self.receiver = self.loop.create_task(self._receive(sock))
+        self.loop.add_reader(control.fileno(), self._on_control)
+
+    async def _receive(self, sock: socket.socket) -> None:
+        self.endpoint = await asyncio_dgram.from_socket(sock)
+        while self.waiting:
+            self._forward(*self.waiting.popleft())
+        while True:
+            try:
+                data, sender = await self.endpoint.recv()
+            except asyncio_dgram.TransportClosed:
+                return
+            except OSError:  # an ICMP error for an earlier datagram
+                continue
+            if sender[:2] != self.relay:
+                self.association.dropped += 1  # from a stranger
+                continue
+            try:
+                datagram = socks5.parse_udp(data)
+            except ProtocolError:
+                self.association.dropped += 1
+                continue
+            self.association.reply_from_parent(data, len(datagram.payload))
+
+    def _on_control(self) -> None:
+        """The parent's control connection carries nothing: its end ends this relay."""
+        assert self.control is not None
+        try:
+            data = self.control.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed and self.control is None:
+            return
+        self.closed = True
+        self.connector.cancel()
+        if self.receiver is not None:
+            self.receiver.cancel()
+        if self.endpoint is not None:
+            self.endpoint.close()  # and the socket under it
+        elif self.sock is not None:
+            self.sock.close()
+        if self.control is not None:
+            self.loop.remove_reader(self.control.fileno())
+            self.control.close()
+            self.control = None
+        if self.lease is not None:
+            self.lease.release()
+
+
+def _ignore_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so that asyncio does not log it

@@ -97,9 +97,10 @@ def test_only_allowed_addresses_are_kept() -> None:
         (socket.AF_INET, ("127.0.0.2", 80)),
         (socket.AF_INET, ("127.0.0.1", 80)),
     ]
-    assert allowed_addresses(r, request(host="mixed.test", port=80), resolved) == [
-        (socket.AF_INET, ("127.0.0.1", 80))
-    ]
+    assert allowed_addresses(r, request(host="mixed.test", port=80), resolved) == (
+        [(socket.AF_INET, ("127.0.0.1", 80))],
+        None,
+    )
     with pytest.raises(Denied) as info:
         allowed_addresses(r, request(host="mixed.test", port=80), resolved[:1])
     assert info.value.rule == 0
@@ -128,3 +129,48 @@ def test_an_association_meets_only_the_rules_without_destinations() -> None:
         [Rule(allow=True, clients=(ipaddress.ip_network("192.0.2.0/24"),)), Rule(allow=False)]
     )
     allowed_first.check_without_destination(association)
+
+
+def test_the_deciding_rule_routes() -> None:
+    r = rules(
+        {"action": "allow", "destinations": ["*.internal"], "via": "direct"},
+        {"action": "allow", "ports": [443], "via": "parents"},
+        {"action": "deny", "destinations": ["10.0.0.0/8"]},
+    )
+    assert r.check(request(host="db.internal")).via is None
+    assert r.check(request(host="www.example.com", port=443)).via == "parents"
+    assert r.check(request(host="www.example.com", port=80)).via is None  # the default
+    # a name meets the address rules once resolved; an address at once
+    assert r.check_before_lookup(request(host="www.example.com", port=443)) is None
+    decision = r.check_before_lookup(request(host="192.0.2.1", port=443))
+    assert decision is not None and decision.via == "parents"
+
+
+def test_resolved_addresses_keep_the_first_allowed_route() -> None:
+    r = rules(
+        {"action": "deny", "destinations": ["127.0.0.2/32"]},
+        {"action": "allow", "destinations": ["127.0.0.3/32"], "via": "parents"},
+    )
+    resolved = [
+        (socket.AF_INET, ("127.0.0.2", 80)),  # denied
+        (socket.AF_INET, ("127.0.0.3", 80)),  # allowed, via parents: decides the route
+        (socket.AF_INET, ("127.0.0.1", 80)),  # allowed, direct: another route, left out
+    ]
+    assert allowed_addresses(r, request(host="mixed.test", port=80), resolved) == (
+        [(socket.AF_INET, ("127.0.0.3", 80))],
+        "parents",
+    )
+
+
+@pytest.mark.parametrize(
+    "table, problem",
+    [
+        ({"action": "allow", "via": 3}, 'rules[0].via: must be an [[upstreams]] name or "direct"'),
+        ({"action": "allow", "via": ""}, "rules[0].via: must be"),
+        ({"action": "deny", "via": "parents"}, "rules[0].via: only an allow rule routes"),
+    ],
+)
+def test_bad_via(table: dict[str, object], problem: str) -> None:
+    problems: list[str] = []
+    parse_rules([table], problems)
+    assert len(problems) == 1 and problems[0].startswith(problem), problems

@@ -1,0 +1,405 @@
+"""Upstream chaining against real parents: other proxyd daemons and microsocks on
+loopback, with the child's rules routing through `[[upstreams]]` groups."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import PASSWORD, USER, closed_port, silent_listener
+from integration import socks5client
+from integration.test_udp import UdpEcho, associate, header, no_datagram, udp_client
+
+NAMES = [f"h{i}.test" for i in range(60)]
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Path:
+    """origin.test and h0..h59.test, all on 127.0.0.1, for daemons given this file."""
+    path = tmp_path / "hosts"
+    path.write_text("127.0.0.1 origin.test\n" + "".join(f"127.0.0.1 {n}\n" for n in NAMES))
+    return path
+
+
+def group(name: str, servers: list[str], strategy: str = "round_robin", **keys: object) -> str:
+    listed = ", ".join(f'"{s}"' for s in servers)
+    toml = f'[[upstreams]]\nname = "{name}"\nservers = [{listed}]\nstrategy = "{strategy}"\n'
+    return toml + "".join(f"{k} = {v}\n" for k, v in keys.items())
+
+
+def via(name: str, **match: str) -> str:
+    keys = "".join(f"{k} = {v}\n" for k, v in match.items())
+    return f'[[rules]]\naction = "allow"\nvia = "{name}"\n{keys}'
+
+
+def url(scheme: str, daemon, auth: bool = False) -> str:
+    who = f"{USER}:{PASSWORD}@" if auth else ""
+    return f"{scheme}://{who}{daemon.host}:{daemon.port}"
+
+
+def echo_through(child, host: str, port: int, payload: bytes = b"ping") -> None:
+    with socks5client.open_tunnel(child.address, host, port) as sock:
+        sock.sendall(payload)
+        assert socks5client.recv_exact(sock, len(payload)) == payload
+
+
+def served(daemon, count: int) -> list[dict]:
+    """The first `count` access lines of a parent, once they are all written."""
+    daemon.wait_for(lambda _e: len(daemon.access_events()) >= count)
+    return daemon.access_events()
+
+
+# --- through each kind of parent ------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["socks5", "socks5h", "socks4a", "http"])
+def test_a_tunnel_goes_through_a_proxyd_parent_of_each_kind(
+    start_daemon, tcp_server, hosts, scheme
+):
+    echo = tcp_server()
+    parent = start_daemon(hosts=hosts)
+    # socks5:// means the child resolves the name itself and sends the address
+    child = start_daemon(group("p", [url(scheme, parent)]) + via("p"), hosts=hosts)
+    echo_through(child, "origin.test", echo.port, b"x" * 100_000)
+    line = child.access(lambda e: e["command"] == "connect")
+    assert line["status"] == "ok", line
+    assert (line["via"], line["upstream"]) == ("p", url(scheme, parent))
+    assert line["bytes_up"] == line["bytes_down"] == 100_000
+    upstream_line = parent.access()
+    assert upstream_line["status"] == "ok"
+    want = {"socks5": "socks5", "socks5h": "socks5", "socks4a": "socks4", "http": "http"}
+    assert upstream_line["protocol"] == want[scheme]
+    named = f"127.0.0.1:{echo.port}" if scheme == "socks5" else f"origin.test:{echo.port}"
+    assert upstream_line["target"] == named
+    assert upstream_line["bytes_up"] == 100_000
+
+
+def test_parent_credentials_are_used_and_never_logged(start_daemon, tcp_server, users_file):
+    echo = tcp_server()
+    parent = start_daemon(f'[auth]\nusers_file = "{users_file}"\n')
+    servers = [url("socks5h", parent, auth=True), url("http", parent, auth=True)]
+    for server in servers:
+        child = start_daemon(group("p", [server]) + via("p"))
+        echo_through(child, "127.0.0.1", echo.port)
+        child.stop()
+        assert PASSWORD not in child.output()
+    lines = served(parent, 2)
+    assert [(e["user"], e["protocol"], e["status"]) for e in lines] == [
+        (USER, "socks5", "ok"),
+        (USER, "http", "ok"),
+    ]
+
+
+def test_wrong_parent_credentials_fail_clearly(start_daemon, tcp_server, users_file):
+    echo = tcp_server()
+    parent = start_daemon(f'[auth]\nusers_file = "{users_file}"\n')
+    wrong = f"socks5h://{USER}:not-the-password@{parent.host}:{parent.port}"
+    child = start_daemon(group("p", [wrong], max_fails=0) + via("p"))
+    sock, rep, _, _ = socks5client.connect(child.address, "127.0.0.1", echo.port)
+    sock.close()
+    assert rep == 1  # general failure: the parent, not the target, failed
+    line = child.access()
+    assert line["status"] == "parent_failed"
+    assert "not-the-password" not in child.output()
+
+
+@pytest.mark.skipif(
+    not shutil.which("microsocks"),
+    reason="microsocks (Debian) is installed by scripts/install test",
+)
+def test_microsocks_as_parent(start_daemon, tcp_server):
+    echo = tcp_server()
+    port = closed_port()
+    user, password = "chain", "microsocks-secret"
+    cmd = ["microsocks", "-i", "127.0.0.1", "-p", str(port), "-u", user, "-P", password]
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(port)
+        server = f"socks5h://{user}:{password}@127.0.0.1:{port}"
+        child = start_daemon(group("m", [server]) + via("m"))
+        echo_through(child, "127.0.0.1", echo.port, b"through microsocks")
+        line = child.access()
+        assert (line["status"], line["upstream"]) == ("ok", f"socks5h://127.0.0.1:{port}")
+        # the echo server saw microsocks' connection, not the client's
+        assert len(echo.peers) == 1
+    finally:
+        parent.terminate()
+        parent.wait(5)
+
+
+def _wait_listening(port: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# --- strategies -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def three_parents(start_daemon, hosts):
+    return [start_daemon(hosts=hosts) for _ in range(3)]
+
+
+def test_round_robin_takes_the_parents_in_turn(start_daemon, tcp_server, three_parents):
+    echo = tcp_server()
+    servers = [url("socks5h", p) for p in three_parents]
+    child = start_daemon(group("p", servers) + via("p"))
+    for _ in range(9):
+        echo_through(child, "127.0.0.1", echo.port)
+    child.wait_for(lambda _e: len(child.access_events()) == 9)
+    order = [e["upstream"] for e in child.access_events()]
+    assert order == servers * 3
+    for parent in three_parents:  # and each parent did carry its three
+        assert [e["status"] for e in served(parent, 3)] == ["ok"] * 3
+
+
+def test_random_uses_every_parent(start_daemon, tcp_server, three_parents):
+    echo = tcp_server()
+    servers = [url("socks5h", p) for p in three_parents]
+    child = start_daemon(group("p", servers, "random") + via("p"))
+    for _ in range(60):
+        echo_through(child, "127.0.0.1", echo.port)
+    child.wait_for(lambda _e: len(child.access_events()) == 60)
+    counts = collections.Counter(e["upstream"] for e in child.access_events())
+    assert set(counts) == set(servers)  # all three: (2/3)^60 * 3 says this never fails
+
+
+def test_least_connections_picks_the_least_busy_parent(start_daemon, tcp_server, three_parents):
+    echo = tcp_server()
+    servers = [url("socks5h", p) for p in three_parents]
+    child = start_daemon(group("p", servers, "least_connections") + via("p"))
+    held = [socks5client.open_tunnel(child.address, "127.0.0.1", echo.port) for _ in range(3)]
+    for parent in three_parents:  # one open tunnel each
+        parent.wait_for(lambda e: e.get("event") == "listening")
+    # the second parent's tunnel ends: it is now the least busy, three times over
+    held.pop(1).close()
+    child.access()
+    more = [socks5client.open_tunnel(child.address, "127.0.0.1", echo.port) for _ in range(1)]
+    first_four = served(three_parents[1], 1)
+    assert len(first_four) == 1  # the closed tunnel's line
+    for sock in more + held:
+        sock.close()
+    child.wait_for(lambda _e: len(child.access_events()) == 4)
+    order = [e["upstream"] for e in child.access_events()]
+    assert order[0] == servers[1]  # the closed one
+    assert order[1:].count(servers[1]) == 1  # the new tunnel went there too
+
+
+def test_hash_sticks_a_host_to_a_parent_and_moves_little(start_daemon, tcp_server, three_parents):
+    echo = tcp_server()
+    servers = [url("socks5h", p) for p in three_parents]
+    child = start_daemon(group("p", servers, "hash") + via("p"))
+
+    def mapping() -> dict[str, str]:
+        before = len(child.access_events())
+        for name in NAMES:
+            echo_through(child, name, echo.port)
+        child.wait_for(lambda _e: len(child.access_events()) == before + len(NAMES))
+        lines = child.access_events()[before:]
+        return {e["target"].split(":")[0]: e["upstream"] for e in lines}
+
+    first = mapping()
+    assert mapping() == first  # the same host, the same parent
+    counts = collections.Counter(first.values())
+    assert set(counts) == set(servers) and min(counts.values()) >= 8, counts
+    # the third parent leaves the group: only its hosts move
+    child.reload(group("p", servers[:2], "hash") + via("p"))
+    second = mapping()
+    for name, parent in first.items():
+        if parent != servers[2]:
+            assert second[name] == parent, name
+        else:
+            assert second[name] in servers[:2]
+
+
+# --- failures and failover ----------------------------------------------------------------
+
+
+def test_a_dead_parent_is_skipped_taken_out_and_probed_back(start_daemon, tcp_server, hosts):
+    echo = tcp_server()
+    alive = start_daemon()
+    coming_back = start_daemon()
+    port = coming_back.port
+    coming_back.stop()  # refuses connections from now on
+    servers = [url("socks5h", alive), f"socks5h://127.0.0.1:{port}"]
+    child = start_daemon(group("p", servers, max_fails=2, fail_window=60, down_time=1) + via("p"))
+    for _ in range(6):  # each goes through: the dead parent's turns fail over at once
+        echo_through(child, "127.0.0.1", echo.port)
+    down = child.wait_for(lambda e: e.get("event") == "upstream_down")
+    assert down["server"] == servers[1] and down["group"] == "p"
+    failures = child.named("upstream_failed")
+    assert len(failures) == 2 and all(f["server"] == servers[1] for f in failures)
+    assert all(e["status"] == "ok" for e in child.access_events())
+    # while it is down, it is not tried (no new failure), and the probe keeps failing
+    for _ in range(4):
+        echo_through(child, "127.0.0.1", echo.port)
+    assert len(child.named("upstream_failed")) == 2
+    child.wait_for(lambda e: e.get("event") == "upstream_probe_failed")
+    # it comes back on the same port: a probe finds it and it serves again
+    back = start_daemon(listen=f"127.0.0.1:{port}")
+    child.wait_for(lambda e: e.get("event") == "upstream_up", timeout=10)
+    for _ in range(4):
+        echo_through(child, "127.0.0.1", echo.port)
+    assert len(served(back, 2)) >= 2
+
+
+def test_a_parent_that_never_answers_leaves_time_for_the_next(start_daemon, tcp_server):
+    echo = tcp_server()
+    alive = start_daemon()
+    with silent_listener() as silent:
+        servers = [f"socks5h://127.0.0.1:{silent}", url("socks5h", alive)]
+        child = start_daemon(
+            "[timeouts]\nconnect = 2\n" + group("p", servers, max_fails=0) + via("p")
+        )
+        started = time.monotonic()
+        echo_through(child, "127.0.0.1", echo.port)
+        elapsed = time.monotonic() - started
+    line = child.access()
+    assert line["status"] == "ok" and line["upstream"] == servers[1]
+    # the silent parent had its share (1 s of 2), the live one answered at once
+    assert 0.8 < elapsed < 2.0, elapsed
+
+
+def test_every_parent_down_is_refused_at_once(start_daemon, tcp_server):
+    echo = tcp_server()
+    servers = [f"socks5://127.0.0.1:{closed_port()}", f"http://127.0.0.1:{closed_port()}"]
+    child = start_daemon(group("p", servers, max_fails=1, down_time=60) + via("p"))
+    sock, rep, _, _ = socks5client.connect(child.address, "127.0.0.1", echo.port)
+    sock.close()
+    assert rep == 1
+    assert child.access()["status"] == "parent_failed"
+    child.wait_for(lambda _e: len(child.named("upstream_down")) == 2)
+    sock, rep, _, _ = socks5client.connect(child.address, "127.0.0.1", echo.port)
+    sock.close()
+    assert rep == 1
+    line = child.access(lambda e: "down" in e.get("error", ""))
+    assert "every parent proxy of 'p' is down" in line["error"]
+
+
+def test_a_target_failure_at_the_parent_is_answered_not_failed_over(start_daemon, hosts):
+    first, second = start_daemon(), start_daemon()
+    child = start_daemon(group("p", [url("socks5h", first), url("socks5h", second)]) + via("p"))
+    sock, rep, _, _ = socks5client.connect(child.address, "127.0.0.1", closed_port())
+    sock.close()
+    assert rep == 5  # connection refused, as the parent said
+    assert child.access()["status"] == "refused"
+    assert child.named("upstream_failed") == []
+    assert second.access_events() == []  # not tried: it would have said the same
+
+
+# --- routing by rules, and other commands ----------------------------------------------------
+
+
+def test_rules_route_some_destinations_direct(start_daemon, tcp_server):
+    echo = tcp_server()
+    parent = start_daemon()
+    direct = '[[rules]]\naction = "allow"\nvia = "direct"\nports = [' + str(echo.port) + "]\n"
+    child = start_daemon(group("p", [url("socks5", parent)]) + direct + via("p"))
+    echo_through(child, "127.0.0.1", echo.port)
+    other = tcp_server()
+    echo_through(child, "127.0.0.1", other.port)
+    lines = {e["target"]: e for e in served(child, 2)}
+    assert "via" not in lines[f"127.0.0.1:{echo.port}"]
+    assert lines[f"127.0.0.1:{other.port}"]["via"] == "p"
+    assert [e["target"] for e in served(parent, 1)] == [f"127.0.0.1:{other.port}"]
+
+
+def test_bind_is_not_chained(start_daemon):
+    parent = start_daemon()
+    child = start_daemon(group("p", [url("socks5", parent)]) + via("p"))
+    sock, rep, _, _ = socks5client.connect(child.address, "0.0.0.0", 0, command=2)
+    sock.close()
+    assert rep == 7
+    assert child.access()["status"] == "not_supported"
+
+
+@pytest.mark.parametrize("scheme", ["http", "socks5h"])
+def test_plain_http_is_forwarded_through_a_parent(start_daemon, origin, users_file, scheme):
+    parent = start_daemon(f'[auth]\nusers_file = "{users_file}"\n')
+    child = start_daemon(group("p", [url(scheme, parent, auth=True)]) + via("p"))
+    proxy = f"http://{child.host}:{child.port}"
+    for _ in range(2):  # the second request reuses the connection through the parent
+        body = subprocess.run(
+            ["curl", "-sS", "--max-time", "10", "-x", proxy, origin.url],
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert body == origin.body
+    lines = served(child, 2)
+    assert [(e["command"], e["via"], e["status"]) for e in lines] == [("GET", "p", "ok")] * 2
+    upstream_lines = served(parent, 1)
+    if scheme == "http":  # an HTTP parent is sent the requests themselves
+        assert [e["command"] for e in upstream_lines] == ["GET", "GET"]
+        assert all(e["user"] == USER for e in upstream_lines)
+    else:  # a SOCKS parent carries a tunnel to the origin
+        assert upstream_lines[0]["command"] == "connect"
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list]:
+    things: list = []
+    yield things
+    for thing in things:
+        thing.close()
+
+
+# --- UDP through a SOCKS5 parent --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["socks5h", "socks5"])
+def test_udp_goes_through_the_parents_relay(start_daemon, hosts, scheme):
+    echo = UdpEcho()
+    parent = start_daemon(hosts=hosts)
+    child = start_daemon(group("p", [url(scheme, parent)]) + via("p"), hosts=hosts)
+    control, relay = associate(child)
+    client = udp_client()
+    try:
+        for i, host in enumerate(["127.0.0.1", "origin.test", "127.0.0.1"]):
+            client.sendto(header(host, echo.port) + b"d%d" % i, relay)
+            data, sender = client.recvfrom(65535)
+            assert sender == relay
+            # the parent wrapped the answer with the echo server's address
+            assert data == header("127.0.0.1", echo.port) + b"echo:d%d" % i
+    finally:
+        control.close()
+        client.close()
+        echo.close()
+    line = child.access(lambda e: e["command"] == "udp_associate")
+    assert line["status"] == "ok" and line["via"] == "p"
+    assert (line["datagrams_up"], line["datagrams_down"]) == (3, 3)
+    assert line["bytes_up"] == 6 and line["bytes_down"] == 6 + 3 * len(b"echo:")
+    # the parent relayed them: its own association saw the same datagrams
+    upstream_line = parent.access(lambda e: e["command"] == "udp_associate")
+    assert (upstream_line["datagrams_up"], upstream_line["datagrams_down"]) == (3, 3)
+
+
+def test_udp_through_a_group_without_socks5_parents_is_dropped(start_daemon):
+    echo = UdpEcho()
+    parent = start_daemon()
+    child = start_daemon(group("p", [url("http", parent)]) + via("p"))
+    control, relay = associate(child)
+    client = udp_client()
+    try:
+        client.sendto(header("127.0.0.1", echo.port) + b"x", relay)
+        assert no_datagram(client)
+    finally:
+        control.close()
+        client.close()
+        echo.close()
+    line = child.access(lambda e: e["command"] == "udp_associate")
+    assert line["datagrams_up"] == 0 and line["datagrams_dropped"] == 1
+    assert child.named("udp_parent_failed")[0]["group"] == "p"
