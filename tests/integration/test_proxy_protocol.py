@@ -1,0 +1,266 @@
+"""The PROXY protocol on the listener: trusted balancers name the client, everyone
+else is refused a header; and the whole multi-host recipe with HAProxy in front
+of two proxyd instances (deploy/haproxy.cfg)."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import PASSWORD, USER
+from integration import socks5client
+from integration.haproxy import Haproxy
+
+SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+TRUST_LOOPBACK = '[server]\nproxy_protocol_from = ["127.0.0.1/32"]\n'
+
+
+def v1(source: str, port: int, dport: int = 1080) -> bytes:
+    family, dest = ("TCP6", "::1") if ":" in source else ("TCP4", "127.0.0.1")
+    return f"PROXY {family} {source} {dest} {port} {dport}\r\n".encode()
+
+
+def v2(source: str | None, port: int = 0, dport: int = 1080) -> bytes:
+    """PROXY (or, with no source, LOCAL) over TCP, written out field by field."""
+    if source is None:
+        return SIGNATURE + b"\x20\x00" + struct.pack("!H", 0)
+    src = ipaddress.ip_address(source)
+    dst = ipaddress.ip_address("::1" if src.version == 6 else "127.0.0.1")
+    family = b"\x11" if src.version == 4 else b"\x21"
+    body = src.packed + dst.packed + struct.pack("!HH", port, dport)
+    return SIGNATURE + b"\x21" + family + struct.pack("!H", len(body)) + body
+
+
+def socks5_tunnel(
+    daemon, header: bytes, host: str, port: int, *, auth: tuple[str, str] | None = None
+) -> tuple[socket.socket, int]:
+    """A SOCKS5 CONNECT that starts with `header`; (socket, REP) with REP -1 when the
+    credentials are refused and -2 when the connection closed without a reply."""
+    sock = socket.create_connection(daemon.address, timeout=10)
+    greeting = b"\x05\x01\x02" if auth else b"\x05\x01\x00"
+    sock.sendall(header + greeting)
+    try:
+        method = socks5client.recv_exact(sock, 2)
+        if auth:
+            assert method == b"\x05\x02"
+            user, password = (s.encode() for s in auth)
+            sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+            if socks5client.recv_exact(sock, 2) != b"\x01\x00":
+                return sock, -1
+        sock.sendall(b"\x05\x01\x00" + socks5client.address(host, port))
+        rep, _, _ = socks5client.read_reply(sock)
+    except (ConnectionError, OSError):
+        return sock, -2
+    return sock, rep
+
+
+def echoes(sock: socket.socket, payload: bytes = b"hello") -> bool:
+    sock.sendall(payload)
+    return socks5client.recv_exact(sock, len(payload)) == payload
+
+
+@pytest.mark.parametrize(
+    "header, client",
+    [
+        (v1("198.51.100.7", 40000), "198.51.100.7:40000"),
+        (v1("2001:db8::7", 40001), "[2001:db8::7]:40001"),
+        (v2("203.0.113.9", 40002), "203.0.113.9:40002"),
+        (v2("2001:db8::9", 40003), "[2001:db8::9]:40003"),
+    ],
+    ids=["v1-ipv4", "v1-ipv6", "v2-ipv4", "v2-ipv6"],
+)
+def test_a_trusted_balancer_names_the_client(start_daemon, tcp_server, header, client):
+    echo = tcp_server()
+    daemon = start_daemon(TRUST_LOOPBACK)
+    sock, rep = socks5_tunnel(daemon, header, "127.0.0.1", echo.port)
+    with sock:
+        assert rep == 0 and echoes(sock)
+    line = daemon.access()
+    assert line["client"] == client and line["status"] == "ok"
+    assert line["proxied_by"].startswith("127.0.0.1:")
+    assert line["bytes_up"] == 5  # the header is not payload
+
+
+def test_a_local_header_keeps_the_balancers_address(start_daemon, tcp_server):
+    echo = tcp_server()
+    daemon = start_daemon(TRUST_LOOPBACK)
+    sock, rep = socks5_tunnel(daemon, v2(None), "127.0.0.1", echo.port)
+    with sock:
+        assert rep == 0 and echoes(sock)
+    line = daemon.access()
+    assert line["client"] == line["proxied_by"] and line["client"].startswith("127.0.0.1:")
+
+
+def test_a_header_trickled_byte_by_byte_with_http_behind_it(start_daemon, origin):
+    daemon = start_daemon(TRUST_LOOPBACK)
+    data = v1("192.0.2.44", 5555) + (
+        f"GET {origin.url} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    )
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        for byte in data:
+            sock.send(bytes([byte]))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(origin.body)
+    assert daemon.access()["client"] == "192.0.2.44:5555"
+
+
+@pytest.mark.parametrize("header", [v1("198.51.100.7", 1), v2("198.51.100.7", 1)], ids=["v1", "v2"])
+def test_a_header_from_an_untrusted_address_is_a_bad_request(start_daemon, tcp_server, header):
+    echo = tcp_server()
+    for config in ("", '[server]\nproxy_protocol_from = ["127.0.0.2/32"]\n'):
+        daemon = start_daemon(config)
+        sock, rep = socks5_tunnel(daemon, header, "127.0.0.1", echo.port)
+        sock.close()
+        assert rep == -2  # closed, never served
+        line = daemon.access()
+        assert line["status"] == "bad_request" and line["client"].startswith("127.0.0.1:")
+        assert "not trust" in line["error"]
+        # and the daemon serves everyone else
+        with socks5client.open_tunnel(daemon.address, "127.0.0.1", echo.port) as tunnel:
+            assert echoes(tunnel)
+
+
+def test_no_header_from_a_trusted_balancer_is_an_error(start_daemon, tcp_server):
+    echo = tcp_server()
+    daemon = start_daemon(TRUST_LOOPBACK)
+    sock, rep = socks5_tunnel(daemon, b"", "127.0.0.1", echo.port)
+    sock.close()
+    assert rep == -2
+    line = daemon.access()
+    assert line["status"] == "bad_request"
+    assert "no PROXY protocol header" in line["error"]
+    # a malformed one is an error as well
+    sock, rep = socks5_tunnel(daemon, b"PROXY TCP4 1.2.3 4.5.6.7 1 2\r\n", "127.0.0.1", echo.port)
+    sock.close()
+    assert rep == -2
+    assert daemon.access(lambda e: "malformed" in e.get("error", ""))["status"] == "bad_request"
+
+
+def test_rules_and_limits_see_the_real_client(start_daemon, tcp_server):
+    echo = tcp_server()
+    config = (
+        '[server]\nproxy_protocol_from = ["127.0.0.0/8"]\n'
+        "[limits]\nper_client = 1\n"
+        '[[rules]]\naction = "deny"\nclients = ["198.51.100.0/24"]\n'
+    )
+    daemon = start_daemon(config)
+    sock, rep = socks5_tunnel(daemon, v1("198.51.100.7", 1000), "127.0.0.1", echo.port)
+    sock.close()
+    assert rep == 2  # denied by rules[0], by the address the header named
+    assert daemon.access()["rule"] == 0
+    # per_client counts the named clients, not the one balancer they all come through
+    first, rep1 = socks5_tunnel(daemon, v1("192.0.2.1", 1001), "127.0.0.1", echo.port)
+    other, rep2 = socks5_tunnel(daemon, v1("192.0.2.2", 1002), "127.0.0.1", echo.port)
+    again, rep3 = socks5_tunnel(daemon, v1("192.0.2.1", 1003), "127.0.0.1", echo.port)
+    for sock in (first, other, again):
+        sock.close()
+    assert (rep1, rep2, rep3) == (0, 0, 1)
+    over = daemon.access(lambda e: e["status"] == "limit")
+    assert over["client"] == "192.0.2.1:1003"
+
+
+def test_lockout_locks_out_the_real_client_only(start_daemon, tcp_server, users_file):
+    echo = tcp_server()
+    daemon = start_daemon(
+        TRUST_LOOPBACK + f'[auth]\nusers_file = "{users_file}"\nmax_failures = 2\n'
+    )
+    for port in (1, 2):
+        sock, rep = socks5_tunnel(
+            daemon, v1("198.51.100.66", port), "127.0.0.1", echo.port, auth=(USER, "wrong")
+        )
+        sock.close()
+        assert rep == -1
+    locked = daemon.wait_for(lambda e: e.get("event") == "auth_lockout")
+    assert locked["client"] == "198.51.100.66"
+    # the same balancer still brings other clients in
+    sock, rep = socks5_tunnel(
+        daemon, v1("198.51.100.67", 3), "127.0.0.1", echo.port, auth=(USER, PASSWORD)
+    )
+    with sock:
+        assert rep == 0 and echoes(sock)
+
+
+# --- HAProxy in front of two proxyd instances ---------------------------------------------
+
+
+def behind_haproxy() -> str:
+    return (
+        '[server]\nproxy_protocol_from = ["127.0.0.1/32"]\nshutdown_grace = 5\n'
+        '[metrics]\nlisten = "127.0.0.1:0"\n'
+    )
+
+
+def admin_port(daemon) -> int:
+    event = daemon.wait_for(lambda e: e.get("event") == "metrics_listening")
+    return int(event["address"].rpartition(":")[2])
+
+
+@pytest.mark.skipif(
+    not shutil.which("haproxy"), reason="haproxy (Debian) is installed by scripts/install test"
+)
+def test_haproxy_in_front_of_two_instances_with_failover(start_daemon, tcp_server, tmp_path):
+    echo = tcp_server()
+    a, b = start_daemon(behind_haproxy()), start_daemon(behind_haproxy())
+    haproxy = Haproxy(
+        tmp_path,
+        None,
+        {"a": (a.host, a.port, admin_port(a)), "b": (b.host, b.port, admin_port(b))},
+    ).start()
+    try:
+        haproxy.wait_for_state("a", "UP")
+        haproxy.wait_for_state("b", "UP")
+        # clients from their own addresses, through HAProxy, reach the target
+        for i in range(6):
+            source = f"127.0.0.{10 + i}"
+            with socks5client.open_tunnel(
+                haproxy.address, "127.0.0.1", echo.port, source=source
+            ) as sock:
+                assert echoes(sock)
+        deadline = time.monotonic() + 10
+        while len(lines := [*a.access_events(), *b.access_events()]) < 6:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        assert sorted(e["client"].rpartition(":")[0] for e in lines) == [
+            f"127.0.0.{10 + i}" for i in range(6)
+        ]
+        # a client keeps connecting while `a` stops: no new connection fails
+        failures: list[BaseException] = []
+        done = threading.Event()
+        count = 0
+
+        def keep_connecting() -> None:
+            nonlocal count
+            deadline = time.monotonic() + 20
+            while not done.is_set() and time.monotonic() < deadline:
+                try:
+                    with socks5client.open_tunnel(haproxy.address, "127.0.0.1", echo.port) as s:
+                        assert echoes(s)
+                except (AssertionError, OSError) as exc:
+                    failures.append(exc)
+                count += 1
+                time.sleep(0.02)
+
+        worker = threading.Thread(target=keep_connecting)
+        worker.start()
+        time.sleep(0.5)
+        a_before = len(a.access_events())
+        a.stop()
+        haproxy.wait_for_state("a", "DOWN")
+        after_down = count
+        time.sleep(1.0)
+        done.set()
+        worker.join(30)
+        assert failures == [], failures
+        assert count > after_down + 10  # connections went on after the check noticed
+        assert len(a.access_events()) >= a_before
+        assert b.access_events()[-1]["status"] == "ok"
+    finally:
+        haproxy.stop()
