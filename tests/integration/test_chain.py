@@ -4,7 +4,6 @@ loopback, with the child's rules routing through `[[upstreams]]` groups."""
 from __future__ import annotations
 
 import collections
-import shutil
 import socket
 import subprocess
 import time
@@ -110,10 +109,6 @@ def test_wrong_parent_credentials_fail_clearly(start_daemon, tcp_server, users_f
     assert "not-the-password" not in child.output()
 
 
-@pytest.mark.skipif(
-    not shutil.which("microsocks"),
-    reason="microsocks (Debian) is installed by scripts/install test",
-)
 def test_microsocks_as_parent(start_daemon, tcp_server):
     echo = tcp_server()
     port = closed_port()

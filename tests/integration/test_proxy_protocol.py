@@ -5,7 +5,6 @@ of two proxyd instances (deploy/haproxy.cfg)."""
 from __future__ import annotations
 
 import ipaddress
-import shutil
 import socket
 import struct
 import threading
@@ -203,9 +202,6 @@ def admin_port(daemon) -> int:
     return int(event["address"].rpartition(":")[2])
 
 
-@pytest.mark.skipif(
-    not shutil.which("haproxy"), reason="haproxy (Debian) is installed by scripts/install test"
-)
 def test_haproxy_in_front_of_two_instances_with_failover(start_daemon, tcp_server, tmp_path):
     echo = tcp_server()
     a, b = start_daemon(behind_haproxy()), start_daemon(behind_haproxy())
