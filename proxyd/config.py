@@ -166,13 +166,19 @@ class Config:
         if self.auth.users_file is not None or self.server.allow_open_proxy:
             return None
         exposed = [str(a) for a in self.server.listen if not a.is_loopback]
-        if not exposed:
-            return None
-        return (
-            f"server.listen: {', '.join(exposed)} is reachable beyond this host and no "
-            "auth.users_file is set; anyone could use this proxy. Set auth.users_file, "
-            "listen on loopback, or set server.allow_open_proxy = true"
-        )
+        if exposed:
+            return (
+                f"server.listen: {', '.join(exposed)} is reachable beyond this host and no "
+                "auth.users_file is set; anyone could use this proxy. Set auth.users_file, "
+                "listen on loopback, or set server.allow_open_proxy = true"
+            )
+        if self.server.proxy_protocol_from:  # a balancer relays clients from elsewhere
+            return (
+                "server.proxy_protocol_from: a load balancer relays clients from beyond "
+                "this host and no auth.users_file is set; anyone could use this proxy. "
+                "Set auth.users_file, or set server.allow_open_proxy = true"
+            )
+        return None
 
 
 # --- validation -------------------------------------------------------------

@@ -589,4 +589,5 @@ class Forwarder:
             **(extra or {}),
             **({"error": error} if error else {}),
             **({"tls": session.tls_version} if session.tls_version else {}),
+            **({"proxied_by": session.proxied_by} if session.proxied_by else {}),
         )

@@ -169,7 +169,6 @@ class Session:
     __slots__ = (
         "_association",
         "_auth",
-        "_balancer",
         "_binder",
         "_client_counted",
         "_connector",
@@ -198,6 +197,7 @@ class Session:
         "peer_ip",
         "phase",
         "protocol",
+        "proxied_by",
         "sock",
         "started",
         "target",
@@ -228,7 +228,8 @@ class Session:
         self._client_counted = False
         # a load balancer's connection starts with a PROXY header naming the client
         self._proxy_header: proxy_protocol.ProxyHeaderParser | None = None
-        self._balancer: str | None = None  # the balancer's address, once the header named another
+        # the trusted balancer this connection came through (the access line's proxied_by)
+        self.proxied_by: str | None = None
         if ctx.proxy_protocol_from(self.peer_ip):
             self._proxy_header = proxy_protocol.ProxyHeaderParser()
         else:
@@ -558,12 +559,12 @@ class Session:
             data = self._read_proxy_header(self._proxy_header, data)
             if not data:
                 return
-        elif (
-            self._handler is None and self._tls is None and proxy_protocol.starts_like_header(data)
-        ):
+        if self._handler is None and self._tls is None and proxy_protocol.starts_like_header(data):
             raise ProtocolError(
                 f"a PROXY protocol header from {self.peer_ip}, "
                 "which server.proxy_protocol_from does not trust"
+                if self.proxied_by is None
+                else "a second PROXY protocol header"
             )
         if self._handler is None:
             if self.ctx.tls is not None and self._tls is None and sniff(data) is Kind.TLS:
@@ -579,8 +580,8 @@ class Session:
     def _read_proxy_header(self, parser: proxy_protocol.ProxyHeaderParser, data: bytes) -> bytes:
         """The header a trusted load balancer sends first; once whole, the client it
         names is this session's client. The bytes that came after it are returned."""
-        if self._balancer is None:  # the first bytes: they must start a header
-            self._balancer = self.client
+        if self.proxied_by is None:  # the first bytes: they must start a header
+            self.proxied_by = self.client
             if proxy_protocol.starts_like_header(data) is False:
                 raise ProtocolError(
                     f"no PROXY protocol header from {self.peer_ip} "
@@ -593,8 +594,12 @@ class Session:
         assert isinstance(header, proxy_protocol.ProxyHeader)
         self._proxy_header = None
         if header.source is not None:
-            self.peer_ip = header.source[0]
-            self.client = format_hostport(*header.source)
+            ip = ipaddress.ip_address(header.source[0])
+            # an IPv4 client a dual-stack balancer names as ::ffff:a.b.c.d is that
+            # IPv4 address to the logs, the limits and the UDP relay
+            mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+            self.peer_ip = str(mapped or ip)
+            self.client = format_hostport(self.peer_ip, header.source[1])
         self._count_client()
         return parser.trailing_data
 
@@ -800,8 +805,8 @@ class Session:
                 fields["error"] = error
             if self._tls is not None:
                 fields["tls"] = self._tls.version
-            if self._balancer is not None:
-                fields["proxied_by"] = self._balancer
+            if self.proxied_by is not None:
+                fields["proxied_by"] = self.proxied_by
             if self.via is not None:
                 fields["via"] = self.via
                 if self._lease is not None:

@@ -66,7 +66,7 @@ def test_defaults_are_those_of_design_md() -> None:
 
 
 def test_empty_mapping_gives_the_defaults() -> None:
-    assert from_mapping({}) == Config()
+    assert config.from_mapping({}) == Config()
     assert (
         from_mapping({"server": {}, "auth": {}, "timeouts": {}, "buffers": {}, "log": {}})
         == Config()
@@ -86,7 +86,7 @@ def test_design_md_values_written_out_give_the_defaults() -> None:
         "buffers": {"read_size": 65536, "so_rcvbuf": 0, "so_sndbuf": 0, "tcp_nodelay": True},
         "log": {"format": "json", "level": "info", "access": True},
     }
-    assert from_mapping(data) == Config()
+    assert config.from_mapping(data) == Config()
 
 
 def test_example_config_file_is_the_defaults() -> None:
@@ -595,3 +595,15 @@ def test_bad_throttle_and_tls_values(data: dict[str, Any], path: str) -> None:
     with pytest.raises(ConfigError) as info:
         from_mapping(data)
     assert any(p.startswith(f"{path}: ") for p in info.value.problems), info.value.problems
+
+
+def test_a_trusted_balancer_without_users_is_an_open_proxy() -> None:
+    """HAProxy on a public address in front of a proxyd on loopback relays anyone."""
+    server = {"listen": ["127.0.0.1:1081"], "proxy_protocol_from": ["127.0.0.1/32"]}
+    problem = config.from_mapping({"server": server}).open_proxy_problem()
+    assert problem is not None and problem.startswith("server.proxy_protocol_from:")
+    assert (
+        from_mapping({"server": {**server, "allow_open_proxy": True}}).open_proxy_problem() is None
+    )
+    with_users = {"server": server, "auth": {"users_file": "/etc/proxyd/users"}}
+    assert config.from_mapping(with_users).open_proxy_problem() is None

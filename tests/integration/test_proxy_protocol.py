@@ -15,9 +15,12 @@ import pytest
 from conftest import PASSWORD, USER
 from integration import socks5client
 from integration.haproxy import Haproxy
+from integration.test_udp import UdpEcho, udp_client
+from integration.test_udp import header as udp_header
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-TRUST_LOOPBACK = '[server]\nproxy_protocol_from = ["127.0.0.1/32"]\n'
+# a balancer relays clients from anywhere: without users that is an open proxy
+TRUST_LOOPBACK = '[server]\nproxy_protocol_from = ["127.0.0.1/32"]\nallow_open_proxy = true\n'
 
 
 def v1(source: str, port: int, dport: int = 1080) -> bytes:
@@ -59,6 +62,17 @@ def socks5_tunnel(
     return sock, rep
 
 
+def socks5_request(daemon, header: bytes, command: int):
+    """A SOCKS5 request of `command` for 0.0.0.0:0 behind `header`: (socket, REP,
+    the reply's address)."""
+    sock = socket.create_connection(daemon.address, timeout=10)
+    sock.sendall(header + b"\x05\x01\x00")
+    assert socks5client.recv_exact(sock, 2) == b"\x05\x00"
+    sock.sendall(b"\x05" + bytes([command]) + b"\x00" + socks5client.address("0.0.0.0", 0))
+    rep, host, port = socks5client.read_reply(sock)
+    return sock, rep, (host, port)
+
+
 def echoes(sock: socket.socket, payload: bytes = b"hello") -> bool:
     sock.sendall(payload)
     return socks5client.recv_exact(sock, len(payload)) == payload
@@ -86,6 +100,36 @@ def test_a_trusted_balancer_names_the_client(start_daemon, tcp_server, header, c
     assert line["bytes_up"] == 5  # the header is not payload
 
 
+def test_an_ipv4_client_named_in_ipv6_form_is_that_ipv4_client(start_daemon):
+    """A dual-stack balancer names IPv4 clients as ::ffff:a.b.c.d: the logs, limits and
+    the UDP relay (which sees the datagrams come from a.b.c.d) take it as IPv4."""
+    daemon = start_daemon(TRUST_LOOPBACK)
+    udp_echo = UdpEcho()
+    control, rep, relay = socks5_request(daemon, v2("::ffff:127.0.0.1", 4321), 3)
+    assert rep == 0
+    with udp_client() as client:
+        client.sendto(udp_header("127.0.0.1", udp_echo.port) + b"mapped", relay)
+        data, _ = client.recvfrom(65535)
+    control.close()
+    udp_echo.close()
+    assert data.endswith(b"echo:mapped")
+    line = daemon.access()
+    assert line["client"] == "127.0.0.1:4321" and line["datagrams_down"] == 1
+
+
+def test_a_second_header_in_the_same_read_is_a_bad_request(start_daemon, tcp_server):
+    echo = tcp_server()
+    daemon = start_daemon(TRUST_LOOPBACK)
+    sock, rep = socks5_tunnel(
+        daemon, v1("192.0.2.1", 1) + v1("192.0.2.2", 2), "127.0.0.1", echo.port
+    )
+    sock.close()
+    assert rep == -2
+    line = daemon.access()
+    assert line["status"] == "bad_request" and "second PROXY" in line["error"]
+    assert line["client"] == "192.0.2.1:1"
+
+
 def test_a_local_header_keeps_the_balancers_address(start_daemon, tcp_server):
     echo = tcp_server()
     daemon = start_daemon(TRUST_LOOPBACK)
@@ -108,13 +152,16 @@ def test_a_header_trickled_byte_by_byte_with_http_behind_it(start_daemon, origin
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(origin.body)
-    assert daemon.access()["client"] == "192.0.2.44:5555"
+    line = daemon.access()  # a forwarded request's own line
+    assert (line["command"], line["client"]) == ("GET", "192.0.2.44:5555")
+    assert line["proxied_by"].startswith("127.0.0.1:")
 
 
 @pytest.mark.parametrize("header", [v1("198.51.100.7", 1), v2("198.51.100.7", 1)], ids=["v1", "v2"])
 def test_a_header_from_an_untrusted_address_is_a_bad_request(start_daemon, tcp_server, header):
     echo = tcp_server()
-    for config in ("", '[server]\nproxy_protocol_from = ["127.0.0.2/32"]\n'):
+    trusting_another = '[server]\nproxy_protocol_from = ["127.0.0.2/32"]\nallow_open_proxy = true\n'
+    for config in ("", trusting_another):
         daemon = start_daemon(config)
         sock, rep = socks5_tunnel(daemon, header, "127.0.0.1", echo.port)
         sock.close()
@@ -146,7 +193,7 @@ def test_no_header_from_a_trusted_balancer_is_an_error(start_daemon, tcp_server)
 def test_rules_and_limits_see_the_real_client(start_daemon, tcp_server):
     echo = tcp_server()
     config = (
-        '[server]\nproxy_protocol_from = ["127.0.0.0/8"]\n'
+        '[server]\nproxy_protocol_from = ["127.0.0.0/8"]\nallow_open_proxy = true\n'
         "[limits]\nper_client = 1\n"
         '[[rules]]\naction = "deny"\nclients = ["198.51.100.0/24"]\n'
     )
@@ -192,7 +239,8 @@ def test_lockout_locks_out_the_real_client_only(start_daemon, tcp_server, users_
 
 def behind_haproxy() -> str:
     return (
-        '[server]\nproxy_protocol_from = ["127.0.0.1/32"]\nshutdown_grace = 5\n'
+        '[server]\nproxy_protocol_from = ["127.0.0.1/32"]\nallow_open_proxy = true\n'
+        "shutdown_grace = 5\n"
         '[metrics]\nlisten = "127.0.0.1:0"\n'
     )
 
@@ -247,8 +295,8 @@ def test_haproxy_in_front_of_two_instances_with_failover(start_daemon, tcp_serve
         worker = threading.Thread(target=keep_connecting)
         worker.start()
         time.sleep(0.5)
-        a_before = len(a.access_events())
-        a.stop()
+        a.stop()  # returns once `a` has exited: from here on only `b` can serve
+        b_at_stop, count_at_stop = len(b.access_events()), count
         haproxy.wait_for_state("a", "DOWN")
         after_down = count
         time.sleep(1.0)
@@ -256,7 +304,9 @@ def test_haproxy_in_front_of_two_instances_with_failover(start_daemon, tcp_serve
         worker.join(30)
         assert failures == [], failures
         assert count > after_down + 10  # connections went on after the check noticed
-        assert len(a.access_events()) >= a_before
-        assert b.access_events()[-1]["status"] == "ok"
+        # every connection since `a` exited was served by `b` (one may have been under
+        # way at the stop), each with an ok line
+        b.wait_for(lambda _e: len(b.access_events()) - b_at_stop >= count - count_at_stop - 1)
+        assert all(e["status"] == "ok" for e in b.access_events()[b_at_stop:])
     finally:
         haproxy.stop()
