@@ -30,7 +30,13 @@ from typing import Any, Final
 
 from proxyd import upstream
 from proxyd.config import BuffersConfig, Config
-from proxyd.errors import ParentError, SessionError, UpstreamError, UpstreamTimeout
+from proxyd.errors import (
+    REP_ADDRESS_TYPE_NOT_SUPPORTED,
+    ParentError,
+    ProtocolError,
+    SessionError,
+    UpstreamTimeout,
+)
 from proxyd.parents import Parent, UpstreamGroup
 from proxyd.protocols import http as http_proto
 from proxyd.protocols import socks4, socks5
@@ -47,7 +53,7 @@ class ParentState:
     """One parent as this process sees it: open connections, recent failures, and
     whether it is out (down) until a probe reaches it."""
 
-    __slots__ = ("active", "down", "failures", "parent", "probe")
+    __slots__ = ("active", "down", "failures", "parent", "probe", "retired")
 
     def __init__(self, parent: Parent) -> None:
         self.parent = parent
@@ -55,6 +61,14 @@ class ParentState:
         self.failures: deque[float] = deque()  # loop times of recent failures
         self.down = False
         self.probe: asyncio.TimerHandle | asyncio.Task[None] | None = None
+        # a reload removed it: attempts still under way must not mark it down or probe it
+        self.retired = False
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.probe is not None:
+            self.probe.cancel()
+            self.probe = None
 
     def __str__(self) -> str:
         return str(self.parent)
@@ -96,11 +110,9 @@ class Pool:
         self._ring = _ring(self.states) if group.strategy == "hash" else []
 
     def close(self) -> None:
-        """The group is gone (a reload): stop probing the parents it had alone."""
+        """The group is gone (a reload, the end): its parents are no longer watched."""
         for state in self.states:
-            if state.probe is not None:
-                state.probe.cancel()
-                state.probe = None
+            state.retire()
 
     def candidates(self, host: str) -> list[ParentState]:
         """The parents that are up, in the order to try them for a request to `host`."""
@@ -124,7 +136,7 @@ class Pool:
         """A connection to or through this parent failed because of the parent."""
         group = self.group
         self.log.info("upstream_failed", group=self.name, server=str(state), error=str(error))
-        if group.max_fails == 0 or state.down:
+        if group.max_fails == 0 or state.down or state.retired:
             return
         now = asyncio.get_running_loop().time()
         failures = state.failures
@@ -156,6 +168,8 @@ class Pool:
         try:
             await self.dialer.probe(state.parent)
         except SessionError as exc:
+            if state.retired:
+                return
             self.log.info(
                 "upstream_probe_failed", group=self.name, server=str(state), error=str(exc)
             )
@@ -213,10 +227,9 @@ class Upstreams:
             previous = old.pop(group.name, None)
             known = {s.parent: s for s in previous.states} if previous else {}
             pool = Pool(group, self.dialer, self.log, known)
-            if previous is not None:
-                for parent, state in known.items():  # parents the group no longer has
-                    if parent not in group.servers and state.probe is not None:
-                        state.probe.cancel()
+            for parent, state in known.items():  # parents the group no longer has
+                if parent not in group.servers:
+                    state.retire()
             self.pools[group.name] = pool
         for pool in old.values():
             pool.close()
@@ -224,6 +237,14 @@ class Upstreams:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+    def pool(self, name: str) -> Pool:
+        """The group a rule routes through; ParentError when a reload removed it while
+        the request was being judged (by the rules of before)."""
+        pool = self.pools.get(name)
+        if pool is None:
+            raise ParentError(f"upstream group {name!r} is no longer configured")
+        return pool
 
 
 ParentClient = socks5.Socks5Client | socks4.Socks4Client | http_proto.ConnectClient
@@ -237,9 +258,10 @@ class Dialer:
         self.buffers = buffers
         self.timeout = timeout
 
-    async def connect(self, parent: Parent) -> socket.socket:
+    async def connect(self, parent: Parent, refuse: Refuse | None = None) -> socket.socket:
         """A TCP connection to the parent (its name resolved, happy eyeballs); a
-        ParentError when it cannot be reached. The caller bounds the time."""
+        ParentError when it cannot be reached. The caller bounds the time.
+        `refuse(ip, port)`: addresses never to connect to (our own listeners)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[socket.socket] = loop.create_future()
 
@@ -253,14 +275,19 @@ class Dialer:
                 done.set_result(sock)  # type: ignore[arg-type]
 
         # its own timer never fires first: the caller's deadline is shorter
-        connector = upstream.Connector(self.resolver, self.buffers, self.timeout * 2, connected)
+        connector = upstream.Connector(
+            self.resolver, self.buffers, self.timeout * 2, connected, refuse=refuse
+        )
         connector.start(parent.host, parent.port)
         try:
             return await done
-        except UpstreamError as exc:
+        except SessionError as exc:  # unreachable, or one of our own listeners
             raise ParentError(f"cannot reach the parent proxy {parent}: {exc}") from None
         except asyncio.CancelledError:
-            connector.cancel()  # a socket connected meanwhile is closed by `connected`
+            connector.cancel()
+            # connected in the same loop pass as the cancellation: the socket is ours
+            if done.done() and not done.cancelled() and done.exception() is None:
+                done.result().close()
             raise
 
     async def probe(self, parent: Parent) -> None:
@@ -271,7 +298,10 @@ class Dialer:
             with sock:
                 if parent.scheme.startswith("socks5"):
                     client = client_for(parent, socks5.Command.CONNECT, "0.0.0.0", 0)
-                    await handshake(sock, client, until_request=True)
+                    await Handshake(sock, client).run(until_request=True)
+
+
+Refuse = Callable[[str, int], bool]
 
 
 @contextlib.asynccontextmanager
@@ -284,52 +314,75 @@ async def _deadline(seconds: float, parent: Parent) -> Any:
 
 
 def client_for(parent: Parent, command: socks5.Command, host: str, port: int) -> ParentClient:
-    """The sans-I/O client that asks `parent` for host:port."""
-    if parent.scheme.startswith("socks5"):
-        return socks5.Socks5Client(command, host, port, parent.credentials)
-    if parent.scheme == "socks4a":
-        user = parent.credentials.username if parent.credentials else ""
-        return socks4.Socks4Client(host, port, user)
-    return http_proto.ConnectClient(host, port, parent.credentials)
-
-
-async def handshake(
-    sock: socket.socket,
-    client: ParentClient,
-    *,
-    greeting_by: float | None = None,
-    until_request: bool = False,
-) -> Established | None:
-    """Drive `client` over `sock` until the parent grants the request, or with
-    `until_request` until the request would be sent (a probe). Until the request is
-    sent, waiting past `greeting_by` (a loop time) is the parent's failure. Errors
-    as the client raises them; a broken connection is the parent's failure."""
-    loop = asyncio.get_running_loop()
+    """The sans-I/O client that asks `parent` for host:port. A target the parent's
+    protocol cannot carry (an IPv6 address for SOCKS4, a name too long once
+    IDNA-encoded) is the request's problem: a ProtocolError with the reply to give."""
     try:
-        await loop.sock_sendall(sock, client.start())
-        while True:
-            event = client.next_event()
-            if event is NEED_DATA:
-                if greeting_by is None or client.request_sent:
-                    data = await loop.sock_recv(sock, HANDSHAKE_READ)
+        if parent.scheme.startswith("socks5"):
+            return socks5.Socks5Client(command, host, port, parent.credentials)
+        if parent.scheme == "socks4a":
+            user = parent.credentials.username if parent.credentials else ""
+            return socks4.Socks4Client(host, port, user)
+        return http_proto.ConnectClient(host, port, parent.credentials)
+    except ValueError as exc:
+        raise ProtocolError(
+            f"the parent proxy {parent} cannot be asked for it: {exc}",
+            socks_reply=REP_ADDRESS_TYPE_NOT_SUPPORTED,
+            status="unsupported",
+        ) from None
+
+
+class Handshake:
+    """Drives one parent client over its socket; `heard` says whether the parent has
+    sent anything yet (a silent parent is a failed one)."""
+
+    __slots__ = ("client", "heard", "sock")
+
+    def __init__(self, sock: socket.socket, client: ParentClient) -> None:
+        self.sock = sock
+        self.client = client
+        self.heard = False
+
+    async def run(
+        self, *, first_answer_by: float | None = None, until_request: bool = False
+    ) -> Established | None:
+        """Until the parent grants the request, or with `until_request` until the
+        request would be sent (a probe). Waiting for the parent's first answer past
+        `first_answer_by` (a loop time) is the parent's failure. Errors as the client
+        raises them; a broken connection is the parent's failure."""
+        loop = asyncio.get_running_loop()
+        client, sock = self.client, self.sock
+        try:
+            await loop.sock_sendall(sock, client.start())
+            while True:
+                event = client.next_event()
+                if event is NEED_DATA:
+                    data = await self._receive(None if self.heard else first_answer_by)
+                    if not data:
+                        client.connection_closed()
+                    self.heard = True
+                    client.receive_data(data)
+                elif isinstance(event, Send):
+                    if until_request and client.request_sent:
+                        return None
+                    await loop.sock_sendall(sock, event.data)
                 else:
-                    try:
-                        async with asyncio.timeout_at(greeting_by):
-                            data = await loop.sock_recv(sock, HANDSHAKE_READ)
-                    except TimeoutError:
-                        raise ParentError("the parent proxy did not answer in time") from None
-                if not data:
-                    client.connection_closed()
-                client.receive_data(data)
-            elif isinstance(event, Send):
-                if until_request and client.request_sent:
-                    return None
-                await loop.sock_sendall(sock, event.data)
-            else:
-                assert isinstance(event, Established)
-                return event
-    except OSError as exc:
-        raise ParentError(f"the connection to the parent proxy failed: {exc.strerror}") from None
+                    assert isinstance(event, Established)
+                    return event
+        except OSError as exc:
+            raise ParentError(
+                f"the connection to the parent proxy failed: {exc.strerror}"
+            ) from None
+
+    async def _receive(self, by: float | None) -> bytes:
+        loop = asyncio.get_running_loop()
+        if by is None:
+            return await loop.sock_recv(self.sock, HANDSHAKE_READ)
+        try:
+            async with asyncio.timeout_at(by):
+                return await loop.sock_recv(self.sock, HANDSHAKE_READ)
+        except TimeoutError:
+            raise ParentError("the parent proxy did not answer in time") from None
 
 
 ChainDone = Callable[[socket.socket | None, SessionError | None], object]
@@ -342,11 +395,26 @@ class ChainConnector:
     parent's answer, and `bound` the parent's bound address (a UDP relay for
     UDP ASSOCIATE)."""
 
-    __slots__ = ("_done", "_task", "bound", "lease", "plain", "pool", "timeout", "trailing")
+    __slots__ = (
+        "_done",
+        "_task",
+        "bound",
+        "lease",
+        "plain",
+        "pool",
+        "refuse",
+        "timeout",
+        "trailing",
+    )
 
-    def __init__(self, pool: Pool, timeout: float, done: ChainDone) -> None:
+    def __init__(
+        self, pool: Pool, timeout: float, done: ChainDone, refuse: Refuse | None = None
+    ) -> None:
+        """`refuse(ip, port)`: addresses never to connect to (our own listeners: a
+        parent that is this proxy would be a loop)."""
         self.pool = pool
         self.timeout = timeout
+        self.refuse = refuse
         self._done: ChainDone | None = done
         self._task: asyncio.Task[socket.socket] | None = None
         self.lease: Lease | None = None
@@ -362,12 +430,14 @@ class ChainConnector:
         command: socks5.Command = socks5.Command.CONNECT,
         *,
         plain_http: bool = False,
+        hash_key: str | None = None,
     ) -> None:
         """`addresses`: the target's addresses, already resolved and allowed by the rules.
         `plain_http`: for forwarding plain HTTP requests; an HTTP parent is then only
-        connected to (it is sent the requests themselves), SOCKS parents tunnel."""
+        connected to (it is sent the requests themselves), SOCKS parents tunnel.
+        `hash_key`: what the hash strategy hashes, when not `host`."""
         self._task = asyncio.get_running_loop().create_task(
-            self._run(host, port, addresses, command, plain_http)
+            self._run(host, port, addresses, command, plain_http, hash_key or host)
         )
         self._task.add_done_callback(self._finished)
 
@@ -391,8 +461,11 @@ class ChainConnector:
             done(task.result(), None)
         elif isinstance(error, SessionError):
             done(None, error)
-        else:
-            raise error
+        else:  # a bug: the session still ends, answered and logged
+            self.pool.log.error(
+                "chain_error", group=self.pool.name, error=f"{type(error).__name__}: {error}"
+            )
+            done(None, SessionError(f"internal error: {type(error).__name__}"))
 
     async def _run(
         self,
@@ -401,11 +474,12 @@ class ChainConnector:
         addresses: list[upstream.AddrInfo] | None,
         command: socks5.Command,
         plain_http: bool,
+        hash_key: str,
     ) -> socket.socket:
         pool, loop = self.pool, asyncio.get_running_loop()
         target = format_hostport(host, port)
         deadline = loop.time() + self.timeout
-        candidates = pool.candidates(host)
+        candidates = pool.candidates(hash_key)
         if not candidates:
             raise ParentError(f"every parent proxy of {pool.name!r} is down")
         if command is socks5.Command.UDP_ASSOCIATE:
@@ -418,25 +492,41 @@ class ChainConnector:
         elif upstream.literal_addresses(host, port) is not None:
             address = host
         last: SessionError | None = None
+        trying: ParentState | None = None  # the parent being reached or asked
+        handshake: Handshake | None = None
         try:
             async with asyncio.timeout_at(deadline):
                 for i, state in enumerate(candidates):
+                    trying = handshake = None
                     parent = state.parent
                     if not parent.resolves_names and address is None:
                         found = await pool.dialer.resolver.resolve(host, port, self.timeout)
                         address = found[0][1][0]
+                    trying = state
                     asked = host if parent.resolves_names else address
                     assert asked is not None
-                    # each parent left gets an equal share of the time left to answer
-                    share = (deadline - loop.time()) / (len(candidates) - i)
+                    # Reaching the parent, and its first answer, may take an equal share
+                    # of the time left while other parents remain; the last one has all.
+                    left = len(candidates) - i
+                    share = (deadline - loop.time()) / left
+                    answer_by = loop.time() + share if left > 1 else None
                     lease = Lease(state)
                     try:
+                        async with _deadline(share, parent):
+                            sock = await pool.dialer.connect(parent, self.refuse)
                         if plain_http and parent.scheme == "http":
-                            async with _deadline(share, parent):
-                                sock = await pool.dialer.connect(parent)
-                            self.plain = True
+                            self.plain = True  # it is sent the requests themselves
                         else:
-                            sock = await self._attempt(parent, command, asked, port, share)
+                            client = client_for(parent, command, asked, port)
+                            handshake = Handshake(sock, client)
+                            try:
+                                established = await handshake.run(first_answer_by=answer_by)
+                            except BaseException:
+                                sock.close()
+                                raise
+                            assert established is not None
+                            self.bound = (established.host, established.port)
+                            self.trailing = client.trailing_data
                     except ParentError as exc:
                         lease.release()
                         pool.failed(state, exc)
@@ -448,27 +538,11 @@ class ChainConnector:
                     self.lease = lease
                     return sock
         except TimeoutError:
+            if trying is not None and (handshake is None or not handshake.heard):
+                # the last parent never answered (or was never reached): its failure
+                pool.failed(trying, ParentError(f"the parent proxy {trying} did not answer"))
             raise UpstreamTimeout(
                 f"connecting to {target} through {pool.name!r} timed out"
             ) from None
         assert last is not None
         raise last
-
-    async def _attempt(
-        self, parent: Parent, command: socks5.Command, host: str, port: int, share: float
-    ) -> socket.socket:
-        """Through one parent: reaching it and its greeting within `share` seconds, its
-        answer about the target within what is left of timeouts.connect."""
-        client = client_for(parent, command, host, port)
-        greeting_by = asyncio.get_running_loop().time() + share
-        async with _deadline(share, parent):
-            sock = await self.pool.dialer.connect(parent)
-        try:
-            established = await handshake(sock, client, greeting_by=greeting_by)
-        except BaseException:
-            sock.close()
-            raise
-        assert established is not None
-        self.bound = (established.host, established.port)
-        self.trailing = client.trailing_data
-        return sock

@@ -24,6 +24,7 @@ from proxyd import chain, upstream
 from proxyd.errors import (
     AuthFailed,
     Denied,
+    ParentError,
     ProtocolError,
     SessionError,
     UpstreamTimeout,
@@ -118,12 +119,14 @@ class _Origin:
         sock: socket.socket,
         lease: chain.Lease | None = None,
         proxy: Parent | None = None,
+        pool: chain.Pool | None = None,
     ) -> None:
         self.key = key
         self.sock = sock
         self.conn = h11.Connection(h11.CLIENT)
         self.lease = lease
         self.proxy = proxy
+        self.pool = pool  # the group of the parent, which its failures count against
 
     def quiet(self) -> bool:
         """Still open with nothing unasked-for to read: fit for the next request. An
@@ -347,6 +350,10 @@ class Forwarder:
                     raise UpstreamBroken("the origin switched protocols; not supported")
                 await self._client_send(event)
             elif isinstance(event, h11.Response):
+                if event.status_code == 407 and origin.proxy is not None:
+                    # the HTTP parent refused our credentials: its failure, not the
+                    # client's to answer (it would ask the user for the parent's)
+                    raise self._parent_failed(origin, "refused our credentials (407)")
                 headers = [*end_to_end(list(event.headers)), (b"via", VIA)]
                 await self._client_send(
                     h11.Response(
@@ -362,6 +369,12 @@ class Forwarder:
                 self._keep_or_drop(origin)
                 return
             event = h11.NEED_DATA
+
+    def _parent_failed(self, origin: _Origin, what: str) -> ParentError:
+        error = ParentError(f"the parent proxy {origin.proxy} {what}")
+        if origin.pool is not None and origin.lease is not None and origin.lease.state:
+            origin.pool.failed(origin.lease.state, error)
+        return error
 
     def _keep_or_drop(self, origin: _Origin) -> None:
         """Keep the origin connection for the next request when both sides allow it."""
@@ -432,8 +445,10 @@ class Forwarder:
         connector: upstream.Connector | chain.ChainConnector
         if via is not None:
             assert self.session.ctx.upstreams is not None
-            pool = self.session.ctx.upstreams.pools[via]
-            connector = chain.ChainConnector(pool, cfg.timeouts.connect, connected)
+            pool = self.session.ctx.upstreams.pool(via)
+            connector = chain.ChainConnector(
+                pool, cfg.timeouts.connect, connected, refuse=self.session.is_own_listener
+            )
             connector.start(*origin_key, addresses, plain_http=True)
         else:
             connector = upstream.Connector(
@@ -459,7 +474,7 @@ class Forwarder:
         if isinstance(connector, chain.ChainConnector):
             lease = connector.lease
             proxy = lease.parent if lease is not None and connector.plain else None
-            self.origin = _Origin(key, sock, lease, proxy)
+            self.origin = _Origin(key, sock, lease, proxy, connector.pool)
             if connector.trailing:  # the origin spoke first (b"" would tell h11 it closed)
                 self.origin.conn.receive_data(connector.trailing)
         else:

@@ -102,6 +102,10 @@ def parse_parent(url: Any) -> Parent:
             raise ValueError(f"{scheme}:// user name and password are at most 255 bytes each")
         if scheme.startswith("socks5") and not password:
             raise ValueError(f"{scheme}:// URL has a user name but no password")
+        if scheme == "http" and ":" in username:
+            raise ValueError("http:// user name must not contain ':' (Basic auth splits there)")
+        if scheme == "socks4a" and ("\0" in username or len(username.encode()) > MAX_CREDENTIAL):
+            raise ValueError("socks4a:// user id must be at most 255 bytes, without NUL")
         credentials = Credentials(username, password)
     return Parent(scheme, host, port, credentials)
 

@@ -417,9 +417,10 @@ class Session:
             assert self.ctx.upstreams is not None
             self.via = via
             connector = chain.ChainConnector(
-                self.ctx.upstreams.pools[via],
+                self.ctx.upstreams.pool(via),
                 cfg.timeouts.connect,
                 lambda sock, error: self._step(self._on_connected, sock, error, False, started),
+                refuse=self.is_own_listener,
             )
             self._connector = connector
             connector.start(host, port, addresses)

@@ -9,12 +9,17 @@ wrapped with their sender's address, from the targets the client sent to and no
 one else. The association ends with its control connection or after
 `timeouts.udp_idle` without a datagram either way; its access line (written by
 the session) counts datagrams and bytes each way.
+
+Datagrams the rules route through an upstream group go to a SOCKS5 parent's
+relay instead (ParentRelay); answers are then taken from that relay only, and
+which targets may answer through it is the parent's to judge.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -319,19 +324,22 @@ class Association:
         if relay is None or relay.closed:
             upstreams = self.session.ctx.upstreams
             assert upstreams is not None
-            relay = self.parents[group] = ParentRelay(self, upstreams.pools[group])
+            try:
+                pool = upstreams.pool(group)
+            except SessionError:  # a reload removed the group meanwhile
+                self.dropped += 1
+                return
+            # the first datagram's destination is what the hash strategy hashes
+            relay = self.parents[group] = ParentRelay(self, pool, datagram.host)
             if group not in self.via:
                 self.via.append(group)
         relay.send(datagram, address)
 
-    def reply_from_parent(self, data: bytes, payload: int) -> None:
+    async def reply_from_parent(self, data: bytes, payload: int) -> None:
         """A parent relay's datagram (already in SOCKS5 UDP form, with the target as
-        sender) for the client."""
+        sender) for the client; awaited, so a slow client slows the parent's pump."""
         if self.client is None or self._over_rate(1, payload):
             return
-        self.loop.create_task(self._reply(data, payload))
-
-    async def _reply(self, data: bytes, payload: int) -> None:
         try:
             await self.relay.send(data, self.client)
         except (OSError, asyncio_dgram.TransportClosed):
@@ -359,7 +367,7 @@ class ParentRelay:
     for the group reaches a parent again.
     """
 
-    def __init__(self, association: Association, pool: chain.Pool) -> None:
+    def __init__(self, association: Association, pool: chain.Pool, first_host: str) -> None:
         self.association = association
         self.pool = pool
         self.loop = association.loop
@@ -368,14 +376,16 @@ class ParentRelay:
         self.lookups = 0  # names being resolved for a socks5:// parent
         self.control: socket.socket | None = None
         self.sock: socket.socket | None = None  # ours, for the parent's relay
-        self.relay: tuple[str, int] = ("", 0)  # the parent's relay
+        self.relay: tuple[Any, int] = ("", 0)  # the parent's relay: (ip_address, port)
         self.endpoint: Any = None  # asyncio_dgram's view of it, which receives
         self.lease: chain.Lease | None = None
         self.parent: Any = None
         self.connector = chain.ChainConnector(
             pool, association.session.ctx.config.timeouts.connect, self._on_connected
         )
-        self.connector.start("0.0.0.0", 0, command=socks5.Command.UDP_ASSOCIATE)
+        self.connector.start(
+            "0.0.0.0", 0, command=socks5.Command.UDP_ASSOCIATE, hash_key=first_host
+        )
         self.receiver: asyncio.Task[None] | None = None
 
     def send(self, datagram: socks5.UdpDatagram, address: str | None) -> None:
@@ -399,7 +409,8 @@ class ParentRelay:
         assert self.sock is not None
         try:
             # a datagram socket queues nothing of its own: a plain send is the whole job
-            self.sock.sendto(socks5.udp_header(host, datagram.port) + datagram.payload, self.relay)
+            relay = (str(self.relay[0]), self.relay[1])
+            self.sock.sendto(socks5.udp_header(host, datagram.port) + datagram.payload, relay)
         except OSError:
             self.association.dropped += 1
             return
@@ -451,20 +462,25 @@ class ParentRelay:
         self.lease = self.connector.lease
         assert self.lease is not None
         self.parent = self.lease.parent
-        host, port = self.connector.bound
-        if host in ("0.0.0.0", "::"):  # "the address you reached me on" (RFC 1928)
-            host = control.getpeername()[0]
-        sock = socket.socket(control.family, socket.SOCK_DGRAM)
+        try:
+            relay = _relay_address(self.connector.bound, control)
+            family = socket.AF_INET6 if relay[0].version == 6 else socket.AF_INET
+            local = control.getsockname()[0] if family == control.family else None
+        except (OSError, ValueError) as exc:
+            self._on_connected(None, SessionError(f"the parent's relay address: {exc}"))
+            return
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            sock.bind((control.getsockname()[0], 0))
+            # on the control connection's address, which the parent takes datagrams from
+            sock.bind((local or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0))
         except OSError as exc:
             sock.close()
             self._on_connected(None, SessionError(f"cannot open a UDP socket: {exc.strerror}"))
             return
         # not connect()ed (asyncio_dgram cannot take a connected socket under uvloop):
         # answers are taken from the relay's address only, checked on receipt
-        self.sock, self.relay = sock, (host, port)
+        self.sock, self.relay = sock, relay
         self.receiver = self.loop.create_task(self._receive(sock))
         self.loop.add_reader(control.fileno(), self._on_control)
 
@@ -479,15 +495,15 @@ class ParentRelay:
                 return
             except OSError:  # an ICMP error for an earlier datagram
                 continue
-            if sender[:2] != self.relay:
+            if _same_address(sender, self.relay):
+                try:
+                    datagram = socks5.parse_udp(data)
+                except ProtocolError:
+                    self.association.dropped += 1
+                    continue
+                await self.association.reply_from_parent(data, len(datagram.payload))
+            else:
                 self.association.dropped += 1  # from a stranger
-                continue
-            try:
-                datagram = socks5.parse_udp(data)
-            except ProtocolError:
-                self.association.dropped += 1
-                continue
-            self.association.reply_from_parent(data, len(datagram.payload))
 
     def _on_control(self) -> None:
         """The parent's control connection carries nothing: its end ends this relay."""
@@ -518,6 +534,32 @@ class ParentRelay:
             self.control = None
         if self.lease is not None:
             self.lease.release()
+
+
+def _relay_address(bound: tuple[str, int], control: socket.socket) -> tuple[Any, int]:
+    """The parent's relay as (ip_address, port): its BND.ADDR, or the address we reached
+    the parent on when that is all zeros or a name (RFC 1928 leaves both possible)."""
+    host, port = bound
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is None or ip.is_unspecified:
+        ip = ipaddress.ip_address(control.getpeername()[0])
+    return _plain(ip), port
+
+
+def _plain(ip: Any) -> Any:
+    """An IPv4-mapped IPv6 address as the IPv4 address it is."""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped or ip
+
+
+def _same_address(sender: tuple[Any, ...], relay: tuple[Any, int]) -> bool:
+    try:
+        return bool(sender[1] == relay[1] and _plain(ipaddress.ip_address(sender[0])) == relay[0])
+    except ValueError:
+        return False
 
 
 def _ignore_result(future: asyncio.Future[Any]) -> None:

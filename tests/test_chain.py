@@ -215,3 +215,29 @@ def test_a_down_parent_is_left_out_and_its_hosts_go_to_the_next() -> None:
         p.close()  # the probe timer goes with the group
 
     asyncio.run(run())
+
+
+def test_a_reload_retires_removed_parents_and_groups() -> None:
+    async def run() -> None:
+        from proxyd.chain import Upstreams
+
+        def cfg(*servers: str) -> config.Config:
+            groups = [{"name": "p", "servers": list(servers), "max_fails": 1}] if servers else []
+            return config.from_mapping({"upstreams": groups})
+
+        upstreams = Upstreams(resolver=None, log=Log())  # type: ignore[arg-type]
+        upstreams.configure(cfg("socks5://10.0.0.1:1080", "socks5://10.0.0.2:1080"))
+        old = upstreams.pool("p")
+        kept, removed = old.states
+        upstreams.configure(cfg("socks5://10.0.0.1:1080"))
+        new = upstreams.pool("p")
+        assert new.states == [kept] and not kept.retired  # its health carries over
+        # an attempt begun before the reload fails after it: nothing is marked or probed
+        old.failed(removed, ParentError("refused"))
+        assert removed.retired and not removed.down and removed.probe is None
+        upstreams.configure(cfg())
+        assert kept.retired
+        with pytest.raises(ParentError, match="no longer configured"):
+            upstreams.pool("p")
+
+    asyncio.run(run())

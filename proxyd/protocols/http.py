@@ -370,8 +370,8 @@ class ConnectClient:
             if self._has_credentials:
                 return ParentError("the parent proxy refused our credentials (407)")
             return ParentError("the parent proxy wants credentials and none are configured (407)")
-        if status == 503:
-            return ParentError("the parent proxy is unavailable (503)")
+        if status == 503:  # Squid and gost say so when the target fails: not the parent's fault
+            return UpstreamError(f"{target}: the parent proxy could not connect (503)")
         if status == 403:
             return ParentDenied(f"{target}: the parent proxy's rules do not allow it (403)")
         if status == 504:

@@ -398,3 +398,115 @@ def test_udp_through_a_group_without_socks5_parents_is_dropped(start_daemon):
     line = child.access(lambda e: e["command"] == "udp_associate")
     assert line["datagrams_up"] == 0 and line["datagrams_dropped"] == 1
     assert child.named("udp_parent_failed")[0]["group"] == "p"
+
+
+# --- parents that misbehave, and mistakes that must not loop or hang --------------------------
+
+
+def http_parent_answering(status: bytes):
+    """A Squid-like HTTP parent: reads the CONNECT head, answers with `status` and closes."""
+
+    def handle(conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and (chunk := conn.recv(4096)):
+            head += chunk
+        conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+
+    return handle
+
+
+def test_a_503_from_a_squid_like_parent_is_the_targets_failure(start_daemon, tcp_server):
+    """Squid and gost answer 503 when the target cannot be reached: that must not take
+    the parent out (else one user's dead target takes every parent down)."""
+    parent = tcp_server(http_parent_answering(b"503 Service Unavailable"))
+    child = start_daemon(group("p", [f"http://127.0.0.1:{parent.port}"], max_fails=1) + via("p"))
+    for _ in range(3):
+        sock, rep, _, _ = socks5client.connect(child.address, "127.0.0.1", closed_port())
+        sock.close()
+        assert rep == 1
+    lines = served(child, 3)
+    assert [e["status"] for e in lines] == ["error"] * 3
+    assert "503" in lines[0]["error"]
+    assert child.named("upstream_failed", "upstream_down") == []
+
+
+def test_a_silent_http_parent_leaves_time_for_the_next(start_daemon, tcp_server):
+    """An HTTP or SOCKS4a parent has no greeting: its first answer is what it may take
+    no more than its share for, while other parents remain."""
+    echo = tcp_server()
+    alive = start_daemon()
+    silent = tcp_server(lambda conn: conn.recv(65536) and time.sleep(5))  # reads, never answers
+    servers = [f"http://127.0.0.1:{silent.port}", url("socks5h", alive)]
+    child = start_daemon("[timeouts]\nconnect = 2\n" + group("p", servers) + via("p"))
+    started = time.monotonic()
+    echo_through(child, "127.0.0.1", echo.port)
+    assert time.monotonic() - started < 2.0
+    failed = child.wait_for(lambda e: e.get("event") == "upstream_failed")
+    assert failed["server"] == servers[0] and "did not answer" in failed["error"]
+
+
+def test_a_single_silent_parent_times_out_and_is_counted(start_daemon):
+    with silent_listener() as port:
+        server = f"socks5://127.0.0.1:{port}"
+        child = start_daemon(
+            "[timeouts]\nconnect = 1\n" + group("p", [server], max_fails=1) + via("p")
+        )
+        sock, rep, _, _ = socks5client.connect(child.address, "127.0.0.1", 9)
+        sock.close()
+    assert rep == 4  # a timeout, as if we had connected ourselves
+    assert child.access()["status"] == "timeout"
+    down = child.wait_for(lambda e: e.get("event") == "upstream_down")
+    assert down["server"] == server
+
+
+def test_a_name_the_parent_cannot_be_asked_for_is_refused_not_hung(start_daemon):
+    parent = start_daemon()
+    child = start_daemon(group("p", [url("http", parent)]) + via("p"))
+    sock, rep, _, _ = socks5client.connect(child.address, "user@host.example", 80, timeout=5)
+    sock.close()
+    assert rep == 8  # the parent's protocol cannot carry that name
+    line = child.access()
+    assert line["status"] == "unsupported" and "cannot be asked" in line["error"]
+    assert parent.access_events() == []
+
+
+def test_a_parent_that_is_this_proxy_is_not_a_loop(start_daemon):
+    port = closed_port()
+    child = start_daemon(
+        group("p", [f"socks5://127.0.0.1:{port}"], max_fails=0) + via("p"),
+        listen=f"127.0.0.1:{port}",
+    )
+    sock, rep, _, _ = socks5client.connect(child.address, "127.0.0.1", 9)
+    sock.close()
+    assert rep == 1
+    line = child.access()
+    assert line["status"] == "parent_failed" and "own listener" in line["error"]
+    time.sleep(0.3)
+    assert len(child.access_events()) == 1  # no request came back round
+
+
+def test_a_407_from_an_http_parent_on_a_forwarded_request_is_its_failure(
+    start_daemon, origin, users_file
+):
+    parent = start_daemon(f'[auth]\nusers_file = "{users_file}"\n')
+    child = start_daemon(group("p", [url("http", parent)]) + via("p"))  # no credentials
+    result = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-x",
+            f"http://{child.host}:{child.port}",
+            origin.url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.stdout == "502"  # not the parent's 407, which would ask the user
+    line = child.access()
+    assert line["status"] == "parent_failed" and "407" in line["error"]
+    assert child.named("upstream_failed")[0]["server"] == url("http", parent)

@@ -664,7 +664,7 @@ HTTP_FAILURES = [
     ),
     pytest.param(
         b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n\r\n",
-        ParentError,
+        UpstreamError,
         502,
         REP_GENERAL_FAILURE,
         id="503",
@@ -1076,7 +1076,7 @@ def test_connect_client_against_our_server(
         (407, ParentError),
         (403, ParentDenied),
         (502, UpstreamError),
-        (503, ParentError),
+        (503, UpstreamError),
         (504, errors.UpstreamTimeout),
         (500, UpstreamError),
         (400, UpstreamError),
