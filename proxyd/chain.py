@@ -510,14 +510,14 @@ class ChainConnector:
                     left = len(candidates) - i
                     share = (deadline - loop.time()) / left
                     answer_by = loop.time() + share if left > 1 else None
+                    plain = plain_http and parent.scheme == "http"  # sent the requests
+                    client = None if plain else client_for(parent, command, asked, port)
                     lease = Lease(state)
                     try:
                         async with _deadline(share, parent):
                             sock = await pool.dialer.connect(parent, self.refuse)
-                        if plain_http and parent.scheme == "http":
-                            self.plain = True  # it is sent the requests themselves
-                        else:
-                            client = client_for(parent, command, asked, port)
+                        self.plain = plain
+                        if client is not None:
                             handshake = Handshake(sock, client)
                             try:
                                 established = await handshake.run(first_answer_by=answer_by)
