@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
+
+from proxyd.errors import LocalProtocolError, ParentError, SessionError
 
 
 class NeedData:
@@ -64,3 +67,60 @@ def check_hostname(host: str) -> str:
     except UnicodeError:
         raise ValueError("host name has an empty or over-long label") from None
     return host
+
+
+class ClientState(enum.Enum):
+    """Where our handshake with a parent proxy is (the SOCKS5, SOCKS4a and HTTP
+    clients share these; only SOCKS5 has a method choice and a login)."""
+
+    START = enum.auto()  # nothing handed out yet
+    AWAIT_METHOD = enum.auto()  # SOCKS5: the parent's method choice
+    AWAIT_AUTH_STATUS = enum.auto()  # SOCKS5: the answer to our login
+    AWAIT_REPLY = enum.auto()  # the answer to the request for the target
+    ESTABLISHED = enum.auto()  # granted: further bytes belong to the tunnel
+    FAILED = enum.auto()  # an error was raised; nothing more may happen
+
+
+_AWAITING: Final = frozenset(
+    {ClientState.AWAIT_METHOD, ClientState.AWAIT_AUTH_STATUS, ClientState.AWAIT_REPLY}
+)
+
+
+class ParentClient:
+    """What the parent clients share: the guards around their states and the end of
+    the handshake. A subclass reads the parent's next message in `_next`."""
+
+    state: ClientState = ClientState.START
+
+    def next_event(self) -> NeedData | Send | Established:
+        if self.state not in _AWAITING:
+            raise LocalProtocolError(f"no event to read in state {self.state.name}")
+        try:
+            return self._next()
+        except SessionError:
+            self.state = ClientState.FAILED
+            raise
+
+    def _next(self) -> NeedData | Send | Established:
+        raise NotImplementedError
+
+    def connection_closed(self) -> NoReturn:
+        """The parent closed before the handshake ended."""
+        if self.state is ClientState.ESTABLISHED:
+            raise LocalProtocolError("the handshake is over: the parent's EOF is the relay's")
+        self.state = ClientState.FAILED
+        raise ParentError("the parent proxy closed the connection during the handshake")
+
+    @property
+    def request_sent(self) -> bool:
+        """Whether the request for the target went out (a failure may now be the
+        target's); for a protocol without a greeting, from `start` on."""
+        return self.state is not ClientState.START
+
+    def _expect(self, state: ClientState) -> None:
+        if self.state is not state:
+            raise LocalProtocolError(f"expected state {state.name}, in {self.state.name}")
+
+    def _expect_input(self) -> None:
+        if self.state not in _AWAITING:
+            raise LocalProtocolError(f"no input expected in state {self.state.name}")

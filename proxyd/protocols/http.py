@@ -10,12 +10,11 @@ connection is handed, with its h11 connection, to proxyd.forward.
 from __future__ import annotations
 
 import binascii
-import enum
 import http
 import ipaddress
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import h11
 
@@ -30,9 +29,11 @@ from proxyd.errors import (
 )
 from proxyd.protocols.common import (
     NEED_DATA,
+    ClientState,
     Credentials,
     Established,
     NeedData,
+    ParentClient,
     check_hostname,
     format_hostport,
 )
@@ -247,13 +248,6 @@ class HttpProxyServer:
 # --- client side: our CONNECT through a parent proxy -------------------------------
 
 
-class ClientState(enum.Enum):
-    START = enum.auto()  # the request is not handed out yet
-    AWAIT_RESPONSE = enum.auto()
-    ESTABLISHED = enum.auto()  # a 2xx came; further bytes belong to the tunnel
-    FAILED = enum.auto()  # an error was raised; nothing more may happen
-
-
 # characters that would end or split the host part of a CONNECT authority
 _URI_DELIMITERS: Final = frozenset(":/?#[]@")
 
@@ -266,7 +260,7 @@ def basic_authorization(credentials: Credentials) -> str:
     return "Basic " + binascii.b2a_base64(userpass, newline=False).decode("ascii")
 
 
-class ConnectClient:
+class ConnectClient(ParentClient):
     """Our CONNECT request to a parent HTTP proxy and its answer, on h11 as the client."""
 
     def __init__(
@@ -299,36 +293,14 @@ class ConnectClient:
     def start(self) -> bytes:
         """The whole CONNECT request head."""
         self._expect(ClientState.START)
-        self.state = ClientState.AWAIT_RESPONSE
+        self.state = ClientState.AWAIT_REPLY
         return self._request
 
     def receive_data(self, data: bytes) -> None:
-        if self.state is not ClientState.AWAIT_RESPONSE:
-            raise LocalProtocolError(f"no input expected in state {self.state.name}")
+        self._expect_input()
         # h11 takes b"" for EOF, which the driver reports with `connection_closed`.
         if data:
             self._conn.receive_data(data)
-
-    def next_event(self) -> NeedData | Established:
-        if self.state is not ClientState.AWAIT_RESPONSE:
-            raise LocalProtocolError(f"no event to read in state {self.state.name}")
-        try:
-            return self._read_response()
-        except SessionError:
-            self.state = ClientState.FAILED
-            raise
-
-    def connection_closed(self) -> NoReturn:
-        """The parent closed before the handshake ended."""
-        if self.state is ClientState.ESTABLISHED:
-            raise LocalProtocolError("the handshake is over: the parent's EOF is the relay's")
-        self.state = ClientState.FAILED
-        raise ParentError("the parent proxy closed the connection during the handshake")
-
-    @property
-    def request_sent(self) -> bool:
-        """Whether the request for the target went out: true from `start` on."""
-        return self.state is not ClientState.START
 
     @property
     def trailing_data(self) -> bytes:
@@ -337,11 +309,7 @@ class ConnectClient:
         data, _closed = self._conn.trailing_data
         return bytes(data)
 
-    def _expect(self, state: ClientState) -> None:
-        if self.state is not state:
-            raise LocalProtocolError(f"expected state {state.name}, in {self.state.name}")
-
-    def _read_response(self) -> NeedData | Established:
+    def _next(self) -> NeedData | Established:
         while True:
             try:
                 event = self._conn.next_event()

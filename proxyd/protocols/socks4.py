@@ -14,20 +14,21 @@ import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Final
 
 from proxyd.errors import (
     REP_ADDRESS_TYPE_NOT_SUPPORTED,
     LocalProtocolError,
     ParentError,
     ProtocolError,
-    SessionError,
     UpstreamError,
 )
 from proxyd.protocols.common import (
     NEED_DATA,
+    ClientState,
     Established,
     NeedData,
+    ParentClient,
     check_hostname,
     format_hostport,
 )
@@ -183,14 +184,7 @@ class AddressNotSupported(UpstreamError):
     socks_reply = REP_ADDRESS_TYPE_NOT_SUPPORTED
 
 
-class ClientState(enum.Enum):
-    START = enum.auto()  # the request is not handed out yet
-    AWAIT_REPLY = enum.auto()
-    ESTABLISHED = enum.auto()  # further bytes belong to the tunnel
-    FAILED = enum.auto()  # an error was raised; nothing more may happen
-
-
-class Socks4Client:
+class Socks4Client(ParentClient):
     """Our SOCKS4 (IPv4 literal) or SOCKS4a (host name) CONNECT to a parent proxy."""
 
     def __init__(self, host: str, port: int, user_id: str = "") -> None:
@@ -227,32 +221,10 @@ class Socks4Client:
         return self._request
 
     def receive_data(self, data: bytes) -> None:
-        if self.state is not ClientState.AWAIT_REPLY:
-            raise LocalProtocolError(f"no input expected in state {self.state.name}")
+        self._expect_input()
         # The driver pulls an event after each chunk and the reply is decided
         # within 8 bytes, so the buffer stays bounded; the rest is tunnel data.
         self._buffer += data
-
-    def next_event(self) -> NeedData | Established:
-        if self.state is not ClientState.AWAIT_REPLY:
-            raise LocalProtocolError(f"no event to read in state {self.state.name}")
-        try:
-            return self._read_reply()
-        except SessionError:
-            self.state = ClientState.FAILED
-            raise
-
-    def connection_closed(self) -> NoReturn:
-        """The parent closed before the handshake ended."""
-        if self.state is ClientState.ESTABLISHED:
-            raise LocalProtocolError("the handshake is over: the parent's EOF is the relay's")
-        self.state = ClientState.FAILED
-        raise ParentError("the parent proxy closed the connection during the handshake")
-
-    @property
-    def request_sent(self) -> bool:
-        """Whether the request for the target went out: true from `start` on."""
-        return self.state is not ClientState.START
 
     @property
     def trailing_data(self) -> bytes:
@@ -260,11 +232,7 @@ class Socks4Client:
         self._expect(ClientState.ESTABLISHED)
         return bytes(self._buffer)
 
-    def _expect(self, state: ClientState) -> None:
-        if self.state is not state:
-            raise LocalProtocolError(f"expected state {state.name}, in {self.state.name}")
-
-    def _read_reply(self) -> NeedData | Established:
+    def _next(self) -> NeedData | Established:
         buf = self._buffer
         if not buf:
             return NEED_DATA

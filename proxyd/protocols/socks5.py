@@ -12,7 +12,7 @@ import enum
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Final
 
 from proxyd.errors import (
     REP_ADDRESS_TYPE_NOT_SUPPORTED,
@@ -23,14 +23,15 @@ from proxyd.errors import (
     LocalProtocolError,
     ParentError,
     ProtocolError,
-    SessionError,
     from_socks5_reply,
 )
 from proxyd.protocols.common import (
     NEED_DATA,
+    ClientState,
     Credentials,
     Established,
     NeedData,
+    ParentClient,
     Send,
     check_hostname,
     format_hostport,
@@ -322,15 +323,6 @@ def udp_header(host: str, port: int) -> bytes:
 # --- client side: our handshake with a parent proxy --------------------------------
 
 
-class ClientState(enum.Enum):
-    START = enum.auto()  # the greeting is not handed out yet
-    AWAIT_METHOD = enum.auto()
-    AWAIT_AUTH_STATUS = enum.auto()
-    AWAIT_REPLY = enum.auto()
-    ESTABLISHED = enum.auto()  # further bytes belong to the tunnel
-    FAILED = enum.auto()  # an error was raised; nothing more may happen
-
-
 ClientEvent = NeedData | Send | Established
 
 
@@ -345,7 +337,7 @@ def _pack_credentials(credentials: Credentials) -> bytes:
     return bytes((AUTH_VERSION, len(username))) + username + bytes((len(password),)) + password
 
 
-class Socks5Client:
+class Socks5Client(ParentClient):
     """Our SOCKS5 handshake with a parent proxy: greeting, optional RFC 1929 auth,
     the request for `host:port`, and the parent's reply to it.
 
@@ -380,31 +372,17 @@ class Socks5Client:
         return bytes((VERSION, len(self._methods))) + self._methods
 
     def receive_data(self, data: bytes) -> None:
-        if self.state in (ClientState.START, ClientState.ESTABLISHED, ClientState.FAILED):
-            raise LocalProtocolError(f"no input expected in state {self.state.name}")
+        self._expect_input()
         # A driver pulls events after each chunk, and every state decides within
         # 262 bytes, so the buffer stays bounded; the rest is tunnel data, kept whole.
         self._buffer += data
 
-    def next_event(self) -> ClientEvent:
-        try:
-            if self.state is ClientState.AWAIT_METHOD:
-                return self._read_method()
-            if self.state is ClientState.AWAIT_AUTH_STATUS:
-                return self._read_auth_status()
-            if self.state is ClientState.AWAIT_REPLY:
-                return self._read_reply()
-        except SessionError:
-            self.state = ClientState.FAILED
-            raise
-        raise LocalProtocolError(f"no event to read in state {self.state.name}")
-
-    def connection_closed(self) -> NoReturn:
-        """The parent closed before the handshake ended."""
-        if self.state is ClientState.ESTABLISHED:
-            raise LocalProtocolError("the handshake is over: the parent's EOF is the relay's")
-        self.state = ClientState.FAILED
-        raise ParentError("the parent proxy closed the connection during the handshake")
+    def _next(self) -> ClientEvent:
+        if self.state is ClientState.AWAIT_METHOD:
+            return self._read_method()
+        if self.state is ClientState.AWAIT_AUTH_STATUS:
+            return self._read_auth_status()
+        return self._read_reply()
 
     @property
     def request_sent(self) -> bool:
@@ -416,10 +394,6 @@ class Socks5Client:
         """Bytes the parent sent after its reply: the target's first bytes."""
         self._expect(ClientState.ESTABLISHED)
         return bytes(self._buffer)
-
-    def _expect(self, state: ClientState) -> None:
-        if self.state is not state:
-            raise LocalProtocolError(f"expected state {state.name}, in {self.state.name}")
 
     def _send_request(self) -> Send:
         self.state = ClientState.AWAIT_REPLY
