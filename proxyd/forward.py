@@ -139,6 +139,11 @@ class _Origin:
             pass
         return False
 
+    def current(self) -> bool:
+        """Not through a parent that a reload removed (or whose URL it changed)."""
+        state = self.lease.state if self.lease is not None else None
+        return state is None or not state.retired
+
     def close(self) -> None:
         self.sock.close()
         if self.lease is not None:
@@ -422,6 +427,7 @@ class Forwarder:
             if (
                 self.origin.key == key
                 and self.origin.conn.our_state is h11.IDLE
+                and self.origin.current()
                 and self.origin.quiet()
             ):
                 return self.origin

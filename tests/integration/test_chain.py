@@ -505,3 +505,22 @@ def test_a_407_from_an_http_parent_on_a_forwarded_request_is_its_failure(
     line = child.access()
     assert line["status"] == "parent_failed" and "407" in line["error"]
     assert child.named("upstream_failed")[0]["server"] == url("http", parent)
+
+
+def test_a_kept_alive_forwarding_connection_leaves_a_parent_a_reload_removed(start_daemon, origin):
+    old, new = start_daemon(), start_daemon()
+    child = start_daemon(group("p", [url("http", old)]) + via("p"))
+    request = f"GET {origin.url} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    with socket.create_connection(child.address, timeout=10) as sock:
+        for parent in (old, new):
+            sock.sendall(request)
+            answer = b""
+            while not answer.endswith(origin.body):
+                chunk = sock.recv(1 << 20)
+                assert chunk, answer[:200]
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200")
+            assert served(parent, 1)[0]["command"] == "GET"
+            if parent is old:  # the same client connection goes on after the reload
+                child.reload(group("p", [url("http", new)]) + via("p"))
+    assert len(served(old, 1)) == 1
