@@ -37,6 +37,7 @@ from proxyd.errors import (
     SessionError,
     UpstreamTimeout,
 )
+from proxyd.metrics import Metrics
 from proxyd.parents import Parent, UpstreamGroup
 from proxyd.protocols import http as http_proto
 from proxyd.protocols import socks4, socks5
@@ -75,17 +76,22 @@ class ParentState:
 
 
 class Lease:
-    """One connection's hold on a parent (counted by least_connections); released once."""
+    """One connection's hold on a parent (counted by least_connections and the
+    metrics); released once."""
 
-    __slots__ = ("parent", "state")
+    __slots__ = ("metered", "parent", "pool", "state")
 
-    def __init__(self, state: ParentState) -> None:
+    def __init__(self, pool: Pool, state: ParentState) -> None:
         self.parent = state.parent
+        self.pool = pool
         self.state: ParentState | None = state
         state.active += 1
+        self.metered = pool.report_connections(state, 1)
 
     def release(self) -> None:
         if self.state is not None:
+            if self.metered:  # (not when [metrics] came on after it began)
+                self.pool.report_connections(self.state, -1)
             self.state.active -= 1
             self.state = None
 
@@ -108,11 +114,32 @@ class Pool:
         self.states = [known.get(p) or ParentState(p) for p in group.servers]
         self._turn = 0  # round_robin's next start
         self._ring = _ring(self.states) if group.strategy == "hash" else []
+        self.metrics: Metrics | None = None
+
+    def watch(self, metrics: Metrics | None) -> None:
+        """Record into `metrics` from now on (each parent's state at once)."""
+        self.metrics = metrics
+        if metrics is not None:
+            for state in self.states:
+                metrics.parent_state(self.name, str(state), not state.down)
+
+    def report_connections(self, state: ParentState, change: int) -> bool:
+        """Tell the metrics of a connection more or fewer; whether they were told."""
+        if self.metrics is None:
+            return False
+        self.metrics.parent_connections(self.name, str(state), change)
+        return True
+
+    def forget(self, state: ParentState) -> None:
+        """A reload removed this parent: it is retired, and its state series goes."""
+        state.retire()
+        if self.metrics is not None:
+            self.metrics.parent_gone(self.name, str(state))
 
     def close(self) -> None:
         """The group is gone (a reload, the end): its parents are no longer watched."""
         for state in self.states:
-            state.retire()
+            self.forget(state)
 
     def candidates(self, host: str) -> list[ParentState]:
         """The parents that are up, in the order to try them for a request to `host`."""
@@ -136,6 +163,8 @@ class Pool:
         """A connection to or through this parent failed because of the parent."""
         group = self.group
         self.log.info("upstream_failed", group=self.name, server=str(state), error=str(error))
+        if self.metrics is not None:
+            self.metrics.parent_failed(self.name, str(state))
         if group.max_fails == 0 or state.down or state.retired:
             return
         now = asyncio.get_running_loop().time()
@@ -147,6 +176,8 @@ class Pool:
             return
         failures.clear()
         state.down = True
+        if self.metrics is not None:
+            self.metrics.parent_state(self.name, str(state), False)
         self.log.warning(
             "upstream_down",
             group=self.name,
@@ -177,6 +208,8 @@ class Pool:
             return
         state.probe = None
         state.down = False
+        if self.metrics is not None:
+            self.metrics.parent_state(self.name, str(state), True)
         self.log.info("upstream_up", group=self.name, server=str(state))
 
 
@@ -218,6 +251,13 @@ class Upstreams:
         self.log = log
         self.dialer = Dialer(resolver, BuffersConfig(), 10.0)
         self.pools: dict[str, Pool] = {}
+        self.metrics: Metrics | None = None
+
+    def watch(self, metrics: Metrics | None) -> None:
+        """`[metrics]` turned on (or off): the pools record into it."""
+        self.metrics = metrics
+        for pool in self.pools.values():
+            pool.watch(metrics)
 
     def configure(self, config: Config) -> None:
         self.dialer.buffers = config.buffers
@@ -227,9 +267,10 @@ class Upstreams:
             previous = old.pop(group.name, None)
             known = {s.parent: s for s in previous.states} if previous else {}
             pool = Pool(group, self.dialer, self.log, known)
+            pool.watch(self.metrics)
             for parent, state in known.items():  # parents the group no longer has
-                if parent not in group.servers:
-                    state.retire()
+                if parent not in group.servers and previous is not None:
+                    previous.forget(state)
             self.pools[group.name] = pool
         for pool in old.values():
             pool.close()
@@ -512,7 +553,7 @@ class ChainConnector:
                     answer_by = loop.time() + share if left > 1 else None
                     plain = plain_http and parent.scheme == "http"  # sent the requests
                     client = None if plain else client_for(parent, command, asked, port)
-                    lease = Lease(state)
+                    lease = Lease(pool, state)
                     try:
                         async with _deadline(share, parent):
                             sock = await pool.dialer.connect(parent, self.refuse)

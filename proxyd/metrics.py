@@ -105,6 +105,28 @@ class Metrics:
             "proxyd_auth_lockouts", "Client addresses locked out after failed logins", **reg
         )
         self.reloads = Counter(*RELOADS, ["result"], **reg)
+        parent = ["group", "server"]
+        self.parent_up = Gauge(
+            "proxyd_upstream_up",
+            "1 while a parent proxy is in use, 0 while taken out after failures "
+            "(with workers: 0 when any worker has it out)",
+            parent,
+            multiprocess_mode="livemin",
+            **reg,
+        )
+        self.parent_failures = Counter(
+            "proxyd_upstream_failures",
+            "Connections to or through a parent proxy that failed because of the parent",
+            parent,
+            **reg,
+        )
+        self.parent_active = Gauge(
+            "proxyd_upstream_connections_active",
+            "Connections through a parent proxy now",
+            parent,
+            multiprocess_mode="livesum",
+            **reg,
+        )
         up, down = self.bytes.labels("up"), self.bytes.labels("down")
         self.bytes_up_inc, self.bytes_down_inc = up.inc, down.inc
         self._dg_up, self._dg_down = self.datagrams.labels("up"), self.datagrams.labels("down")
@@ -147,6 +169,22 @@ class Metrics:
             self._dg_up.inc(dg_up)
         if dg_down:
             self._dg_down.inc(dg_down)
+
+    def parent_state(self, group: str, server: str, up: bool) -> None:
+        self._child(self.parent_up, group, server).set(1 if up else 0)
+
+    def parent_failed(self, group: str, server: str) -> None:
+        self._child(self.parent_failures, group, server).inc()
+
+    def parent_gone(self, group: str, server: str) -> None:
+        """A reload removed the parent: its up/down series goes (with workers, the
+        value already written stays in the files until a restart)."""
+        child = self._children.pop((id(self.parent_up), group, server), None)
+        if child is not None:
+            self.parent_up.remove(group, server)
+
+    def parent_connections(self, group: str, server: str, change: int) -> None:
+        self._child(self.parent_active, group, server).inc(change)
 
     def auth_failed(self, locked_out: bool) -> None:
         self.auth_failures.inc()

@@ -362,6 +362,8 @@ class Server:
                 self.metrics = Metrics()
                 self.ctx.auth.on_failure = self.metrics.auth_failed
             self.ctx.metrics = self.metrics
+            if self.ctx.upstreams is not None:
+                self.ctx.upstreams.watch(self.metrics)
             admin = AdminServer(self.metrics, lambda: not self._stop.is_set())
             await admin.start(sock)
         except BaseException:

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import PASSWORD, USER, closed_port, silent_listener
 from integration import socks5client
+from integration.test_metrics import scrape, value
 from integration.test_udp import UdpEcho, associate, header, no_datagram, udp_client
 
 NAMES = [f"h{i}.test" for i in range(60)]
@@ -524,3 +525,32 @@ def test_a_kept_alive_forwarding_connection_leaves_a_parent_a_reload_removed(sta
             if parent is old:  # the same client connection goes on after the reload
                 child.reload(group("p", [url("http", new)]) + via("p"))
     assert len(served(old, 1)) == 1
+
+
+def test_parent_health_and_load_in_the_metrics(start_daemon, tcp_server):
+    echo = tcp_server()
+    alive = start_daemon()
+    dead = f"socks5h://127.0.0.1:{closed_port()}"
+    servers = [url("socks5h", alive), dead]
+    child = start_daemon(
+        '[metrics]\nlisten = "127.0.0.1:0"\n'
+        + group("p", servers, max_fails=2, down_time=60)
+        + via("p")
+    )
+    held = [socks5client.open_tunnel(child.address, "127.0.0.1", echo.port) for _ in range(4)]
+    child.wait_for(lambda e: e.get("event") == "upstream_down")
+    samples = scrape(child)
+    assert value(samples, "proxyd_upstream_up", group="p", server=servers[0]) == 1
+    assert value(samples, "proxyd_upstream_up", group="p", server=dead) == 0
+    assert value(samples, "proxyd_upstream_failures_total", group="p", server=dead) == 2
+    active = "proxyd_upstream_connections_active"
+    assert value(samples, active, group="p", server=servers[0]) == 4
+    for sock in held:
+        sock.close()
+    child.wait_for(lambda _e: len(child.access_events()) == 4)
+    assert value(scrape(child), active, group="p", server=servers[0]) == 0
+    # a reload that drops the dead parent drops its series too
+    child.reload('[metrics]\nlisten = "127.0.0.1:0"\n' + group("p", servers[:1]) + via("p"))
+    assert ("proxyd_upstream_up", frozenset({("group", "p"), ("server", dead)})) not in scrape(
+        child
+    )
