@@ -160,6 +160,11 @@ class Supervisor:
                 while self.children or (self.restarts and not self.stopping):
                     self._wait()
             finally:
+                # A worker's last report, queued as it exited, would end the supervisor
+                # by the default action of a real-time signal once unblocked (seen as
+                # exit by signal 35): ignored from here on, which also discards it.
+                for sig in (SIG_READY, SIG_ALIVE, SIG_FAILED):
+                    signal.signal(sig, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         finally:
             self._end_children()  # after a failure of our own: no worker left orphaned
