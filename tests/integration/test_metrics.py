@@ -196,7 +196,7 @@ def test_scrapers_that_stall_lock_no_one_out(start_daemon, tcp_server):
 
 
 def test_kept_alive_scraper_at_stop_and_reload_leaves_no_traceback(start_daemon):
-    daemon = start_daemon('[metrics]\nlisten = "127.0.0.1:0"\n', listen="")
+    daemon = start_daemon('[metrics]\nlisten = "127.0.0.1:0"\n')
     conn = http.client.HTTPConnection(*metrics_address(daemon), timeout=10)
     conn.request("GET", "/healthz")
     assert conn.getresponse().read() == b"ok\n"  # and the connection stays open
@@ -212,7 +212,7 @@ def test_kept_alive_scraper_at_stop_and_reload_leaves_no_traceback(start_daemon)
 
 
 def test_failed_move_of_the_metrics_listener_keeps_the_old_one(start_daemon):
-    daemon = start_daemon('[metrics]\nlisten = "127.0.0.1:0"\n', listen="")
+    daemon = start_daemon('[metrics]\nlisten = "127.0.0.1:0"\n')
     taken = socket.socket()
     taken.bind(("127.0.0.2", 0))
     taken.listen()
@@ -243,7 +243,7 @@ def test_open_tunnels_bytes_show_before_they_close(start_daemon, tcp_server):
 
 
 def test_metrics_turned_on_and_off_by_reload(start_daemon, tcp_server):
-    daemon = start_daemon("", listen="")
+    daemon = start_daemon()
     assert not daemon.named("metrics_listening")
     (outcome,) = daemon.reload('[metrics]\nlisten = "127.0.0.1:0"\n')
     assert outcome["event"] == "reloaded"
