@@ -41,7 +41,13 @@ from proxyd.metrics import Metrics
 from proxyd.parents import Parent, UpstreamGroup
 from proxyd.protocols import http as http_proto
 from proxyd.protocols import socks4, socks5
-from proxyd.protocols.common import NEED_DATA, Established, Send, format_hostport
+from proxyd.protocols.common import (
+    NEED_DATA,
+    Established,
+    ParentClient,
+    Send,
+    format_hostport,
+)
 
 # Points per parent on the consistent-hash ring: enough for an even split of
 # names between a handful of parents, few enough to build at every reload.
@@ -286,9 +292,6 @@ class Upstreams:
         if pool is None:
             raise ParentError(f"upstream group {name!r} is no longer configured")
         return pool
-
-
-ParentClient = socks5.Socks5Client | socks4.Socks4Client | http_proto.ConnectClient
 
 
 class Dialer:

@@ -560,8 +560,3 @@ def _same_address(sender: tuple[Any, ...], relay: tuple[Any, int]) -> bool:
         return bool(sender[1] == relay[1] and _plain(ipaddress.ip_address(sender[0])) == relay[0])
     except ValueError:
         return False
-
-
-def _ignore_result(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved, so that asyncio does not log it

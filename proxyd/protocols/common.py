@@ -88,9 +88,26 @@ _AWAITING: Final = frozenset(
 
 class ParentClient:
     """What the parent clients share: the guards around their states and the end of
-    the handshake. A subclass reads the parent's next message in `_next`."""
+    the handshake. A subclass reads the parent's next message in `_next`, takes the
+    parent's bytes in `receive_data` and keeps what came after its answer for
+    `trailing_data`. `start` here sends the whole request at once (SOCKS4, HTTP);
+    SOCKS5 starts with its greeting instead."""
 
     state: ClientState = ClientState.START
+    _request: bytes = b""
+
+    def start(self) -> bytes:
+        """The first bytes to send: for a protocol without a greeting, the request."""
+        self._expect(ClientState.START)
+        self.state = ClientState.AWAIT_REPLY
+        return self._request
+
+    def receive_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    @property
+    def trailing_data(self) -> bytes:
+        raise NotImplementedError
 
     def next_event(self) -> NeedData | Send | Established:
         if self.state not in _AWAITING:

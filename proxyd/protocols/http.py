@@ -290,12 +290,6 @@ class ConnectClient(ParentClient):
         self._has_credentials = credentials is not None
         self.state = ClientState.START
 
-    def start(self) -> bytes:
-        """The whole CONNECT request head."""
-        self._expect(ClientState.START)
-        self.state = ClientState.AWAIT_REPLY
-        return self._request
-
     def receive_data(self, data: bytes) -> None:
         self._expect_input()
         # h11 takes b"" for EOF, which the driver reports with `connection_closed`.

@@ -214,12 +214,6 @@ class Socks4Client(ParentClient):
         self._buffer = bytearray()
         self.state = ClientState.START
 
-    def start(self) -> bytes:
-        """The whole request: SOCKS4 has no greeting."""
-        self._expect(ClientState.START)
-        self.state = ClientState.AWAIT_REPLY
-        return self._request
-
     def receive_data(self, data: bytes) -> None:
         self._expect_input()
         # The driver pulls an event after each chunk and the reply is decided
