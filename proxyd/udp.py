@@ -448,15 +448,7 @@ class ParentRelay:
                 control.close()
             return
         if error is not None or control is None:
-            self.association.dropped += len(self.waiting)
-            self.waiting.clear()
-            self.closed = True
-            self.association.session.ctx.log.info(
-                "udp_parent_failed",
-                conn_id=self.association.session.conn_id,
-                group=self.pool.name,
-                error=str(error),
-            )
+            self._failed(error)
             return
         self.control = control
         self.lease = self.connector.lease
@@ -467,7 +459,7 @@ class ParentRelay:
             family = socket.AF_INET6 if relay[0].version == 6 else socket.AF_INET
             local = control.getsockname()[0] if family == control.family else None
         except (OSError, ValueError) as exc:
-            self._on_connected(None, SessionError(f"the parent's relay address: {exc}"))
+            self._failed(SessionError(f"the parent's relay address: {exc}"))
             return
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -476,13 +468,27 @@ class ParentRelay:
             sock.bind((local or ("::" if family == socket.AF_INET6 else "0.0.0.0"), 0))
         except OSError as exc:
             sock.close()
-            self._on_connected(None, SessionError(f"cannot open a UDP socket: {exc.strerror}"))
+            self._failed(SessionError(f"cannot open a UDP socket: {exc.strerror}"))
             return
         # not connect()ed (asyncio_dgram cannot take a connected socket under uvloop):
         # answers are taken from the relay's address only, checked on receipt
         self.sock, self.relay = sock, relay
         self.receiver = self.loop.create_task(self._receive(sock))
         self.loop.add_reader(control.fileno(), self._on_control)
+
+    def _failed(self, error: SessionError | None) -> None:
+        """The parent's relay cannot be used: the waiting datagrams are dropped, and
+        what was taken (the control connection, the lease) is given back now, since
+        the next datagram for the group makes a new relay in this one's place."""
+        self.association.dropped += len(self.waiting)
+        self.waiting.clear()
+        self.association.session.ctx.log.info(
+            "udp_parent_failed",
+            conn_id=self.association.session.conn_id,
+            group=self.pool.name,
+            error=str(error),
+        )
+        self.close()
 
     async def _receive(self, sock: socket.socket) -> None:
         self.endpoint = await asyncio_dgram.from_socket(sock)
