@@ -221,14 +221,16 @@ def test_hash_sticks_a_host_to_a_parent_and_moves_little(start_daemon, tcp_serve
 # --- failures and failover ----------------------------------------------------------------
 
 
-def test_a_dead_parent_is_skipped_taken_out_and_probed_back(start_daemon, tcp_server, hosts):
+def test_a_dead_parent_is_skipped_taken_out_and_probed_back(start_daemon, tcp_server, users_file):
     echo = tcp_server()
     alive = start_daemon()
     coming_back = start_daemon()
     port = coming_back.port
     coming_back.stop()  # refuses connections from now on
     servers = [url("socks5h", alive), f"socks5h://127.0.0.1:{port}"]
-    child = start_daemon(group("p", servers, max_fails=2, fail_window=60, down_time=1) + via("p"))
+    # the returning parent wants a login: the probe that brings it back must log in
+    listed = [servers[0], f"socks5h://{USER}:{PASSWORD}@127.0.0.1:{port}"]
+    child = start_daemon(group("p", listed, max_fails=2, fail_window=60, down_time=1) + via("p"))
     for _ in range(6):  # each goes through: the dead parent's turns fail over at once
         echo_through(child, "127.0.0.1", echo.port)
     down = child.wait_for(lambda e: e.get("event") == "upstream_down")
@@ -242,11 +244,12 @@ def test_a_dead_parent_is_skipped_taken_out_and_probed_back(start_daemon, tcp_se
     assert len(child.named("upstream_failed")) == 2
     child.wait_for(lambda e: e.get("event") == "upstream_probe_failed")
     # it comes back on the same port: a probe finds it and it serves again
-    back = start_daemon(listen=f"127.0.0.1:{port}")
+    back = start_daemon(f'[auth]\nusers_file = "{users_file}"\n', listen=f"127.0.0.1:{port}")
     child.wait_for(lambda e: e.get("event") == "upstream_up", timeout=10)
     for _ in range(4):
         echo_through(child, "127.0.0.1", echo.port)
     assert len(served(back, 2)) >= 2
+    assert all(e["user"] == USER for e in back.access_events())
 
 
 def test_a_parent_that_never_answers_leaves_time_for_the_next(start_daemon, tcp_server):
