@@ -167,6 +167,7 @@ class Forwarder:
         self._queued = 0
         self.lines = 0  # access lines written
         self.between_requests = False  # waiting for the client's next request
+        self.cut = False  # an answer was broken off: the client's connection is reset
         # per request, for its access line
         self.bytes_up = 0
         self.bytes_down = 0
@@ -232,6 +233,8 @@ class Forwarder:
                 extra["rule"] = exc.rule
             if self.client.our_state is h11.SEND_RESPONSE:
                 self._send_client(self.parser.error_response(exc.http_status, str(exc)))
+            else:  # mid-answer: a reset, so that no client takes it for a whole one
+                self.cut = True
             return False
         except OSError as exc:  # the client's socket
             status, error = "client_closed", exc.strerror or type(exc).__name__
@@ -241,6 +244,8 @@ class Forwarder:
             status, error = "bad_request", f"cannot forward this message ({type(exc).__name__})"
             if self.client.our_state is h11.SEND_RESPONSE:
                 self._send_client(self.parser.error_response(502, "cannot forward this message"))
+            else:
+                self.cut = True
             return False
         except asyncio.CancelledError:
             status = "shutdown"

@@ -17,6 +17,7 @@ import asyncio
 import fcntl
 import os
 import socket
+import struct
 import weakref
 from collections.abc import Callable
 from typing import Final
@@ -33,6 +34,7 @@ READS_PER_WAKEUP: Final = 8
 SPLICE_AVAILABLE: Final = hasattr(os, "splice")
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_LINGER_NOT: Final = struct.pack("ii", 1, 0)
 
 
 # A rate-limited direction waits for at least this many bytes of allowance (or its
@@ -87,6 +89,15 @@ class Bucket:
 
 
 _shared_buffers: dict[int, memoryview] = {}
+
+
+def abort(sock: socket.socket) -> None:
+    """Make the socket's close() a reset (RST), not an orderly end (FIN): a peer must not
+    take a stream that was cut off for a whole one."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_NOT)
+    except OSError:
+        pass  # closed already, or not TCP
 
 
 def _shared_buffer(size: int) -> memoryview:

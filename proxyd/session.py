@@ -38,7 +38,7 @@ from proxyd.protocols import http as http_proto
 from proxyd.protocols import proxy_protocol, socks4, socks5
 from proxyd.protocols.common import NEED_DATA, Credentials, format_hostport
 from proxyd.protocols.detect import Kind, sniff
-from proxyd.relay import Bucket, Tunnel
+from proxyd.relay import RESET, Bucket, Tunnel, abort
 from proxyd.rules import Request, Rules, allowed_addresses, in_networks
 from proxyd.tls import Bridge
 from proxyd.udp import Association
@@ -779,12 +779,21 @@ class Session:
         if self._lookup is not None:
             self._lookup.cancel()
         tunnel = self._tunnel
+        # a tunnel reset on one side is reset on the other, as a cut-off stream must be
+        # (and so is a client whose forwarded answer an origin broke off)
+        forwarder = self._forwarder
+        cut = (tunnel is not None and status == RESET) or (forwarder is not None and forwarder.cut)
         if tunnel is not None:
             tunnel.stop()
         if self._tls is not None:
-            self._tls.session_ended()  # before the close: it may be watching this socket
+            # before the close: it may be watching this socket
+            self._tls.session_ended(reset=cut)
+        elif cut:
+            abort(self.sock)
         self.sock.close()
         if self._remote is not None:
+            if cut:
+                abort(self._remote)
             self._remote.close()
         if self._lease is not None:
             self._lease.release()

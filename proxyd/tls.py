@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Final
 
 from proxyd.errors import ConfigError
+from proxyd.relay import abort
 
 READ_SIZE: Final = 65536
 # Bytes a direction may hold before the bridge stops reading its source.
@@ -157,9 +158,14 @@ class Bridge:
         if not self._ended:
             self._watch(self.raw, False, self._on_raw_readable)
 
-    def session_ended(self) -> None:
-        """The session is done with its end: finish what is under way, briefly."""
+    def session_ended(self, *, reset: bool = False) -> None:
+        """The session is done with its end: finish what is under way, briefly; with
+        `reset`, its stream was cut off and the client's connection is reset now."""
         if self._ended:
+            return
+        if reset:
+            abort(self.raw)
+            self._end()
             return
         if self.inner is None:  # still in the handshake: nothing to finish
             self._end()

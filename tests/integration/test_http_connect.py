@@ -75,13 +75,6 @@ def test_refused_gives_502(start_daemon):
     assert daemon.access()["status"] == "refused"
 
 
-def test_unresolvable_gives_502(start_daemon):
-    daemon = start_daemon()
-    head, _ = request(daemon.address, connect_head("no-such-host.invalid:443"))
-    assert head.startswith(b"HTTP/1.1 502 ")
-    assert daemon.access()["status"] == "unreachable"
-
-
 @pytest.mark.parametrize(
     "raw",
     [

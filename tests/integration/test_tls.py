@@ -8,8 +8,10 @@ import hashlib
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -350,3 +352,33 @@ def test_reload_turns_tls_on_and_refuses_a_bad_key(start_daemon, cert, origin, t
     assert outcome["problems"][0].startswith("tls.cert, tls.key:")
     assert "not a key" not in daemon.output()
     assert curl(*proxy, origin.url).stdout == origin.body  # the old certificate serves on
+
+
+def test_a_target_reset_resets_the_tls_client(start_daemon, cert, tcp_server):
+    """A tunnel cut off by its target ends the client's TLS connection with a reset,
+    not with close_notify, which would say the stream was whole."""
+
+    def send_then_reset(conn: socket.socket) -> None:
+        conn.sendall(b"r" * 65536)
+        time.sleep(0.2)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    daemon = start_daemon(tls_config(cert))
+    server = tcp_server(send_then_reset)
+    raw = socket.create_connection(daemon.address, timeout=10)
+    # a ragged end is an error, as it is to any careful TLS client
+    context = client_context(cert)
+    with context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as sock:
+        sock.sendall(
+            b"\x05\x01\x00" + b"\x05\x01\x00" + socks5client.address("127.0.0.1", server.port)
+        )
+        assert recv_exact(sock, 2) == b"\x05\x00"
+        assert socks5client.read_reply(sock)[0] == 0
+        received = 0
+        # no close_notify, which would say the stream was whole (the connection is reset)
+        with pytest.raises(ssl.SSLEOFError):
+            while data := sock.recv(65536):
+                received += len(data)
+    assert received == 65536
+    assert daemon.access()["status"] == "reset"

@@ -1,0 +1,195 @@
+"""Targets that fail, one table for every way of asking: SOCKS5, SOCKS4/4a, HTTP CONNECT
+and plain HTTP forwarding. Each fault must give its reply code, a prompt close of the
+client (no wait for a timeout that does not apply), and an access line with its status.
+
+Targets are loopback listeners and processes of the test's own; names come from a hosts
+file in the daemon's own namespace, so an unknown name never reaches a DNS server."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import closed_port, silent_listener
+from integration import socks5client
+from integration.socks5client import recv_exact
+
+FRONTS = ("socks5", "socks4", "connect", "forward")
+SUCCESS = {"socks5": 0, "socks4": 90, "connect": 200, "forward": 200}
+HOSTS = "127.0.0.1 known.test\n"
+CONFIG = "[timeouts]\nconnect = 1\nidle = 60\n"
+# what the client must be told when the target cannot be reached, and the access status
+UNREACHABLE = {
+    "refused": ({"socks5": 0x05, "socks4": 91, "connect": 502, "forward": 502}, "refused"),
+    "unknown_name": ({"socks5": 0x04, "socks4": 91, "connect": 502, "forward": 502}, "unreachable"),
+    "silent": ({"socks5": 0x04, "socks4": 91, "connect": 504, "forward": 504}, "timeout"),
+}
+PROMPT = 2.0  # seconds: far below timeouts.idle, so a close that waited for it shows
+
+
+def ask(front: str, daemon, host: str, port: int) -> tuple[socket.socket, int]:
+    """Ask the daemon for host:port the way `front` does: (the socket, the answer's
+    code). A forwarded request is a GET of a big body, sent without waiting."""
+    if front == "socks5":
+        sock, rep, _, _ = socks5client.connect(daemon.address, host, port)
+        return sock, rep
+    sock = socket.create_connection(daemon.address, timeout=10)
+    if front == "socks4":
+        try:  # SOCKS4 for an address, SOCKS4a for a name
+            ip, name = socket.inet_aton(host), b""
+        except OSError:
+            ip, name = b"\0\0\0\1", host.encode() + b"\0"
+        sock.sendall(struct.pack("!BBH", 4, 1, port) + ip + b"\0" + name)
+        return sock, recv_exact(sock, 8)[1]
+    target = f"{host}:{port}"
+    if front == "connect":
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    else:
+        sock.sendall(f"GET http://{target}/big HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        byte = sock.recv(1)
+        assert byte, f"closed after {head!r}"
+        head += byte
+    return sock, int(head.split()[1])
+
+
+def end_of(sock: socket.socket, limit: float = 10.0) -> tuple[str, float]:
+    """Read until the daemon ends the connection: ("eof" or "reset", seconds it took)."""
+    started = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(65536):
+            assert time.monotonic() - started < limit, "still sending"
+    except ConnectionResetError:
+        return "reset", time.monotonic() - started
+    return "eof", time.monotonic() - started
+
+
+@pytest.mark.parametrize("fault", list(UNREACHABLE))
+def test_a_target_that_cannot_be_reached(start_daemon, tmp_path, fault):
+    hosts = tmp_path / "hosts"
+    hosts.write_text(HOSTS)
+    daemon = start_daemon(CONFIG, hosts=hosts)
+    codes, status = UNREACHABLE[fault]
+    with silent_listener() as silent_port:
+        host, port = {
+            "refused": ("127.0.0.1", closed_port()),
+            "unknown_name": ("unknown.test", 80),
+            "silent": ("127.0.0.1", silent_port),
+        }[fault]
+        for conn_id, front in enumerate(FRONTS, start=1):
+            started = time.monotonic()
+            sock, code = ask(front, daemon, host, port)
+            with sock:
+                assert code == codes[front], front
+                how, _ = end_of(sock)  # an HTTP answer's body, then the close
+            assert how == "eof", front
+            # at most the connect timeout (1 s) for the silent target, at once otherwise
+            assert time.monotonic() - started < PROMPT, front
+            line = daemon.access(lambda e, i=conn_id: e["conn_id"] == i)
+            assert (line["status"], line["target"]) == (status, f"{host}:{port}"), front
+            assert line["error"], front
+    assert "Traceback" not in daemon.output()
+
+
+def send_then_reset(conn: socket.socket) -> None:
+    """Answer (an HTTP head when asked for one), send 64 KiB, then reset the connection."""
+    first = conn.recv(4096)
+    if first.startswith(b"GET "):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n")
+    conn.sendall(b"r" * 65536)
+    time.sleep(0.2)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_a_target_that_resets_mid_transfer(start_daemon, tcp_server, front, relay_kind):
+    """The reset is passed on as a reset: the client must not take the cut-off stream
+    for a whole one (a FIN would say "that was all")."""
+    daemon = start_daemon(CONFIG + relay_kind)
+    server = tcp_server(send_then_reset)
+    sock, code = ask(front, daemon, "127.0.0.1", server.port)
+    with sock:
+        assert code == SUCCESS[front]
+        if front != "forward":
+            sock.sendall(b"hello")
+        assert recv_exact(sock, 1000) == b"r" * 1000
+        how, took = end_of(sock)
+    assert how == "reset"
+    assert took < PROMPT
+    line = daemon.access()
+    assert line["status"] == ("upstream_closed" if front == "forward" else "reset")
+    assert line["bytes_down"] > 0
+
+
+# A target in a process of its own, killed with SIGKILL while it streams to the client.
+# With "unread" it never reads what it was sent, so its kernel resets the connection;
+# otherwise it reads everything first, and the kernel's close is an orderly FIN.
+KILLABLE = r"""
+import socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+conn, _ = listener.accept()
+if sys.argv[1] == "read":
+    conn.setblocking(False)
+    want = b"\r\n\r\n" if sys.argv[2] == "forward" else b"hello"
+    seen = b""
+    while want not in seen:
+        try:
+            seen += conn.recv(65536)
+        except BlockingIOError:
+            pass
+    conn.setblocking(True)
+if sys.argv[2] == "forward":
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
+print("answering", flush=True)
+while True:
+    conn.sendall(b"k" * 65536)
+"""
+
+
+@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("unread", [True, False], ids=["unread", "all_read"])
+def test_a_target_killed_mid_stream(start_daemon, front, unread, relay_kind):
+    daemon = start_daemon(CONFIG + relay_kind)
+    target = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, "unread" if unread else "read", front],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert target.stdout is not None
+        port = int(target.stdout.readline())
+        sock, code = ask(front, daemon, "127.0.0.1", port)
+        with sock:
+            assert code == SUCCESS[front]
+            if front != "forward":
+                sock.sendall(b"hello")
+            assert target.stdout.readline() == b"answering\n"
+            assert recv_exact(sock, 256 * 1024) == b"k" * (256 * 1024)
+            target.send_signal(signal.SIGKILL)
+            target.wait(10)
+            how, took = end_of(sock)
+            assert took < PROMPT
+            if front != "forward" and not unread:
+                # an orderly close, as the kernel made it: the client hears the end of
+                # the stream, and the tunnel ends once it closes its side too
+                assert how == "eof"
+                expected_status = "ok"
+            else:  # a reset, or a forwarded answer cut short of its Content-Length
+                assert how == "reset"
+                expected_status = "upstream_closed" if front == "forward" else "reset"
+        line = daemon.access()
+        assert line["status"] == expected_status
+        assert line["bytes_down"] >= 256 * 1024
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.wait()
