@@ -193,3 +193,28 @@ def test_a_target_killed_mid_stream(start_daemon, front, unread, relay_kind):
         if target.poll() is None:
             target.kill()
             target.wait()
+
+
+@pytest.mark.parametrize("front", ["socks5", "connect"])
+def test_a_client_that_resets_mid_upload_resets_the_target(
+    start_daemon, tcp_server, front, relay_kind
+):
+    """The other way round: the target hears the client's reset as one."""
+    outcome: list[str] = []
+
+    def sink(conn: socket.socket) -> None:
+        outcome.append(end_of(conn)[0])
+
+    daemon = start_daemon(CONFIG + relay_kind)
+    server = tcp_server(sink)
+    sock, code = ask(front, daemon, "127.0.0.1", server.port)
+    assert code == SUCCESS[front]
+    sock.sendall(b"u" * 65536)
+    time.sleep(0.2)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    assert daemon.access()["status"] == "reset"
+    deadline = time.monotonic() + PROMPT
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert outcome == ["reset"]
