@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import socket
 import threading
 import time
 
+import pytest
+
 from integration import socks5client
 from integration.socks5client import recv_exact
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+CHUNK = 256 * 1024
 
 
-def stream(seed: int, total: int, chunk: int = 256 * 1024):
-    rng = random.Random(seed)
-    sent = 0
-    while sent < total:
-        n = min(chunk, total - sent)
-        yield rng.randbytes(n)
-        sent += n
+def stream(seed: int, total: int = GIB):
+    """`total` bytes in chunks of 256 KiB: one random block, each chunk numbered, so a
+    chunk lost, repeated or out of place changes the digest."""
+    block = random.Random(seed).randbytes(CHUNK)
+    for index in range(total // CHUNK):
+        yield index.to_bytes(8, "big") + block[8:]
+
+
+@functools.cache
+def digest_of(seed: int) -> bytes:
+    digest = hashlib.sha256()
+    for chunk in stream(seed):
+        digest.update(chunk)
+    return digest.digest()
 
 
 def count_then_answer(conn: socket.socket) -> None:
@@ -31,51 +43,72 @@ def count_then_answer(conn: socket.socket) -> None:
     conn.sendall(f"got {n} bytes".encode())
 
 
-def test_64_mib_each_way_intact(start_daemon, tcp_server, relay_kind):
-    total = 64 * MIB
-    expected_up = hashlib.sha256(b"".join(stream(1, total))).hexdigest()
-    expected_down = hashlib.sha256(b"".join(stream(2, total))).hexdigest()
-    received_by_server: dict[str, str] = {}
-    server_done = threading.Event()
+def open_tunnel(front: str, daemon, port: int) -> socket.socket:
+    if front == "socks5":
+        sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", port, timeout=120)
+        assert rep == 0
+        return sock
+    sock = socket.create_connection(daemon.address, timeout=120)
+    sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    return sock
 
-    def server_handle(conn: socket.socket) -> None:
+
+def send_all_then_shut(sock: socket.socket, seed: int) -> threading.Thread:
+    def send() -> None:
+        for chunk in stream(seed):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    return sender
+
+
+@pytest.mark.parametrize("front", ["socks5", "connect"])
+def test_one_gib_each_way_intact_then_half_close(start_daemon, tcp_server, front, relay_kind):
+    """1 GiB up and 1 GiB down at once, checked by SHA-256. The client then shuts down
+    its side; the target, once it has read to that EOF, answers with the digest of
+    what it got and closes: an answer after a half-close arrives, and so does the end."""
+    up, down = digest_of(1), digest_of(2)
+    target_got: list[bytes] = []
+
+    def target(conn: socket.socket) -> None:
         def send() -> None:
-            for chunk in stream(2, total):
+            for chunk in stream(2):
                 conn.sendall(chunk)
-            conn.shutdown(socket.SHUT_WR)
 
         sender = threading.Thread(target=send)
         sender.start()
         digest = hashlib.sha256()
         while data := conn.recv(MIB):
             digest.update(data)
-        received_by_server["up"] = digest.hexdigest()
+        target_got.append(digest.digest())
         sender.join()
-        server_done.set()
+        conn.sendall(digest.digest())  # after the client's EOF; then the target closes
 
     daemon = start_daemon(relay_kind)
-    server = tcp_server(server_handle)
-    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port, timeout=60)
-    assert rep == 0
-
-    def client_send() -> None:
-        for chunk in stream(1, total):
-            sock.sendall(chunk)
-        sock.shutdown(socket.SHUT_WR)
-
-    sender = threading.Thread(target=client_send)
-    sender.start()
-    digest = hashlib.sha256()
-    while data := sock.recv(MIB):
-        digest.update(data)
-    sender.join()
-    sock.close()
-
-    assert digest.hexdigest() == expected_down
+    server = tcp_server(target)
+    sock = open_tunnel(front, daemon, server.port)
+    with sock:
+        sender = send_all_then_shut(sock, 1)
+        digest = hashlib.sha256()
+        received = 0
+        while received < GIB:
+            data = sock.recv(min(MIB, GIB - received))
+            assert data, f"closed after {received} bytes"
+            digest.update(data)
+            received += len(data)
+        assert recv_exact(sock, 32) == up  # the target's answer to the half-close
+        assert sock.recv(1) == b""  # and then its end
+        sender.join()
+    assert digest.digest() == down
+    assert target_got == [up]
     line = daemon.access(timeout=30)
-    assert server_done.wait(30)
-    assert received_by_server["up"] == expected_up
-    assert (line["status"], line["bytes_up"], line["bytes_down"]) == ("ok", total, total)
+    assert (line["status"], line["bytes_up"], line["bytes_down"]) == ("ok", GIB, GIB + 32)
 
 
 def test_half_close_client_still_gets_reply(start_daemon, tcp_server, relay_kind):
