@@ -127,6 +127,12 @@ class Metrics:
             multiprocess_mode="livesum",
             **reg,
         )
+        self.tasks = Gauge(
+            "proxyd_asyncio_tasks",
+            "asyncio tasks alive (a count that keeps growing is a leak)",
+            multiprocess_mode="livesum",
+            **reg,
+        )
         up, down = self.bytes.labels("up"), self.bytes.labels("down")
         self.bytes_up_inc, self.bytes_down_inc = up.inc, down.inc
         self._dg_up, self._dg_down = self.datagrams.labels("up"), self.datagrams.labels("down")
@@ -192,6 +198,11 @@ class Metrics:
             self.lockouts.inc()
 
     # -- exposition ------------------------------------------------------------------
+
+    def count_tasks(self) -> None:
+        """Record this process's asyncio tasks (at each scrape it answers, and every few
+        seconds, for the workers that do not answer it)."""
+        self.tasks.set(len(asyncio.all_tasks()))
 
     def render(self) -> bytes:
         """The text exposition; reads every worker's files in multiprocess mode."""
@@ -299,6 +310,7 @@ class AdminServer:
             from prometheus_client import CONTENT_TYPE_LATEST
 
             # the multiprocess files are read off the loop
+            self.metrics.count_tasks()  # here: the rendering thread has no loop
             return 200, await asyncio.to_thread(self.metrics.render), CONTENT_TYPE_LATEST
         if path == b"/healthz":
             if self.healthy():

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import PASSWORD, USER, basic_token
 from integration import socks5client
 from integration.socks5client import recv_exact
-from integration.test_udp import UDP_ASSOCIATE, UdpEcho, header, udp_client
+from integration.test_udp import UDP_ASSOCIATE, UdpEcho, associate, header, udp_client
 from integration.test_workers import alive, workers_started
 
 ALICE = (USER, PASSWORD)
@@ -315,3 +315,18 @@ def carries(sock: socket.socket) -> bool:
         return recv_exact(sock, 4) == b"ping"
     except (OSError, EOFError, AssertionError):
         return False
+
+
+def test_asyncio_tasks_come_and_go(start_daemon, tcp_server):
+    """proxyd_asyncio_tasks counts the tasks alive: a UDP association holds its own
+    until its control connection closes (a count that never comes back is a leak)."""
+    daemon = start_daemon('[metrics]\nlisten = "127.0.0.1:0"\n')
+    tasks = lambda: value(scrape(daemon), "proxyd_asyncio_tasks")  # noqa: E731
+    before = tasks()
+    assert before >= 1  # the scrape's own conversation, at least
+    controls = [associate(daemon)[0] for _ in range(3)]
+    assert tasks() >= before + 3  # (the relay of each has a task of its own too)
+    for control in controls:
+        control.close()
+    settled(daemon, 3)
+    assert tasks() == before
