@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import http.client
 import os
 import resource
 import socket
@@ -25,11 +26,12 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxyd.relay import IDLE_PIPES_KEPT
 
 from conftest import PASSWORD, USER, basic_token
-from integration.test_metrics import metrics_address, scrape, value
+from integration.test_metrics import metrics_address
 
 try:
     import uvloop
@@ -289,28 +291,71 @@ class Holdings:
     rss: int  # bytes
     tasks: float
     close_wait: list[str]
+    fd_kinds: collections.Counter[str]
 
     def __str__(self) -> str:
         return (
             f"{self.fds} fds, {self.rss / 2**20:.1f} MiB RSS, {self.tasks:.0f} tasks, "
-            f"{len(self.close_wait)} CLOSE_WAIT"
+            f"{len(self.close_wait)} CLOSE_WAIT ({dict(self.fd_kinds)})"
         )
 
 
-def holdings(daemon) -> Holdings:
+def holdings(daemon, scraper: Scraper) -> Holdings:
+    """What the daemon holds now."""
     pid = daemon.proc.pid
+    fds = os.listdir(f"/proc/{pid}/fd")
+    with open(f"/proc/{pid}/status") as status:
+        rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
     close_wait = subprocess.run(
         ["ss", "-Htanp", "state", "close-wait"], capture_output=True, text=True, check=True
     ).stdout.splitlines()
-    tasks = value(scrape(daemon), "proxyd_asyncio_tasks")
-    with open(f"/proc/{pid}/status") as status:
-        rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
     return Holdings(
-        fds=len(os.listdir(f"/proc/{pid}/fd")),
+        fds=len(fds),
         rss=rss,
-        tasks=tasks,
+        tasks=scraper.samples()["proxyd_asyncio_tasks"],
         close_wait=[line for line in close_wait if f"pid={pid}," in line],
+        fd_kinds=collections.Counter(_kind(pid, fd) for fd in fds),
     )
+
+
+class Scraper:
+    """/metrics over one kept-alive connection, so that scraping opens and closes no
+    descriptor of the daemon's between the counts (the admin listener closes a
+    connection idle for 30 s: then it is opened again)."""
+
+    def __init__(self, daemon) -> None:
+        self.conn = http.client.HTTPConnection(*metrics_address(daemon), timeout=10)
+        self.samples()  # the connection is open (both ends) before anything is counted
+
+    def samples(self) -> dict[str, float]:
+        """name -> the sum over its labels."""
+        for attempt in (1, 2):
+            try:
+                self.conn.request("GET", "/metrics")
+                response = self.conn.getresponse()
+                text = response.read().decode()
+                break
+            except (http.client.HTTPException, ConnectionError):
+                self.conn.close()
+                if attempt == 2:
+                    raise
+        assert response.status == 200
+        sums: collections.Counter[str] = collections.Counter()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                sums[sample.name] += sample.value
+        return dict(sums)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _kind(pid: int, fd: str) -> str:
+    """socket, pipe, anon_inode or the file a descriptor is, for the failure message."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}").split(":")[0]
+    except OSError:
+        return "gone"
 
 
 def enough_descriptors(clients: int) -> None:
@@ -329,9 +374,9 @@ def soak(start_daemon, users_file, *, clients: int, seconds: float, max_cycles: 
     daemon = start_daemon(
         f'[auth]\nusers_file = "{users_file}"\n[metrics]\nlisten = "127.0.0.1:0"\n'
     )
-    metrics_address(daemon)
     expected_lines = 0
-    idle = holdings(daemon)
+    scraper = Scraper(daemon)
+    idle = holdings(daemon, scraper)
     report: list[str] = [f"before: {idle}"]
 
     async def cycles() -> None:
@@ -358,7 +403,12 @@ def soak(start_daemon, users_file, *, clients: int, seconds: float, max_cycles: 
         daemon.wait_for(lambda _e: len(daemon.named("access")) >= expected_lines, timeout=60)
         lines = daemon.access_events()
         assert len(lines) == expected_lines
-        held = holdings(daemon)
+        # a forwarding connection's lines come before its close: wait for the closes
+        deadline = time.monotonic() + 30
+        while (active := scraper.samples()["proxyd_connections_active"]) > 0:
+            assert time.monotonic() < deadline, f"{active} connections still open"
+            time.sleep(0.05)
+        held = holdings(daemon, scraper)
         report.append(f"cycle {cycle_no}: {held}")
         assert not held.close_wait, held.close_wait
         if baseline is None:
@@ -372,10 +422,13 @@ def soak(start_daemon, users_file, *, clients: int, seconds: float, max_cycles: 
         assert held.tasks <= baseline.tasks, report
         peak_rss = max(peak_rss, held.rss)
 
-    if uvloop is not None:
-        uvloop.run(cycles())
-    else:
-        asyncio.run(cycles())
+    try:
+        if uvloop is not None:
+            uvloop.run(cycles())
+        else:
+            asyncio.run(cycles())
+    finally:
+        scraper.close()
 
     lines = daemon.access_events()
     counts = collections.Counter(line["status"] for line in lines)
