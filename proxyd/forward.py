@@ -249,6 +249,8 @@ class Forwarder:
             return False
         except asyncio.CancelledError:
             status = "shutdown"
+            if self.client.our_state is h11.SEND_BODY:
+                self.cut = True  # stopped mid-answer: it must not look whole either
             raise
         finally:
             self._log(status, error, started, extra)

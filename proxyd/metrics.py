@@ -14,6 +14,7 @@ children are looked up once and kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -310,7 +311,8 @@ class AdminServer:
             from prometheus_client import CONTENT_TYPE_LATEST
 
             # the multiprocess files are read off the loop
-            self.metrics.count_tasks()  # here: the rendering thread has no loop
+            with contextlib.suppress(OSError):  # a full disk (multiprocess files)
+                self.metrics.count_tasks()  # here: the rendering thread has no loop
             return 200, await asyncio.to_thread(self.metrics.render), CONTENT_TYPE_LATEST
         if path == b"/healthz":
             if self.healthy():

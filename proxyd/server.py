@@ -395,6 +395,7 @@ class Server:
             with contextlib.suppress(OSError):  # metrics files on a full disk
                 for session in self.sessions:
                     session.meter()
+            with contextlib.suppress(OSError):
                 metrics.count_tasks()
 
     # -- accepting --------------------------------------------------------------------

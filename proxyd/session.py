@@ -617,6 +617,8 @@ class Session:
         self._tls.start(first)
 
     def _on_tls_ready(self, plain: socket.socket) -> None:
+        assert self._tls is not None
+        self._tls.broken = self._on_tls_broken
         self._local = self.sock.getsockname()
         self.sock, self.fd = plain, plain.fileno()
         self._enter(Phase.HANDSHAKE)
@@ -714,6 +716,12 @@ class Session:
                 )
                 status, error = "error", f"internal error: {type(exc).__name__}"
         self._end(status, error, extra=association.counts())
+
+    def _on_tls_broken(self, exc: OSError) -> None:
+        """The TLS client's connection failed: a tunnel passes the reset on (without
+        one, the end of the pair is enough: a handshake or an answer just stops)."""
+        if self._tunnel is not None:
+            self._tunnel.fail(exc)
 
     def _on_tunnel_end(self) -> None:
         assert self._tunnel is not None

@@ -105,7 +105,9 @@ class Bridge:
     `ready(plain)` is called once the handshake is done, with the socket-pair end
     the session reads from now on; `failed(reason)` when the handshake fails. After
     `ready` the bridge runs by itself until both directions are done, an error, or
-    `session_ended()` plus at most LINGER seconds.
+    `session_ended()` plus at most LINGER seconds. `broken(exc)`, when set, hears of
+    a reset (or other failure) of the client's connection after the handshake, which
+    the session's end of the pair would otherwise take for an orderly end.
     """
 
     __slots__ = (
@@ -115,11 +117,13 @@ class Bridge:
         "_linger",
         "_loop",
         "_out",
+        "_reset",
         "_session_done",
         "_tls",
         "_to_client",
         "_to_inner",
         "_watching",
+        "broken",
         "failed",
         "inner",
         "raw",
@@ -150,6 +154,8 @@ class Bridge:
         self._ended = False
         self._watching: dict[tuple[int, bool], bool] = {}
         self._linger: asyncio.TimerHandle | None = None
+        self._reset = False  # the session's stream was cut off: no close_notify, a reset
+        self.broken: Callable[[OSError], object] | None = None
 
     def start(self, first: bytes) -> None:
         """Begin with the bytes already read from the client."""
@@ -159,14 +165,12 @@ class Bridge:
             self._watch(self.raw, False, self._on_raw_readable)
 
     def session_ended(self, *, reset: bool = False) -> None:
-        """The session is done with its end: finish what is under way, briefly; with
-        `reset`, its stream was cut off and the client's connection is reset now."""
+        """The session is done with its end: finish what is under way, briefly. With
+        `reset` its stream was cut off: what it sent still goes out, and then the
+        client's connection is reset instead of ended with close_notify."""
         if self._ended:
             return
-        if reset:
-            abort(self.raw)
-            self._end()
-            return
+        self._reset = self._reset or reset
         if self.inner is None:  # still in the handshake: nothing to finish
             self._end()
             return
@@ -179,8 +183,8 @@ class Bridge:
             data = self.raw.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            self._end()
+        except OSError as exc:
+            self._break(exc)
             return
         if data:
             self._in.write(data)
@@ -205,10 +209,11 @@ class Bridge:
         else:  # the session sends no more: tell the client with close_notify
             self._session_done = True
             self._unwatch(self.inner, False)
-            try:
-                self._tls.unwrap()
-            except (ssl.SSLWantReadError, ssl.SSLError):
-                pass  # sent; the client's own close_notify may come later, or never
+            if not self._reset:  # (a cut-off stream gets a reset instead, at the end)
+                try:
+                    self._tls.unwrap()
+                except (ssl.SSLWantReadError, ssl.SSLError):
+                    pass  # sent; the client's own close_notify may come later, or never
         self._flush_client()
 
     def _on_raw_writable(self) -> None:
@@ -264,6 +269,13 @@ class Bridge:
         assert ready is not None
         ready(plain)
 
+    def _break(self, exc: OSError) -> None:
+        """The client's connection failed: end, and say so."""
+        broken = self.broken
+        self._end()
+        if broken is not None:
+            broken(exc)
+
     def _fail(self, reason: str) -> None:
         failed = self.failed
         self._end()
@@ -274,8 +286,8 @@ class Bridge:
         pending = self._out.read()
         if pending:
             self._to_client += pending
-        if self._to_client and not _send(self.raw, self._to_client):
-            self._end()
+        if self._to_client and (error := _send(self.raw, self._to_client)) is not None:
+            self._break(error)
             return
         if self._to_client:
             self._watch(self.raw, True, self._on_raw_writable)
@@ -293,7 +305,7 @@ class Bridge:
         inner = self.inner
         if inner is None:
             return
-        if self._to_inner and not _send(inner, self._to_inner):
+        if self._to_inner and _send(inner, self._to_inner) is not None:
             self._to_inner.clear()  # the session closed its end: drop what the client sends
         if self._to_inner:
             self._watch(inner, True, self._on_inner_writable)
@@ -341,20 +353,22 @@ class Bridge:
         self._ended = True
         if self._linger is not None:
             self._linger.cancel()
+        if self._reset:
+            abort(self.raw)
         self.raw.close()
         if self.inner is not None:
             self.inner.close()
-        self.ready = self.failed = None
+        self.ready = self.failed = self.broken = None
 
 
-def _send(sock: socket.socket, pending: bytearray) -> bool:
-    """Send what the socket takes now and drop it from `pending`; False when the
+def _send(sock: socket.socket, pending: bytearray) -> OSError | None:
+    """Send what the socket takes now and drop it from `pending`; the error when the
     connection has failed."""
     try:
         sent = sock.send(pending)
     except (BlockingIOError, InterruptedError):
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as exc:
+        return exc
     del pending[:sent]
-    return True
+    return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import ssl
 import struct
@@ -354,31 +355,77 @@ def test_reload_turns_tls_on_and_refuses_a_bad_key(start_daemon, cert, origin, t
     assert curl(*proxy, origin.url).stdout == origin.body  # the old certificate serves on
 
 
-def test_a_target_reset_resets_the_tls_client(start_daemon, cert, tcp_server):
+def tls_socks5_tunnel(daemon, cert: tuple[Path, Path], port: int) -> ssl.SSLSocket:
+    """A SOCKS5 tunnel inside TLS; a ragged end is an error, as to any careful client."""
+    raw = socket.create_connection(daemon.address, timeout=10)
+    context = client_context(cert)
+    sock = context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False)
+    sock.sendall(b"\x05\x01\x00" + b"\x05\x01\x00" + socks5client.address("127.0.0.1", port))
+    assert recv_exact(sock, 2) == b"\x05\x00"
+    assert socks5client.read_reply(sock)[0] == 0
+    return sock
+
+
+def reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["together", "apart"])
+def test_a_target_reset_resets_the_tls_client(start_daemon, cert, tcp_server, together):
     """A tunnel cut off by its target ends the client's TLS connection with a reset,
-    not with close_notify, which would say the stream was whole."""
+    not with close_notify, which would say the stream was whole; what the target sent
+    before its reset still reaches the client, even when the daemon finds the bytes
+    and the reset together (it is stopped meanwhile)."""
+    go, sent = threading.Event(), threading.Event()
 
     def send_then_reset(conn: socket.socket) -> None:
-        conn.sendall(b"r" * 65536)
-        time.sleep(0.2)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        conn.close()
+        go.wait(10)
+        conn.sendall(b"r" * 60000)
+        if not together:
+            time.sleep(0.2)
+        reset(conn)
+        sent.set()
 
     daemon = start_daemon(tls_config(cert))
     server = tcp_server(send_then_reset)
-    raw = socket.create_connection(daemon.address, timeout=10)
-    # a ragged end is an error, as it is to any careful TLS client
-    context = client_context(cert)
-    with context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as sock:
-        sock.sendall(
-            b"\x05\x01\x00" + b"\x05\x01\x00" + socks5client.address("127.0.0.1", server.port)
-        )
-        assert recv_exact(sock, 2) == b"\x05\x00"
-        assert socks5client.read_reply(sock)[0] == 0
+    with tls_socks5_tunnel(daemon, cert, server.port) as sock:
+        if together:
+            os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            go.set()
+            assert sent.wait(10)
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
         received = 0
-        # no close_notify, which would say the stream was whole (the connection is reset)
-        with pytest.raises(ssl.SSLEOFError):
+        with pytest.raises(ssl.SSLEOFError):  # no close_notify: the connection is reset
             while data := sock.recv(65536):
                 received += len(data)
-    assert received == 65536
+    assert received == 60000
     assert daemon.access()["status"] == "reset"
+
+
+def test_a_tls_client_reset_resets_the_target(start_daemon, cert, tcp_server):
+    """The other way: a TLS client that resets mid-upload is a reset at the target
+    too, not an orderly end that would make the cut-off upload look whole."""
+    outcome: list[str] = []
+
+    def sink(conn: socket.socket) -> None:
+        try:
+            while conn.recv(65536):
+                pass
+            outcome.append("eof")
+        except ConnectionResetError:
+            outcome.append("reset")
+
+    daemon = start_daemon(tls_config(cert))
+    server = tcp_server(sink)
+    sock = tls_socks5_tunnel(daemon, cert, server.port)
+    sock.sendall(b"u" * 10000)
+    time.sleep(0.2)
+    reset(sock)
+    assert daemon.access()["status"] == "reset"
+    deadline = time.monotonic() + 5
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert outcome == ["reset"]
