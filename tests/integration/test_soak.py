@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import http.client
 import os
 import resource
@@ -23,6 +24,7 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -239,15 +241,7 @@ class Cycle:
             header = b"\0\0\0" + _target(self.targets.udp)
             for n in range(5):
                 payload = b"datagram %d of client %d" % (n, index)
-                for _attempt in range(5):  # UDP: a datagram lost under load is sent again
-                    transport.sendto(header + payload, (host, port))
-                    try:
-                        answer = await asyncio.wait_for(answers.get(), 1.0)
-                    except TimeoutError:
-                        continue
-                    assert answer == header + payload
-                    break
-                else:
+                if not await _answered(transport, header + payload, (host, port), answers):
                     raise AssertionError(f"no answer to {payload!r}")
         finally:
             transport.close()
@@ -272,6 +266,27 @@ class Cycle:
         await writer.drain()
         await self._wait_for_all()
         return writer
+
+
+async def _answered(
+    transport: asyncio.DatagramTransport,
+    datagram: bytes,
+    relay: tuple[str, int],
+    answers: asyncio.Queue[bytes],
+) -> bool:
+    """Send until the datagram comes back (at most 5 tries a second apart): UDP under
+    load may lose one. A late answer to an earlier datagram, or to a repeat, is skipped."""
+    for _attempt in range(5):
+        transport.sendto(datagram, relay)
+        deadline = asyncio.get_running_loop().time() + 1.0
+        try:
+            async with asyncio.timeout_at(deadline):
+                while await answers.get() != datagram:
+                    pass
+            return True
+        except TimeoutError:
+            continue
+    return False
 
 
 class _Collect(asyncio.DatagramProtocol):
@@ -358,19 +373,28 @@ def _kind(pid: int, fd: str) -> str:
         return "gone"
 
 
-def enough_descriptors(clients: int) -> None:
+@contextlib.contextmanager
+def enough_descriptors(clients: int) -> Iterator[None]:
     """The test holds two sockets a client (its own and the target's end), the daemon
-    up to six (two sockets, a pipe each way): raise the soft limit the daemon inherits."""
+    up to six (two sockets, a pipe each way): the soft limit, which the daemon
+    inherits, raised for the while."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 8 * clients + 1024
-    if soft < want:
-        if hard != resource.RLIM_INFINITY and hard < want:
-            pytest.fail(f"RLIMIT_NOFILE hard limit {hard} is below the {want} needed")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.fail(f"RLIMIT_NOFILE hard limit {hard} is below the {want} needed")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def soak(start_daemon, users_file, *, clients: int, seconds: float, max_cycles: int) -> None:
-    enough_descriptors(clients)
+    with enough_descriptors(clients):
+        _soak(start_daemon, users_file, clients=clients, seconds=seconds, max_cycles=max_cycles)
+
+
+def _soak(start_daemon, users_file, *, clients: int, seconds: float, max_cycles: int) -> None:
     daemon = start_daemon(
         f'[auth]\nusers_file = "{users_file}"\n[metrics]\nlisten = "127.0.0.1:0"\n'
     )
@@ -396,12 +420,19 @@ def soak(start_daemon, users_file, *, clients: int, seconds: float, max_cycles: 
             await stop_targets(targets)
 
     baseline: Holdings | None = None
-    peak_rss = 0
+    rss: list[int] = []  # after each cycle
 
     def settle(cycle_no: int, cycle: Cycle) -> None:
-        nonlocal baseline, peak_rss
-        daemon.wait_for(lambda _e: len(daemon.named("access")) >= expected_lines, timeout=60)
-        lines = daemon.access_events()
+        nonlocal baseline
+        deadline = time.monotonic() + 60
+        while len(lines := daemon.access_events()) < expected_lines:
+            if time.monotonic() > deadline:
+                held = holdings(daemon, scraper)
+                raise AssertionError(
+                    f"{expected_lines - len(lines)} access lines missing after 60 s; "
+                    f"the daemon holds {held}\n" + "\n".join(held.close_wait[:20])
+                )
+            time.sleep(0.1)
         assert len(lines) == expected_lines
         # a forwarding connection's lines come before its close: wait for the closes
         deadline = time.monotonic() + 30
@@ -410,6 +441,7 @@ def soak(start_daemon, users_file, *, clients: int, seconds: float, max_cycles: 
             time.sleep(0.05)
         held = holdings(daemon, scraper)
         report.append(f"cycle {cycle_no}: {held}")
+        rss.append(held.rss)
         assert not held.close_wait, held.close_wait
         if baseline is None:
             # after the first cycle: pools and caches are warm. Of descriptors, only
@@ -420,7 +452,6 @@ def soak(start_daemon, users_file, *, clients: int, seconds: float, max_cycles: 
             return
         assert held.fds <= baseline.fds, report
         assert held.tasks <= baseline.tasks, report
-        peak_rss = max(peak_rss, held.rss)
 
     try:
         if uvloop is not None:
@@ -438,9 +469,15 @@ def soak(start_daemon, users_file, *, clients: int, seconds: float, max_cycles: 
     cycles_run = len(report) - 1
     assert counts == collections.Counter({s: n * cycles_run for s, n in per_cycle.items()})
     assert baseline is not None
-    # memory: no growth after the first cycle beyond allocator noise (a leak of even
-    # a hundred bytes a client would pass this over the cycles)
-    assert peak_rss <= baseline.rss * 1.10 + 4 * 2**20, report
+    # memory: the allocator's high-water mark takes a few cycles to settle (with many
+    # UDP associations it steps up over two); after the first three (two of a short
+    # soak) it may grow by 4 MiB at most, or 50 bytes a client served since, if more.
+    # The long soak (some 50,000 clients after those) so catches a leak of about 80
+    # bytes a connection; the short one only leaks of a few KiB a connection.
+    warm = min(3, len(rss) - 1)
+    served = clients * (len(rss) - warm)
+    allowed = max(4 * 2**20, 50 * served)
+    assert max(rss[warm:]) - max(rss[:warm]) <= allowed, report
     output = daemon.output()
     assert "Traceback" not in output and "session_error" not in output
     print("\n".join(report))

@@ -115,78 +115,108 @@ def sink_then_answer(conn: socket.socket) -> None:
 DOWN = os.urandom(4 * 1024 * 1024)
 
 
+class BioClient:
+    """A TLS client driven through memory BIOs over a socket of its own: it sees how
+    the connection itself ends (a reset, or a FIN), not only what TLS makes of it."""
+
+    def __init__(self, daemon, cert: tuple[Path, Path], timeout: float = 20.0) -> None:
+        self.raw = socket.create_connection(daemon.address, timeout=timeout)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = client_context(cert)
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.flush()
+                self.feed()
+        self.flush()
+
+    def flush(self) -> None:
+        if data := self.outgoing.read():
+            self.raw.sendall(data)
+
+    def feed(self) -> bool:
+        data = self.raw.recv(65536)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+        return bool(data)
+
+    def write(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.flush()
+
+    def close_notify(self) -> None:
+        """We send no more (TLS half-close), and go on reading."""
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        self.flush()
+
+    def read_exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            try:
+                data += self.tls.read(n - len(data))
+            except ssl.SSLWantReadError:
+                assert self.feed(), f"closed after {len(data)} of {n} bytes"
+        return data
+
+    def read_to_end(self) -> tuple[bytes, str]:
+        """Everything until the end, and how it ended: "close_notify", "eof" (a FIN
+        without close_notify) or "reset" (the connection was reset)."""
+        received = bytearray()
+        while True:
+            try:
+                received += self.tls.read(65536)
+                continue
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return bytes(received), "close_notify"
+            except ssl.SSLEOFError:
+                return bytes(received), "eof"
+            try:
+                self.feed()
+            except ConnectionResetError:
+                return bytes(received), "reset"
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 def test_bulk_and_half_close_over_tls(start_daemon, cert, tcp_server):
     """8 MiB up, then close_notify (TLS half-close), then 4 MiB down with its
     close_notify: every byte arrives, in both directions, intact."""
     daemon = start_daemon(tls_config(cert))
     server = tcp_server(sink_then_answer)
     up = os.urandom(8 * 1024 * 1024)
-    raw = socket.create_connection(daemon.address, timeout=20)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = client_context(cert).wrap_bio(incoming, outgoing, server_hostname="localhost")
-
-    def flush() -> None:
-        if data := outgoing.read():
-            raw.sendall(data)
-
-    def feed() -> bool:
-        data = raw.recv(65536)
-        if data:
-            incoming.write(data)
-        else:
-            incoming.write_eof()
-        return bool(data)
-
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            flush()
-            feed()
-    flush()
+    client = BioClient(daemon, cert)
     target = f"127.0.0.1:{server.port}"
-    tls.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-    flush()
+    client.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     answer = b""
     while b"\r\n\r\n" not in answer:
-        try:
-            answer += tls.read(65536)
-        except ssl.SSLWantReadError:
-            assert feed()
+        answer += client.read_exact(1)
     assert answer.startswith(b"HTTP/1.1 200 ")
-    received = bytearray(answer.split(b"\r\n\r\n", 1)[1])
 
     def upload() -> None:
         for i in range(0, len(up), 65536):
-            tls.write(up[i : i + 65536])
-            flush()
-        try:
-            tls.unwrap()  # close_notify: we send no more, and go on reading
-        except ssl.SSLWantReadError:
-            pass
-        flush()
+            client.write(up[i : i + 65536])
+        client.close_notify()
 
     # the origin answers only after our EOF, so the upload cannot block on the download
     writer = threading.Thread(target=upload)
     writer.start()
     writer.join(60)
     assert not writer.is_alive()
-    closed = False
-    while not closed:
-        try:
-            chunk = tls.read(65536)
-            if not chunk:
-                closed = True
-            received += chunk
-        except ssl.SSLWantReadError:
-            if not feed():
-                break
-        except ssl.SSLZeroReturnError:
-            closed = True
-    raw.close()
-    assert closed, "the proxy's close_notify"
-    assert bytes(received[:32]) == hashlib.sha256(up).digest()
+    received, how = client.read_to_end()
+    client.close()
+    assert how == "close_notify"
+    assert received[:32] == hashlib.sha256(up).digest()
     assert hashlib.sha256(received[32:]).digest() == hashlib.sha256(DOWN).digest()
     line = daemon.access()
     assert (line["status"], line["bytes_up"], line["tls"]) == ("ok", len(up), "TLSv1.3")
@@ -355,15 +385,14 @@ def test_reload_turns_tls_on_and_refuses_a_bad_key(start_daemon, cert, origin, t
     assert curl(*proxy, origin.url).stdout == origin.body  # the old certificate serves on
 
 
-def tls_socks5_tunnel(daemon, cert: tuple[Path, Path], port: int) -> ssl.SSLSocket:
-    """A SOCKS5 tunnel inside TLS; a ragged end is an error, as to any careful client."""
-    raw = socket.create_connection(daemon.address, timeout=10)
-    context = client_context(cert)
-    sock = context.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False)
-    sock.sendall(b"\x05\x01\x00" + b"\x05\x01\x00" + socks5client.address("127.0.0.1", port))
-    assert recv_exact(sock, 2) == b"\x05\x00"
-    assert socks5client.read_reply(sock)[0] == 0
-    return sock
+def tls_socks5_tunnel(daemon, cert: tuple[Path, Path], port: int) -> BioClient:
+    """A SOCKS5 tunnel inside TLS."""
+    client = BioClient(daemon, cert, timeout=10)
+    client.write(b"\x05\x01\x00" + b"\x05\x01\x00" + socks5client.address("127.0.0.1", port))
+    assert client.read_exact(2) == b"\x05\x00"
+    reply = client.read_exact(10)
+    assert reply[:2] == b"\x05\x00", reply
+    return client
 
 
 def reset(conn: socket.socket) -> None:
@@ -389,7 +418,8 @@ def test_a_target_reset_resets_the_tls_client(start_daemon, cert, tcp_server, to
 
     daemon = start_daemon(tls_config(cert))
     server = tcp_server(send_then_reset)
-    with tls_socks5_tunnel(daemon, cert, server.port) as sock:
+    client = tls_socks5_tunnel(daemon, cert, server.port)
+    try:
         if together:
             os.kill(daemon.proc.pid, signal.SIGSTOP)
         try:
@@ -397,11 +427,10 @@ def test_a_target_reset_resets_the_tls_client(start_daemon, cert, tcp_server, to
             assert sent.wait(10)
         finally:
             os.kill(daemon.proc.pid, signal.SIGCONT)
-        received = 0
-        with pytest.raises(ssl.SSLEOFError):  # no close_notify: the connection is reset
-            while data := sock.recv(65536):
-                received += len(data)
-    assert received == 60000
+        received, how = client.read_to_end()
+    finally:
+        client.close()
+    assert (len(received), how) == (60000, "reset")
     assert daemon.access()["status"] == "reset"
 
 
@@ -420,10 +449,10 @@ def test_a_tls_client_reset_resets_the_target(start_daemon, cert, tcp_server):
 
     daemon = start_daemon(tls_config(cert))
     server = tcp_server(sink)
-    sock = tls_socks5_tunnel(daemon, cert, server.port)
-    sock.sendall(b"u" * 10000)
+    client = tls_socks5_tunnel(daemon, cert, server.port)
+    client.write(b"u" * 10000)
     time.sleep(0.2)
-    reset(sock)
+    reset(client.raw)
     assert daemon.access()["status"] == "reset"
     deadline = time.monotonic() + 5
     while not outcome and time.monotonic() < deadline:

@@ -52,7 +52,9 @@ def open_tunnel(front: str, daemon, port: int) -> socket.socket:
     sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
+        byte = sock.recv(1)
+        assert byte, f"closed after {head!r}"
+        head += byte
     assert head.startswith(b"HTTP/1.1 200 ")
     return sock
 
@@ -77,6 +79,8 @@ def test_one_gib_each_way_intact_then_half_close(start_daemon, tcp_server, front
     target_got: list[bytes] = []
 
     def target(conn: socket.socket) -> None:
+        conn.settimeout(120)
+
         def send() -> None:
             for chunk in stream(2):
                 conn.sendall(chunk)

@@ -7,6 +7,7 @@ file in the daemon's own namespace, so an unknown name never reaches a DNS serve
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import struct
@@ -30,7 +31,7 @@ UNREACHABLE = {
     "unknown_name": ({"socks5": 0x04, "socks4": 91, "connect": 502, "forward": 502}, "unreachable"),
     "silent": ({"socks5": 0x04, "socks4": 91, "connect": 504, "forward": 504}, "timeout"),
 }
-PROMPT = 2.0  # seconds: far below timeouts.idle, so a close that waited for it shows
+PROMPT = 10.0  # seconds: far below timeouts.idle (60), so a close that waited for it shows
 
 
 def ask(front: str, daemon, host: str, port: int) -> tuple[socket.socket, int]:
@@ -96,6 +97,8 @@ def test_a_target_that_cannot_be_reached(start_daemon, tmp_path, fault):
             line = daemon.access(lambda e, i=conn_id: e["conn_id"] == i)
             assert (line["status"], line["target"]) == (status, f"{host}:{port}"), front
             assert line["error"], front
+            if fault == "silent":  # the connect timeout (1 s) was what ended it
+                assert line["duration_ms"] >= 1000, front
     assert "Traceback" not in daemon.output()
 
 
@@ -131,24 +134,29 @@ def test_a_target_that_resets_mid_transfer(start_daemon, tcp_server, front, rela
 
 
 # A target in a process of its own, killed with SIGKILL while it streams to the client.
-# With "unread" it never reads what it was sent, so its kernel resets the connection;
-# otherwise it reads everything first, and the kernel's close is an orderly FIN.
+# With "unread" it only peeks at what it was sent (waiting until the request is in its
+# kernel's queue), so its kernel resets the connection; with "read" it reads it all,
+# and the kernel's close is an orderly FIN. Every wait is bounded (20 s).
 KILLABLE = r"""
-import socket, sys
+import socket, sys, time
+mode, front = sys.argv[1:]
 listener = socket.create_server(("127.0.0.1", 0))
+listener.settimeout(20)
 print(listener.getsockname()[1], flush=True)
 conn, _ = listener.accept()
-if sys.argv[1] == "read":
-    conn.setblocking(False)
-    want = b"\r\n\r\n" if sys.argv[2] == "forward" else b"hello"
-    seen = b""
-    while want not in seen:
-        try:
-            seen += conn.recv(65536)
-        except BlockingIOError:
-            pass
-    conn.setblocking(True)
-if sys.argv[2] == "forward":
+conn.settimeout(20)
+want = b"\r\n\r\n" if front == "forward" else b"hello"
+seen = b""
+while want not in seen:
+    data = conn.recv(65536, socket.MSG_PEEK if mode == "unread" else 0)
+    if not data:
+        sys.exit("closed before the request came")
+    if mode == "unread":
+        seen = data
+        time.sleep(0.01)
+    else:
+        seen += data
+if front == "forward":
     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
 print("answering", flush=True)
 while True:
@@ -156,43 +164,49 @@ while True:
 """
 
 
+def line_from(process: subprocess.Popen[bytes], timeout: float = 20.0) -> bytes:
+    """The next line the process prints, within `timeout`."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, "the target said nothing"
+    return process.stdout.readline()
+
+
 @pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("unread", [True, False], ids=["unread", "all_read"])
 def test_a_target_killed_mid_stream(start_daemon, front, unread, relay_kind):
     daemon = start_daemon(CONFIG + relay_kind)
-    target = subprocess.Popen(
-        [sys.executable, "-c", KILLABLE, "unread" if unread else "read", front],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert target.stdout is not None
-        port = int(target.stdout.readline())
-        sock, code = ask(front, daemon, "127.0.0.1", port)
-        with sock:
-            assert code == SUCCESS[front]
-            if front != "forward":
-                sock.sendall(b"hello")
-            assert target.stdout.readline() == b"answering\n"
-            assert recv_exact(sock, 256 * 1024) == b"k" * (256 * 1024)
-            target.send_signal(signal.SIGKILL)
-            target.wait(10)
-            how, took = end_of(sock)
-            assert took < PROMPT
-            if front != "forward" and not unread:
-                # an orderly close, as the kernel made it: the client hears the end of
-                # the stream, and the tunnel ends once it closes its side too
-                assert how == "eof"
-                expected_status = "ok"
-            else:  # a reset, or a forwarded answer cut short of its Content-Length
-                assert how == "reset"
-                expected_status = "upstream_closed" if front == "forward" else "reset"
-        line = daemon.access()
-        assert line["status"] == expected_status
-        assert line["bytes_down"] >= 256 * 1024
-    finally:
-        if target.poll() is None:
-            target.kill()
-            target.wait()
+    mode = "unread" if unread else "read"
+    with subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, mode, front], stdout=subprocess.PIPE
+    ) as target:
+        try:
+            port = int(line_from(target))
+            sock, code = ask(front, daemon, "127.0.0.1", port)
+            with sock:
+                assert code == SUCCESS[front]
+                if front != "forward":
+                    sock.sendall(b"hello")
+                assert line_from(target) == b"answering\n"
+                assert recv_exact(sock, 256 * 1024) == b"k" * (256 * 1024)
+                target.send_signal(signal.SIGKILL)
+                target.wait(10)
+                how, took = end_of(sock)
+                assert took < PROMPT
+                if front != "forward" and not unread:
+                    # an orderly close, as the kernel made it: the client hears the end
+                    # of the stream, and the tunnel ends once it closes its side too
+                    assert how == "eof"
+                    expected_status = "ok"
+                else:  # a reset, or a forwarded answer cut short of its Content-Length
+                    assert how == "reset"
+                    expected_status = "upstream_closed" if front == "forward" else "reset"
+        finally:
+            if target.poll() is None:
+                target.kill()
+    line = daemon.access()
+    assert line["status"] == expected_status
+    assert line["bytes_down"] >= 256 * 1024
 
 
 @pytest.mark.parametrize("front", ["socks5", "connect"])
@@ -208,11 +222,11 @@ def test_a_client_that_resets_mid_upload_resets_the_target(
     daemon = start_daemon(CONFIG + relay_kind)
     server = tcp_server(sink)
     sock, code = ask(front, daemon, "127.0.0.1", server.port)
-    assert code == SUCCESS[front]
-    sock.sendall(b"u" * 65536)
-    time.sleep(0.2)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+    with sock:
+        assert code == SUCCESS[front]
+        sock.sendall(b"u" * 65536)
+        time.sleep(0.2)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     assert daemon.access()["status"] == "reset"
     deadline = time.monotonic() + PROMPT
     while not outcome and time.monotonic() < deadline:
