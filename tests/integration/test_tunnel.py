@@ -13,6 +13,7 @@ import pytest
 
 from integration import socks5client
 from integration.socks5client import recv_exact
+from integration.test_upstream_faults import SUCCESS, ask
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -44,18 +45,8 @@ def count_then_answer(conn: socket.socket) -> None:
 
 
 def open_tunnel(front: str, daemon, port: int) -> socket.socket:
-    if front == "socks5":
-        sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", port, timeout=120)
-        assert rep == 0
-        return sock
-    sock = socket.create_connection(daemon.address, timeout=120)
-    sock.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        byte = sock.recv(1)
-        assert byte, f"closed after {head!r}"
-        head += byte
-    assert head.startswith(b"HTTP/1.1 200 ")
+    sock, code = ask(front, daemon, "127.0.0.1", port, timeout=120)
+    assert code == SUCCESS[front]
     return sock
 
 

@@ -34,13 +34,15 @@ UNREACHABLE = {
 PROMPT = 10.0  # seconds: far below timeouts.idle (60), so a close that waited for it shows
 
 
-def ask(front: str, daemon, host: str, port: int) -> tuple[socket.socket, int]:
+def ask(
+    front: str, daemon, host: str, port: int, timeout: float = 10.0
+) -> tuple[socket.socket, int]:
     """Ask the daemon for host:port the way `front` does: (the socket, the answer's
     code). A forwarded request is a GET of a big body, sent without waiting."""
     if front == "socks5":
-        sock, rep, _, _ = socks5client.connect(daemon.address, host, port)
+        sock, rep, _, _ = socks5client.connect(daemon.address, host, port, timeout=timeout)
         return sock, rep
-    sock = socket.create_connection(daemon.address, timeout=10)
+    sock = socket.create_connection(daemon.address, timeout=timeout)
     if front == "socks4":
         try:  # SOCKS4 for an address, SOCKS4a for a name
             ip, name = socket.inet_aton(host), b""
