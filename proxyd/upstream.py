@@ -78,6 +78,10 @@ class Resolver:
     getaddrinfo tells no TTL, so answers are kept for `ttl` seconds, and names
     that do not exist for `negative_ttl`; concurrent lookups of one name share
     one query. The cache holds at most `size` names, least recently used out.
+
+    A dead or slow DNS server must not queue lookups without end: at most
+    PENDING_PER_THREAD names a thread wait or run at once (beyond, a lookup fails
+    at once), and a name nobody waits for any more leaves the queue before it runs.
     """
 
     def __init__(
@@ -90,7 +94,8 @@ class Resolver:
         self._cache: OrderedDict[str, tuple[float, list[AddrInfo] | socket.gaierror]] = (
             OrderedDict()
         )
-        self._pending: dict[str, asyncio.Future[list[AddrInfo]]] = {}
+        self._pending: dict[str, _Query] = {}
+        self._max_pending = threads * PENDING_PER_THREAD
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -117,15 +122,33 @@ class Resolver:
         return [(family, (addr[0], port, *addr[2:])) for family, addr in answer]
 
     def lookup(self, host: str, port: int) -> asyncio.Future[list[AddrInfo]]:
-        """The addresses of a name, as a future the loop completes; not to be cancelled
-        (other connections may wait for the same one)."""
-        pending = self._pending.get(host)
-        if pending is None:
-            loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(self._executor, _getaddrinfo, host)
-            self._pending[host] = pending
-            pending.add_done_callback(lambda future: self._store(host, future))
-        result: asyncio.Future[list[AddrInfo]] = asyncio.get_running_loop().create_future()
+        """The addresses of a name, as a future the loop completes; cancel it when the
+        answer is no longer wanted (the query goes on while others wait for it)."""
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[list[AddrInfo]] = loop.create_future()
+        query = self._pending.get(host)
+        if query is None:
+            if len(self._pending) >= self._max_pending:
+                result.set_exception(
+                    socket.gaierror(
+                        socket.EAI_AGAIN,
+                        f"{len(self._pending)} names are being looked up already "
+                        "(is the DNS server slow?)",
+                    )
+                )
+                return result
+            query = _Query(loop.run_in_executor(self._executor, _getaddrinfo, host))
+            self._pending[host] = query
+            query.future.add_done_callback(lambda future: self._store(host, future))
+        pending = query.future
+        query.waiters += 1
+
+        def given_up(_result: asyncio.Future[list[AddrInfo]]) -> None:
+            query.waiters -= 1
+            if query.waiters == 0 and not pending.done():
+                pending.cancel()  # a query not started yet leaves the pool's queue
+
+        result.add_done_callback(given_up)
 
         def deliver(future: asyncio.Future[list[AddrInfo]]) -> None:
             if result.cancelled():
@@ -173,6 +196,19 @@ class Resolver:
         while len(self._cache) > self._size:
             self._cache.popitem(last=False)
 
+
+class _Query:
+    """One name's lookup and how many still wait for it."""
+
+    __slots__ = ("future", "waiters")
+
+    def __init__(self, future: asyncio.Future[list[AddrInfo]]) -> None:
+        self.future = future
+        self.waiters = 0
+
+
+# Names a resolver thread may have waiting or running at once (see Resolver).
+PENDING_PER_THREAD: Final = 4
 
 # Answers that say the name does not exist (cached), as opposed to a failure to ask.
 _NO_SUCH_NAME: Final = {

@@ -182,14 +182,21 @@ class NotifyReceiver:
         self.sock.close()
 
 
-def local_names(workdir: Path, hosts: Path) -> list[str]:
+def local_names(workdir: Path, hosts: Path, nameserver: str | None = None) -> list[str]:
     """A command prefix: run in a mount namespace of its own where names come from
     `hosts` only (nsswitch "files"), and any resolver that reads resolv.conf asks
-    127.0.0.1. No name lookup of the command leaves the machine."""
+    127.0.0.1. No name lookup of the command leaves the machine. With `nameserver`
+    (a loopback address), names not in `hosts` are asked of the DNS server there,
+    once, with a 2 s timeout."""
     workdir.mkdir(parents=True, exist_ok=True)
     nsswitch, resolv = workdir / "nsswitch.conf", workdir / "resolv.conf"
-    nsswitch.write_text("hosts: files\n")
-    resolv.write_text("nameserver 127.0.0.1\n")
+    if nameserver is None:
+        nsswitch.write_text("hosts: files\n")
+        resolv.write_text("nameserver 127.0.0.1\n")
+    else:
+        assert nameserver.startswith("127."), "tests ask DNS servers on loopback only"
+        nsswitch.write_text("hosts: files dns\n")
+        resolv.write_text(f"nameserver {nameserver}\noptions timeout:2 attempts:1\n")
     mounts = " && ".join(
         f'mount --bind "${i}" /etc/{name}'
         for i, name in enumerate(("hosts", "nsswitch.conf", "resolv.conf"), start=1)
@@ -210,18 +217,22 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         listen: str = "127.0.0.1:0",
         wait: bool = True,
         hosts: Path | None = None,
+        nameserver: str | None = None,
         env: dict[str, str] | None = None,
     ) -> Daemon:
         """`hosts`: a file the daemon sees as /etc/hosts, in a mount namespace of its own
         where names are looked up in that file only: tests name loopback addresses,
-        and an unknown name fails there, without a query to any DNS server."""
+        and an unknown name fails there, without a query to any DNS server; or, with
+        `nameserver`, next from the DNS server at that loopback address."""
         index = next(counter)
         path = tmp_path / f"proxyd-{index}.toml"
         path.write_text(config_toml)
         args = ["--config", str(path), *extra]
         if listen:
             args += ["--listen", listen]
-        prefix = None if hosts is None else local_names(tmp_path / f"names-{index}", hosts)
+        prefix = None
+        if hosts is not None:
+            prefix = local_names(tmp_path / f"names-{index}", hosts, nameserver)
         daemon = Daemon(args, env=env, prefix=prefix)
         daemon.config_path = path
         daemons.append(daemon)

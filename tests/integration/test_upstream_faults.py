@@ -7,6 +7,7 @@ file in the daemon's own namespace, so an unknown name never reaches a DNS serve
 
 from __future__ import annotations
 
+import contextlib
 import select
 import signal
 import socket
@@ -14,10 +15,11 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from conftest import closed_port, silent_listener
+from conftest import closed_port, listening_socket, silent_listener
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -234,3 +236,54 @@ def test_a_client_that_resets_mid_upload_resets_the_target(
     while not outcome and time.monotonic() < deadline:
         time.sleep(0.01)
     assert outcome == ["reset"]
+
+
+@contextlib.contextmanager
+def dead_dns_server() -> Iterator[str]:
+    """A DNS server on loopback that takes every query and never answers; its address."""
+    for last in range(77, 100):
+        ip = f"127.0.0.{last}"
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            server.bind((ip, 53))
+        except OSError:
+            server.close()
+            continue
+        with server:
+            yield ip
+        return
+    raise RuntimeError("no loopback address with port 53 free")
+
+
+def test_a_dead_dns_server_holds_no_one_up(start_daemon, tmp_path):
+    """300 clients at once ask for names only a DNS server that never answers could
+    know. Each is answered when timeouts.connect (1 s) runs out, or at once when too
+    many names are being looked up already; and lookups nobody waits for any more
+    leave the queue, so a name from the hosts file is served soon after, instead of
+    waiting behind some 300 lookups of 2 s each on 32 threads."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(HOSTS)
+    target = listening_socket()
+    with dead_dns_server() as nameserver, target:
+        daemon = start_daemon(CONFIG, hosts=hosts, nameserver=nameserver)
+        clients = []
+        for n in range(300):
+            sock = socket.create_connection(daemon.address, timeout=10)
+            sock.sendall(b"\x05\x01\x00\x05\x01\x00" + socks5client.address(f"n{n}.test", 80))
+            clients.append(sock)
+        for sock in clients:
+            with sock:
+                assert recv_exact(sock, 2) == b"\x05\x00"
+                assert socks5client.read_reply(sock)[0] == 0x04
+        lines = daemon.wait_for(lambda _e: len(daemon.named("access")) >= 300) and (
+            daemon.access_events()
+        )
+        assert {line["status"] for line in lines} <= {"timeout", "unreachable"}
+        busy = [line for line in lines if "being looked up already" in line.get("error", "")]
+        assert busy, "the queue of names was not bounded"
+        time.sleep(5)  # the queries under way time out (2 s), and no others are left
+        sock, rep, _, _ = socks5client.connect(
+            daemon.address, "known.test", target.getsockname()[1]
+        )
+        sock.close()
+        assert rep == 0
