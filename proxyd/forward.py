@@ -49,6 +49,8 @@ VIA: Final = b"1.1 proxyd"
 # How long to wait for an origin's "100 Continue" before sending the body anyway
 # (an HTTP/1.0 origin never answers one), as curl does.
 CONTINUE_WAIT: Final = 1.0
+# How long to take (and drop) a client's body after answering it early, before closing
+LINGER: Final = 2.0
 # RFC 9110 section 7.6.1, plus the proxy's own credentials. Transfer-Encoding is
 # hop-by-hop as well, but h11 frames each side's body itself from it.
 HOP_BY_HOP: Final = frozenset(
@@ -195,9 +197,24 @@ class Forwarder:
                 if next_request is None:
                     return
                 request = next_request
+            if self.client.our_state is h11.DONE and self.client.their_state is h11.SEND_BODY:
+                await self._linger()  # answered before the client's whole body came
         finally:
             if self.origin is not None:
                 self.origin.close()
+
+    async def _linger(self) -> None:
+        """Close gently after an answer sent while the client still sends its body:
+        say we are done, then take (and drop) what it sends for a while. Closed with
+        its bytes unread, the socket would be reset, and the reset can overtake the
+        answer on its way to the client (nginx's lingering close does the same)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        deadline = self.loop.time() + LINGER
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                while await self.loop.sock_recv(self.sock, READ_SIZE):
+                    pass
 
     # -- one request and its answer -------------------------------------------------
 
@@ -323,7 +340,7 @@ class Forwarder:
         if expects_continue:
             early = await self._await_continue(origin)
         if early is None:
-            await self._send_body(origin)
+            early = await self._send_body(origin)
         await self._relay_response(origin, early)
 
     async def _await_continue(self, origin: _Origin) -> h11.Response | None:
@@ -340,17 +357,53 @@ class Forwarder:
         assert isinstance(event, h11.Response)
         return event
 
-    async def _send_body(self, origin: _Origin) -> None:
+    async def _send_body(self, origin: _Origin) -> h11.Response | None:
+        """Send the request's body on; with one, the origin's answer (None: it is yet
+        to be read). An origin may answer before it has taken the whole body (a 413,
+        a 401, a redirect): the rest is then not sent, and the answer goes to the
+        client, whose connection closes after it (its body was not all read)."""
+        event = await self._client_event()
+        if isinstance(event, h11.EndOfMessage):  # no body (a GET): nothing to watch for
+            await self._origin_send(origin, origin.conn.send(event) or b"")
+            return None
+        sending = self.loop.create_task(self._send_rest(origin, event))
+        answering = self.loop.create_task(self._final_answer(origin))
+        try:
+            await asyncio.wait((sending, answering), return_when=asyncio.FIRST_COMPLETED)
+            if not answering.done():
+                error = sending.exception()
+                # the origin broke off while we sent: it may have answered first
+                if error is not None and not isinstance(error, UpstreamBroken):
+                    raise error
+            return await answering  # (an answer that came first leaves the body unsent)
+        finally:
+            for task in (sending, answering):
+                task.cancel()
+            await asyncio.gather(sending, answering, return_exceptions=True)
+
+    async def _send_rest(self, origin: _Origin, event: h11.Event) -> None:
         while True:
-            event = await self._client_event()
             if isinstance(event, h11.Data):
                 self.bytes_up += len(event.data)
                 await self._origin_send(origin, origin.conn.send(event) or b"")
             elif isinstance(event, h11.EndOfMessage):
-                await self._origin_send(origin, origin.conn.send(h11.EndOfMessage()) or b"")
+                await self._origin_send(origin, origin.conn.send(event) or b"")
                 return
             else:
                 raise ProtocolError("connection closed in the middle of a request body")
+            event = await self._client_event()
+
+    async def _final_answer(self, origin: _Origin) -> h11.Response:
+        """The origin's answer, once its head is here (interim 1xx answers passed on)."""
+        while True:
+            event = await self._origin_event(origin)
+            if isinstance(event, h11.Response):
+                return event
+            assert isinstance(event, h11.InformationalResponse)
+            if event.status_code == 101:
+                raise UpstreamBroken("the origin switched protocols; not supported")
+            await self._client_send(event)
+            await self._flush_client()
 
     async def _relay_response(self, origin: _Origin, head: h11.Response | None) -> None:
         event: h11.Event | type[h11.NEED_DATA] = head if head is not None else h11.NEED_DATA

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import http.server
@@ -445,3 +446,51 @@ def test_a_later_request_gets_the_same_error_status_as_a_first(start_daemon, web
             assert answer.startswith(b"HTTP/1.1 200 ")
             sock.sendall(f"GET {web.base}/b HTTP/1.1\r\nHost: x\r\n".encode() + bad + b"\r\n")
             assert sock.recv(4096).startswith(b"HTTP/1.1 " + status + b" ")
+
+
+@pytest.mark.parametrize("origin_closes", ["at_once", "after_reading"])
+def test_an_early_answer_to_an_upload_reaches_the_client(start_daemon, tcp_server, origin_closes):
+    """An origin that answers before it has the body (413 after the head of a 20 MiB
+    upload) has its answer passed on, not a 502, whether it then closes at once (a
+    reset: the body is unread) or reads the rest first; the rest of the body is not
+    sent on, and the client's connection closes after the answer."""
+    got = {"body": 0}
+
+    def refuse_upload(conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(65536)
+        got["body"] = len(head.partition(b"\r\n\r\n")[2])
+        conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\n\r\ntoo large")
+        if origin_closes == "after_reading":
+            time.sleep(0.5)  # (the answer is on its way before the body could all go)
+            conn.settimeout(10)
+            while data := conn.recv(65536):
+                got["body"] += len(data)
+
+    size = 20 * 1024 * 1024
+    daemon = start_daemon()
+    server = tcp_server(refuse_upload)
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(
+            f"POST http://127.0.0.1:{server.port}/up HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+        )
+
+        def upload() -> None:
+            with contextlib.suppress(OSError):  # the daemon stops taking it
+                for _ in range(size // 65536):
+                    sock.sendall(b"u" * 65536)
+
+        uploader = threading.Thread(target=upload)
+        uploader.start()
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+        uploader.join(20)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+    assert answer.endswith(b"\r\n\r\ntoo large")
+    line = daemon.access()
+    assert (line["status"], line["command"]) == ("ok", "POST")
+    assert line["bytes_up"] < size  # the rest of the body was not sent on
