@@ -197,14 +197,15 @@ class Forwarder:
                 if next_request is None:
                     return
                 request = next_request
-            if self.client.our_state is h11.DONE and self.client.their_state is h11.SEND_BODY:
-                await self._linger()  # answered before the client's whole body came
+            if self.client.their_state is h11.SEND_BODY and not self.cut:
+                await self._linger()  # answered (or refused) before its whole body came
         finally:
             if self.origin is not None:
                 self.origin.close()
 
     async def _linger(self) -> None:
-        """Close gently after an answer sent while the client still sends its body:
+        """Close gently after an answer (an early one, or an error page such as a 407)
+        sent while the client still sends its body:
         say we are done, then take (and drop) what it sends for a while. Closed with
         its bytes unread, the socket would be reset, and the reset can overtake the
         answer on its way to the client (nginx's lingering close does the same)."""
