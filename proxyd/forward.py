@@ -44,13 +44,16 @@ if TYPE_CHECKING:
     from proxyd.protocols.http import HttpProxyServer
     from proxyd.session import Session
 
-READ_SIZE: Final = 65536
+# Reads while a request head is awaited: small, as the first request's are, so that
+# h11's limit on an incomplete head (16 KiB) also bounds a head that comes whole
+HEAD_READ: Final = 4096
 VIA: Final = b"1.1 proxyd"
 # How long to wait for an origin's "100 Continue" before sending the body anyway
 # (an HTTP/1.0 origin never answers one), as curl does.
 CONTINUE_WAIT: Final = 1.0
 # How long to take (and drop) a client's body after answering it early, before closing
 LINGER: Final = 2.0
+LINGER_QUIET: Final = 0.5  # ... or until it has sent nothing for this long
 # RFC 9110 section 7.6.1, plus the proxy's own credentials. Transfer-Encoding is
 # hop-by-hop as well, but h11 frames each side's body itself from it.
 HOP_BY_HOP: Final = frozenset(
@@ -165,6 +168,7 @@ class Forwarder:
         self.origin: _Origin | None = None
         cfg = session.ctx.config
         self.idle = cfg.timeouts.idle
+        self.read_size = cfg.buffers.read_size
         self._to_client: list[bytes] = []  # answer bytes not sent yet
         self._queued = 0
         self.lines = 0  # access lines written
@@ -189,6 +193,7 @@ class Forwarder:
                     self.session.command = self.session.target = None
                     self.bytes_up = self.bytes_down = 0
                     self._log(exc.status, str(exc), time.monotonic())
+                    await self._linger()  # the rest of a refused head may still come
                     return
                 except (SessionError, OSError):
                     return  # idle past timeouts.idle, or gone, between requests: just close
@@ -213,9 +218,10 @@ class Forwarder:
             self.sock.shutdown(socket.SHUT_WR)
         deadline = self.loop.time() + LINGER
         with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout_at(deadline):
-                while await self.loop.sock_recv(self.sock, READ_SIZE):
-                    pass
+            while (left := deadline - self.loop.time()) > 0:
+                async with asyncio.timeout(min(left, LINGER_QUIET)):
+                    if not await self.loop.sock_recv(self.sock, self.read_size):
+                        return  # the client's end: nothing is left unread
 
     # -- one request and its answer -------------------------------------------------
 
@@ -553,7 +559,7 @@ class Forwarder:
         whole head must come within `timeouts.idle`, not each piece of it."""
         try:
             async with asyncio.timeout(self.idle):
-                event = await self._client_event()
+                event = await self._client_event(most=HEAD_READ)
         except TimeoutError:
             return None
         if isinstance(event, h11.ConnectionClosed):
@@ -562,14 +568,14 @@ class Forwarder:
             raise ProtocolError("expected a request")
         return event
 
-    async def _client_event(self) -> h11.Event:
+    async def _client_event(self, most: int = 0) -> h11.Event:
         conn = self.client
         while True:
             event = client_event(conn)
             if event is not h11.NEED_DATA:
                 assert isinstance(event, h11.Event)
                 return event
-            conn.receive_data(await self._recv(self.sock, "the client", up=True))
+            conn.receive_data(await self._recv(self.sock, "the client", up=True, most=most))
 
     async def _origin_event(self, origin: _Origin) -> h11.Event:
         conn = origin.conn
@@ -590,13 +596,16 @@ class Forwarder:
                 raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
             conn.receive_data(data)
 
-    async def _recv(self, sock: socket.socket, who: str, *, up: bool = False) -> bytes:
-        """What `sock` has, within `timeouts.idle`; no faster than the user's rate."""
-        size = READ_SIZE
+    async def _recv(
+        self, sock: socket.socket, who: str, *, up: bool = False, most: int = 0
+    ) -> bytes:
+        """What `sock` has (`most` bytes, else buffers.read_size at most), within
+        `timeouts.idle`; no faster than the user's rate."""
+        size = most or self.read_size
         rate = self.session.ctx.rate_for(self.session.user)
         bucket = None if rate is None else rate[0 if up else 1]
         while bucket is not None:
-            size, wait = bucket.allowance(READ_SIZE)
+            size, wait = bucket.allowance(most or self.read_size)
             if size:
                 break
             await asyncio.sleep(wait)
@@ -633,7 +642,7 @@ class Forwarder:
         if data:
             self._to_client.append(data)
             self._queued += len(data)
-            if self._queued >= READ_SIZE:
+            if self._queued >= self.read_size:
                 await self._flush_client()
 
     async def _flush_client(self) -> None:

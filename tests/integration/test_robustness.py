@@ -136,3 +136,24 @@ def test_sigterm_with_stdout_gone(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_later_request_head_has_the_first_ones_limit(start_daemon, origin):
+    """Every request head on a kept-alive connection is held to the same 16 KiB, not
+    only the first: a later one of 40 KiB sent in one piece is refused (431)."""
+    daemon = start_daemon()
+    request = f"GET {origin.url} HTTP/1.1\r\nHost: x\r\n".encode()
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(request + b"\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += recv_exact(sock, 1)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert recv_exact(sock, len(origin.body)) == origin.body
+        sock.sendall(request + b"X-Filler: " + b"f" * 40_000 + b"\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
+    daemon.access(lambda e: e["status"] == "bad_request")
+    assert [line["status"] for line in daemon.access_events()] == ["ok", "bad_request"]
