@@ -404,21 +404,31 @@ class Session:
         """The handshake is complete: check the rules, connect to the target, relay."""
         self._request_complete()
         self._enter(Phase.CONNECT)
+        # timeouts.connect bounds the lookup for address rules and the connect together
+        deadline = self.loop.time() + self.ctx.config.timeouts.connect
         self._authorize(
-            host, port, lambda addresses, via: self._connect(host, port, addresses, via)
+            host,
+            port,
+            lambda addresses, via: self._connect(host, port, addresses, via, deadline),
         )
 
     def _connect(
-        self, host: str, port: int, addresses: list[upstream.AddrInfo] | None, via: str | None
+        self,
+        host: str,
+        port: int,
+        addresses: list[upstream.AddrInfo] | None,
+        via: str | None,
+        deadline: float,
     ) -> None:
         cfg = self.ctx.config
         started = self.loop.time()
+        timeout = max(deadline - started, 0.0)
         if via is not None:
             assert self.ctx.upstreams is not None
             self.via = via
             connector = chain.ChainConnector(
                 self.ctx.upstreams.pool(via),
-                cfg.timeouts.connect,
+                timeout,
                 lambda sock, error: self._step(self._on_connected, sock, error, False, started),
                 refuse=self.is_own_listener,
             )
@@ -428,7 +438,7 @@ class Session:
         self._connector = upstream.Connector(
             self.ctx.resolver,
             cfg.buffers,
-            cfg.timeouts.connect,
+            timeout,
             lambda sock, error: self._step(self._on_connected, sock, error, False, started),
             refuse=self.is_own_listener,
         )

@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -239,8 +240,11 @@ def test_a_client_that_resets_mid_upload_resets_the_target(
 
 
 @contextlib.contextmanager
-def dead_dns_server() -> Iterator[str]:
-    """A DNS server on loopback that takes every query and never answers; its address."""
+def dns_server(names: dict[str, str] | None = None, delay: float = 0.0) -> Iterator[str]:
+    """A DNS server on a loopback address of its own (port 53); yields the address.
+    Without `names` it takes every query and never answers (a dead server); with
+    them it answers after `delay` seconds: an A record for a name it knows, and no
+    address for anything else."""
     for last in range(77, 100):
         ip = f"127.0.0.{last}"
         server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -249,10 +253,51 @@ def dead_dns_server() -> Iterator[str]:
         except OSError:
             server.close()
             continue
-        with server:
-            yield ip
-        return
-    raise RuntimeError("no loopback address with port 53 free")
+        break
+    else:
+        raise RuntimeError("no loopback address with port 53 free")
+    timers: list[threading.Timer] = []
+    stop = threading.Event()
+    server.settimeout(0.1)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                query, client = server.recvfrom(512)
+            except TimeoutError:
+                continue
+            if names is not None:
+                answer = dns_answer(query, names)
+                timer = threading.Timer(delay, server.sendto, (answer, client))
+                timers.append(timer)
+                timer.start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield ip
+    finally:
+        stop.set()
+        thread.join(5)
+        for timer in timers:
+            timer.cancel()
+        server.close()
+
+
+def dns_answer(query: bytes, names: dict[str, str]) -> bytes:
+    """The answer to a one-question query: an A record when the name is known."""
+    labels, i = [], 12
+    while query[i]:
+        labels.append(query[i + 1 : i + 1 + query[i]].decode())
+        i += 1 + query[i]
+    qtype = struct.unpack("!H", query[i + 1 : i + 3])[0]
+    question = query[12 : i + 5]
+    ip = names.get(".".join(labels)) if qtype == 1 else None
+    head = query[:2] + struct.pack("!HHHHH", 0x8180, 1, 1 if ip else 0, 0, 0)
+    record = b""
+    if ip:
+        record = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(ip)
+    return head + question + record
 
 
 def test_a_dead_dns_server_holds_no_one_up(start_daemon, tmp_path):
@@ -264,7 +309,7 @@ def test_a_dead_dns_server_holds_no_one_up(start_daemon, tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text(HOSTS)
     target = listening_socket()
-    with dead_dns_server() as nameserver, target:
+    with dns_server() as nameserver, target:
         daemon = start_daemon(CONFIG, hosts=hosts, nameserver=nameserver)
         clients = []
         for n in range(300):
@@ -287,3 +332,32 @@ def test_a_dead_dns_server_holds_no_one_up(start_daemon, tmp_path):
         )
         sock.close()
         assert rep == 0
+
+
+ADDRESS_RULES = """
+[[rules]]
+action = "allow"
+destinations = ["127.0.0.0/8"]
+
+[server]
+default_action = "deny"
+"""
+
+
+@pytest.mark.parametrize("front", ["socks5", "forward"])
+def test_the_lookup_for_address_rules_counts_against_the_connect_timeout(
+    start_daemon, tmp_path, front
+):
+    """With address rules a name is resolved before the rules are checked, then
+    connected to: timeouts.connect (1 s) bounds both together. A lookup of 0.6 s and
+    a target that never answers end at 1 s, not at 1.6 s."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+    with silent_listener() as port, dns_server({"slow.test": "127.0.0.1"}, 0.6) as nameserver:
+        daemon = start_daemon(CONFIG + ADDRESS_RULES, hosts=hosts, nameserver=nameserver)
+        sock, code = ask(front, daemon, "slow.test", port)
+        with sock:
+            assert code == UNREACHABLE["silent"][0][front]
+        line = daemon.access()
+    assert line["status"] == "timeout"
+    assert 900 <= line["duration_ms"] < 1400
