@@ -247,10 +247,12 @@ class Forwarder:
             if ambiguous_framing(list(request.headers)):
                 raise ProtocolError("request has both Content-Length and Transfer-Encoding")
             await self._check_credentials(request)
+            # timeouts.connect bounds the lookup for address rules and the connect together
+            deadline = self.loop.time() + session.ctx.config.timeouts.connect
             addresses, via = await self._authorize(*origin)
             if via is not None:
                 extra["via"] = via
-            await self._forward(request, origin, target, addresses, via, extra)
+            await self._forward(request, origin, target, addresses, via, extra, deadline)
         except SessionError as exc:
             status, error = exc.status, str(exc)
             if isinstance(exc, Denied):
@@ -288,6 +290,7 @@ class Forwarder:
         auth = self.session.ctx.auth
         if not auth.required:
             return
+        self.session.user = None  # this request's own, not the connection's last one
         values = [v for k, v in request.headers if k == b"proxy-authorization"]
         credentials = parse_basic_credentials(values[0]) if len(values) == 1 else None
         if credentials is None:
@@ -320,8 +323,9 @@ class Forwarder:
         addresses: list[upstream.AddrInfo] | None,
         via: str | None,
         extra: dict[str, Any],
+        deadline: float,
     ) -> None:
-        origin = await self._origin_for(key, addresses, via)
+        origin = await self._origin_for(key, addresses, via, deadline)
         if origin.lease is not None:
             extra["upstream"] = str(origin.lease.parent)
         parts = urllib.parse.urlsplit(target)
@@ -488,6 +492,7 @@ class Forwarder:
         origin_key: tuple[str, int],
         addresses: list[upstream.AddrInfo] | None,
         via: str | None,
+        deadline: float,
     ) -> _Origin:
         key = (*origin_key, via)
         if self.origin is not None:
@@ -503,6 +508,7 @@ class Forwarder:
         cfg = self.session.ctx.config
         done: asyncio.Future[socket.socket] = self.loop.create_future()
         started = self.loop.time()
+        timeout = max(deadline - started, 0.0)
 
         def connected(sock: socket.socket | None, error: SessionError | None) -> None:
             if done.done():  # the task was cancelled meanwhile
@@ -520,14 +526,14 @@ class Forwarder:
             assert self.session.ctx.upstreams is not None
             pool = self.session.ctx.upstreams.pool(via)
             connector = chain.ChainConnector(
-                pool, cfg.timeouts.connect, connected, refuse=self.session.is_own_listener
+                pool, timeout, connected, refuse=self.session.is_own_listener
             )
             connector.start(*origin_key, addresses, plain_http=True)
         else:
             connector = upstream.Connector(
                 self.session.ctx.resolver,
                 cfg.buffers,
-                cfg.timeouts.connect,
+                timeout,
                 connected,
                 refuse=self.session.is_own_listener,
             )
@@ -579,10 +585,15 @@ class Forwarder:
 
     async def _origin_event(self, origin: _Origin) -> h11.Event:
         conn = origin.conn
+        ended = False
         while True:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                if ended:  # h11's word for an end before the answer was whole
+                    raise UpstreamBroken(
+                        "the origin closed the connection before its answer was whole"
+                    ) from exc
                 raise UpstreamBroken("malformed response from the origin") from exc
             if isinstance(event, h11.ConnectionClosed):
                 raise UpstreamBroken("the origin closed the connection")
@@ -594,6 +605,7 @@ class Forwarder:
                 data = await self._recv(origin.sock, "the origin")
             except OSError as exc:
                 raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
+            ended = not data
             conn.receive_data(data)
 
     async def _recv(

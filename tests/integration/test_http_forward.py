@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PASSWORD, USER, closed_port, silent_listener
+from conftest import PASSWORD, USER, basic_token, closed_port, silent_listener
 
 
 class _OriginHandler(http.server.BaseHTTPRequestHandler):
@@ -523,3 +524,144 @@ def test_an_upload_refused_for_credentials_gets_its_407(start_daemon, users_file
         uploader.join(20)
     assert answer.startswith(b"HTTP/1.1 407 "), answer[:100]
     assert daemon.access()["status"] == "auth_failed"
+
+
+def read_head(conn: socket.socket) -> bytes:
+    """An origin's side: the request head the daemon sent (bounded in time)."""
+    conn.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """What the daemon sends until it closes (the socket's timeout bounds each wait)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("ending", ["fin", "reset"])
+def test_an_origin_that_ends_before_answering_is_502(start_daemon, tcp_server, ending):
+    """An origin that takes the request and then closes (FIN) or resets (SO_LINGER 0)
+    without a byte of answer: the client gets a 502, the access line a failure."""
+    heads: list[bytes] = []
+
+    def end_unanswered(conn: socket.socket) -> None:
+        heads.append(read_head(conn))
+        if ending == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    daemon = start_daemon()
+    server = tcp_server(end_unanswered)
+    conn = via(daemon)
+    conn.request("GET", f"http://127.0.0.1:{server.port}/gone")
+    response = conn.getresponse()
+    assert response.status == 502
+    assert response.read().startswith(b"502 Bad Gateway")
+    assert heads and heads[0].startswith(b"GET /gone HTTP/1.1\r\n")  # it did reach the origin
+    line = daemon.access()
+    assert (line["status"], line["command"]) == ("upstream_closed", "GET")
+    assert line["bytes_down"] == 0
+    said = "closed the connection" if ending == "fin" else "Connection reset"
+    assert said in line["error"]
+
+
+def test_an_origin_that_never_answers_is_504_after_the_idle_timeout(start_daemon, tcp_server):
+    """An origin that accepts and reads the request but stays silent: 504 once
+    `timeouts.idle` has run out, not before, and the access line says timeout."""
+    release = threading.Event()
+
+    def silent(conn: socket.socket) -> None:
+        read_head(conn)
+        release.wait(10)
+
+    daemon = start_daemon("[timeouts]\nidle = 1\n")
+    server = tcp_server(silent)
+    try:
+        conn = via(daemon)
+        started = time.monotonic()
+        conn.request("GET", f"http://127.0.0.1:{server.port}/wait")
+        response = conn.getresponse()
+        waited = time.monotonic() - started
+        assert response.status == 504
+        response.read()
+        assert 0.9 <= waited < 5, waited
+        line = daemon.access()
+        assert line["status"] == "timeout"
+        assert line["target"] == f"127.0.0.1:{server.port}"
+    finally:
+        release.set()
+
+
+def test_an_https_absolute_form_request_is_400(start_daemon, web):
+    """`GET https://…` must use CONNECT: 400, nothing reaches the origin, and the
+    daemon goes on serving the next client."""
+    daemon = start_daemon()
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(
+            f"GET https://127.0.0.1:{web.port}/s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
+        answer = read_to_end(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+    assert web.connections == 0
+    assert daemon.access()["status"] == "bad_request"
+    conn = via(daemon)
+    conn.request("GET", web.base + "/next")
+    response = conn.getresponse()
+    assert response.status == 200
+    assert json.loads(response.read())["path"] == "/next"
+    assert web.connections == 1
+    assert [e["status"] for e in access_lines(daemon, 2)] == ["bad_request", "ok"]
+
+
+def test_an_origin_that_switches_protocols_is_502(start_daemon, tcp_server):
+    """An origin answering 101 to a forwarded request (which never asks to upgrade):
+    the 101 is not relayed, nor what follows it; the client gets a 502."""
+
+    def switch(conn: socket.socket) -> None:
+        read_head(conn)
+        conn.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\nraw-bytes-after-the-switch"
+        )
+        time.sleep(0.5)
+
+    daemon = start_daemon()
+    server = tcp_server(switch)
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(f"GET http://127.0.0.1:{server.port}/ws HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        answer = read_to_end(sock)
+    assert answer.startswith(b"HTTP/1.1 502 "), answer[:100]
+    assert b"101" not in answer.partition(b"\r\n")[0]
+    assert b"raw-bytes-after-the-switch" not in answer
+    assert b"Switching Protocols" not in answer
+    line = daemon.access()
+    assert (line["status"], line["bytes_down"]) == ("upstream_closed", 0)
+
+
+def test_credentials_are_checked_on_every_request_of_a_connection(start_daemon, web, users_file):
+    """With users, a kept-alive connection whose first request had valid credentials
+    gets a 407 for a second request without them; the origin sees only the first."""
+    daemon = start_daemon(f'[auth]\nusers_file = "{users_file}"\n')
+    conn = via(daemon)
+    conn.request(
+        "GET", web.base + "/first", headers={"Proxy-Authorization": f"Basic {basic_token()}"}
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    assert json.loads(response.read())["path"] == "/first"
+    conn.request("GET", web.base + "/second")
+    response = conn.getresponse()
+    assert response.status == 407
+    assert response.getheader("Proxy-Authenticate") == 'Basic realm="proxyd"'
+    response.read()
+    assert [r["path"] for r in web.requests] == ["/first"]
+    lines = access_lines(daemon, 2)
+    assert [(e["status"], e["user"]) for e in lines] == [("ok", USER), ("auth_failed", None)]
+    assert lines[0]["conn_id"] == lines[1]["conn_id"]
