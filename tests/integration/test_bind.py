@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 from integration import socks5client
 from integration.socks5client import read_reply, recv_exact
@@ -82,3 +83,40 @@ def test_socks4_bind(start_daemon):
             assert recv_exact(control, 4) == b"data"
     line = daemon.access()
     assert (line["protocol"], line["command"], line["status"]) == ("socks4", "bind", "ok")
+
+
+def test_socks4_bind_gives_up_after_the_connect_timeout(start_daemon):
+    daemon = start_daemon("[timeouts]\nconnect = 1\n")
+    control = socket.create_connection(daemon.address, timeout=10)
+    with control:
+        control.sendall(b"\x04\x02\x00\x15" + bytes((127, 0, 0, 1)) + b"ftp\0")
+        first = recv_exact(control, 8)
+        assert first[:2] == b"\x00\x5a"  # listening
+        assert struct.unpack("!H", first[2:4])[0] != 0
+        waited = time.monotonic()
+        second = recv_exact(control, 8)  # nobody came
+        waited = time.monotonic() - waited
+        assert second[:2] == b"\x00\x5b"  # 91: rejected or failed
+        assert 0.7 <= waited <= 3.0, waited
+        assert control.recv(1) == b""  # and the connection ends
+    line = daemon.access()
+    assert (line["protocol"], line["command"], line["status"]) == ("socks4", "bind", "timeout")
+
+
+def test_socks5_bind_to_0_0_0_0_accepts_a_peer_from_any_address(start_daemon):
+    daemon = start_daemon()
+    control, rep, host, port = socks5client.connect(daemon.address, "0.0.0.0", 0, command=BIND)
+    with control:
+        assert (rep, host) == (0, "127.0.0.1")
+        # neither the client's address nor one the request named
+        with peer_from("127.0.0.3", (host, port)) as peer:
+            rep, peer_host, peer_port = read_reply(control)
+            assert rep == 0
+            assert (peer_host, peer_port) == peer.getsockname()
+            peer.sendall(b"anyone")
+            assert recv_exact(control, 6) == b"anyone"
+            control.sendall(b"welcome")
+            assert recv_exact(peer, 7) == b"welcome"
+    line = daemon.access()
+    assert (line["command"], line["status"]) == ("bind", "ok")
+    assert (line["bytes_up"], line["bytes_down"]) == (7, 6)

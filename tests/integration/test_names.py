@@ -107,3 +107,26 @@ def test_unknown_names_are_cached_briefly(start_daemon, tmp_path):
         assert fetch_word(remembers, "late.test", port, target) == (0x04, b"")
     finally:
         target.close()
+
+
+def test_the_cache_keeps_the_most_recently_used_names(start_daemon, tmp_path):
+    """dns.cache_size = 2: a third name pushes out the one used least recently (not
+    the one looked up first, when that has been used since)."""
+    names = ("one.test", "two.test", "three.test")
+    hosts = hosts_file(tmp_path, "".join(f"127.0.0.1 {name}\n" for name in names))
+    old = listening_socket(also_free_on="127.0.0.2")
+    port = old.getsockname()[1]
+    new = listening_socket("127.0.0.2", port)
+    try:
+        for server in (old, new):
+            server.settimeout(5)  # a connection to the other address fails the test
+        daemon = start_daemon("[dns]\ncache_size = 2\ncache_ttl = 300\n", hosts=hosts)
+        for name in ("one.test", "two.test", "one.test", "three.test"):  # two.test is LRU
+            assert fetch_word(daemon, name, port, old) == (0, b"hi")
+        hosts.write_text("".join(f"127.0.0.2 {name}\n" for name in names))  # all move
+        assert fetch_word(daemon, "three.test", port, old) == (0, b"hi")  # cached
+        assert fetch_word(daemon, "one.test", port, old) == (0, b"hi")  # cached
+        assert fetch_word(daemon, "two.test", port, new) == (0, b"hi")  # was evicted
+    finally:
+        old.close()
+        new.close()

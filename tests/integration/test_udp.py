@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -226,3 +227,33 @@ def test_a_datagram_from_another_address_is_dropped(start_daemon, udp_echo):
         assert no_datagram(elsewhere)
     line = daemon.access()
     assert (line["datagrams_up"], line["datagrams_dropped"]) == (0, 1)
+
+
+def test_traffic_keeps_an_association_past_udp_idle_then_it_ends_by_itself(start_daemon, udp_echo):
+    """Datagrams every 0.3 s keep an association with udp_idle = 1 open for 2.5 s;
+    once they stop, it ends about 1 s after the last one, control connection and all."""
+    daemon = start_daemon("[timeouts]\nudp_idle = 1\n")
+    control, relay = associate(daemon)
+    with control, udp_client() as client:
+        started = time.monotonic()
+        sent = 0
+        while time.monotonic() - started < 2.5:
+            payload = f"beat {sent}".encode()
+            client.sendto(header("127.0.0.1", udp_echo.port) + payload, relay)
+            data, _ = client.recvfrom(65535)  # each one answered: the relay is still there
+            assert data == header("127.0.0.1", udp_echo.port) + b"echo:" + payload
+            sent += 1
+            last = time.monotonic()
+            time.sleep(0.3)
+        assert sent >= 7
+        assert daemon.access_events() == []  # still open, well past udp_idle
+        control.settimeout(5)
+        assert control.recv(1) == b""  # then the daemon ends it by itself...
+        quiet = time.monotonic() - last
+        assert 0.7 <= quiet <= 3.0, quiet  # ...udp_idle after the last datagram
+        client.sendto(header("127.0.0.1", udp_echo.port) + b"too late", relay)
+        assert no_datagram(client)
+    line = daemon.access()
+    assert (line["command"], line["status"]) == ("udp_associate", "idle_timeout")
+    assert (line["datagrams_up"], line["datagrams_down"]) == (sent, sent)
+    assert line["duration_ms"] >= 2500
