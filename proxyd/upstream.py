@@ -7,6 +7,7 @@ back as UpstreamError subclasses that carry the SOCKS reply and HTTP status.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import os
 import socket
@@ -137,24 +138,27 @@ class Resolver:
                     )
                 )
                 return result
-            query = _Query(loop.run_in_executor(self._executor, _getaddrinfo, host))
+            work = self._executor.submit(_getaddrinfo, host)
+            query = _Query(work, asyncio.wrap_future(work, loop=loop))
             self._pending[host] = query
-            query.future.add_done_callback(lambda future: self._store(host, future))
+            query.future.add_done_callback(lambda future: self._store(host, query, future))
         pending = query.future
         query.waiters += 1
 
         def given_up(_result: asyncio.Future[list[AddrInfo]]) -> None:
             query.waiters -= 1
-            if query.waiters == 0 and not pending.done():
-                pending.cancel()  # a query not started yet leaves the pool's queue
+            # nobody waits any more: a query not started yet leaves the pool's queue
+            # (and the count) now; one under way runs on, to be cached, and counts
+            if query.waiters == 0 and query.work.cancel() and self._pending.get(host) is query:
+                del self._pending[host]
 
         result.add_done_callback(given_up)
 
         def deliver(future: asyncio.Future[list[AddrInfo]]) -> None:
-            if result.cancelled():
+            if result.done():
                 return
-            if future.cancelled():
-                result.cancel()
+            if future.cancelled():  # (dropped unstarted, or the daemon is stopping)
+                result.set_exception(socket.gaierror(socket.EAI_AGAIN, "lookup abandoned"))
             elif (exc := future.exception()) is not None:
                 result.set_exception(exc)
             else:
@@ -178,8 +182,9 @@ class Resolver:
         except OSError as exc:  # TimeoutError and gaierror
             raise classify(exc, target) from None
 
-    def _store(self, host: str, future: asyncio.Future[list[AddrInfo]]) -> None:
-        del self._pending[host]
+    def _store(self, host: str, query: _Query, future: asyncio.Future[list[AddrInfo]]) -> None:
+        if self._pending.get(host) is query:
+            del self._pending[host]
         if future.cancelled() or self._size == 0:
             return
         exc = future.exception()
@@ -198,11 +203,17 @@ class Resolver:
 
 
 class _Query:
-    """One name's lookup and how many still wait for it."""
+    """One name's lookup (the pool's work, and the loop's future of it) and how many
+    still wait for it."""
 
-    __slots__ = ("future", "waiters")
+    __slots__ = ("future", "waiters", "work")
 
-    def __init__(self, future: asyncio.Future[list[AddrInfo]]) -> None:
+    def __init__(
+        self,
+        work: concurrent.futures.Future[list[AddrInfo]],
+        future: asyncio.Future[list[AddrInfo]],
+    ) -> None:
+        self.work = work
         self.future = future
         self.waiters = 0
 

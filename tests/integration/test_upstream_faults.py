@@ -240,11 +240,13 @@ def test_a_client_that_resets_mid_upload_resets_the_target(
 
 
 @contextlib.contextmanager
-def dns_server(names: dict[str, str] | None = None, delay: float = 0.0) -> Iterator[str]:
+def dns_server(
+    names: dict[str, str] | None = None, delay: float = 0.0, asked: list[str] | None = None
+) -> Iterator[str]:
     """A DNS server on a loopback address of its own (port 53); yields the address.
     Without `names` it takes every query and never answers (a dead server); with
     them it answers after `delay` seconds: an A record for a name it knows, and no
-    address for anything else."""
+    address for anything else. Each A query's name is added to `asked`."""
     for last in range(77, 100):
         ip = f"127.0.0.{last}"
         server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -267,7 +269,7 @@ def dns_server(names: dict[str, str] | None = None, delay: float = 0.0) -> Itera
             except TimeoutError:
                 continue
             if names is not None:
-                answer = dns_answer(query, names)
+                answer = dns_answer(query, names, asked)
                 timer = threading.Timer(delay, server.sendto, (answer, client))
                 timers.append(timer)
                 timer.start()
@@ -284,7 +286,7 @@ def dns_server(names: dict[str, str] | None = None, delay: float = 0.0) -> Itera
         server.close()
 
 
-def dns_answer(query: bytes, names: dict[str, str]) -> bytes:
+def dns_answer(query: bytes, names: dict[str, str], asked: list[str] | None = None) -> bytes:
     """The answer to a one-question query: an A record when the name is known."""
     labels, i = [], 12
     while query[i]:
@@ -292,6 +294,8 @@ def dns_answer(query: bytes, names: dict[str, str]) -> bytes:
         i += 1 + query[i]
     qtype = struct.unpack("!H", query[i + 1 : i + 3])[0]
     question = query[12 : i + 5]
+    if qtype == 1 and asked is not None:
+        asked.append(".".join(labels))
     ip = names.get(".".join(labels)) if qtype == 1 else None
     head = query[:2] + struct.pack("!HHHHH", 0x8180, 1, 1 if ip else 0, 0, 0)
     record = b""
@@ -361,3 +365,27 @@ def test_the_lookup_for_address_rules_counts_against_the_connect_timeout(
         line = daemon.access()
     assert line["status"] == "timeout"
     assert 900 <= line["duration_ms"] < 1400
+
+
+def test_a_lookup_outlasting_one_client_serves_the_next(start_daemon, tmp_path):
+    """A lookup slower than timeouts.connect: its client gets 0x04, but the query goes
+    on; a client asking for the same name meanwhile shares it (it neither starts
+    another nor is left without an answer), and the answer is cached."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+    asked: list[str] = []
+    target = listening_socket()
+    port = target.getsockname()[1]
+    with target, dns_server({"slow.test": "127.0.0.1"}, 1.3, asked) as nameserver:
+        daemon = start_daemon(CONFIG, hosts=hosts, nameserver=nameserver)
+        first, code = ask("socks5", daemon, "slow.test", port)
+        with first:
+            assert code == 0x04  # the lookup outlasted timeouts.connect (1 s)
+        second, code = ask("socks5", daemon, "slow.test", port)  # while it goes on
+        with second:
+            assert code == 0
+        third, code = ask("socks5", daemon, "slow.test", port)  # from the cache
+        with third:
+            assert code == 0
+    assert asked == ["slow.test"]
+    assert daemon.access(lambda line: line["conn_id"] == 1)["status"] == "timeout"
