@@ -247,7 +247,8 @@ class Forwarder:
             if ambiguous_framing(list(request.headers)):
                 raise ProtocolError("request has both Content-Length and Transfer-Encoding")
             await self._check_credentials(request)
-            # timeouts.connect bounds the lookup for address rules and the connect together
+            # timeouts.connect bounds the lookup for address rules and a direct connect
+            # together (through a parent, the connect has the whole of it)
             deadline = self.loop.time() + session.ctx.config.timeouts.connect
             addresses, via = await self._authorize(*origin)
             if via is not None:
@@ -525,8 +526,8 @@ class Forwarder:
         if via is not None:
             assert self.session.ctx.upstreams is not None
             pool = self.session.ctx.upstreams.pool(via)
-            connector = chain.ChainConnector(
-                pool, timeout, connected, refuse=self.session.is_own_listener
+            connector = chain.ChainConnector(  # the whole timeout: see Session._connect
+                pool, cfg.timeouts.connect, connected, refuse=self.session.is_own_listener
             )
             connector.start(*origin_key, addresses, plain_http=True)
         else:

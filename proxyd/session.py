@@ -404,7 +404,8 @@ class Session:
         """The handshake is complete: check the rules, connect to the target, relay."""
         self._request_complete()
         self._enter(Phase.CONNECT)
-        # timeouts.connect bounds the lookup for address rules and the connect together
+        # timeouts.connect bounds the lookup for address rules and a direct connect
+        # together (through a parent, the connect has the whole of it)
         deadline = self.loop.time() + self.ctx.config.timeouts.connect
         self._authorize(
             host,
@@ -428,7 +429,9 @@ class Session:
             self.via = via
             connector = chain.ChainConnector(
                 self.ctx.upstreams.pool(via),
-                timeout,
+                # the whole of it: the pool counts a parent short of time as failed,
+                # and the lookup that took some is ours, not the parent's doing
+                cfg.timeouts.connect,
                 lambda sock, error: self._step(self._on_connected, sock, error, False, started),
                 refuse=self.is_own_listener,
             )

@@ -389,3 +389,41 @@ def test_a_lookup_outlasting_one_client_serves_the_next(start_daemon, tmp_path):
             assert code == 0
     assert asked == ["slow.test"]
     assert daemon.access(lambda line: line["conn_id"] == 1)["status"] == "timeout"
+
+
+def test_a_slow_lookup_is_not_held_against_a_parent_proxy(start_daemon, tmp_path, tcp_server):
+    """Address rules need the name resolved before the route through a parent is
+    known. A lookup taking most of timeouts.connect leaves the parent the whole
+    timeout still: one that takes 0.4 s to greet is used, not counted as failed."""
+
+    def slow_parent(conn: socket.socket) -> None:
+        """A SOCKS5 parent that thinks for 0.4 s, then grants anything and echoes."""
+        time.sleep(0.4)
+        assert recv_exact(conn, 3) == b"\x05\x01\x00"
+        conn.sendall(b"\x05\x00")
+        head = recv_exact(conn, 4)
+        recv_exact(conn, recv_exact(conn, 1)[0] + 2 if head[3] == 3 else 6)
+        conn.sendall(b"\x05\x00\x00\x01" + bytes(4) + b"\x00\x00")
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    parent = tcp_server(slow_parent)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+    config = (
+        CONFIG
+        + f'[[upstreams]]\nname = "p"\nservers = ["socks5h://127.0.0.1:{parent.port}"]\n'
+        + "max_fails = 1\n"
+        + '[[rules]]\naction = "allow"\ndestinations = ["127.0.0.0/8"]\nvia = "p"\n'
+        + '[server]\ndefault_action = "deny"\n'
+    )
+    with dns_server({"far.test": "127.0.0.1"}, 0.8) as nameserver:
+        daemon = start_daemon(config, hosts=hosts, nameserver=nameserver)
+        sock, code = ask("socks5", daemon, "far.test", 80)
+        with sock:
+            assert code == 0
+            sock.sendall(b"ping")
+            assert recv_exact(sock, 4) == b"ping"
+    line = daemon.access()
+    assert (line["status"], line["via"]) == ("ok", "p")
+    assert not daemon.named("upstream_failed")
