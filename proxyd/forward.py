@@ -33,6 +33,7 @@ from proxyd.log import access
 from proxyd.parents import Parent
 from proxyd.protocols.common import format_hostport
 from proxyd.protocols.http import (
+    DEFAULT_MAX_HEAD,
     absolute_origin,
     basic_authorization,
     client_event,
@@ -132,6 +133,7 @@ class _Origin:
         self.lease = lease
         self.proxy = proxy
         self.pool = pool  # the group of the parent, which its failures count against
+        self.whole = True  # every byte of our requests went out (none cut off mid-way)
 
     def quiet(self) -> bool:
         """Still open with nothing unasked-for to read: fit for the next request. An
@@ -190,7 +192,7 @@ class Forwarder:
                     next_request = await self._next_request()
                 except ProtocolError as exc:
                     self._send_client(self.parser.error_response(exc.http_status, str(exc)))
-                    self.session.command = self.session.target = None
+                    self.session.command = self.session.target = self.session.user = None
                     self.bytes_up = self.bytes_down = 0
                     self._log(exc.status, str(exc), time.monotonic())
                     await self._linger()  # the rest of a refused head may still come
@@ -202,11 +204,21 @@ class Forwarder:
                 if next_request is None:
                     return
                 request = next_request
-            if self.client.their_state is h11.SEND_BODY and not self.cut:
+            if not self.cut and self._body_unread():
                 await self._linger()  # answered (or refused) before its whole body came
         finally:
             if self.origin is not None:
                 self.origin.close()
+
+    def _body_unread(self) -> bool:
+        """Whether the client may still be sending the request's body (a GET's empty
+        one, already here, is not: its end is taken now)."""
+        if self.client.their_state is not h11.SEND_BODY:
+            return False
+        try:
+            return not isinstance(client_event(self.client), h11.EndOfMessage)
+        except ProtocolError:
+            return True
 
     async def _linger(self) -> None:
         """Close gently after an answer (an early one, or an error page such as a 407)
@@ -234,6 +246,7 @@ class Forwarder:
         target = request.target.decode("ascii", "replace")
         session.command = method
         session.target = None
+        session.user = None  # this request's own, not the connection's last one
         status, error = "ok", None
         extra: dict[str, Any] = {}
         try:
@@ -291,7 +304,6 @@ class Forwarder:
         auth = self.session.ctx.auth
         if not auth.required:
             return
-        self.session.user = None  # this request's own, not the connection's last one
         values = [v for k, v in request.headers if k == b"proxy-authorization"]
         credentials = parse_basic_credentials(values[0]) if len(values) == 1 else None
         if credentials is None:
@@ -374,10 +386,11 @@ class Forwarder:
         to be read). An origin may answer before it has taken the whole body (a 413,
         a 401, a redirect): the rest is then not sent, and the answer goes to the
         client, whose connection closes after it (its body was not all read)."""
-        event = await self._client_event()
+        event = client_event(self.client)
         if isinstance(event, h11.EndOfMessage):  # no body (a GET): nothing to watch for
             await self._origin_send(origin, origin.conn.send(event) or b"")
             return None
+        # (the answer is watched for from the start: a client may pause after its head)
         sending = self.loop.create_task(self._send_rest(origin, event))
         answering = self.loop.create_task(self._final_answer(origin))
         try:
@@ -392,10 +405,16 @@ class Forwarder:
             for task in (sending, answering):
                 task.cancel()
             await asyncio.gather(sending, answering, return_exceptions=True)
+            if sending.cancelled() or sending.exception() is not None:
+                # h11 counts the body's end as sent once it made the bytes, which may
+                # not all have left: this connection carries no other request
+                origin.whole = False
 
-    async def _send_rest(self, origin: _Origin, event: h11.Event) -> None:
+    async def _send_rest(self, origin: _Origin, event: h11.Event | type[h11.NEED_DATA]) -> None:
         while True:
-            if isinstance(event, h11.Data):
+            if event is h11.NEED_DATA:
+                pass
+            elif isinstance(event, h11.Data):
                 self.bytes_up += len(event.data)
                 await self._origin_send(origin, origin.conn.send(event) or b"")
             elif isinstance(event, h11.EndOfMessage):
@@ -432,6 +451,9 @@ class Forwarder:
                     # client's to answer (it would ask the user for the parent's)
                     raise self._parent_failed(origin, "refused our credentials (407)")
                 headers = [*end_to_end(list(event.headers)), (b"via", VIA)]
+                if self.client.their_state is h11.SEND_BODY:
+                    # an early answer: the client is told to stop, as we close after it
+                    headers.append((b"connection", b"close"))
                 await self._client_send(
                     h11.Response(
                         status_code=event.status_code, headers=headers, reason=event.reason
@@ -456,7 +478,7 @@ class Forwarder:
     def _keep_or_drop(self, origin: _Origin) -> None:
         """Keep the origin connection for the next request when both sides allow it."""
         conn = origin.conn
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        if origin.whole and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
             conn.start_next_cycle()
         else:
             origin.close()
@@ -573,6 +595,14 @@ class Forwarder:
             return None
         if not isinstance(event, h11.Request):
             raise ProtocolError("expected a request")
+        # h11 bounds a head only while it is incomplete; one that came whole with a
+        # body read (pipelined) is measured here
+        size = len(event.method) + len(event.target) + 12
+        size += sum(len(name) + len(value) + 4 for name, value in event.headers)
+        if size > DEFAULT_MAX_HEAD:
+            raise ProtocolError(
+                f"request head longer than {DEFAULT_MAX_HEAD} bytes", http_status=431
+            )
         return event
 
     async def _client_event(self, most: int = 0) -> h11.Event:

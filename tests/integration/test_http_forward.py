@@ -449,12 +449,13 @@ def test_a_later_request_gets_the_same_error_status_as_a_first(start_daemon, web
             assert sock.recv(4096).startswith(b"HTTP/1.1 " + status + b" ")
 
 
-@pytest.mark.parametrize("origin_closes", ["at_once", "after_reading"])
+@pytest.mark.parametrize("origin_closes", ["at_once", "after_reading", "client_waits"])
 def test_an_early_answer_to_an_upload_reaches_the_client(start_daemon, tcp_server, origin_closes):
     """An origin that answers before it has the body (413 after the head of a 20 MiB
-    upload) has its answer passed on, not a 502, whether it then closes at once (a
-    reset: the body is unread) or reads the rest first; the rest of the body is not
-    sent on, and the client's connection closes after the answer."""
+    upload) has its answer passed on with Connection: close, not a 502, whether it
+    then closes at once (a reset: the body is unread) or reads the rest first, and
+    also to a client that sends no body byte before it sees an answer; the rest of
+    the body is not sent on, and the client's connection closes after the answer."""
     got = {"body": 0}
 
     def refuse_upload(conn: socket.socket) -> None:
@@ -484,14 +485,17 @@ def test_an_early_answer_to_an_upload_reaches_the_client(start_daemon, tcp_serve
                     sock.sendall(b"u" * 65536)
 
         uploader = threading.Thread(target=upload)
-        uploader.start()
+        if origin_closes != "client_waits":
+            uploader.start()
         answer = b""
         # an orderly end: the daemon took what was still coming before it closed, so
         # no reset (which may overtake the answer on a real network) was sent
         while chunk := sock.recv(65536):
             answer += chunk
-        uploader.join(20)
+        if origin_closes != "client_waits":
+            uploader.join(20)
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:100]
+    assert b"\r\nconnection: close\r\n" in answer.lower()
     assert answer.endswith(b"\r\n\r\ntoo large")
     line = daemon.access()
     assert (line["status"], line["command"]) == ("ok", "POST")

@@ -157,3 +157,34 @@ def test_a_later_request_head_has_the_first_ones_limit(start_daemon, origin):
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
     daemon.access(lambda e: e["status"] == "bad_request")
     assert [line["status"] for line in daemon.access_events()] == ["ok", "bad_request"]
+
+
+def test_a_pipelined_head_has_the_limit_too(start_daemon, tcp_server):
+    """A head that comes whole behind a request body, in the same read, is measured
+    as well: a POST with a 70,000-byte body and a GET with a 40 KiB header sent at
+    once get the POST's answer, then 431."""
+
+    def take_upload(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngot!")
+        conn.recv(1)  # until the daemon closes
+
+    daemon = start_daemon()
+    server = tcp_server(take_upload)
+    url = f"http://127.0.0.1:{server.port}/"
+    post = f"POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n"
+    get = f"GET {url} HTTP/1.1\r\nHost: x\r\nX-Filler: {'f' * 40_000}\r\n\r\n"
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(post.encode() + b"p" * 70_000 + get.encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b"got!HTTP/1.1 431 " in answer
+    daemon.access(lambda e: e["status"] == "bad_request")
