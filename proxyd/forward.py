@@ -34,9 +34,15 @@ from proxyd.parents import Parent
 from proxyd.protocols.common import format_hostport
 from proxyd.protocols.http import (
     DEFAULT_MAX_HEAD,
+    PAC_PATH,
+    VIA,
     absolute_origin,
+    ambiguous_framing,
     basic_authorization,
     client_event,
+    end_to_end,
+    head_size,
+    pac_file,
     parse_basic_credentials,
 )
 from proxyd.rules import allowed_addresses
@@ -48,70 +54,18 @@ if TYPE_CHECKING:
 # Reads while a request head is awaited: small, as the first request's are, so that
 # h11's limit on an incomplete head (16 KiB) also bounds a head that comes whole
 HEAD_READ: Final = 4096
-VIA: Final = b"1.1 proxyd"
 # How long to wait for an origin's "100 Continue" before sending the body anyway
 # (an HTTP/1.0 origin never answers one), as curl does.
 CONTINUE_WAIT: Final = 1.0
 # How long to take (and drop) a client's body after answering it early, before closing
 LINGER: Final = 2.0
 LINGER_QUIET: Final = 0.5  # ... or until it has sent nothing for this long
-# RFC 9110 section 7.6.1, plus the proxy's own credentials. Transfer-Encoding is
-# hop-by-hop as well, but h11 frames each side's body itself from it.
-HOP_BY_HOP: Final = frozenset(
-    {
-        b"connection",
-        b"proxy-connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-    }
-)
-PAC_PATH: Final = "/proxy.pac"
 
 
 class UpstreamBroken(SessionError):
     """The origin closed or broke the connection mid-response: the client is cut off."""
 
     status = "upstream_closed"
-
-
-# Headers a `Connection` token must not remove: the message framing and the host.
-FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
-
-
-def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The headers without the hop-by-hop ones, including those `Connection` names
-    (but never the framing). With Transfer-Encoding, a Content-Length is dropped:
-    the body is framed by the former (RFC 9112 section 6.3), and passing both on
-    would let the next hop read the message differently."""
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name == b"connection"
-        for token in value.split(b",")
-    } - FRAMING
-    chunked = any(n == b"transfer-encoding" for n, _ in headers)
-    return [
-        (n, v)
-        for n, v in headers
-        if n not in HOP_BY_HOP and n not in named and not (chunked and n == b"content-length")
-    ]
-
-
-def ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Both Content-Length and Transfer-Encoding: the classic request smuggling."""
-    names = {n for n, _ in headers}
-    return b"content-length" in names and b"transfer-encoding" in names
-
-
-def pac_file(address: str, *, tls: bool = False) -> bytes:
-    """A proxy auto-config file pointing browsers at this listener (over TLS when
-    the PAC file itself was fetched over TLS)."""
-    kind = "HTTPS" if tls else "PROXY"
-    return f'function FindProxyForURL(url, host) {{\n  return "{kind} {address}";\n}}\n'.encode()
 
 
 class _Origin:
@@ -595,11 +549,8 @@ class Forwarder:
             return None
         if not isinstance(event, h11.Request):
             raise ProtocolError("expected a request")
-        # h11 bounds a head only while it is incomplete; one that came whole with a
-        # body read (pipelined) is measured here
-        size = len(event.method) + len(event.target) + 12
-        size += sum(len(name) + len(value) + 4 for name, value in event.headers)
-        if size > DEFAULT_MAX_HEAD:
+        # one that came whole with a body read (pipelined) passed h11's limit
+        if head_size(event) > DEFAULT_MAX_HEAD:
             raise ProtocolError(
                 f"request head longer than {DEFAULT_MAX_HEAD} bytes", http_status=431
             )

@@ -344,3 +344,66 @@ class ConnectClient(ParentClient):
             return UpstreamError(f"{target}: the parent proxy answered CONNECT with {status}")
         # a 3xx grants no tunnel and is not about the target: the parent misbehaves
         return ParentError(f"the parent proxy answered CONNECT with {status}")
+
+
+# -- forwarding: what a proxy passes on, and what it answers itself ------------------
+
+VIA: Final = b"1.1 proxyd"
+# RFC 9110 section 7.6.1, plus the proxy's own credentials. Transfer-Encoding is
+# hop-by-hop as well, but h11 frames each side's body itself from it.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+PAC_PATH: Final = "/proxy.pac"
+
+
+# Headers a `Connection` token must not remove: the message framing and the host.
+FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+
+def end_to_end(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers without the hop-by-hop ones, including those `Connection` names
+    (but never the framing). With Transfer-Encoding, a Content-Length is dropped:
+    the body is framed by the former (RFC 9112 section 6.3), and passing both on
+    would let the next hop read the message differently."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    } - FRAMING
+    chunked = any(n == b"transfer-encoding" for n, _ in headers)
+    return [
+        (n, v)
+        for n, v in headers
+        if n not in HOP_BY_HOP and n not in named and not (chunked and n == b"content-length")
+    ]
+
+
+def ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Both Content-Length and Transfer-Encoding: the classic request smuggling."""
+    names = {n for n, _ in headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
+def pac_file(address: str, *, tls: bool = False) -> bytes:
+    """A proxy auto-config file pointing browsers at this listener (over TLS when
+    the PAC file itself was fetched over TLS)."""
+    kind = "HTTPS" if tls else "PROXY"
+    return f'function FindProxyForURL(url, host) {{\n  return "{kind} {address}";\n}}\n'.encode()
+
+
+def head_size(request: h11.Request) -> int:
+    """About the bytes a request head took on the wire (h11 keeps no count): its
+    request line and header lines. h11 bounds a head only while it is incomplete."""
+    size = len(request.method) + len(request.target) + 12
+    return size + sum(len(name) + len(value) + 4 for name, value in request.headers)

@@ -17,6 +17,10 @@ from proxyd.protocols.http import (
     ConnectRequest,
     ForwardRequest,
     HttpProxyServer,
+    ambiguous_framing,
+    end_to_end,
+    head_size,
+    pac_file,
     parse_authority,
     parse_basic_credentials,
 )
@@ -614,3 +618,53 @@ def test_random_bytes_give_an_event_or_protocol_error(
             return
         # Nothing consumed yet: all of it is buffered, and within the limit.
         assert fed <= max_head
+
+
+# --- forwarding: the headers passed on, and the head's size ------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "kept"),
+    [
+        # hop-by-hop ones go, the rest stay in order
+        (
+            [(b"host", b"h"), (b"connection", b"keep-alive"), (b"keep-alive", b"5"),
+             (b"proxy-authorization", b"Basic x"), (b"accept", b"*/*")],
+            [(b"host", b"h"), (b"accept", b"*/*")],
+        ),
+        # so do the headers Connection names, but never the framing or the host
+        (
+            [(b"connection", b"x-secret, Content-Length, host"), (b"x-secret", b"1"),
+             (b"content-length", b"3"), (b"host", b"h")],
+            [(b"content-length", b"3"), (b"host", b"h")],
+        ),
+        # with Transfer-Encoding a Content-Length is dropped: the former frames the body
+        (
+            [(b"transfer-encoding", b"chunked"), (b"content-length", b"10")],
+            [(b"transfer-encoding", b"chunked")],
+        ),
+    ],
+)  # fmt: skip
+def test_end_to_end_headers(headers, kept) -> None:
+    assert end_to_end(headers) == kept
+
+
+def test_ambiguous_framing_is_both_lengths() -> None:
+    assert ambiguous_framing([(b"content-length", b"1"), (b"transfer-encoding", b"chunked")])
+    assert not ambiguous_framing([(b"content-length", b"1")])
+    assert not ambiguous_framing([(b"transfer-encoding", b"chunked")])
+
+
+def test_pac_file_names_the_listener() -> None:
+    assert b'return "PROXY 127.0.0.1:1080";' in pac_file("127.0.0.1:1080")
+    assert b'return "HTTPS proxy.example:443";' in pac_file("proxy.example:443", tls=True)
+
+
+@pytest.mark.parametrize("filler", [0, 100, 20_000])
+def test_head_size_is_about_the_bytes_on_the_wire(filler: int) -> None:
+    raw = b"GET http://h/ HTTP/1.1\r\nHost: h\r\nX-Filler: " + b"f" * filler + b"\r\n\r\n"
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(raw)
+    request = conn.next_event()
+    assert isinstance(request, h11.Request)
+    assert abs(head_size(request) - len(raw)) <= 4
