@@ -42,6 +42,8 @@ class Daemon:
             stderr=subprocess.PIPE,
             cwd=ROOT,
             env={**os.environ, **(env or {})},
+            # a process group of its own: workers forked by the daemon go with it
+            start_new_session=True,
         )
         self.lines: list[str] = []
         self.events: list[dict[str, Any]] = []
@@ -149,6 +151,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        # whatever of its group outlived it (workers of a supervisor that was killed)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self._reader.join(5)
         self._err_reader.join(5)
         return self.proc.returncode
