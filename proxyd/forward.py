@@ -617,9 +617,15 @@ class Forwarder:
         `timeouts.idle` (a peer that stops reading must not hold the task forever)."""
         if not data:
             return
+        try:  # most answers fit the socket's buffer: one send, no waiting
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(data):
+            return
         try:
             async with asyncio.timeout(self.idle):
-                await self.loop.sock_sendall(sock, data)
+                await self.loop.sock_sendall(sock, memoryview(data)[sent:])
         except TimeoutError:
             raise UpstreamTimeout(f"{who} read nothing for {self.idle:g} s") from None
 
