@@ -319,7 +319,7 @@ class Forwarder:
             early = await self._await_continue(origin)
         if early is None:
             early = await self._send_body(origin)
-        await self._relay_response(origin, early)
+        await self._relay_response(origin, early or await self._final_answer(origin))
 
     async def _await_continue(self, origin: _Origin) -> h11.Response | None:
         """Wait briefly for the origin's 100 (passed on); a final answer instead is returned."""
@@ -390,16 +390,11 @@ class Forwarder:
             await self._client_send(event)
             await self._flush_client()
 
-    async def _relay_response(self, origin: _Origin, head: h11.Response | None) -> None:
-        event: h11.Event | type[h11.NEED_DATA] = head if head is not None else h11.NEED_DATA
+    async def _relay_response(self, origin: _Origin, head: h11.Response) -> None:
+        """Pass the origin's answer on, from its head (1xx ones are already passed)."""
+        event: h11.Event = head
         while True:
-            if event is h11.NEED_DATA:
-                event = await self._origin_event(origin)
-            if isinstance(event, h11.InformationalResponse):
-                if event.status_code == 101:
-                    raise UpstreamBroken("the origin switched protocols; not supported")
-                await self._client_send(event)
-            elif isinstance(event, h11.Response):
+            if isinstance(event, h11.Response):
                 if event.status_code == 407 and origin.proxy is not None:
                     # the HTTP parent refused our credentials: its failure, not the
                     # client's to answer (it would ask the user for the parent's)
@@ -421,7 +416,7 @@ class Forwarder:
                 await self._flush_client()
                 self._keep_or_drop(origin)
                 return
-            event = h11.NEED_DATA
+            event = await self._origin_event(origin)
 
     def _parent_failed(self, origin: _Origin, what: str) -> ParentError:
         error = ParentError(f"the parent proxy {origin.proxy} {what}")
