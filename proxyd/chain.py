@@ -28,8 +28,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from proxyd import upstream
 from proxyd.config import BuffersConfig, Config
+from proxyd.direct import Connector
+from proxyd.dns import AddrInfo, Resolver, literal_addresses
 from proxyd.errors import (
     REP_ADDRESS_TYPE_NOT_SUPPORTED,
     ParentError,
@@ -252,7 +253,7 @@ class Upstreams:
     """Every group's Pool; a reload replaces the groups and keeps what is known of
     parents that stay (health, open connections)."""
 
-    def __init__(self, resolver: upstream.Resolver, log: Any) -> None:
+    def __init__(self, resolver: Resolver, log: Any) -> None:
         self.resolver = resolver
         self.log = log
         self.dialer = Dialer(resolver, BuffersConfig(), 10.0)
@@ -297,7 +298,7 @@ class Upstreams:
 class Dialer:
     """Connections to parent proxies and the handshake with them."""
 
-    def __init__(self, resolver: upstream.Resolver, buffers: BuffersConfig, timeout: float) -> None:
+    def __init__(self, resolver: Resolver, buffers: BuffersConfig, timeout: float) -> None:
         self.resolver = resolver
         self.buffers = buffers
         self.timeout = timeout
@@ -319,7 +320,7 @@ class Dialer:
                 done.set_result(sock)  # type: ignore[arg-type]
 
         # its own timer never fires first: the caller's deadline is shorter
-        connector = upstream.Connector(
+        connector = Connector(
             self.resolver, self.buffers, self.timeout * 2, connected, refuse=refuse
         )
         connector.start(parent.host, parent.port)
@@ -433,7 +434,7 @@ ChainDone = Callable[[socket.socket | None, SessionError | None], object]
 
 
 class ChainConnector:
-    """Like upstream.Connector, through a parent of `pool`: `done(sock, None)` or
+    """Like direct.Connector, through a parent of `pool`: `done(sock, None)` or
     `done(None, error)` exactly once unless `cancel()` comes first. After success,
     `lease` holds the parent used, `trailing` the target's bytes that came with the
     parent's answer, and `bound` the parent's bound address (a UDP relay for
@@ -470,7 +471,7 @@ class ChainConnector:
         self,
         host: str,
         port: int,
-        addresses: list[upstream.AddrInfo] | None = None,
+        addresses: list[AddrInfo] | None = None,
         command: socks5.Command = socks5.Command.CONNECT,
         *,
         plain_http: bool = False,
@@ -515,7 +516,7 @@ class ChainConnector:
         self,
         host: str,
         port: int,
-        addresses: list[upstream.AddrInfo] | None,
+        addresses: list[AddrInfo] | None,
         command: socks5.Command,
         plain_http: bool,
         hash_key: str,
@@ -533,7 +534,7 @@ class ChainConnector:
         address: str | None = None  # the target's address, for parents that do not resolve
         if addresses:
             address = addresses[0][1][0]
-        elif upstream.literal_addresses(host, port) is not None:
+        elif literal_addresses(host, port) is not None:
             address = host
         last: SessionError | None = None
         trying: ParentState | None = None  # the parent being reached or asked

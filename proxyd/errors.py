@@ -1,10 +1,15 @@
-"""The small error tree of proxyd.
+"""The small error tree of proxyd, and the access log's status words.
 
 A protocol or upstream error carries what to answer: the SOCKS reply code and
-the HTTP status, plus the short `status` word the access log records.
+the HTTP status, plus the short `status` word the access log records. Every
+error class proxyd raises on purpose is here.
 """
 
 from __future__ import annotations
+
+import enum
+import errno
+import socket
 
 # SOCKS5 reply codes (RFC 1928 section 6), shared by every module that answers.
 REP_SUCCEEDED = 0x00
@@ -16,6 +21,29 @@ REP_CONNECTION_REFUSED = 0x05
 REP_TTL_EXPIRED = 0x06
 REP_COMMAND_NOT_SUPPORTED = 0x07
 REP_ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+
+
+class Status(enum.StrEnum):
+    """The access line's `status`: `ok`, or a short reason (README lists them all)."""
+
+    OK = "ok"
+    AUTH_FAILED = "auth_failed"
+    LOCKED_OUT = "locked_out"
+    DENIED = "denied"
+    REFUSED = "refused"
+    UNREACHABLE = "unreachable"
+    TIMEOUT = "timeout"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    IDLE_TIMEOUT = "idle_timeout"
+    RESET = "reset"
+    BAD_REQUEST = "bad_request"
+    UNSUPPORTED = "unsupported"
+    LIMIT = "limit"
+    CLIENT_CLOSED = "client_closed"
+    UPSTREAM_CLOSED = "upstream_closed"
+    PARENT_FAILED = "parent_failed"
+    SHUTDOWN = "shutdown"
+    ERROR = "error"
 
 
 class ProxydError(Exception):
@@ -33,20 +61,20 @@ class ConfigError(ProxydError):
 class SessionError(ProxydError):
     """Ends one client session; says what to answer and what to log."""
 
-    status = "error"
+    status = Status.ERROR
     socks_reply = REP_GENERAL_FAILURE
     http_status = 502
 
-    def __init__(self, message: str, *, status: str | None = None) -> None:
+    def __init__(self, message: str, *, status: Status | str | None = None) -> None:
         super().__init__(message)
         if status is not None:
-            self.status = status
+            self.status = Status(status)
 
 
 class ProtocolError(SessionError):
     """The client sent something we cannot accept."""
 
-    status = "bad_request"
+    status = Status.BAD_REQUEST
     http_status = 400
 
     def __init__(
@@ -55,7 +83,7 @@ class ProtocolError(SessionError):
         *,
         socks_reply: int = REP_GENERAL_FAILURE,
         http_status: int = 400,
-        status: str | None = None,
+        status: Status | str | None = None,
     ) -> None:
         super().__init__(message, status=status)
         self.socks_reply = socks_reply
@@ -65,7 +93,7 @@ class ProtocolError(SessionError):
 class AuthFailed(SessionError):
     """Missing or wrong credentials."""
 
-    status = "auth_failed"
+    status = Status.AUTH_FAILED
     socks_reply = REP_NOT_ALLOWED
     http_status = 407
 
@@ -73,14 +101,14 @@ class AuthFailed(SessionError):
 class LockedOut(AuthFailed):
     """Too many failed logins from this client address lately (`auth.max_failures`)."""
 
-    status = "locked_out"
+    status = Status.LOCKED_OUT
     http_status = 429
 
 
 class Denied(SessionError):
     """An access rule, or `server.default_action`, refuses the request."""
 
-    status = "denied"
+    status = Status.DENIED
     socks_reply = REP_NOT_ALLOWED
     http_status = 403
 
@@ -94,9 +122,22 @@ class Denied(SessionError):
 class OverLimit(SessionError):
     """The daemon is at `server.max_connections`."""
 
-    status = "limit"
+    status = Status.LIMIT
     socks_reply = REP_GENERAL_FAILURE
     http_status = 503
+
+
+class ClientClosed(SessionError):
+    """The client went away before its request was whole."""
+
+    status = Status.CLIENT_CLOSED
+
+
+class HandshakeTimeout(SessionError):
+    """No complete request within `timeouts.handshake`."""
+
+    status = Status.HANDSHAKE_TIMEOUT
+    http_status = 408
 
 
 class UpstreamError(SessionError):
@@ -104,26 +145,48 @@ class UpstreamError(SessionError):
 
 
 class UpstreamRefused(UpstreamError):
-    status = "refused"
+    status = Status.REFUSED
     socks_reply = REP_CONNECTION_REFUSED
 
 
 class NetworkUnreachable(UpstreamError):
-    status = "unreachable"
+    status = Status.UNREACHABLE
     socks_reply = REP_NETWORK_UNREACHABLE
 
 
 class HostUnreachable(UpstreamError):
     """Host unreachable, including a name that does not resolve."""
 
-    status = "unreachable"
+    status = Status.UNREACHABLE
     socks_reply = REP_HOST_UNREACHABLE
 
 
 class UpstreamTimeout(UpstreamError):
-    status = "timeout"
+    status = Status.TIMEOUT
     socks_reply = REP_HOST_UNREACHABLE
     http_status = 504
+
+
+class UpstreamBroken(SessionError):
+    """A forwarded answer's origin closed or broke the connection mid-response: the
+    client is cut off."""
+
+    status = Status.UPSTREAM_CLOSED
+
+
+def classify(exc: OSError, target: str) -> UpstreamError:
+    """Map a connect or lookup failure to the error that says what to answer."""
+    if isinstance(exc, socket.gaierror):
+        return HostUnreachable(f"cannot resolve {target}: {exc.strerror}")
+    if isinstance(exc, ConnectionRefusedError):
+        return UpstreamRefused(f"{target} refused the connection")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"connecting to {target} timed out")
+    if exc.errno in (errno.ENETUNREACH, errno.ENETDOWN):
+        return NetworkUnreachable(f"network of {target} is unreachable")
+    if exc.errno in (errno.EHOSTUNREACH, errno.EHOSTDOWN):
+        return HostUnreachable(f"{target} is unreachable")
+    return UpstreamError(f"connecting to {target} failed: {exc.strerror or exc}")
 
 
 class LocalProtocolError(ProxydError):
@@ -136,13 +199,13 @@ class ParentError(UpstreamError):
     its group is tried. A failure the parent reports about the target is an
     ordinary UpstreamError instead, answered as if we had connected ourselves."""
 
-    status = "parent_failed"
+    status = Status.PARENT_FAILED
 
 
 class ParentDenied(UpstreamError):
     """The parent proxy's own rules refused the target."""
 
-    status = "denied"
+    status = Status.DENIED
     socks_reply = REP_NOT_ALLOWED
     http_status = 403
 

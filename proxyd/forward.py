@@ -7,6 +7,12 @@ the bytes). Bodies stream both ways chunk by chunk, never held whole; the
 upstream connection is kept for the client's next request to the same origin;
 hop-by-hop headers are dropped and `Via` added. Every request gets its own
 access line, under the connection's `conn_id`.
+
+Unlike a tunnel, these bytes cannot go through the relay: every message is
+parsed both ways (h11 frames the bodies and each request may go to another
+origin), so this is a second byte mover. It keeps to the same rules as the relay:
+the user's rate through the same bucket, `timeouts.idle` on every wait, a reset
+passed on as a reset.
 """
 
 from __future__ import annotations
@@ -16,26 +22,30 @@ import contextlib
 import socket
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import h11
 
-from proxyd import chain, upstream
+from proxyd import access, gate
+from proxyd.chain import Lease, Pool
+from proxyd.context import Conn, Context
+from proxyd.dial import Route, dial
 from proxyd.errors import (
-    AuthFailed,
     Denied,
     ParentError,
     ProtocolError,
     SessionError,
+    Status,
+    UpstreamBroken,
     UpstreamTimeout,
 )
-from proxyd.log import access
 from proxyd.parents import Parent
 from proxyd.protocols.common import format_hostport
 from proxyd.protocols.http import (
     DEFAULT_MAX_HEAD,
     PAC_PATH,
     VIA,
+    HttpProxyServer,
     absolute_origin,
     ambiguous_framing,
     basic_authorization,
@@ -45,11 +55,6 @@ from proxyd.protocols.http import (
     pac_file,
     parse_basic_credentials,
 )
-from proxyd.rules import allowed_addresses
-
-if TYPE_CHECKING:
-    from proxyd.protocols.http import HttpProxyServer
-    from proxyd.session import Session
 
 # Reads while a request head is awaited: small, as the first request's are, so that
 # h11's limit on an incomplete head (16 KiB) also bounds a head that comes whole
@@ -62,12 +67,6 @@ LINGER: Final = 2.0
 LINGER_QUIET: Final = 0.5  # ... or until it has sent nothing for this long
 
 
-class UpstreamBroken(SessionError):
-    """The origin closed or broke the connection mid-response: the client is cut off."""
-
-    status = "upstream_closed"
-
-
 class _Origin:
     """One upstream connection and its h11 client state: to the origin itself, or
     through a parent proxy (`lease`); `proxy` is an HTTP parent that is sent the
@@ -77,9 +76,9 @@ class _Origin:
         self,
         key: tuple[str, int, str | None],
         sock: socket.socket,
-        lease: chain.Lease | None = None,
+        lease: Lease | None = None,
         proxy: Parent | None = None,
-        pool: chain.Pool | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.key = key
         self.sock = sock
@@ -115,14 +114,23 @@ class Forwarder:
     """The requests of one client connection, one after another (HTTP/1.1 has no
     interleaving), each sent on to its origin and answered from it."""
 
-    def __init__(self, session: Session, parser: HttpProxyServer) -> None:
-        self.session = session
+    def __init__(
+        self,
+        ctx: Context,
+        conn: Conn,
+        sock: socket.socket,
+        parser: HttpProxyServer,
+        admission: gate.Admission,
+    ) -> None:
+        self.ctx = ctx
+        self.conn = conn
         self.loop = asyncio.get_running_loop()
-        self.sock = session.sock
+        self.sock = sock
         self.client = parser.connection
         self.parser = parser
+        self.admission = admission
         self.origin: _Origin | None = None
-        cfg = session.ctx.config
+        cfg = ctx.config
         self.idle = cfg.timeouts.idle
         self.read_size = cfg.buffers.read_size
         self._to_client: list[bytes] = []  # answer bytes not sent yet
@@ -131,14 +139,35 @@ class Forwarder:
         self.between_requests = False  # waiting for the client's next request
         self.cut = False  # an answer was broken off: the client's connection is reset
         # per request, for its access line
+        self.command: str | None = None
+        self.target: str | None = None
         self.bytes_up = 0
         self.bytes_down = 0
 
-    async def run(self, request: h11.Request) -> None:
-        """Serve requests until the client or an answer ends the connection."""
+    # what the session asks of the worker that took its connection over
+    answered: Final = True  # every request is answered (or its client reset) here
+
+    @property
+    def logged(self) -> bool:
+        """Whether a request wrote its access line (else the connection writes one)."""
+        return self.lines > 0
+
+    def usage(self) -> tuple[int, int, int, int]:
+        return (0, 0, 0, 0)  # each request counts its own bytes, in its own line
+
+    def fields(self) -> dict[str, int | str]:
+        return {}
+
+    async def run(self) -> Status:
+        """Serve requests until the client or an answer ends the connection (each wrote
+        its own access line)."""
+        await self._serve(self.parser.request)
+        return Status.OK
+
+    async def _serve(self, request: h11.Request) -> None:
         try:
             while await self._exchange(request):
-                if self.session.ctx.draining:
+                if self.ctx.draining:
                     return  # the daemon is stopping: this answer was the last
                 self.client.start_next_cycle()
                 self.between_requests = True
@@ -146,7 +175,7 @@ class Forwarder:
                     next_request = await self._next_request()
                 except ProtocolError as exc:
                     self._send_client(self.parser.error_response(exc.http_status, str(exc)))
-                    self.session.command = self.session.target = self.session.user = None
+                    self.command = self.target = self.conn.user = None
                     self.bytes_up = self.bytes_down = 0
                     self._log(exc.status, str(exc), time.monotonic())
                     await self._linger()  # the rest of a refused head may still come
@@ -193,34 +222,33 @@ class Forwarder:
 
     async def _exchange(self, request: h11.Request) -> bool:
         """Forward one request; True when the client connection can carry another."""
-        session = self.session
         started = time.monotonic()
         self.bytes_up = self.bytes_down = 0
         method = request.method.decode("ascii")
         target = request.target.decode("ascii", "replace")
-        session.command = method
-        session.target = None
-        session.user = None  # this request's own, not the connection's last one
-        status, error = "ok", None
+        self.command = method
+        self.target = None
+        self.conn.user = None  # this request's own, not the connection's last one
+        status, error = Status.OK, None
         extra: dict[str, Any] = {}
         try:
             origin = absolute_origin(target)
             if origin is None:
                 await self._answer_local(method, target)
                 return self._reusable()
-            session.target = format_hostport(*origin)
+            self.target = format_hostport(*origin)
             if target[:8].lower() == "https://":
                 raise ProtocolError("https:// requests go through CONNECT", http_status=400)
             if ambiguous_framing(list(request.headers)):
                 raise ProtocolError("request has both Content-Length and Transfer-Encoding")
-            await self._check_credentials(request)
-            # timeouts.connect bounds the lookup for address rules and a direct connect
-            # together (through a parent, the connect has the whole of it)
-            deadline = self.loop.time() + session.ctx.config.timeouts.connect
-            addresses, via = await self._authorize(*origin)
-            if via is not None:
-                extra["via"] = via
-            await self._forward(request, origin, target, addresses, via, extra, deadline)
+            values = [v for k, v in request.headers if k == b"proxy-authorization"]
+            credentials = parse_basic_credentials(values[0]) if len(values) == 1 else None
+            # every request carries its own Proxy-Authorization (a browser repeats it)
+            await gate.verify(self.ctx, self.conn, self.admission, credentials)
+            route = await gate.route(self.ctx, self.conn, method, *origin)
+            if route.via is not None:
+                extra["via"] = route.via
+            await self._forward(request, origin, target, route, extra)
         except SessionError as exc:
             status, error = exc.status, str(exc)
             if isinstance(exc, Denied):
@@ -231,18 +259,19 @@ class Forwarder:
                 self.cut = True
             return False
         except OSError as exc:  # the client's socket
-            status, error = "client_closed", exc.strerror or type(exc).__name__
+            status, error = Status.CLIENT_CLOSED, exc.strerror or type(exc).__name__
             return False
         except h11.LocalProtocolError as exc:  # a message h11 will not send on as it came
             # (h11's text may quote a header value: it stays out of the log)
-            status, error = "bad_request", f"cannot forward this message ({type(exc).__name__})"
+            status = Status.BAD_REQUEST
+            error = f"cannot forward this message ({type(exc).__name__})"
             if self.client.our_state is h11.SEND_RESPONSE:
                 self._send_client(self.parser.error_response(502, "cannot forward this message"))
             else:
                 self.cut = True
             return False
         except asyncio.CancelledError:
-            status = "shutdown"
+            status = Status.SHUTDOWN
             if self.client.our_state is h11.SEND_BODY:
                 self.cut = True  # stopped mid-answer: it must not look whole either
             raise
@@ -253,46 +282,15 @@ class Forwarder:
     def _reusable(self) -> bool:
         return self.client.our_state is h11.DONE and self.client.their_state is h11.DONE
 
-    async def _check_credentials(self, request: h11.Request) -> None:
-        """Every request carries its own Proxy-Authorization (a browser repeats it)."""
-        auth = self.session.ctx.auth
-        if not auth.required:
-            return
-        values = [v for k, v in request.headers if k == b"proxy-authorization"]
-        credentials = parse_basic_credentials(values[0]) if len(values) == 1 else None
-        if credentials is None:
-            raise AuthFailed("credentials required")
-        self.session.user = credentials.username
-        await auth.verify(credentials, self.session.peer_ip)
-
-    async def _authorize(
-        self, host: str, port: int
-    ) -> tuple[list[upstream.AddrInfo] | None, str | None]:
-        """The access rules for this request (Denied when they refuse): like a tunnel's,
-        with a name resolved first when address rules need it; then the allowed
-        addresses are the ones to connect to. With them, the group to go through."""
-        rules = self.session.ctx.rules
-        if rules.trivial:
-            return None, None
-        request = self.session.request_for(host, port)
-        decision = rules.check_before_lookup(request)
-        if decision is not None:
-            return None, decision.via
-        ctx = self.session.ctx
-        found = await ctx.resolver.resolve(host, port, ctx.config.timeouts.connect)
-        return allowed_addresses(rules, request, found)
-
     async def _forward(
         self,
         request: h11.Request,
         key: tuple[str, int],
         target: str,
-        addresses: list[upstream.AddrInfo] | None,
-        via: str | None,
+        route: Route,
         extra: dict[str, Any],
-        deadline: float,
     ) -> None:
-        origin = await self._origin_for(key, addresses, via, deadline)
+        origin = await self._origin_for(key, route)
         if origin.lease is not None:
             extra["upstream"] = str(origin.lease.parent)
         parts = urllib.parse.urlsplit(target)
@@ -439,9 +437,9 @@ class Forwarder:
             # read the (empty) rest of the request, so the connection can carry another
             if not isinstance(await self._client_event(), h11.EndOfMessage):
                 raise ProtocolError("a request for the PAC file has no body")
-            host, port = self.session.local_address()[:2]
-            body = pac_file(format_hostport(host, port), tls=self.session.tls_version is not None)
-            self.session.target = None
+            host, port = self.conn.local_address()[:2]
+            body = pac_file(format_hostport(host, port), tls=self.conn.tls is not None)
+            self.target = None
             headers = [
                 (b"content-type", b"application/x-ns-proxy-autoconfig"),
                 (b"content-length", str(len(body)).encode()),
@@ -459,14 +457,10 @@ class Forwarder:
 
     # -- connections ------------------------------------------------------------------
 
-    async def _origin_for(
-        self,
-        origin_key: tuple[str, int],
-        addresses: list[upstream.AddrInfo] | None,
-        via: str | None,
-        deadline: float,
-    ) -> _Origin:
-        key = (*origin_key, via)
+    async def _origin_for(self, origin_key: tuple[str, int], route: Route) -> _Origin:
+        """The connection for this request: the one kept from the last request when
+        it goes to the same origin the same way and is still fit, else a new one."""
+        key = (*origin_key, route.via)
         if self.origin is not None:
             if (
                 self.origin.key == key
@@ -477,59 +471,10 @@ class Forwarder:
                 return self.origin
             self.origin.close()
             self.origin = None
-        cfg = self.session.ctx.config
-        done: asyncio.Future[socket.socket] = self.loop.create_future()
-        started = self.loop.time()
-        timeout = max(deadline - started, 0.0)
-
-        def connected(sock: socket.socket | None, error: SessionError | None) -> None:
-            if done.done():  # the task was cancelled meanwhile
-                if sock is not None:
-                    sock.close()
-                return
-            if error is not None:
-                done.set_exception(error)
-            else:
-                assert sock is not None
-                done.set_result(sock)
-
-        connector: upstream.Connector | chain.ChainConnector
-        if via is not None:
-            assert self.session.ctx.upstreams is not None
-            pool = self.session.ctx.upstreams.pool(via)
-            connector = chain.ChainConnector(  # the whole timeout: see Session._connect
-                pool, cfg.timeouts.connect, connected, refuse=self.session.is_own_listener
-            )
-            connector.start(*origin_key, addresses, plain_http=True)
-        else:
-            connector = upstream.Connector(
-                self.session.ctx.resolver,
-                cfg.buffers,
-                timeout,
-                connected,
-                refuse=self.session.is_own_listener,
-            )
-            if addresses is None:
-                connector.start(*origin_key)
-            else:
-                connector.start_resolved(*origin_key, addresses)
-        try:
-            sock = await done
-        except asyncio.CancelledError:
-            connector.cancel()
-            if done.done() and not done.cancelled() and done.exception() is None:
-                done.result().close()
-            raise
-        if (metrics := self.session.ctx.metrics) is not None:
-            metrics.connected(self.loop.time() - started)
-        if isinstance(connector, chain.ChainConnector):
-            lease = connector.lease
-            proxy = lease.parent if lease is not None and connector.plain else None
-            self.origin = _Origin(key, sock, lease, proxy, connector.pool)
-            if connector.trailing:  # the origin spoke first (b"" would tell h11 it closed)
-                self.origin.conn.receive_data(connector.trailing)
-        else:
-            self.origin = _Origin(key, sock)
+        sock, dialled = await dial(self.ctx, route, plain_http=True)
+        self.origin = _Origin(key, sock, dialled.lease, dialled.proxy, dialled.pool)
+        if dialled.trailing:  # the origin spoke first (b"" would tell h11 it closed)
+            self.origin.conn.receive_data(dialled.trailing)
         return self.origin
 
     async def _next_request(self) -> h11.Request | None:
@@ -591,13 +536,10 @@ class Forwarder:
         """What `sock` has (`most` bytes, else buffers.read_size at most), within
         `timeouts.idle`; no faster than the user's rate."""
         size = most or self.read_size
-        rate = self.session.ctx.rate_for(self.session.user)
+        rate = gate.rate_for(self.ctx, self.conn.user)
         bucket = None if rate is None else rate[0 if up else 1]
-        while bucket is not None:
-            size, wait = bucket.allowance(most or self.read_size)
-            if size:
-                break
-            await asyncio.sleep(wait)
+        if bucket is not None:
+            size = await bucket.reserve(size)
         try:
             async with asyncio.timeout(self.idle):
                 data = await self.loop.sock_recv(sock, size)
@@ -653,27 +595,24 @@ class Forwarder:
             self.sock.send(data)
 
     def _log(
-        self, status: str, error: str | None, started: float, extra: dict[str, Any] | None = None
+        self,
+        status: Status,
+        error: str | None,
+        started: float,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.lines += 1
-        session = self.session
-        if (metrics := session.ctx.metrics) is not None:
+        if (metrics := self.ctx.metrics) is not None:
             metrics.request_done(status, self.bytes_up, self.bytes_down)
-        if not session.ctx.config.log.access:
-            return
-        access(
-            conn_id=session.conn_id,
-            client=session.client,
-            user=session.user,
-            protocol="http",
-            command=session.command,
-            target=session.target,
-            status=status,
-            bytes_up=self.bytes_up,
-            bytes_down=self.bytes_down,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
-            **(extra or {}),
-            **({"error": error} if error else {}),
-            **({"tls": session.tls_version} if session.tls_version else {}),
-            **({"proxied_by": session.proxied_by} if session.proxied_by else {}),
-        )
+        if self.ctx.config.log.access:
+            access.record(
+                self.conn,
+                status,
+                command=self.command,
+                target=self.target,
+                bytes_up=self.bytes_up,
+                bytes_down=self.bytes_down,
+                started=started,
+                error=error,
+                **(extra or {}),
+            )

@@ -1,4 +1,4 @@
-"""structlog set-up: JSON lines on stdout (or a console format), and the access event."""
+"""structlog set-up: JSON lines on stdout (or a console format), access events included."""
 
 from __future__ import annotations
 
@@ -123,38 +123,9 @@ def get_logger(**initial: Any) -> Any:
     return structlog.get_logger(**initial)
 
 
-def access(
-    *,
-    conn_id: int,
-    client: str,
-    status: str,
-    user: str | None = None,
-    protocol: str | None = None,
-    command: str | None = None,
-    target: str | None = None,
-    bytes_up: int = 0,
-    bytes_down: int = 0,
-    duration_ms: float = 0.0,
-    **extra: Any,
-) -> None:
-    """The one access event per finished connection, with every field DESIGN.md names."""
-    # keys in their printed order: the stamper fills "ts" in place
-    event = {
-        "ts": None,
-        "level": "info",
-        "event": "access",
-        "conn_id": conn_id,
-        "client": client,
-        "user": user,
-        "protocol": protocol,
-        "command": command,
-        "target": target,
-        "status": status,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "duration_ms": duration_ms,
-        **extra,
-    }
+def write_access(event: dict[str, Any]) -> None:
+    """An access event (built by proxyd.access, keys in their printed order, "ts"
+    among them to be filled in) rendered and written like every other line."""
     line = _render(None, "info", _stamp(None, "info", event))
     assert isinstance(line, str)
     _writer.write(line)

@@ -217,6 +217,28 @@ class Metrics:
         return data
 
 
+class Meter:
+    """One connection in the metrics: counted open from its protocol's detection, its
+    traffic told as it grows (`update`, every few seconds and at the end)."""
+
+    __slots__ = ("_metrics", "_protocol", "_told")
+
+    def __init__(self, metrics: Metrics, protocol: str) -> None:
+        self._metrics = metrics
+        self._protocol = protocol
+        self._told: tuple[int, ...] = (0, 0, 0, 0)
+        metrics.opened(protocol)
+
+    def handshake_done(self, seconds: float) -> None:
+        self._metrics.handshake_done(self._protocol, seconds)
+
+    def update(self, usage: tuple[int, int, int, int]) -> None:
+        """Bytes up and down, datagrams up and down so far: what is new is recorded."""
+        if usage != self._told:
+            self._metrics.relayed(*(n - b for n, b in zip(usage, self._told, strict=True)))
+            self._told = usage
+
+
 def reload_counter() -> Any:
     """proxyd_config_reloads_total for the supervisor of workers, which checks every
     reload once, in the multiprocess files the workers' scrapes read."""

@@ -22,9 +22,7 @@ import weakref
 from collections.abc import Callable
 from typing import Final
 
-OK: Final = "ok"
-IDLE_TIMEOUT: Final = "idle_timeout"
-RESET: Final = "reset"
+from proxyd.errors import Status
 
 # Reads per readiness callback before yielding to the rest of the loop. A pump
 # reads until the socket would block (below), because uvloop stops watching a
@@ -46,7 +44,9 @@ class Bucket:
     """A token bucket: `rate` bytes per second, bursts of up to one second's worth.
 
     One bucket is shared by every tunnel (and forwarded request, and association)
-    of one user in one direction, so their sum keeps to the rate."""
+    of one user in one direction, so their sum keeps to the rate. Streams read what
+    `allowance` (or, awaited, `reserve`) grants and `take` it; a datagram passes
+    whole or not at all (`try_take`): UDP is policed, not queued."""
 
     __slots__ = ("_loop", "_stamp", "_tokens", "capacity", "rate")
 
@@ -87,6 +87,14 @@ class Bucket:
             return min(allowed, size), 0.0
         return 0, self.delay(want)
 
+    async def reserve(self, size: int) -> int:
+        """`allowance`, awaited: how much of a `size`-byte read may happen, once some may."""
+        while True:
+            allowed, wait = self.allowance(size)
+            if allowed:
+                return allowed
+            await asyncio.sleep(wait)
+
 
 _shared_buffers: dict[int, memoryview] = {}
 
@@ -118,7 +126,7 @@ class _Pump:
         "_pending",
         "_pending_is_shared",
         "_refill",
-        "_tunnel",
+        "_relay",
         "_watching",
         "bucket",
         "count",
@@ -132,11 +140,11 @@ class _Pump:
         "stopped",
     )
 
-    def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
-        self._loop = tunnel.loop
-        # A weak link back: no reference cycle, so a finished tunnel is freed at
+    def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, size: int) -> None:
+        self._loop = relay.loop
+        # A weak link back: no reference cycle, so a finished relay is freed at
         # once rather than by a garbage-collection pass (pumps never outlive it).
-        self._tunnel = weakref.proxy(tunnel)
+        self._relay = weakref.proxy(relay)
         self.src, self.src_fd = src, src.fileno()
         self.dst, self.dst_fd = dst, dst.fileno()
         self.size = size
@@ -245,7 +253,7 @@ class _Pump:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._tunnel.fail(exc)
+                self._relay.fail(exc)
                 return
             if self.bucket is not None:
                 self.bucket.take(n)
@@ -253,11 +261,11 @@ class _Pump:
                 self._watch(None)
                 self._finish()
                 return
-            self._tunnel.last_activity = self._loop.time()
+            self._relay.last_activity = self._loop.time()
             try:
                 flushed = self._flush()
             except OSError as exc:
-                self._tunnel.fail(exc)
+                self._relay.fail(exc)
                 return
             if not flushed:
                 self._watch("write")
@@ -277,9 +285,9 @@ class _Pump:
         try:
             flushed = self._flush()
         except OSError as exc:
-            self._tunnel.fail(exc)
+            self._relay.fail(exc)
             return
-        self._tunnel.last_activity = self._loop.time()
+        self._relay.last_activity = self._loop.time()
         if flushed:
             self._watch("read")
 
@@ -289,9 +297,9 @@ class _Pump:
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError as exc:
-            self._tunnel.fail(exc)
+            self._relay.fail(exc)
             return
-        self._tunnel.direction_done()
+        self._relay.direction_done()
 
 
 # Empty pipes kept for the next read, by size. A pump holds a pipe only while
@@ -312,8 +320,8 @@ class _SplicePump(_Pump):
 
     __slots__ = ("_bulk", "_in_pipe", "_pipe_r", "_pipe_w")
 
-    def __init__(self, tunnel: Tunnel, src: socket.socket, dst: socket.socket, size: int) -> None:
-        super().__init__(tunnel, src, dst, size)
+    def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, size: int) -> None:
+        super().__init__(relay, src, dst, size)
         self._bulk = False
         self._pipe_r = self._pipe_w = -1
         self._in_pipe = 0
@@ -377,7 +385,7 @@ class _SplicePump(_Pump):
         self._release_pipe()
 
 
-class Tunnel:
+class Relay:
     """Bytes between a client and its target until both are done, an error, or idleness.
 
     `on_end` is called once when the tunnel ends by itself; `status` and `error`
@@ -412,7 +420,7 @@ class Tunnel:
         self.loop = asyncio.get_running_loop()
         self.idle = idle
         self.last_activity = self.loop.time()
-        self.status = OK
+        self.status = Status.OK
         self.error: str | None = None
         self._on_end: Callable[[], object] | None = on_end
         kind = _SplicePump if splice and SPLICE_AVAILABLE else _Pump
@@ -454,19 +462,19 @@ class Tunnel:
 
     def direction_done(self) -> None:
         if self._up.done and self._down.done:
-            self._end(OK, None)
+            self._end(Status.OK, None)
 
     def fail(self, exc: OSError) -> None:
-        self._end(RESET, exc.strerror or type(exc).__name__)
+        self._end(Status.RESET, exc.strerror or type(exc).__name__)
 
     def _check_idle(self) -> None:
         deadline = self.last_activity + self.idle
         if self.loop.time() >= deadline:
-            self._end(IDLE_TIMEOUT, None)
+            self._end(Status.IDLE_TIMEOUT, None)
         else:
             self._timer = self.loop.call_at(deadline, self._check_idle)
 
-    def _end(self, status: str, error: str | None) -> None:
+    def _end(self, status: Status, error: str | None) -> None:
         on_end = self._on_end
         if on_end is None:
             return  # already ended or stopped

@@ -14,20 +14,20 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from proxyd import __version__, systemd, upstream
+from proxyd import __version__, access, gate, systemd
 from proxyd.auth import Authenticator, Throttle
+from proxyd.chain import Upstreams
 from proxyd.config import Config, ListenAddress
-from proxyd.errors import ConfigError
-from proxyd.log import access
+from proxyd.context import Conn, Context
+from proxyd.dns import Resolver
+from proxyd.errors import ConfigError, Status
 from proxyd.metrics import AdminServer, Metrics
-from proxyd.protocols.common import format_hostport
 from proxyd.rules import Rules
-from proxyd.session import Context, Session
+from proxyd.session import Session
 from proxyd.settings import Settings, keep_fixed
 
 ACCEPT_BATCH = 128  # accepts per wake-up, so one busy listener cannot starve the loop
 ACCEPT_BACKOFF = 0.5  # seconds to pause a listener after EMFILE and friends
-OVERLOAD_SLACK = 256  # clients beyond max_connections that still get a polite refusal
 METER_INTERVAL = 5.0  # seconds between metric updates for the bytes of open tunnels
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -91,12 +91,13 @@ class Server:
         self.log = log
         self.worker = worker
         dns, limits = config.dns, config.auth
-        resolver = upstream.Resolver(
-            size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
-        )
+        resolver = Resolver(size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl)
         throttle = Throttle(limits.max_failures, limits.failure_window, limits.lockout)
         authenticator = Authenticator(settings.users, throttle=throttle, log=log)
-        self.ctx = Context(config, authenticator, resolver, log, _rules(config), tls=settings.tls)
+        upstreams = Upstreams(resolver, log)
+        self.ctx = Context(
+            config, authenticator, resolver, log, upstreams, _rules(config), tls=settings.tls
+        )
         self.sessions: set[Session] = set()
         # connection ids stay unique across workers: worker w of n counts w+1, w+1+n, ...
         self._ids = itertools.count(worker + 1, config.server.workers)
@@ -185,8 +186,7 @@ class Server:
                 await self._admin.close()
             self.ctx.auth.close()
             self.ctx.resolver.close()
-            if self.ctx.upstreams is not None:
-                self.ctx.upstreams.close()
+            self.ctx.upstreams.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         self.log.info("stopped")
@@ -362,8 +362,7 @@ class Server:
                 self.metrics = Metrics()
                 self.ctx.auth.on_failure = self.metrics.auth_failed
             self.ctx.metrics = self.metrics
-            if self.ctx.upstreams is not None:
-                self.ctx.upstreams.watch(self.metrics)
+            self.ctx.upstreams.watch(self.metrics)
             admin = AdminServer(self.metrics, lambda: not self._stop.is_set())
             await admin.start(sock)
         except BaseException:
@@ -428,18 +427,13 @@ class Server:
     def _start(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
         conn_id = next(self._ids)
         active = len(self.sessions)
-        limit = self.config.server.max_connections
-        if active >= limit + OVERLOAD_SLACK:
+        if gate.beyond_capacity(self.ctx, active):
             sock.close()
             if self.ctx.metrics is not None:
-                self.ctx.metrics.closed(None, "limit", active=False)
+                self.ctx.metrics.closed(None, Status.LIMIT, active=False)
             if self.config.log.access:
-                access(
-                    conn_id=conn_id,
-                    client=format_hostport(peer[0], peer[1]),
-                    status="limit",
-                    error="server.max_connections reached",
-                )
+                error = "server.max_connections reached"
+                access.record(Conn(conn_id, peer), Status.LIMIT, error=error)
             return
         try:
             sock.setblocking(False)
@@ -454,7 +448,7 @@ class Server:
             peer,
             conn_id,
             on_close=self._closed,
-            over_limit=f"server.max_connections ({limit}) reached" if active >= limit else None,
+            refusal=gate.over_capacity(self.ctx, active),
         )
         self.sessions.add(session)
         session.start()

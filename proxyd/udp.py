@@ -4,7 +4,8 @@ One relay socket per association, bound on the local address of the TCP control
 connection, so the BND.ADDR in the reply is one the client can reach (or
 `server.udp_advertise` behind NAT). Datagrams are taken only from the client's
 IP address (and port, when the request named one; else the first datagram's port
-is kept), fragments and malformed headers are dropped, and replies come back
+is kept), fragments and malformed headers are dropped, each datagram's
+destination is judged by the gate like any request, and replies come back
 wrapped with their sender's address, from the targets the client sent to and no
 one else. The association ends with its control connection or after
 `timeouts.udp_idle` without a datagram either way; its access line (written by
@@ -23,17 +24,17 @@ import ipaddress
 import socket
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import asyncio_dgram
 
-from proxyd import chain, upstream
-from proxyd.errors import Denied, ProtocolError, SessionError
+from proxyd import gate
+from proxyd.chain import Lease
+from proxyd.context import Conn, Context
+from proxyd.dial import Dial, Route
+from proxyd.dns import AddrInfo, Lookup
+from proxyd.errors import Denied, ProtocolError, SessionError, Status, UpstreamError
 from proxyd.protocols import socks5
-from proxyd.rules import allowed_addresses
-
-if TYPE_CHECKING:
-    from proxyd.session import Session
 
 # Targets an association remembers (replies are accepted from these), least recent out.
 MAX_PEERS: Final = 1024
@@ -47,16 +48,20 @@ Address = tuple[str, int]
 class Association:
     def __init__(
         self,
-        session: Session,
+        ctx: Context,
+        conn: Conn,
+        control: socket.socket,
         client_port: int,
         reply: Callable[[str, int], None],
     ) -> None:
-        self.session = session
+        self.ctx = ctx
+        self.conn = conn
+        self.control = control  # the client's TCP connection: its end ends the association
         self.loop = asyncio.get_running_loop()
-        cfg = session.ctx.config
+        cfg = ctx.config
         self.idle = cfg.timeouts.udp_idle
         self.advertise = cfg.server.udp_advertise
-        self.client_ip = session.peer_ip
+        self.client_ip = conn.peer_ip
         self.client_port = client_port or None  # the port the request named, if any
         self.client: Address | None = None  # where the client's datagrams come from
         self.reply = reply
@@ -64,25 +69,26 @@ class Association:
         self.other: Any = None  # for targets of the other address family, made when needed
         self.peers: OrderedDict[Address, None] = OrderedDict()
         self.last_activity = self.loop.time()
-        self.ended: asyncio.Future[str] = self.loop.create_future()  # "ok" when the control closes
+        # Status.OK when the control connection closes
+        self.ended: asyncio.Future[Status] = self.loop.create_future()
         self.pumps: list[asyncio.Task[None]] = []
-        self.lookups: set[asyncio.Task[None]] = set()  # names being resolved
+        self.lookups: set[asyncio.Task[None]] = set()  # datagrams waiting for a lookup
         self.datagrams_up = self.datagrams_down = 0
         self.bytes_up = self.bytes_down = 0
         self.dropped = 0
         self.denied = 0  # datagrams to destinations the rules deny
         self.over_rate = 0  # datagrams beyond the user's rate (limits.per_user_rate)
-        self.rate = session.ctx.rate_for(session.user)
+        self.rate = gate.rate_for(ctx, conn.user)
         self.established = False  # the reply went out
         self.parents: dict[str, ParentRelay] = {}  # upstream group -> its parent's relay
         self.via: list[str] = []  # the groups datagrams went through, for the access line
 
-    async def run(self) -> str:
+    async def run(self) -> Status:
         """Open the relay, answer the request, relay until the end; the access status.
         A SessionError before the answer is for the session to refuse with."""
-        sock = self.session.sock
+        sock = self.control
         try:
-            self.relay = await asyncio_dgram.bind((self.session.local_address()[0], 0))
+            self.relay = await asyncio_dgram.bind((self.conn.local_address()[0], 0))
         except OSError as exc:
             raise SessionError(f"cannot open a UDP relay socket: {exc.strerror}") from None
         try:
@@ -101,7 +107,21 @@ class Association:
             for parent in self.parents.values():
                 parent.close()
 
-    def counts(self) -> dict[str, int | str]:
+    # what the session asks of the worker that took its connection over
+    between_requests: Final = False
+    cut: Final = False
+    logged: Final = False  # the session writes the association's access line
+
+    @property
+    def answered(self) -> bool:
+        """The request was answered: a failure from now on is no refusal."""
+        return self.established
+
+    def usage(self) -> tuple[int, int, int, int]:
+        """Bytes up and down, datagrams up and down, relayed so far."""
+        return (self.bytes_up, self.bytes_down, self.datagrams_up, self.datagrams_down)
+
+    def fields(self) -> dict[str, int | str]:
         """The access line's byte and datagram counts (and the groups used)."""
         fields: dict[str, int | str] = {
             "bytes_up": self.bytes_up,
@@ -129,7 +149,7 @@ class Association:
         self.over_rate += 1
         return True
 
-    async def _relay(self) -> str:
+    async def _relay(self) -> Status:
         """Pump datagrams until the control connection closes or nothing moves for
         `udp_idle`; the access status."""
         self._start_pump(self.relay)
@@ -137,7 +157,7 @@ class Association:
             while True:
                 left = self.last_activity + self.idle - self.loop.time()
                 if left <= 0:
-                    return "idle_timeout"
+                    return Status.IDLE_TIMEOUT
                 try:
                     async with asyncio.timeout(left):
                         return await asyncio.shield(self.ended)
@@ -165,15 +185,15 @@ class Association:
         """The TCP connection carries nothing after the reply: EOF or an error ends
         the association, anything else is read and dropped."""
         try:
-            data = self.session.sock.recv(4096)
+            data = self.control.recv(4096)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         if not data:
-            self.loop.remove_reader(self.session.sock.fileno())
+            self.loop.remove_reader(self.control.fileno())
             if not self.ended.done():
-                self.ended.set_result("ok")
+                self.ended.set_result(Status.OK)
 
     async def _pump(self, endpoint: Any) -> None:
         while True:
@@ -221,69 +241,58 @@ class Association:
         return True
 
     async def _send_out(self, datagram: socks5.UdpDatagram) -> None:
-        rules = self.session.ctx.rules
-        checked = rules.trivial
-        if not checked:  # a destination the rules judge by its name routes before any lookup
-            try:
-                decision = rules.check_before_lookup(
-                    self.session.request_for(datagram.host, datagram.port)
-                )
-            except Denied:
-                self.denied += 1
-                return
-            if decision is not None and decision.via is not None:
-                self._send_via(decision.via, datagram)
-                return
-            checked = decision is not None
-        resolver = self.session.ctx.resolver
-        addresses = upstream.literal_addresses(datagram.host, datagram.port)
-        if addresses is None:
-            cached = resolver.cached(datagram.host, datagram.port)
-            if isinstance(cached, OSError):
-                self.dropped += 1
-                return
-            if cached is None:
-                # a name to look up: in a task of its own, so a slow resolver does not
-                # hold up the datagrams behind this one; a few at a time, the rest dropped
-                if len(self.lookups) >= MAX_LOOKUPS:
-                    self.dropped += 1
-                    return
-                task = self.loop.create_task(self._resolve_and_send(datagram, checked))
-                self.lookups.add(task)
-                task.add_done_callback(self.lookups.discard)
-                return
-            addresses = cached
-        await self._send_to(datagram, addresses, checked)
+        """Send a client's datagram where the gate lets it go. A name to look up waits in
+        a task of its own, so a slow resolver does not hold up the datagrams behind it;
+        a few at a time, the rest dropped."""
+        decided: asyncio.Future[tuple[Route | None, SessionError | None]]
+        decided = self.loop.create_future()
 
-    async def _resolve_and_send(self, datagram: socks5.UdpDatagram, checked: bool) -> None:
-        ctx = self.session.ctx
-        try:
-            addresses = await ctx.resolver.resolve(
-                datagram.host, datagram.port, ctx.config.timeouts.connect
-            )
-        except SessionError:
+        def settled(route: Route | None, error: SessionError | None) -> None:
+            if not decided.done():
+                decided.set_result((route, error))
+
+        conn, host, port = self.conn, datagram.host, datagram.port
+        lookup = gate.decide(
+            self.ctx, conn, "udp_associate", host, port, settled, need_addresses=True
+        )
+        if lookup is None:
+            await self._send_routed(datagram, *decided.result())
+        elif len(self.lookups) >= MAX_LOOKUPS:
+            lookup.cancel()
             self.dropped += 1
-            return
-        await self._send_to(datagram, addresses, checked)
+        else:
+            task = self.loop.create_task(self._send_after_lookup(datagram, decided, lookup))
+            self.lookups.add(task)
+            task.add_done_callback(self.lookups.discard)
 
-    async def _send_to(
-        self, datagram: socks5.UdpDatagram, addresses: list[upstream.AddrInfo], checked: bool
+    async def _send_after_lookup(
+        self,
+        datagram: socks5.UdpDatagram,
+        decided: asyncio.Future[tuple[Route | None, SessionError | None]],
+        lookup: Lookup,
     ) -> None:
+        try:
+            route, error = await decided
+        finally:
+            lookup.cancel()
+        await self._send_routed(datagram, route, error)
+
+    async def _send_routed(
+        self, datagram: socks5.UdpDatagram, route: Route | None, error: SessionError | None
+    ) -> None:
+        if error is not None or route is None:
+            if isinstance(error, Denied):
+                self.denied += 1
+            else:
+                self.dropped += 1
+            return
+        addresses = route.addresses
+        if route.via is not None:
+            self._send_via(route.via, datagram, addresses[0][1][0] if addresses else None)
+            return
         if not addresses:
             self.dropped += 1
             return
-        if not checked:  # every datagram's destination, each address on its own
-            rules = self.session.ctx.rules
-            try:
-                addresses, via = allowed_addresses(
-                    rules, self.session.request_for(datagram.host, datagram.port), addresses
-                )
-            except Denied:
-                self.denied += 1
-                return
-            if via is not None:
-                self._send_via(via, datagram, addresses[0][1][0])
-                return
         family, addr = addresses[0]
         endpoint = await self._endpoint_for(family)
         if endpoint is None:
@@ -322,15 +331,13 @@ class Association:
         reached on the first such datagram (and again after it went away)."""
         relay = self.parents.get(group)
         if relay is None or relay.closed:
-            upstreams = self.session.ctx.upstreams
-            assert upstreams is not None
             try:
-                pool = upstreams.pool(group)
+                # the first datagram's destination is what the hash strategy hashes
+                relay = ParentRelay(self, group, datagram.host)
             except SessionError:  # a reload removed the group meanwhile
                 self.dropped += 1
                 return
-            # the first datagram's destination is what the hash strategy hashes
-            relay = self.parents[group] = ParentRelay(self, pool, datagram.host)
+            self.parents[group] = relay
             if group not in self.via:
                 self.via.append(group)
         relay.send(datagram, address)
@@ -367,26 +374,27 @@ class ParentRelay:
     for the group reaches a parent again.
     """
 
-    def __init__(self, association: Association, pool: chain.Pool, first_host: str) -> None:
+    def __init__(self, association: Association, group: str, first_host: str) -> None:
         self.association = association
-        self.pool = pool
+        self.group = group
+        self.ctx = association.ctx
         self.loop = association.loop
         self.closed = False
         self.waiting: deque[tuple[socks5.UdpDatagram, str | None]] = deque()
-        self.lookups = 0  # names being resolved for a socks5:// parent
+        self.lookups: set[Lookup] = set()  # names being resolved for a socks5:// parent
         self.control: socket.socket | None = None
         self.sock: socket.socket | None = None  # ours, for the parent's relay
         self.relay: tuple[Any, int] = ("", 0)  # the parent's relay: (ip_address, port)
         self.endpoint: Any = None  # asyncio_dgram's view of it, which receives
-        self.lease: chain.Lease | None = None
+        self.lease: Lease | None = None
         self.parent: Any = None
-        self.connector = chain.ChainConnector(
-            pool, association.session.ctx.config.timeouts.connect, self._on_connected
-        )
-        self.connector.start(
-            "0.0.0.0", 0, command=socks5.Command.UDP_ASSOCIATE, hash_key=first_host
-        )
         self.receiver: asyncio.Task[None] | None = None
+        # the control connection: UDP ASSOCIATE asked of a parent of the group the gate
+        # routed this datagram through (the address all zeros: not known yet)
+        timeout = self.ctx.config.timeouts.connect
+        route = Route("0.0.0.0", 0, None, group, None, self.loop.time() + timeout)
+        self.dial = Dial(self.ctx, route, self._on_connected)
+        self.dial.start(socks5.Command.UDP_ASSOCIATE, hash_key=first_host)
 
     def send(self, datagram: socks5.UdpDatagram, address: str | None) -> None:
         """`address`: the target's address, when the rules already resolved it."""
@@ -417,30 +425,30 @@ class ParentRelay:
         self.association.sent_through_parent(len(datagram.payload))
 
     def _address_of(self, datagram: socks5.UdpDatagram) -> str | None:
-        """The target's address from an IP literal or the resolver's cache; a name not
-        cached is looked up (a few at a time) and its datagram sent once it is known."""
-        if upstream.literal_addresses(datagram.host, datagram.port) is not None:
-            return datagram.host
-        resolver = self.association.session.ctx.resolver
-        cached = resolver.cached(datagram.host, datagram.port)
-        if isinstance(cached, list) and cached:
-            return str(cached[0][1][0])
-        if cached is None and self.lookups < MAX_LOOKUPS:
-            self.lookups += 1
-            lookup = resolver.lookup(datagram.host, datagram.port)
-            lookup.add_done_callback(lambda found: self._on_resolved(datagram, found))
-            return None
-        self.association.dropped += 1  # no such name, or too many lookups at once
-        return None
-
-    def _on_resolved(
-        self, datagram: socks5.UdpDatagram, found: asyncio.Future[list[upstream.AddrInfo]]
-    ) -> None:
-        self.lookups -= 1
-        if found.cancelled() or found.exception() is not None or not found.result():
+        """The target's address, when an IP literal or the resolver's cache has it at
+        once; else the name is looked up (a few at a time) and its datagram sent once
+        it is known."""
+        if len(self.lookups) >= MAX_LOOKUPS:
             self.association.dropped += 1
-        elif not self.closed:
-            self._forward(datagram, str(found.result()[0][1][0]))
+            return None
+        found: list[str] = []
+
+        def resolved(addresses: list[AddrInfo] | None, error: UpstreamError | None) -> None:
+            if lookup is not None:
+                self.lookups.discard(lookup)
+            if error is not None or not addresses:
+                self.association.dropped += 1  # no such name
+            elif lookup is None:
+                found.append(str(addresses[0][1][0]))
+            elif not self.closed:
+                self._forward(datagram, str(addresses[0][1][0]))
+
+        lookup: Lookup | None = None
+        timeout = self.ctx.config.timeouts.connect
+        lookup = self.ctx.resolver.find(datagram.host, datagram.port, timeout, resolved)
+        if lookup is not None:
+            self.lookups.add(lookup)
+        return found[0] if found else None
 
     def _on_connected(self, control: socket.socket | None, error: SessionError | None) -> None:
         if self.closed:
@@ -451,11 +459,11 @@ class ParentRelay:
             self._failed(error)
             return
         self.control = control
-        self.lease = self.connector.lease
+        self.lease = self.dial.lease
         assert self.lease is not None
         self.parent = self.lease.parent
         try:
-            relay = _relay_address(self.connector.bound, control)
+            relay = _relay_address(self.dial.bound, control)
             family = socket.AF_INET6 if relay[0].version == 6 else socket.AF_INET
             local = control.getsockname()[0] if family == control.family else None
         except (OSError, ValueError) as exc:
@@ -482,10 +490,10 @@ class ParentRelay:
         the next datagram for the group makes a new relay in this one's place."""
         self.association.dropped += len(self.waiting)
         self.waiting.clear()
-        self.association.session.ctx.log.info(
+        self.ctx.log.info(
             "udp_parent_failed",
-            conn_id=self.association.session.conn_id,
-            group=self.pool.name,
+            conn_id=self.association.conn.conn_id,
+            group=self.group,
             error=str(error),
         )
         self.close()
@@ -527,7 +535,10 @@ class ParentRelay:
         if self.closed and self.control is None:
             return
         self.closed = True
-        self.connector.cancel()
+        self.dial.cancel()
+        for lookup in self.lookups:
+            lookup.cancel()
+        self.lookups.clear()
         if self.receiver is not None:
             self.receiver.cancel()
         if self.endpoint is not None:

@@ -21,6 +21,7 @@ from proxyd.errors import (
     LocalProtocolError,
     ParentError,
     ProtocolError,
+    Status,
     UpstreamError,
 )
 from proxyd.protocols.common import (
@@ -180,7 +181,7 @@ _REPLY_VERSIONS: Final = (REPLY_VERSION, VERSION)
 class AddressNotSupported(UpstreamError):
     """The target's address cannot be carried to the parent (IPv6 under SOCKS4)."""
 
-    status = "unsupported"
+    status = Status.UNSUPPORTED
     socks_reply = REP_ADDRESS_TYPE_NOT_SUPPORTED
 
 

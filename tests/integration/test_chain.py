@@ -319,7 +319,7 @@ def test_bind_is_not_chained(start_daemon):
     sock, rep, _, _ = socks5client.connect(child.address, "0.0.0.0", 0, command=2)
     sock.close()
     assert rep == 7
-    assert child.access()["status"] == "not_supported"
+    assert child.access()["status"] == "unsupported"
 
 
 @pytest.mark.parametrize("scheme", ["http", "socks5h"])

@@ -1,0 +1,101 @@
+"""SOCKS BIND: a listening socket of its own per request, for the one peer the
+request names (its addresses, or anyone for 0.0.0.0), within `timeouts.connect`."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+
+from proxyd.config import BuffersConfig
+from proxyd.direct import ConnectDone, tune_socket
+from proxyd.dns import AddrInfo
+from proxyd.errors import UpstreamError, UpstreamTimeout
+
+
+class Binder:
+    """SOCKS BIND: a fresh listening socket on `local_host` that waits for one
+    connection from the expected peer; connections from any other address are
+    closed, and the wait goes on. `timeout` bounds the whole wait.
+
+    `done(sock, None)` or `done(None, error)` is called exactly once, unless
+    `cancel()` comes first; the accepted socket then belongs to the caller.
+    """
+
+    __slots__ = ("_done", "_expected", "_listener", "_loop", "_timer", "refused")
+
+    def __init__(
+        self,
+        local_host: str,
+        peers: list[AddrInfo],
+        timeout: float,
+        buffers: BuffersConfig,
+        done: ConnectDone,
+    ) -> None:
+        """`peers`: the addresses the peer may come from (the gate's); 0.0.0.0 or ::
+        among them accepts any peer. UpstreamError when no socket can listen."""
+        self._loop = asyncio.get_running_loop()
+        expected = {str(addr[0]) for _family, addr in peers}
+        self._expected = None if expected & {"0.0.0.0", "::"} else expected
+        self._done: ConnectDone | None = done
+        self.refused = 0  # connections from other addresses
+        family = socket.AF_INET6 if ":" in local_host else socket.AF_INET
+        try:
+            self._listener = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise UpstreamError(f"cannot listen for the peer: {exc.strerror}") from None
+        try:
+            self._listener.setblocking(False)
+            tune_socket(self._listener, buffers)
+            self._listener.bind((local_host, 0))
+            self._listener.listen(8)
+        except OSError as exc:
+            self._listener.close()
+            raise UpstreamError(f"cannot listen for the peer: {exc.strerror}") from None
+        except BaseException:
+            self._listener.close()
+            raise
+        self._loop.add_reader(self._listener.fileno(), self._on_acceptable)
+        self._timer = self._loop.call_later(timeout, self._on_timeout, timeout)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def cancel(self) -> None:
+        self._done = None
+        self._timer.cancel()
+        if self._listener.fileno() >= 0:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+
+    def _on_acceptable(self) -> None:
+        while self._done is not None:
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # that peer is gone already
+                # out of descriptors or memory: the peer would stay queued and this
+                # loop spin, so the BIND fails instead
+                done = self._done
+                self.cancel()
+                done(None, UpstreamError(f"cannot accept the peer: {exc.strerror}"))
+                return
+            if self._expected is not None and peer[0] not in self._expected:
+                sock.close()
+                self.refused += 1
+                continue
+            sock.setblocking(False)
+            done = self._done
+            self.cancel()
+            done(sock, None)
+
+    def _on_timeout(self, timeout: float) -> None:
+        done = self._done
+        self.cancel()
+        if done is not None:
+            done(None, UpstreamTimeout(f"no connection from the peer within {timeout:g} s"))

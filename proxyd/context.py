@@ -1,0 +1,121 @@
+"""What the code handling a connection may know: the daemon's shared `Context`, and
+the facts of one client connection (`Conn`).
+
+Both are plain state. Who may go where is decided from them in proxyd.gate; the
+session, forwarding and UDP take them (never the session itself), so that each
+can be read without the others.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxyd.auth import Authenticator, PasswordHash
+from proxyd.chain import Upstreams
+from proxyd.config import Config
+from proxyd.dns import Resolver
+from proxyd.metrics import Metrics
+from proxyd.protocols.common import format_hostport
+from proxyd.relay import Bucket
+from proxyd.rules import Rules
+
+Rate = tuple[Bucket, Bucket]  # one user's limits.per_user_rate: (up, down)
+
+
+@dataclass(slots=True)
+class Context:
+    """What every connection of one daemon shares; a reload replaces its settings,
+    and connections already open keep what they started with."""
+
+    config: Config
+    auth: Authenticator
+    resolver: Resolver
+    log: Any
+    upstreams: Upstreams  # `[[upstreams]]`: the parent proxies rules route through
+    rules: Rules = field(default_factory=Rules)
+    tls: ssl.SSLContext | None = None  # `[tls]`: clients starting with a TLS handshake get TLS
+    metrics: Metrics | None = None  # `[metrics]`: what connections record
+    listening: list[tuple[str, int]] = field(default_factory=list)  # our own listeners
+    # open connections per client address and per user, for `[limits]`
+    per_client: dict[str, int] = field(default_factory=dict)
+    per_user: dict[str, int] = field(default_factory=dict)
+    # each user's rate limit (limits.per_user_rate), shared by all of their traffic
+    rates: dict[str, Rate] = field(default_factory=dict)
+    draining: bool = False  # the daemon is stopping: no new request on a kept-alive connection
+
+    def __post_init__(self) -> None:
+        self.upstreams.configure(self.config)
+
+    def reconfigure(
+        self,
+        config: Config,
+        users: dict[str, PasswordHash],
+        rules: Rules,
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        """A reload: new connections get these; open ones keep what they started with
+        (their relay's timeouts and buckets), and the counts behind [limits] go on."""
+        if config.limits.per_user_rate != self.config.limits.per_user_rate:
+            self.rates.clear()
+        a, dns = config.auth, config.dns
+        self.auth.replace_users(users)
+        self.auth.throttle.configure(a.max_failures, a.failure_window, a.lockout)
+        self.resolver.configure(
+            size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
+        )
+        self.config, self.rules, self.tls = config, rules, tls
+        self.upstreams.configure(config)
+
+
+class Conn:
+    """The facts of one client connection: who (after a PROXY header, the client the
+    load balancer names), where it reached us, over what, and as which user."""
+
+    __slots__ = (
+        "_local",
+        "_sock",
+        "client",
+        "conn_id",
+        "peer_ip",
+        "protocol",
+        "proxied_by",
+        "started",
+        "tls",
+        "user",
+    )
+
+    def __init__(
+        self, conn_id: int, peer: tuple[Any, ...], sock: socket.socket | None = None
+    ) -> None:
+        self.conn_id = conn_id
+        self.peer_ip: str = peer[0]
+        self.client = format_hostport(peer[0], peer[1])
+        self.started = time.monotonic()
+        self._sock = sock  # the accepted socket, asked for the local address when needed
+        self._local: tuple[Any, ...] | None = None
+        self.protocol: str | None = None  # once detected: "socks5", "socks4", "http"
+        self.user: str | None = None  # as the credentials name it (forwarding: this request's)
+        self.tls: str | None = None  # "TLSv1.3" and the like, for a client in TLS
+        self.proxied_by: str | None = None  # the trusted balancer it came through
+
+    def local_address(self) -> tuple[Any, ...]:
+        """The listener address the client connected to."""
+        if self._local is None:
+            assert self._sock is not None
+            self._local = self._sock.getsockname()
+        return self._local
+
+    def named(self, ip: str, port: int) -> None:
+        """The client is the one a trusted balancer's PROXY header names."""
+        self.peer_ip = ip
+        self.client = format_hostport(ip, port)
+
+    def in_tls(self, version: str | None) -> None:
+        """TLS is up: the local address is the raw socket's, asked now (the session
+        reads a socket pair's end from here on)."""
+        self.local_address()
+        self.tls = version

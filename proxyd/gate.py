@@ -1,0 +1,305 @@
+"""Who may go where: the one place that decides it, for every protocol.
+
+A request meets the same steps in the same order, whatever carried it: the
+limits (connections per daemon, per client address, per user), the credentials,
+the access rules, and, when address rules need it, a lookup whose allowed
+addresses are then the only ones that may be dialled. The answer is a Route
+(direct, or through an upstream group) or the error to refuse with. A SOCKS or
+HTTP CONNECT, a BIND, every forwarded HTTP request and every UDP datagram pass
+here, so a fix made here is made for all of them.
+
+Each step is one implementation with a callback face, for the session's
+handshake (which runs without a task), and an awaitable face, for forwarding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from proxyd.context import Conn, Context, Rate
+from proxyd.dial import Route
+from proxyd.dns import AddrInfo, Lookup
+from proxyd.errors import (
+    REP_COMMAND_NOT_SUPPORTED,
+    AuthFailed,
+    Denied,
+    OverLimit,
+    ProtocolError,
+    SessionError,
+    Status,
+    UpstreamError,
+)
+from proxyd.protocols.common import Credentials
+from proxyd.relay import Bucket
+from proxyd.rules import Request, allowed_addresses, in_networks
+
+# Clients beyond server.max_connections that still get a polite refusal; past them,
+# a new connection is closed at once.
+OVERLOAD_SLACK = 256
+
+Decided = Callable[[Route | None, SessionError | None], object]
+
+
+# -- the limits ----------------------------------------------------------------------
+
+
+def beyond_capacity(ctx: Context, active: int) -> bool:
+    """So far over `server.max_connections` that a new client is closed unanswered."""
+    return active >= ctx.config.server.max_connections + OVERLOAD_SLACK
+
+
+def over_capacity(ctx: Context, active: int) -> str | None:
+    """Why a new client is to be refused once its request is read, if it is."""
+    limit = ctx.config.server.max_connections
+    return f"server.max_connections ({limit}) reached" if active >= limit else None
+
+
+class Admission:
+    """One connection's place in `[limits]`: counted for its client address once that
+    is known (at once, or after the PROXY header a trusted load balancer must send
+    first, the one it names), and for its user once its request is complete;
+    `refusal` says why it is over a limit, if it is."""
+
+    __slots__ = ("_client", "_ctx", "_user", "refusal")
+
+    def __init__(self, ctx: Context, conn: Conn, refusal: str | None) -> None:
+        self._ctx = ctx
+        self.refusal = refusal
+        self._client: str | None = None
+        self._user: str | None = None
+        if not proxy_protocol_required(ctx, conn.peer_ip):
+            self.count_client(conn.peer_ip)
+
+    @property
+    def awaits_header(self) -> bool:
+        """The client is to be named by a PROXY header before it is counted."""
+        return self._client is None
+
+    def count_client(self, ip: str) -> None:
+        ctx = self._ctx
+        count = ctx.per_client.get(ip, 0)
+        ctx.per_client[ip] = count + 1
+        self._client = ip
+        per_client = ctx.config.limits.per_client
+        if self.refusal is None and per_client and count >= per_client:
+            self.refusal = f"limits.per_client ({per_client}) reached for {ip}"
+
+    def request_complete(self, user: str | None) -> None:
+        """The request is whole: refuse it if over a limit, else count its user."""
+        if self.refusal:
+            raise OverLimit(self.refusal)
+        per_user = self._ctx.config.limits.per_user
+        if per_user and user is not None:
+            count = self._ctx.per_user.get(user, 0)
+            if count >= per_user:
+                raise OverLimit(f"limits.per_user ({per_user}) reached for {user}")
+            self._ctx.per_user[user] = count + 1
+            self._user = user
+
+    def release(self) -> None:
+        """The connection ended: it counts no more (once)."""
+        if self._client is not None:
+            _release(self._ctx.per_client, self._client)
+            self._client = None
+        if self._user is not None:
+            _release(self._ctx.per_user, self._user)
+            self._user = None
+
+
+def _release(counts: dict[str, int], key: str) -> None:
+    """One open connection fewer for `key`; gone at zero, so the table stays small."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
+def rate_for(ctx: Context, user: str | None) -> Rate | None:
+    """The buckets every transfer of this user shares (limits.per_user_rate), when its
+    rate is limited. Only authenticated users have one, so the table holds at most
+    the users file."""
+    rate = ctx.config.limits.per_user_rate
+    if not rate or user is None:
+        return None
+    buckets = ctx.rates.get(user)
+    if buckets is None:
+        buckets = ctx.rates[user] = (Bucket(rate), Bucket(rate))
+    return buckets
+
+
+def proxy_protocol_required(ctx: Context, ip: str) -> bool:
+    """Whether a connection from `ip` must start with a PROXY protocol header (it comes
+    from a trusted load balancer, which then names the client)."""
+    networks = ctx.config.server.proxy_protocol_from
+    return bool(networks) and in_networks(ip, networks)
+
+
+# -- the credentials ---------------------------------------------------------------
+
+
+def credentials_required(ctx: Context) -> bool:
+    return ctx.auth.required
+
+
+def authenticate(
+    ctx: Context, conn: Conn, admission: Admission | None, credentials: Credentials | None
+) -> Coroutine[Any, Any, None] | None:
+    """Check the credentials a request carries, when users are configured: None when
+    they are accepted at once, a derivation to await when they must be verified (it
+    raises AuthFailed, LockedOut or OverLimit); AuthFailed or LockedOut at once when
+    they are refused. SOCKS4 carries none: it passes only with `auth.allow_socks4`."""
+    auth = ctx.auth
+    if not auth.required:
+        return None
+    if credentials is None:
+        if conn.protocol == "socks4":
+            if ctx.config.auth.allow_socks4:
+                return None  # its unverified user id is ignored
+            raise AuthFailed("SOCKS4 has no password; users are configured (auth.allow_socks4)")
+        raise AuthFailed("credentials required")
+    conn.user = credentials.username
+    auth.check_lockout(conn.peer_ip)
+    # over a limit: refused after the request anyway, so spend no derivation on it
+    if (admission is not None and admission.refusal) or auth.cached(credentials):
+        return None
+    return auth.verify(credentials, conn.peer_ip)
+
+
+async def verify(
+    ctx: Context, conn: Conn, admission: Admission | None, credentials: Credentials | None
+) -> None:
+    """`authenticate`, awaited."""
+    derivation = authenticate(ctx, conn, admission, credentials)
+    if derivation is not None:
+        await derivation
+
+
+# -- the rules, the lookup they need, and the addresses that may be dialled ---------
+
+
+def decide(
+    ctx: Context,
+    conn: Conn,
+    command: str,
+    host: str,
+    port: int,
+    done: Decided,
+    *,
+    need_addresses: bool = False,
+) -> Lookup | None:
+    """Judge a request for host:port by the rules, and say where it may go:
+    `done(route, None)` or `done(None, error)` exactly once, unless the returned
+    lookup is cancelled first (None: decided at once).
+
+    A name is resolved first when address rules need it, each of its addresses is
+    judged on its own, and the route then holds only the allowed ones, so the name
+    cannot be re-resolved into a denied address between check and connect (within
+    `timeouts.connect`, which the connect that follows shares). `need_addresses`:
+    the caller sends to an address, not a name (a datagram, a BIND's peer), so a
+    direct route always comes resolved.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.config.timeouts.connect
+    rules = ctx.rules
+
+    def refuse(ip: str, port: int) -> bool:
+        return is_own_listener(ctx, conn, ip, port)
+
+    request: Request | None = None
+    if not rules.trivial:
+        request = Request(conn.peer_ip, conn.user, conn.protocol or "", command, host, port)
+        try:
+            decision = rules.check_before_lookup(request)
+        except Denied as exc:
+            done(None, exc)
+            return None
+        if decision is not None:
+            request = None  # decided: the lookup below only finds the addresses
+            if decision.via is not None or not need_addresses:
+                route = Route(host, port, None, decision.via, refuse, deadline, decision.rule)
+                _settle(command, route, done)
+                return None
+    elif not need_addresses:
+        done(Route(host, port, None, None, refuse, deadline), None)
+        return None
+
+    def found(addresses: list[AddrInfo] | None, error: UpstreamError | None) -> None:
+        if error is not None:
+            done(None, error)
+            return
+        via = None
+        if request is not None:  # address rules: each address on its own
+            try:
+                addresses, via = allowed_addresses(rules, request, addresses or [])
+            except Denied as exc:
+                done(None, exc)
+                return
+        _settle(command, Route(host, port, addresses, via, refuse, deadline), done)
+
+    return ctx.resolver.find(host, port, ctx.config.timeouts.connect, found)
+
+
+def _settle(command: str, route: Route, done: Decided) -> None:
+    if command == "bind" and route.via is not None:
+        error = ProtocolError(
+            "BIND is not chained through upstream proxies (a rule routes it via one)",
+            socks_reply=REP_COMMAND_NOT_SUPPORTED,
+            status=Status.UNSUPPORTED,
+        )
+        done(None, error)
+        return
+    done(route, None)
+
+
+async def route(
+    ctx: Context, conn: Conn, command: str, host: str, port: int, *, need_addresses: bool = False
+) -> Route:
+    """`decide`, awaited: the route, or the error raised."""
+    decided: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
+
+    def settled(found: Route | None, error: SessionError | None) -> None:
+        if error is not None:
+            decided.set_exception(error)
+        else:
+            assert found is not None
+            decided.set_result(found)
+
+    lookup = decide(ctx, conn, command, host, port, settled, need_addresses=need_addresses)
+    try:
+        return await decided
+    finally:
+        if lookup is not None:
+            lookup.cancel()
+
+
+def check_association(ctx: Context, conn: Conn, host: str, port: int) -> None:
+    """Who may open a UDP association (Denied if not): it names no destination of its
+    own, so only the rules without destinations and ports can refuse it; each of its
+    datagrams then meets all the rules through `decide`."""
+    rules = ctx.rules
+    if not rules.trivial:
+        request = Request(conn.peer_ip, conn.user, conn.protocol or "", "udp_associate", host, port)
+        rules.check_without_destination(request)
+
+
+def is_own_listener(ctx: Context, conn: Conn, ip: str, port: int) -> bool:
+    """Whether ip:port is one of this daemon's listeners, which a client must not make
+    it connect to (a loop through itself). A wildcard listener is reached on
+    loopback, on the unspecified address, and on the address the client used."""
+    for host, own_port in ctx.listening:
+        if own_port != port:
+            continue
+        if ip == host:
+            return True
+        if host in ("0.0.0.0", "::"):
+            if ip in ("0.0.0.0", "::") or ipaddress.ip_address(ip).is_loopback:
+                return True
+            with contextlib.suppress(OSError):
+                if ip == conn.local_address()[0]:
+                    return True
+    return False

@@ -1,0 +1,203 @@
+"""A tunnel: one CONNECT (SOCKS5, SOCKS4, HTTP) or BIND request, from the gate's
+decision to the end of its relay.
+
+The gate says where the request may go; the dial reaches the target (for BIND, a
+listener of its own waits for the peer the request names); the session's handler
+answers the client; then the relay moves the bytes until both sides are done.
+Everything runs as loop callbacks through the session's `step`, so that an error
+anywhere refuses the request the same way.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any, Final
+
+from proxyd import gate
+from proxyd.bind import Binder
+from proxyd.chain import Lease
+from proxyd.context import Conn, Context
+from proxyd.dial import Dial, Route
+from proxyd.dns import Lookup
+from proxyd.errors import SessionError, Status
+from proxyd.relay import Relay, abort
+
+Step = Callable[..., None]  # the session's: runs a callback, refusing on a SessionError
+Answer = Callable[[str, int], None]
+
+
+class Tunnel:
+    """One tunnel request and, once it is connected, its relay.
+
+    `established(bound)` answers the client (`bound`: our end of the connection,
+    or BIND's peer) and returns what the client sent after its request; `ended()`
+    is called when the relay ends by itself, with `status` and `error` saying how.
+    `close()` releases it all whenever the session ends.
+    """
+
+    __slots__ = (
+        "_client",
+        "_conn",
+        "_ctx",
+        "_ended",
+        "_established",
+        "_lease",
+        "_pending",
+        "_relay",
+        "_remote",
+        "_step",
+        "via",
+    )
+
+    # what the session asks of whatever took its connection over (handlers.Worker)
+    between_requests: Final = False
+    logged: Final = False  # the session writes the tunnel's access line
+
+    def __init__(
+        self,
+        ctx: Context,
+        conn: Conn,
+        client: socket.socket,
+        step: Step,
+        established: Callable[[tuple[str, int]], bytes],
+        ended: Callable[[], None],
+    ) -> None:
+        self._ctx = ctx
+        self._conn = conn
+        self._client = client
+        self._step = step
+        self._established = established
+        self._ended = ended
+        self._pending: Lookup | Dial | Binder | None = None  # what is under way
+        self._remote: socket.socket | None = None
+        self._relay: Relay | None = None
+        self._lease: Lease | None = None  # the parent proxy in use
+        self.via: str | None = None  # the upstream group the route goes through
+
+    def connect(self, host: str, port: int) -> None:
+        self._decide("connect", host, port, self._dial)
+
+    def bind(self, host: str, port: int, listening: Answer) -> None:
+        """Listen for the peer `host` names (0.0.0.0 or :: for any), tell the client where
+        (`listening`), and relay once that peer connects."""
+        self._decide("bind", host, port, lambda route: self._listen(route, listening))
+
+    def _decide(self, command: str, host: str, port: int, then: Callable[[Route], None]) -> None:
+        lookup = gate.decide(
+            self._ctx,
+            self._conn,
+            command,
+            host,
+            port,
+            lambda route, error: self._step(self._decided, route, error, then),
+            need_addresses=command == "bind",  # the peer comes from an address
+        )
+        if lookup is not None:  # (decided at once, it has moved on already)
+            self._pending = lookup
+
+    def _decided(
+        self, route: Route | None, error: SessionError | None, then: Callable[[Route], None]
+    ) -> None:
+        self._pending = None
+        if error is not None:
+            raise error
+        assert route is not None
+        then(route)
+
+    def _dial(self, route: Route) -> None:
+        self.via = route.via
+        dial = Dial(self._ctx, route, lambda sock, error: self._step(self._connected, sock, error))
+        self._pending = dial
+        dial.start()
+
+    def _listen(self, route: Route, listening: Answer) -> None:
+        cfg = self._ctx.config
+        binder = Binder(
+            self._conn.local_address()[0],
+            route.addresses or [],
+            cfg.timeouts.connect,
+            cfg.buffers,
+            lambda sock, error: self._step(self._connected, sock, error, True),
+        )
+        self._pending = binder
+        listening(*binder.address)
+
+    def _connected(
+        self, remote: socket.socket | None, error: SessionError | None, bind: bool = False
+    ) -> None:
+        """The target is connected (or, for BIND, the peer has connected to us)."""
+        pending, self._pending = self._pending, None
+        if error is not None:
+            raise error
+        assert remote is not None
+        self._remote = remote
+        first_down = b""
+        if isinstance(pending, Dial):
+            self._lease, first_down = pending.lease, pending.trailing
+        # CONNECT replies with our end of the connection, BIND with the peer's address
+        bound = remote.getpeername() if bind else remote.getsockname()
+        first_up = self._established(bound[:2])
+        cfg = self._ctx.config
+        self._relay = Relay(
+            self._client,
+            remote,
+            read_size=cfg.buffers.read_size,
+            idle=cfg.timeouts.idle,
+            splice=cfg.buffers.splice,
+            on_end=self._ended,
+            rate=gate.rate_for(self._ctx, self._conn.user),
+        )
+        self._relay.start(first_up, first_down)
+
+    # -- what the session reads and asks once the request is under way -----------------
+
+    @property
+    def answered(self) -> bool:
+        return self._relay is not None
+
+    @property
+    def status(self) -> Status:
+        return self._relay.status if self._relay is not None else Status.OK
+
+    @property
+    def error(self) -> str | None:
+        return self._relay.error if self._relay is not None else None
+
+    @property
+    def cut(self) -> bool:
+        """A reset on one side: it is passed on as a reset to the other, as a stream
+        cut off must be (never as an orderly end)."""
+        return self._relay is not None and self._relay.status is Status.RESET
+
+    def usage(self) -> tuple[int, int, int, int]:
+        relay = self._relay
+        return (relay.bytes_up, relay.bytes_down, 0, 0) if relay is not None else (0, 0, 0, 0)
+
+    def fields(self) -> dict[str, Any]:
+        up, down, _, _ = self.usage()
+        fields: dict[str, Any] = {"bytes_up": up, "bytes_down": down}
+        if self.via is not None:
+            fields["via"] = self.via
+            if self._lease is not None:
+                fields["upstream"] = str(self._lease.parent)
+        return fields
+
+    def fail(self, exc: OSError) -> None:
+        """The client's connection failed where the relay cannot see it (under TLS)."""
+        if self._relay is not None:
+            self._relay.fail(exc)
+
+    def close(self, cut: bool) -> None:
+        """Stop whatever is under way, close the target's side (`cut`: with a reset)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        if self._relay is not None:
+            self._relay.stop()
+        if self._remote is not None:
+            if cut:
+                abort(self._remote)
+            self._remote.close()
+        if self._lease is not None:
+            self._lease.release()
