@@ -2,6 +2,10 @@
 
 Every problem is reported with its key path (`timeouts.connect: must be > 0`),
 all of them at once; library code raises ConfigError and only the CLI exits.
+
+Each key is declared once, as a field of its section's dataclass that carries its
+default and its check (`_key`); the sections, their keys and the checks are all
+read back from `dataclasses.fields()` of Config and the section classes.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar, get_type_hints
 
 from proxyd.errors import ConfigError
 from proxyd.parents import UpstreamGroup, parse_upstreams
@@ -61,124 +65,6 @@ def parse_listen(text: str) -> ListenAddress:
     if port > 65535:
         raise ValueError(f"{text!r}: port {port} is out of range")
     return ListenAddress(host, port)
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 1080),)
-    workers: int = 1
-    max_connections: int = 10000
-    allow_open_proxy: bool = False
-    # the address UDP ASSOCIATE replies give clients (behind NAT); unset = the relay's own
-    udp_advertise: str | None = None
-    # what happens to a request no [[rules]] table matches
-    default_action: str = "allow"
-    # seconds open connections may take to finish after SIGTERM (0 = close them at once)
-    shutdown_grace: float = 10.0
-    # load balancers whose connections start with a PROXY protocol header (v1 or v2),
-    # which then names the client; from them it is required, from anyone else refused
-    proxy_protocol_from: tuple[IPNetwork, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class AuthConfig:
-    users_file: Path | None = None
-    # SOCKS4 cannot carry a password: with users configured it is refused unless allowed
-    allow_socks4: bool = False
-    # brute-force throttling: this many failed logins from one client address within
-    # failure_window seconds lock it out for lockout seconds; 0 turns it off
-    max_failures: int = 5
-    failure_window: float = 60.0
-    lockout: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsConfig:
-    per_client: int = 0  # open connections per client IP address; 0 = no limit
-    per_user: int = 0  # open connections per authenticated user; 0 = no limit
-    # bytes per second each way, for all of one authenticated user's traffic together
-    per_user_rate: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class DnsConfig:
-    cache_size: int = 1024  # names; 0 turns the cache off
-    cache_ttl: float = 60.0  # seconds an answer is reused
-    negative_ttl: float = 5.0  # seconds "no such name" is reused
-
-
-@dataclass(frozen=True, slots=True)
-class TimeoutsConfig:
-    handshake: float = 10.0
-    connect: float = 10.0
-    idle: float = 300.0
-    udp_idle: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class BuffersConfig:
-    read_size: int = 65536
-    so_rcvbuf: int = 0
-    so_sndbuf: int = 0
-    tcp_nodelay: bool = True
-    splice: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class TlsConfig:
-    # PEM files; with both set, a client starting with a TLS handshake gets TLS
-    cert: Path | None = None
-    key: Path | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
-    # the admin listener for /metrics (Prometheus) and /healthz; unset = none
-    listen: ListenAddress | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    format: str = "json"
-    level: str = "info"
-    access: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    dns: DnsConfig = field(default_factory=DnsConfig)
-    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
-    buffers: BuffersConfig = field(default_factory=BuffersConfig)
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    rules: tuple[Rule, ...] = ()
-    upstreams: tuple[UpstreamGroup, ...] = ()
-
-    def upstream(self, name: str) -> UpstreamGroup:
-        return next(g for g in self.upstreams if g.name == name)
-
-    def open_proxy_problem(self) -> str | None:
-        """Why starting would make an open proxy, or None when it would not."""
-        if self.auth.users_file is not None or self.server.allow_open_proxy:
-            return None
-        exposed = [str(a) for a in self.server.listen if not a.is_loopback]
-        if exposed:
-            return (
-                f"server.listen: {', '.join(exposed)} is reachable beyond this host and no "
-                "auth.users_file is set; anyone could use this proxy. Set auth.users_file, "
-                "listen on loopback, or set server.allow_open_proxy = true"
-            )
-        if self.server.proxy_protocol_from:  # a balancer relays clients from elsewhere
-            return (
-                "server.proxy_protocol_from: a load balancer relays clients from beyond "
-                "this host and no auth.users_file is set; anyone could use this proxy. "
-                "Set auth.users_file, or set server.allow_open_proxy = true"
-            )
-        return None
 
 
 # --- validation -------------------------------------------------------------
@@ -292,71 +178,150 @@ def _one_listen(value: Any, path: str, problems: list[str]) -> Any:
         return _INVALID
 
 
-_SCHEMA: Final[dict[str, tuple[type[Any], dict[str, Check]]]] = {
-    "server": (
-        ServerConfig,
-        {
-            "listen": _listen,
-            "workers": _integer(1, 256),
-            "max_connections": _integer(1, 10_000_000),
-            "allow_open_proxy": _boolean,
-            "udp_advertise": _ip_address,
-            "default_action": _choice(("allow", "deny")),
-            "shutdown_grace": _non_negative_seconds,
-            "proxy_protocol_from": _networks,
-        },
-    ),
-    "auth": (
-        AuthConfig,
-        {
-            "users_file": _path,
-            "allow_socks4": _boolean,
-            "max_failures": _integer(0, 1_000_000),
-            "failure_window": _seconds,
-            "lockout": _seconds,
-        },
-    ),
-    "limits": (
-        LimitsConfig,
-        {
-            "per_client": _integer(0, 10_000_000),
-            "per_user": _integer(0, 10_000_000),
-            "per_user_rate": _integer(0, 1 << 40),
-        },
-    ),
-    "dns": (
-        DnsConfig,
-        {
-            "cache_size": _integer(0, 1_000_000),
-            "cache_ttl": _non_negative_seconds,
-            "negative_ttl": _non_negative_seconds,
-        },
-    ),
-    "timeouts": (
-        TimeoutsConfig,
-        {
-            "handshake": _seconds,
-            "connect": _seconds,
-            "idle": _seconds,
-            "udp_idle": _seconds,
-        },
-    ),
-    "buffers": (
-        BuffersConfig,
-        {
-            "read_size": _integer(1024, 16 * 1024 * 1024),
-            "so_rcvbuf": _integer(0, 1 << 30),
-            "so_sndbuf": _integer(0, 1 << 30),
-            "tcp_nodelay": _boolean,
-            "splice": _boolean,
-        },
-    ),
-    "tls": (TlsConfig, {"cert": _path, "key": _path}),
-    "metrics": (MetricsConfig, {"listen": _one_listen}),
-    "log": (
-        LogConfig,
-        {"format": _choice(LOG_FORMATS), "level": _choice(LOG_LEVELS), "access": _boolean},
-    ),
+_T = TypeVar("_T")
+
+
+def _key(default: _T, check: Check) -> _T:
+    """A section key's field: its default, and in its metadata the check its TOML value
+    must pass; the one place a key, its default and its check are declared."""
+    return field(default=default, metadata={"check": check})
+
+
+def _checks(section: type[Any]) -> dict[str, Check]:
+    """A section's keys, in declaration order, each with the check its field carries."""
+    return {f.name: f.metadata["check"] for f in dataclasses.fields(section)}
+
+
+# --- sections ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[ListenAddress, ...] = _key((ListenAddress("127.0.0.1", 1080),), _listen)
+    workers: int = _key(1, _integer(1, 256))
+    max_connections: int = _key(10000, _integer(1, 10_000_000))
+    allow_open_proxy: bool = _key(False, _boolean)
+    # the address UDP ASSOCIATE replies give clients (behind NAT); unset = the relay's own
+    udp_advertise: str | None = _key(None, _ip_address)
+    # what happens to a request no [[rules]] table matches
+    default_action: str = _key("allow", _choice(("allow", "deny")))
+    # seconds open connections may take to finish after SIGTERM (0 = close them at once)
+    shutdown_grace: float = _key(10.0, _non_negative_seconds)
+    # load balancers whose connections start with a PROXY protocol header (v1 or v2),
+    # which then names the client; from them it is required, from anyone else refused
+    proxy_protocol_from: tuple[IPNetwork, ...] = _key((), _networks)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    users_file: Path | None = _key(None, _path)
+    # SOCKS4 cannot carry a password: with users configured it is refused unless allowed
+    allow_socks4: bool = _key(False, _boolean)
+    # brute-force throttling: this many failed logins from one client address within
+    # failure_window seconds lock it out for lockout seconds; 0 turns it off
+    max_failures: int = _key(5, _integer(0, 1_000_000))
+    failure_window: float = _key(60.0, _seconds)
+    lockout: float = _key(300.0, _seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    # open connections per client IP address; 0 = no limit
+    per_client: int = _key(0, _integer(0, 10_000_000))
+    # open connections per authenticated user; 0 = no limit
+    per_user: int = _key(0, _integer(0, 10_000_000))
+    # bytes per second each way, for all of one authenticated user's traffic together
+    per_user_rate: int = _key(0, _integer(0, 1 << 40))
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    cache_size: int = _key(1024, _integer(0, 1_000_000))  # names; 0 turns the cache off
+    cache_ttl: float = _key(60.0, _non_negative_seconds)  # seconds an answer is reused
+    negative_ttl: float = _key(5.0, _non_negative_seconds)  # seconds "no such name" is reused
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    handshake: float = _key(10.0, _seconds)
+    connect: float = _key(10.0, _seconds)
+    idle: float = _key(300.0, _seconds)
+    udp_idle: float = _key(60.0, _seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class BuffersConfig:
+    read_size: int = _key(65536, _integer(1024, 16 * 1024 * 1024))
+    so_rcvbuf: int = _key(0, _integer(0, 1 << 30))
+    so_sndbuf: int = _key(0, _integer(0, 1 << 30))
+    tcp_nodelay: bool = _key(True, _boolean)
+    splice: bool = _key(True, _boolean)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    # PEM files; with both set, a client starting with a TLS handshake gets TLS
+    cert: Path | None = _key(None, _path)
+    key: Path | None = _key(None, _path)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # the admin listener for /metrics (Prometheus) and /healthz; unset = none
+    listen: ListenAddress | None = _key(None, _one_listen)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    format: str = _key("json", _choice(LOG_FORMATS))
+    level: str = _key("info", _choice(LOG_LEVELS))
+    access: bool = _key(True, _boolean)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # The file's top-level names, in the order "unknown section" lists them. A field typed
+    # as a section class is a table of checked keys; rules and upstreams have parsers of their own.
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    buffers: BuffersConfig = field(default_factory=BuffersConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    rules: tuple[Rule, ...] = ()
+    upstreams: tuple[UpstreamGroup, ...] = ()
+
+    def upstream(self, name: str) -> UpstreamGroup:
+        return next(g for g in self.upstreams if g.name == name)
+
+    def open_proxy_problem(self) -> str | None:
+        """Why starting would make an open proxy, or None when it would not."""
+        if self.auth.users_file is not None or self.server.allow_open_proxy:
+            return None
+        exposed = [str(a) for a in self.server.listen if not a.is_loopback]
+        if exposed:
+            return (
+                f"server.listen: {', '.join(exposed)} is reachable beyond this host and no "
+                "auth.users_file is set; anyone could use this proxy. Set auth.users_file, "
+                "listen on loopback, or set server.allow_open_proxy = true"
+            )
+        if self.server.proxy_protocol_from:  # a balancer relays clients from elsewhere
+            return (
+                "server.proxy_protocol_from: a load balancer relays clients from beyond "
+                "this host and no auth.users_file is set; anyone could use this proxy. "
+                "Set auth.users_file, or set server.allow_open_proxy = true"
+            )
+        return None
+
+
+# Read from Config's annotations, so that a new section is nothing more than a new field there.
+_SECTIONS: Final[dict[str, type[Any]]] = {
+    name: hint
+    for name, hint in get_type_hints(Config).items()
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint)
 }
 
 
@@ -371,11 +336,12 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         if name == "upstreams":
             sections["upstreams"] = parse_upstreams(value, problems)
             continue
-        if name not in _SCHEMA:
-            known = ", ".join((*_SCHEMA, "rules", "upstreams"))
+        if name not in _SECTIONS:
+            known = ", ".join(f.name for f in dataclasses.fields(Config))
             problems.append(f"{name}: unknown section (known: {known})")
             continue
-        cls, checks = _SCHEMA[name]
+        cls = _SECTIONS[name]
+        checks = _checks(cls)
         if not isinstance(value, Mapping):
             problems.append(f"{name}: must be a table ([{name}])")
             continue
@@ -436,19 +402,19 @@ def with_overrides(
     log_format: str | None = None,
     log_level: str | None = None,
 ) -> Config:
-    """Apply command-line overrides, validated like the file's own keys."""
+    """Apply command-line overrides, validated by the checks of the keys they override."""
     problems: list[str] = []
     server, log = config.server, config.log
     if listen:
-        addresses = _listen(list(listen), "--listen", problems)
+        addresses = _checks(ServerConfig)["listen"](list(listen), "--listen", problems)
         if addresses is not _INVALID:
             server = dataclasses.replace(server, listen=addresses)
     if log_format is not None:
-        checked = _choice(LOG_FORMATS)(log_format, "--log-format", problems)
+        checked = _checks(LogConfig)["format"](log_format, "--log-format", problems)
         if checked is not _INVALID:
             log = dataclasses.replace(log, format=checked)
     if log_level is not None:
-        checked = _choice(LOG_LEVELS)(log_level, "--log-level", problems)
+        checked = _checks(LogConfig)["level"](log_level, "--log-level", problems)
         if checked is not _INVALID:
             log = dataclasses.replace(log, level=checked)
     if problems:

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import pytest
 from hypothesis import given, settings
@@ -274,6 +274,41 @@ def test_bad_value_names_its_key(data: dict[str, Any], path: str) -> None:
 def test_unknown_key_lists_the_known_ones() -> None:
     (problem,) = problems_of({"server": {"listn": []}})
     assert "listen" in problem
+
+
+# --- each key declared once: a field of its section, carrying its check -------------------------
+
+# Config's fields but rules and upstreams (parsed by proxyd/rules.py and proxyd/parents.py).
+SECTIONS = {
+    f.name: get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name not in ("rules", "upstreams")
+}
+
+
+def test_unknown_section_lists_configs_fields_in_order() -> None:
+    assert problems_of({"servr": {}}) == [
+        "servr: unknown section (known: server, auth, limits, dns, timeouts, buffers, tls, "
+        "metrics, log, rules, upstreams)"
+    ]
+    assert all(dataclasses.is_dataclass(cls) for cls in SECTIONS.values()), SECTIONS
+
+
+@pytest.mark.parametrize("name", SECTIONS)
+def test_every_key_carries_its_check(name: str) -> None:
+    fields = dataclasses.fields(SECTIONS[name])
+    for f in fields:
+        assert callable(f.metadata.get("check")), f"{name}.{f.name} has no check in its metadata"
+    for f in fields:
+        # A table fits no key's type, so the key's own check (not "unknown key") rejects it.
+        (problem,) = problems_of({name: {f.name: {}}})
+        assert problem.startswith(f"{name}.{f.name}: must "), problem
+
+
+@pytest.mark.parametrize("name", SECTIONS)
+def test_unknown_key_lists_exactly_the_sections_fields(name: str) -> None:
+    known = ", ".join(f.name for f in dataclasses.fields(SECTIONS[name]))
+    assert problems_of({name: {"bogus": 1}}) == [f"{name}.bogus: unknown key (known: {known})"]
 
 
 def test_listen_problem_names_the_bad_entry_only() -> None:
