@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -31,6 +30,8 @@ from proxyd.protocols.common import (
     ParentClient,
     check_hostname,
     format_hostport,
+    ipv4_text,
+    packed_ip,
 )
 
 VERSION: Final = 0x04
@@ -115,7 +116,7 @@ class Socks4Server:
                 raise ProtocolError(str(exc)) from None
             end = name_end + 1
         else:
-            host = socket.inet_ntop(socket.AF_INET, ip)
+            host = ipv4_text(ip)
         if port == 0:
             raise ProtocolError("SOCKS4 request for port 0")
         del buf[:end]
@@ -129,9 +130,8 @@ class Socks4Server:
         if self.state is not State.REPLY and not refusing_early:
             raise LocalProtocolError(f"cannot reply in state {self.state.name}")
         self.state = State.ESTABLISHED if granted else State.CLOSED
-        try:
-            packed = socket.inet_pton(socket.AF_INET, host)
-        except OSError:
+        packed = packed_ip(host)
+        if packed is None or len(packed) != 4:
             packed, port = bytes(4), 0
         return _HEAD.pack(REPLY_VERSION, GRANTED if granted else REJECTED, port, packed)
 
@@ -140,9 +140,8 @@ class Socks4Server:
         follows when the peer connects."""
         if self.state is not State.REPLY:
             raise LocalProtocolError(f"cannot reply in state {self.state.name}")
-        try:
-            packed = socket.inet_pton(socket.AF_INET, host)
-        except OSError:
+        packed = packed_ip(host)
+        if packed is None or len(packed) != 4:
             packed = bytes(4)
         return _HEAD.pack(REPLY_VERSION, GRANTED, port, packed)
 
@@ -247,4 +246,4 @@ class Socks4Client(ParentClient):
         _version, _code, port, ip = _HEAD.unpack_from(buf)
         del buf[: _HEAD.size]
         self.state = ClientState.ESTABLISHED
-        return Established(str(ipaddress.IPv4Address(ip)), port)
+        return Established(ipv4_text(ip), port)

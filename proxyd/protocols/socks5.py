@@ -9,7 +9,6 @@ LocalProtocolError. The client side, `Socks5Client`, talks to a parent proxy.
 from __future__ import annotations
 
 import enum
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -35,6 +34,9 @@ from proxyd.protocols.common import (
     Send,
     check_hostname,
     format_hostport,
+    ipv4_text,
+    ipv6_text,
+    packed_ip,
 )
 
 VERSION: Final = 0x05
@@ -97,18 +99,17 @@ def _decode_text(raw: bytes, what: str) -> str:
 
 def pack_address(host: str, port: int) -> bytes:
     """ATYP, address and port as they appear in requests, replies and UDP headers."""
-    for atyp, family in _FAMILIES:
-        try:
-            return bytes((atyp,)) + socket.inet_pton(family, host) + struct.pack("!H", port)
-        except OSError:
-            continue
+    packed = packed_ip(host)
+    if packed is not None:
+        return (_ATYP_IPV4 if len(packed) == 4 else _ATYP_IPV6) + packed + struct.pack("!H", port)
     name = host.encode("idna")
     if not 0 < len(name) <= 255:
         raise ValueError(f"domain name of {len(name)} bytes cannot be sent")
     return bytes((AddressType.DOMAIN, len(name))) + name + struct.pack("!H", port)
 
 
-_FAMILIES: Final = ((AddressType.IPV4, socket.AF_INET), (AddressType.IPV6, socket.AF_INET6))
+_ATYP_IPV4: Final = bytes((AddressType.IPV4,))
+_ATYP_IPV6: Final = bytes((AddressType.IPV6,))
 # the parsers look codes up in these rather than calling the enums (a third of their time)
 _ADDRESS_TYPES: Final = {int(t): t for t in AddressType}
 _COMMANDS: Final = {int(c): c for c in Command}
@@ -134,12 +135,12 @@ def unpack_address(
         end = start + 4
         if len(data) < end + 2:
             return None
-        host = socket.inet_ntop(socket.AF_INET, bytes(data[start:end]))
+        host = ipv4_text(data, start)
     elif atyp is AddressType.IPV6:
         end = start + 16
         if len(data) < end + 2:
             return None
-        host = socket.inet_ntop(socket.AF_INET6, bytes(data[start:end]))
+        host = ipv6_text(bytes(data[start:end]))
     else:
         if len(data) <= start:
             return None
