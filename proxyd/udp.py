@@ -29,7 +29,7 @@ import asyncio_dgram
 
 from proxyd import chain, upstream
 from proxyd.errors import Denied, ProtocolError, SessionError
-from proxyd.protocols import socks5
+from proxyd.protocols import socks5, socks5_udp
 from proxyd.rules import allowed_addresses
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ class Association:
     async def _dispatch(self, data: bytes, sender: Address) -> None:
         if self._from_client(sender):
             try:
-                datagram = socks5.parse_udp(data)
+                datagram = socks5_udp.parse_udp(data)
             except ProtocolError:
                 self.dropped += 1
                 return
@@ -198,7 +198,7 @@ class Association:
             if self._over_rate(1, len(data)):
                 return
             self.peers.move_to_end(sender)
-            header = socks5.udp_header(*sender)
+            header = socks5_udp.udp_header(*sender)
             try:
                 await self.relay.send(header + data, self.client)
             except (OSError, asyncio_dgram.TransportClosed):
@@ -220,7 +220,7 @@ class Association:
         self.client = sender  # the client's first datagram fixes its port
         return True
 
-    async def _send_out(self, datagram: socks5.UdpDatagram) -> None:
+    async def _send_out(self, datagram: socks5_udp.UdpDatagram) -> None:
         rules = self.session.ctx.rules
         checked = rules.trivial
         if not checked:  # a destination the rules judge by its name routes before any lookup
@@ -255,7 +255,7 @@ class Association:
             addresses = cached
         await self._send_to(datagram, addresses, checked)
 
-    async def _resolve_and_send(self, datagram: socks5.UdpDatagram, checked: bool) -> None:
+    async def _resolve_and_send(self, datagram: socks5_udp.UdpDatagram, checked: bool) -> None:
         ctx = self.session.ctx
         try:
             addresses = await ctx.resolver.resolve(
@@ -267,7 +267,7 @@ class Association:
         await self._send_to(datagram, addresses, checked)
 
     async def _send_to(
-        self, datagram: socks5.UdpDatagram, addresses: list[upstream.AddrInfo], checked: bool
+        self, datagram: socks5_udp.UdpDatagram, addresses: list[upstream.AddrInfo], checked: bool
     ) -> None:
         if not addresses:
             self.dropped += 1
@@ -316,7 +316,7 @@ class Association:
         return self.other
 
     def _send_via(
-        self, group: str, datagram: socks5.UdpDatagram, address: str | None = None
+        self, group: str, datagram: socks5_udp.UdpDatagram, address: str | None = None
     ) -> None:
         """A datagram the rules route through `group`: to its parent's relay, which is
         reached on the first such datagram (and again after it went away)."""
@@ -372,7 +372,7 @@ class ParentRelay:
         self.pool = pool
         self.loop = association.loop
         self.closed = False
-        self.waiting: deque[tuple[socks5.UdpDatagram, str | None]] = deque()
+        self.waiting: deque[tuple[socks5_udp.UdpDatagram, str | None]] = deque()
         self.lookups = 0  # names being resolved for a socks5:// parent
         self.control: socket.socket | None = None
         self.sock: socket.socket | None = None  # ours, for the parent's relay
@@ -388,7 +388,7 @@ class ParentRelay:
         )
         self.receiver: asyncio.Task[None] | None = None
 
-    def send(self, datagram: socks5.UdpDatagram, address: str | None) -> None:
+    def send(self, datagram: socks5_udp.UdpDatagram, address: str | None) -> None:
         """`address`: the target's address, when the rules already resolved it."""
         if self.endpoint is None:
             if len(self.waiting) >= MAX_WAITING:
@@ -398,7 +398,7 @@ class ParentRelay:
             return
         self._forward(datagram, address)
 
-    def _forward(self, datagram: socks5.UdpDatagram, address: str | None) -> None:
+    def _forward(self, datagram: socks5_udp.UdpDatagram, address: str | None) -> None:
         host = datagram.host
         if not self.parent.resolves_names:  # a socks5:// parent is sent addresses only
             if address is None:
@@ -410,13 +410,13 @@ class ParentRelay:
         try:
             # a datagram socket queues nothing of its own: a plain send is the whole job
             relay = (str(self.relay[0]), self.relay[1])
-            self.sock.sendto(socks5.udp_header(host, datagram.port) + datagram.payload, relay)
+            self.sock.sendto(socks5_udp.udp_header(host, datagram.port) + datagram.payload, relay)
         except OSError:
             self.association.dropped += 1
             return
         self.association.sent_through_parent(len(datagram.payload))
 
-    def _address_of(self, datagram: socks5.UdpDatagram) -> str | None:
+    def _address_of(self, datagram: socks5_udp.UdpDatagram) -> str | None:
         """The target's address from an IP literal or the resolver's cache; a name not
         cached is looked up (a few at a time) and its datagram sent once it is known."""
         if upstream.literal_addresses(datagram.host, datagram.port) is not None:
@@ -434,7 +434,7 @@ class ParentRelay:
         return None
 
     def _on_resolved(
-        self, datagram: socks5.UdpDatagram, found: asyncio.Future[list[upstream.AddrInfo]]
+        self, datagram: socks5_udp.UdpDatagram, found: asyncio.Future[list[upstream.AddrInfo]]
     ) -> None:
         self.lookups -= 1
         if found.cancelled() or found.exception() is not None or not found.result():
@@ -503,7 +503,7 @@ class ParentRelay:
                 continue
             if _same_address(sender, self.relay):
                 try:
-                    datagram = socks5.parse_udp(data)
+                    datagram = socks5_udp.parse_udp(data)
                 except ProtocolError:
                     self.association.dropped += 1
                     continue

@@ -3,7 +3,9 @@
 Server side: feed bytes with `receive_data`, pull typed events with
 `next_event`, and get the bytes to send from `choose_method`, `auth_result` and
 `reply`. Every state transition lives in this class; an illegal one raises
-LocalProtocolError. The client side, `Socks5Client`, talks to a parent proxy.
+LocalProtocolError. The client side, `Socks5Client`, talks to a parent proxy;
+`pack_address` and `unpack_address` also serve the UDP datagram header
+(proxyd.protocols.socks5_udp).
 """
 
 from __future__ import annotations
@@ -288,37 +290,6 @@ class Socks5Server:
         del buf[:end]
         self.state = State.REPLY
         return Request(command, host, port, atyp)
-
-
-# --- UDP ASSOCIATE datagrams (RFC 1928 section 7) ----------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class UdpDatagram:
-    host: str
-    port: int
-    payload: bytes
-
-
-def parse_udp(data: bytes) -> UdpDatagram:
-    """RSV(2) FRAG ATYP DST.ADDR DST.PORT DATA; ProtocolError when malformed or a
-    fragment (FRAG != 0: proxyd, like most relays, does not reassemble)."""
-    if len(data) < 4:
-        raise ProtocolError("datagram shorter than a SOCKS5 UDP header")
-    if data[0] or data[1]:
-        raise ProtocolError("reserved bytes of a UDP header are not zero")
-    if data[2]:
-        raise ProtocolError(f"fragment {data[2]} (fragments are not reassembled)")
-    parsed = unpack_address(data, 3)
-    if parsed is None:
-        raise ProtocolError("datagram cut off inside its address")
-    host, port, _atyp, end = parsed
-    return UdpDatagram(host, port, data[end:])
-
-
-def udp_header(host: str, port: int) -> bytes:
-    """The header that wraps a datagram sent to the client from host:port."""
-    return b"\0\0\0" + pack_address(host, port)
 
 
 # --- client side: our handshake with a parent proxy --------------------------------
