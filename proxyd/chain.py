@@ -39,15 +39,16 @@ from proxyd.errors import (
 )
 from proxyd.metrics import Metrics
 from proxyd.parents import Parent, UpstreamGroup
-from proxyd.protocols import http as http_proto
-from proxyd.protocols import socks4, socks5
-from proxyd.protocols.common import (
-    NEED_DATA,
+from proxyd.protocols import socks5
+from proxyd.protocols.clients import (
+    ConnectClient,
     Established,
     ParentClient,
     Send,
-    format_hostport,
+    Socks4Client,
+    Socks5Client,
 )
+from proxyd.protocols.common import NEED_DATA, format_hostport
 
 # Points per parent on the consistent-hash ring: enough for an even split of
 # names between a handful of parents, few enough to build at every reload.
@@ -363,11 +364,11 @@ def client_for(parent: Parent, command: socks5.Command, host: str, port: int) ->
     IDNA-encoded) is the request's problem: a ProtocolError with the reply to give."""
     try:
         if parent.scheme.startswith("socks5"):
-            return socks5.Socks5Client(command, host, port, parent.credentials)
+            return Socks5Client(command, host, port, parent.credentials)
         if parent.scheme == "socks4a":
             user = parent.credentials.username if parent.credentials else ""
-            return socks4.Socks4Client(host, port, user)
-        return http_proto.ConnectClient(host, port, parent.credentials)
+            return Socks4Client(host, port, user)
+        return ConnectClient(host, port, parent.credentials)
     except ValueError as exc:
         raise ProtocolError(
             f"the parent proxy {parent} cannot be asked for it: {exc}",

@@ -31,9 +31,16 @@ from proxyd.errors import (
     UpstreamError,
 )
 from proxyd.protocols import socks4, socks5
-from proxyd.protocols.common import NEED_DATA, Credentials, Established, Send
-from proxyd.protocols.http import ConnectClient, ConnectRequest, HttpProxyServer
-from proxyd.protocols.socks4 import AddressNotSupported, Socks4Client, Socks4Server
+from proxyd.protocols.clients import (
+    ConnectClient,
+    Established,
+    Send,
+    Socks4Client,
+    Socks5Client,
+)
+from proxyd.protocols.common import NEED_DATA, Credentials
+from proxyd.protocols.http import ConnectRequest, HttpProxyServer
+from proxyd.protocols.socks4 import AddressNotSupported, Socks4Server
 from proxyd.protocols.socks5 import (
     METHOD_NO_ACCEPTABLE,
     METHOD_NO_AUTH,
@@ -41,7 +48,6 @@ from proxyd.protocols.socks5 import (
     AddressType,
     Command,
     Greeting,
-    Socks5Client,
     Socks5Server,
 )
 
