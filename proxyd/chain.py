@@ -32,9 +32,20 @@ from proxyd import upstream
 from proxyd.config import BuffersConfig, Config
 from proxyd.errors import (
     REP_ADDRESS_TYPE_NOT_SUPPORTED,
+    REP_CONNECTION_REFUSED,
+    REP_HOST_UNREACHABLE,
+    REP_NETWORK_UNREACHABLE,
+    REP_NOT_ALLOWED,
+    REP_TTL_EXPIRED,
+    HostUnreachable,
+    NetworkUnreachable,
+    ParentDenied,
     ParentError,
+    ParentProtocolError,
     ProtocolError,
     SessionError,
+    UpstreamError,
+    UpstreamRefused,
     UpstreamTimeout,
 )
 from proxyd.metrics import Metrics
@@ -44,6 +55,7 @@ from proxyd.protocols.clients import (
     ConnectClient,
     Established,
     ParentClient,
+    Refused,
     Send,
     Socks4Client,
     Socks5Client,
@@ -377,6 +389,22 @@ def client_for(parent: Parent, command: socks5.Command, host: str, port: int) ->
         ) from None
 
 
+# the error for each failure a parent reports about the target, answered as if we
+# had connected ourselves; any other code is a plain UpstreamError
+_TARGET_FAILURES: Final[dict[int, type[UpstreamError]]] = {
+    REP_CONNECTION_REFUSED: UpstreamRefused,
+    REP_NETWORK_UNREACHABLE: NetworkUnreachable,
+    REP_HOST_UNREACHABLE: HostUnreachable,
+    REP_TTL_EXPIRED: UpstreamTimeout,
+    REP_NOT_ALLOWED: ParentDenied,
+}
+
+
+def _target_failure(code: int, message: str) -> UpstreamError:
+    """The error for a client's Refused: what the SOCKS5 reply `code` says happened."""
+    return _TARGET_FAILURES.get(code, UpstreamError)(message)
+
+
 class Handshake:
     """Drives one parent client over its socket; `heard` says whether the parent has
     sent anything yet (a silent parent is a failed one)."""
@@ -393,8 +421,9 @@ class Handshake:
     ) -> Established | None:
         """Until the parent grants the request, or with `until_request` until the
         request would be sent (a probe). Waiting for the parent's first answer past
-        `first_answer_by` (a loop time) is the parent's failure. Errors as the client
-        raises them; a broken connection is the parent's failure."""
+        `first_answer_by` (a loop time) is the parent's failure, as is a broken
+        connection or protocol (ParentError); the parent's refusal is the target's
+        failure (UpstreamError)."""
         loop = asyncio.get_running_loop()
         client, sock = self.client, self.sock
         try:
@@ -411,9 +440,13 @@ class Handshake:
                     if until_request and client.request_sent:
                         return None
                     await loop.sock_sendall(sock, event.data)
+                elif isinstance(event, Refused):
+                    raise _target_failure(event.code, event.message)
                 else:
                     assert isinstance(event, Established)
                     return event
+        except ParentProtocolError as exc:
+            raise ParentError(str(exc)) from exc
         except OSError as exc:
             raise ParentError(
                 f"the connection to the parent proxy failed: {exc.strerror}"

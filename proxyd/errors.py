@@ -147,16 +147,7 @@ class ParentDenied(UpstreamError):
     http_status = 403
 
 
-def from_socks5_reply(code: int, what: str) -> UpstreamError:
-    """The error for a SOCKS5 parent's failure reply about the target `what`."""
-    if code == REP_CONNECTION_REFUSED:
-        return UpstreamRefused(f"{what}: the parent proxy says the connection was refused")
-    if code == REP_NETWORK_UNREACHABLE:
-        return NetworkUnreachable(f"{what}: the parent proxy says the network is unreachable")
-    if code == REP_HOST_UNREACHABLE:
-        return HostUnreachable(f"{what}: the parent proxy says the host is unreachable")
-    if code == REP_TTL_EXPIRED:
-        return UpstreamTimeout(f"{what}: the parent proxy says the connection timed out")
-    if code == REP_NOT_ALLOWED:
-        return ParentDenied(f"{what}: the parent proxy's rules do not allow it")
-    return UpstreamError(f"{what}: the parent proxy failed (SOCKS5 reply {code:#04x})")
+class ParentProtocolError(ProxydError):
+    """A parent proxy broke its protocol or refused us (our credentials, its identd
+    check). Raised by the sans-I/O clients of proxyd.protocols.clients, which know
+    no sessions: the chain driver makes it a ParentError."""

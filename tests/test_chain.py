@@ -11,13 +11,16 @@ from typing import Any
 import pytest
 
 from proxyd import config
-from proxyd.chain import Handshake, Pool, client_for
+from proxyd.chain import Handshake, Pool, _target_failure, client_for
 from proxyd.errors import (
+    REP_ADDRESS_TYPE_NOT_SUPPORTED,
+    REP_COMMAND_NOT_SUPPORTED,
     REP_CONNECTION_REFUSED,
     REP_GENERAL_FAILURE,
     REP_HOST_UNREACHABLE,
     REP_NETWORK_UNREACHABLE,
     REP_NOT_ALLOWED,
+    REP_TTL_EXPIRED,
     ConfigError,
     HostUnreachable,
     NetworkUnreachable,
@@ -416,3 +419,29 @@ def test_what_a_parent_answer_becomes(
     assert (exc.status, exc.socks_reply, exc.http_status) == replies
     assert str(exc) == message
     assert "wonderland" not in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "replies"),
+    [
+        (REP_GENERAL_FAILURE, UpstreamError, GENERAL),
+        (REP_NOT_ALLOWED, ParentDenied, DENIED),
+        (REP_NETWORK_UNREACHABLE, NetworkUnreachable, UNREACHABLE_NET),
+        (REP_HOST_UNREACHABLE, HostUnreachable, UNREACHABLE_HOST),
+        (REP_CONNECTION_REFUSED, UpstreamRefused, REFUSED),
+        (REP_TTL_EXPIRED, UpstreamTimeout, TIMEOUT),
+        (REP_COMMAND_NOT_SUPPORTED, UpstreamError, GENERAL),
+        (REP_ADDRESS_TYPE_NOT_SUPPORTED, UpstreamError, GENERAL),
+        (0x09, UpstreamError, GENERAL),
+        (0xFF, UpstreamError, GENERAL),
+    ],
+)
+def test_a_refusal_is_the_targets_failure(
+    code: int, error: type[UpstreamError], replies: tuple[str, int, int]
+) -> None:
+    """A client's Refused: the error its SOCKS5 code says, never the parent's failure."""
+    exc = _target_failure(code, f"{EX}: the parent proxy says so")
+    assert type(exc) is error
+    assert (exc.status, exc.socks_reply, exc.http_status) == replies
+    assert str(exc) == f"{EX}: the parent proxy says so"
+    assert not isinstance(exc, ParentError)  # no parent is blamed, none is tried next

@@ -3,9 +3,11 @@ HTTP CONNECT clients over one interface.
 
 A driver (proxyd.chain) sends what `start()` returns, feeds what the parent
 sends to `receive_data` and pulls events with `next_event`: NEED_DATA, Send
-(bytes to send next) or Established (granted: the tunnel begins, and
-`trailing_data` holds what came with the answer). The server sides of these
-protocols are proxyd.protocols.socks5, socks4 and http.
+(bytes to send next), Established (granted: the tunnel begins, and
+`trailing_data` holds what came with the answer) or Refused (the parent could
+not or would not reach the target). A fault of the parent itself raises
+ParentProtocolError. What these mean for a session is the driver's to say. The
+server sides of these protocols are proxyd.protocols.socks5, socks4 and http.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ from typing import Final, NoReturn
 import h11
 
 from proxyd.errors import (
+    REP_CONNECTION_REFUSED,
+    REP_GENERAL_FAILURE,
+    REP_HOST_UNREACHABLE,
+    REP_NETWORK_UNREACHABLE,
+    REP_NOT_ALLOWED,
     REP_SUCCEEDED,
+    REP_TTL_EXPIRED,
     LocalProtocolError,
-    ParentDenied,
-    ParentError,
+    ParentProtocolError,
     ProtocolError,
-    SessionError,
-    UpstreamError,
-    UpstreamTimeout,
-    from_socks5_reply,
 )
 from proxyd.protocols import socks4, socks5
 from proxyd.protocols.common import (
@@ -59,7 +62,17 @@ class Established:
     port: int
 
 
-ClientEvent = NeedData | Send | Established
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The parent reports a failure about the target: `code` is the SOCKS5 reply that
+    says what happened (a SOCKS5 parent's own, or the nearest one to another
+    protocol's answer), `message` names the target. Nothing follows it."""
+
+    code: int
+    message: str
+
+
+ClientEvent = NeedData | Send | Established | Refused
 
 
 class ClientState(enum.Enum):
@@ -71,7 +84,7 @@ class ClientState(enum.Enum):
     AWAIT_AUTH_STATUS = enum.auto()  # SOCKS5: the answer to our login
     AWAIT_REPLY = enum.auto()  # the answer to the request for the target
     ESTABLISHED = enum.auto()  # granted: further bytes belong to the tunnel
-    FAILED = enum.auto()  # an error was raised; nothing more may happen
+    FAILED = enum.auto()  # refused, or an error was raised; nothing more may happen
 
 
 _AWAITING: Final = frozenset(
@@ -106,10 +119,13 @@ class ParentClient:
         if self.state not in _AWAITING:
             raise LocalProtocolError(f"no event to read in state {self.state.name}")
         try:
-            return self._next()
-        except SessionError:
+            event = self._next()
+        except ParentProtocolError:
             self.state = ClientState.FAILED
             raise
+        if isinstance(event, Refused):
+            self.state = ClientState.FAILED
+        return event
 
     def _next(self) -> ClientEvent:
         raise NotImplementedError
@@ -119,7 +135,7 @@ class ParentClient:
         if self.state is ClientState.ESTABLISHED:
             raise LocalProtocolError("the handshake is over: the parent's EOF is the relay's")
         self.state = ClientState.FAILED
-        raise ParentError("the parent proxy closed the connection during the handshake")
+        raise ParentProtocolError("the parent proxy closed the connection during the handshake")
 
     @property
     def request_sent(self) -> bool:
@@ -230,8 +246,10 @@ class Socks5Client(ParentClient):
             self.state = ClientState.AWAIT_AUTH_STATUS
             return Send(self._auth)
         if method == socks5.METHOD_NO_ACCEPTABLE:
-            raise ParentError("the parent proxy accepts none of the offered SOCKS5 methods")
-        raise ParentError(f"the parent proxy chose SOCKS5 method {method:#04x}, not offered")
+            raise ParentProtocolError("the parent proxy accepts none of the offered SOCKS5 methods")
+        raise ParentProtocolError(
+            f"the parent proxy chose SOCKS5 method {method:#04x}, not offered"
+        )
 
     def _read_auth_status(self) -> ClientEvent:
         buf = self._buffer
@@ -243,7 +261,7 @@ class Socks5Client(ParentClient):
         status = buf[1]
         del buf[:2]
         if status != 0x00:
-            raise ParentError("the parent proxy refused our credentials")
+            raise ParentProtocolError("the parent proxy refused our credentials")
         return self._send_request()
 
     def _read_reply(self) -> ClientEvent:
@@ -256,15 +274,17 @@ class Socks5Client(ParentClient):
         # A refusal ends the connection, so it is final before its address arrives
         # (some parents close without sending one).
         if buf[1] != REP_SUCCEEDED:
-            raise from_socks5_reply(buf[1], self._target)
+            return Refused(buf[1], f"{self._target}: {_socks5_refusal(buf[1])}")
         if len(buf) < 3:
             return NEED_DATA
         if buf[2] != 0x00:
-            raise ParentError(f"SOCKS5 reply from the parent proxy has reserved byte {buf[2]:#04x}")
+            raise ParentProtocolError(
+                f"SOCKS5 reply from the parent proxy has reserved byte {buf[2]:#04x}"
+            )
         try:
             parsed = socks5.unpack_address(buf, 3)
         except ProtocolError as exc:
-            raise ParentError(f"SOCKS5 reply from the parent proxy: {exc}") from exc
+            raise ParentProtocolError(f"SOCKS5 reply from the parent proxy: {exc}") from exc
         if parsed is None:
             return NEED_DATA
         host, port, _atyp, end = parsed
@@ -273,9 +293,23 @@ class Socks5Client(ParentClient):
         return Established(host, port)
 
 
+_SOCKS5_REFUSALS: Final = {
+    REP_CONNECTION_REFUSED: "the parent proxy says the connection was refused",
+    REP_NETWORK_UNREACHABLE: "the parent proxy says the network is unreachable",
+    REP_HOST_UNREACHABLE: "the parent proxy says the host is unreachable",
+    REP_TTL_EXPIRED: "the parent proxy says the connection timed out",
+    REP_NOT_ALLOWED: "the parent proxy's rules do not allow it",
+}
+
+
+def _socks5_refusal(code: int) -> str:
+    """What a SOCKS5 parent's failure reply says, in words."""
+    return _SOCKS5_REFUSALS.get(code) or f"the parent proxy failed (SOCKS5 reply {code:#04x})"
+
+
 def _check_parent_version(version: int, expected: int, what: str) -> None:
     if version != expected:
-        raise ParentError(
+        raise ParentProtocolError(
             f"SOCKS5 {what} from the parent proxy has version {version:#04x}, "
             f"expected {expected:#04x}"
         )
@@ -333,22 +367,31 @@ class Socks4Client(ParentClient):
         self._expect(ClientState.ESTABLISHED)
         return bytes(self._buffer)
 
-    def _next(self) -> NeedData | Established:
+    def _next(self) -> NeedData | Established | Refused:
         buf = self._buffer
         if not buf:
             return NEED_DATA
         if buf[0] not in _SOCKS4_REPLY_VERSIONS:
-            raise ParentError(f"SOCKS4 reply from the parent proxy has version {buf[0]:#04x}")
+            raise ParentProtocolError(
+                f"SOCKS4 reply from the parent proxy has version {buf[0]:#04x}"
+            )
         if len(buf) < 2:
             return NEED_DATA
         # A refusal ends the connection, so it is final before the rest of the reply.
         code = buf[1]
-        if code == socks4.REJECTED:
-            raise UpstreamError(f"{self._target}: the parent proxy rejected or failed the request")
+        if code == socks4.REJECTED:  # SOCKS4 says no more than that
+            return Refused(
+                REP_GENERAL_FAILURE,
+                f"{self._target}: the parent proxy rejected or failed the request",
+            )
         if code in (socks4.IDENTD_UNREACHABLE, socks4.IDENTD_MISMATCH):
-            raise ParentError(f"the parent proxy could not confirm our user id by identd ({code})")
+            raise ParentProtocolError(
+                f"the parent proxy could not confirm our user id by identd ({code})"
+            )
         if code != socks4.GRANTED:
-            raise ParentError(f"SOCKS4 reply from the parent proxy has unknown code {code:#04x}")
+            raise ParentProtocolError(
+                f"SOCKS4 reply from the parent proxy has unknown code {code:#04x}"
+            )
         if len(buf) < socks4.HEAD.size:
             return NEED_DATA
         _version, _code, port, ip = socks4.HEAD.unpack_from(buf)
@@ -406,16 +449,16 @@ class ConnectClient(ParentClient):
         data, _closed = self._conn.trailing_data
         return bytes(data)
 
-    def _next(self) -> NeedData | Established:
+    def _next(self) -> NeedData | Established | Refused:
         while True:
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as exc:
                 if exc.error_status_hint == 431:  # h11's mark for max_incomplete_event_size
-                    raise ParentError(
+                    raise ParentProtocolError(
                         f"the parent proxy's response head is longer than {self._max_head} bytes"
                     ) from exc
-                raise ParentError("malformed HTTP response from the parent proxy") from exc
+                raise ParentProtocolError("malformed HTTP response from the parent proxy") from exc
             if event is h11.NEED_DATA:
                 return NEED_DATA
             if isinstance(event, h11.Response):
@@ -426,24 +469,37 @@ class ConnectClient(ParentClient):
         if 200 <= event.status_code < 300:  # h11 has switched protocols: the rest is tunnel
             self.state = ClientState.ESTABLISHED
             return Established("0.0.0.0", 0)
-        raise self._refusal(event.status_code)
+        return self._refusal(event.status_code)
 
-    def _refusal(self, status: int) -> SessionError:
-        """The error for a non-2xx answer: the parent's own failure, or one about the target."""
+    def _refusal(self, status: int) -> Refused:
+        """What a non-2xx answer says about the target; ParentProtocolError when it is
+        the parent's own failure."""
         target = self._target
         if status == 407:
             if self._has_credentials:
-                return ParentError("the parent proxy refused our credentials (407)")
-            return ParentError("the parent proxy wants credentials and none are configured (407)")
+                raise ParentProtocolError("the parent proxy refused our credentials (407)")
+            raise ParentProtocolError(
+                "the parent proxy wants credentials and none are configured (407)"
+            )
         if status == 503:  # Squid and gost say so when the target fails: not the parent's fault
-            return UpstreamError(f"{target}: the parent proxy could not connect (503)")
+            return Refused(
+                REP_GENERAL_FAILURE, f"{target}: the parent proxy could not connect (503)"
+            )
         if status == 403:
-            return ParentDenied(f"{target}: the parent proxy's rules do not allow it (403)")
+            return Refused(
+                REP_NOT_ALLOWED, f"{target}: the parent proxy's rules do not allow it (403)"
+            )
         if status == 504:
-            return UpstreamTimeout(f"{target}: the parent proxy timed out connecting (504)")
+            return Refused(
+                REP_TTL_EXPIRED, f"{target}: the parent proxy timed out connecting (504)"
+            )
         if status == 502:
-            return UpstreamError(f"{target}: the parent proxy could not connect (502)")
+            return Refused(
+                REP_GENERAL_FAILURE, f"{target}: the parent proxy could not connect (502)"
+            )
         if status >= 400:
-            return UpstreamError(f"{target}: the parent proxy answered CONNECT with {status}")
+            return Refused(
+                REP_GENERAL_FAILURE, f"{target}: the parent proxy answered CONNECT with {status}"
+            )
         # a 3xx grants no tunnel and is not about the target: the parent misbehaves
-        return ParentError(f"the parent proxy answered CONNECT with {status}")
+        raise ParentProtocolError(f"the parent proxy answered CONNECT with {status}")
