@@ -31,18 +31,17 @@ from typing import Any, Final
 from proxyd import upstream
 from proxyd.config import BuffersConfig, Config
 from proxyd.errors import (
-    REP_ADDRESS_TYPE_NOT_SUPPORTED,
     REP_CONNECTION_REFUSED,
     REP_HOST_UNREACHABLE,
     REP_NETWORK_UNREACHABLE,
     REP_NOT_ALLOWED,
     REP_TTL_EXPIRED,
+    AddressNotSupported,
     HostUnreachable,
     NetworkUnreachable,
     ParentDenied,
     ParentError,
     ParentProtocolError,
-    ProtocolError,
     SessionError,
     UpstreamError,
     UpstreamRefused,
@@ -373,7 +372,8 @@ async def _deadline(seconds: float, parent: Parent) -> Any:
 def client_for(parent: Parent, command: socks5.Command, host: str, port: int) -> ParentClient:
     """The sans-I/O client that asks `parent` for host:port. A target the parent's
     protocol cannot carry (an IPv6 address for SOCKS4, a name too long once
-    IDNA-encoded) is the request's problem: a ProtocolError with the reply to give."""
+    IDNA-encoded: a ValueError of the client) is AddressNotSupported, the fault of
+    neither the target nor the parent."""
     try:
         if parent.scheme.startswith("socks5"):
             return Socks5Client(command, host, port, parent.credentials)
@@ -382,10 +382,8 @@ def client_for(parent: Parent, command: socks5.Command, host: str, port: int) ->
             return Socks4Client(host, port, user)
         return ConnectClient(host, port, parent.credentials)
     except ValueError as exc:
-        raise ProtocolError(
-            f"the parent proxy {parent} cannot be asked for it: {exc}",
-            socks_reply=REP_ADDRESS_TYPE_NOT_SUPPORTED,
-            status="unsupported",
+        raise AddressNotSupported(
+            f"the parent proxy {parent} cannot be asked for it: {exc}"
         ) from None
 
 

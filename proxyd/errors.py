@@ -151,3 +151,12 @@ class ParentProtocolError(ProxydError):
     """A parent proxy broke its protocol or refused us (our credentials, its identd
     check). Raised by the sans-I/O clients of proxyd.protocols.clients, which know
     no sessions: the chain driver makes it a ParentError."""
+
+
+class AddressNotSupported(UpstreamError):
+    """The target's address cannot be carried to the parent (an IPv6 address under
+    SOCKS4, a name too long once IDNA-encoded): the target is fine, but this parent
+    cannot be asked for it."""
+
+    status = "unsupported"
+    socks_reply = REP_ADDRESS_TYPE_NOT_SUPPORTED

@@ -21,6 +21,7 @@ from proxyd.errors import (
     REP_NETWORK_UNREACHABLE,
     REP_NOT_ALLOWED,
     REP_TTL_EXPIRED,
+    AddressNotSupported,
     ConfigError,
     HostUnreachable,
     NetworkUnreachable,
@@ -445,3 +446,41 @@ def test_a_refusal_is_the_targets_failure(
     assert (exc.status, exc.socks_reply, exc.http_status) == replies
     assert str(exc) == f"{EX}: the parent proxy says so"
     assert not isinstance(exc, ParentError)  # no parent is blamed, none is tried next
+
+
+@pytest.mark.parametrize(
+    ("kind", "host", "port", "why"),
+    [
+        ("socks4a", "2001:db8::1", 443, "SOCKS4 cannot carry an IPv6 address"),
+        ("socks4a", "::ffff:192.0.2.1", 443, "SOCKS4 cannot carry an IPv6 address"),
+        # 224 characters, 287 bytes once IDNA-encoded
+        ("socks4a", ".".join(["bü" * 12] * 9), 80, "SOCKS4a host name longer than 255 bytes"),
+        ("socks5h", ".".join(["bü" * 12] * 9), 80, "domain name of 287 bytes cannot be sent"),
+        ("socks5h", "a" * 64 + ".example", 80, "label empty or too long"),
+        ("socks5h", "a\x00b", 80, "control characters"),
+        ("socks5h", "example.com", 65536, "port 65536 is out of range"),
+        ("http", "user@host.example", 80, "cannot be written in a CONNECT request"),
+        ("http", "example.com", 0, "port 0 is out of range"),
+        ("http auth", "example.com", 443, None),  # the control: a client is made
+    ],
+)
+def test_what_a_parent_cannot_be_asked_for(
+    kind: str, host: str, port: int, why: str | None
+) -> None:
+    """A target the parent's protocol cannot carry: neither the target's failure nor the
+    parent's (no other parent is tried); HTTP 502, as a target we could not reach."""
+    parent, _, _ = ask(kind, "x:1")
+    if why is None:
+        client_for(parent, socks5.Command.CONNECT, host, port)
+        return
+    with pytest.raises(AddressNotSupported) as info:
+        client_for(parent, socks5.Command.CONNECT, host, port)
+    exc = info.value
+    assert (exc.status, exc.socks_reply, exc.http_status) == (
+        "unsupported",
+        REP_ADDRESS_TYPE_NOT_SUPPORTED,
+        502,
+    )
+    assert str(exc).startswith(f"the parent proxy {parent} cannot be asked for it: ")
+    assert why in str(exc)
+    assert not isinstance(exc, ParentError)

@@ -41,7 +41,6 @@ from proxyd.protocols.common import (
     ipv4_text,
 )
 from proxyd.protocols.http import DEFAULT_MAX_HEAD, basic_authorization
-from proxyd.protocols.socks4 import AddressNotSupported
 
 # --- events, states and what the clients share -------------------------------------
 
@@ -338,7 +337,7 @@ class Socks4Client(ParentClient):
         except ValueError:
             address = None
         if isinstance(address, ipaddress.IPv6Address):
-            raise AddressNotSupported("SOCKS4 cannot carry an IPv6 address")
+            raise ValueError("SOCKS4 cannot carry an IPv6 address")
         head = socks4.HEAD.pack(
             socks4.VERSION, socks4.Command.CONNECT, port, socks4.SOCKS4A_ADDRESS
         )

@@ -15,12 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from proxyd.errors import (
-    REP_ADDRESS_TYPE_NOT_SUPPORTED,
-    LocalProtocolError,
-    ProtocolError,
-    UpstreamError,
-)
+from proxyd.errors import LocalProtocolError, ProtocolError
 from proxyd.protocols.common import (
     NEED_DATA,
     NeedData,
@@ -165,10 +160,3 @@ class Socks4Server:
             return bytes(self._buffer[start:end]).decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError(f"SOCKS4 {what} is not valid UTF-8") from None
-
-
-class AddressNotSupported(UpstreamError):
-    """The target's address cannot be carried to the parent (IPv6 under SOCKS4)."""
-
-    status = "unsupported"
-    socks_reply = REP_ADDRESS_TYPE_NOT_SUPPORTED
