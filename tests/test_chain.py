@@ -1,5 +1,6 @@
-"""proxyd.parents and proxyd.chain without sockets: server URLs, groups, and the order
-in which each strategy tries the parents."""
+"""proxyd.parents and proxyd.chain without a network: server URLs, groups, the order in
+which each strategy tries the parents, and what a parent's answer becomes (the
+handshake over a socketpair)."""
 
 from __future__ import annotations
 
