@@ -32,23 +32,35 @@ from proxyd.config import BuffersConfig, Config
 from proxyd.direct import Connector
 from proxyd.dns import AddrInfo, Resolver, literal_addresses
 from proxyd.errors import (
-    REP_ADDRESS_TYPE_NOT_SUPPORTED,
+    REP_CONNECTION_REFUSED,
+    REP_HOST_UNREACHABLE,
+    REP_NETWORK_UNREACHABLE,
+    REP_NOT_ALLOWED,
+    REP_TTL_EXPIRED,
+    AddressNotSupported,
+    HostUnreachable,
+    NetworkUnreachable,
+    ParentDenied,
     ParentError,
-    ProtocolError,
+    ParentProtocolError,
     SessionError,
+    UpstreamError,
+    UpstreamRefused,
     UpstreamTimeout,
 )
 from proxyd.metrics import Metrics
 from proxyd.parents import Parent, UpstreamGroup
-from proxyd.protocols import http as http_proto
-from proxyd.protocols import socks4, socks5
-from proxyd.protocols.common import (
-    NEED_DATA,
+from proxyd.protocols import socks5
+from proxyd.protocols.clients import (
+    ConnectClient,
     Established,
     ParentClient,
+    Refused,
     Send,
-    format_hostport,
+    Socks4Client,
+    Socks5Client,
 )
+from proxyd.protocols.common import NEED_DATA, format_hostport
 
 # Points per parent on the consistent-hash ring: enough for an even split of
 # names between a handful of parents, few enough to build at every reload.
@@ -361,20 +373,35 @@ async def _deadline(seconds: float, parent: Parent) -> Any:
 def client_for(parent: Parent, command: socks5.Command, host: str, port: int) -> ParentClient:
     """The sans-I/O client that asks `parent` for host:port. A target the parent's
     protocol cannot carry (an IPv6 address for SOCKS4, a name too long once
-    IDNA-encoded) is the request's problem: a ProtocolError with the reply to give."""
+    IDNA-encoded: a ValueError of the client) is AddressNotSupported, the fault of
+    neither the target nor the parent."""
     try:
         if parent.scheme.startswith("socks5"):
-            return socks5.Socks5Client(command, host, port, parent.credentials)
+            return Socks5Client(command, host, port, parent.credentials)
         if parent.scheme == "socks4a":
             user = parent.credentials.username if parent.credentials else ""
-            return socks4.Socks4Client(host, port, user)
-        return http_proto.ConnectClient(host, port, parent.credentials)
+            return Socks4Client(host, port, user)
+        return ConnectClient(host, port, parent.credentials)
     except ValueError as exc:
-        raise ProtocolError(
-            f"the parent proxy {parent} cannot be asked for it: {exc}",
-            socks_reply=REP_ADDRESS_TYPE_NOT_SUPPORTED,
-            status="unsupported",
+        raise AddressNotSupported(
+            f"the parent proxy {parent} cannot be asked for it: {exc}"
         ) from None
+
+
+# the error for each failure a parent reports about the target, answered as if we
+# had connected ourselves; any other code is a plain UpstreamError
+_TARGET_FAILURES: Final[dict[int, type[UpstreamError]]] = {
+    REP_CONNECTION_REFUSED: UpstreamRefused,
+    REP_NETWORK_UNREACHABLE: NetworkUnreachable,
+    REP_HOST_UNREACHABLE: HostUnreachable,
+    REP_TTL_EXPIRED: UpstreamTimeout,
+    REP_NOT_ALLOWED: ParentDenied,
+}
+
+
+def _target_failure(code: int, message: str) -> UpstreamError:
+    """The error for a client's Refused: what the SOCKS5 reply `code` says happened."""
+    return _TARGET_FAILURES.get(code, UpstreamError)(message)
 
 
 class Handshake:
@@ -393,8 +420,9 @@ class Handshake:
     ) -> Established | None:
         """Until the parent grants the request, or with `until_request` until the
         request would be sent (a probe). Waiting for the parent's first answer past
-        `first_answer_by` (a loop time) is the parent's failure. Errors as the client
-        raises them; a broken connection is the parent's failure."""
+        `first_answer_by` (a loop time) is the parent's failure, as is a broken
+        connection or protocol (ParentError); the parent's refusal is the target's
+        failure (UpstreamError)."""
         loop = asyncio.get_running_loop()
         client, sock = self.client, self.sock
         try:
@@ -411,9 +439,13 @@ class Handshake:
                     if until_request and client.request_sent:
                         return None
                     await loop.sock_sendall(sock, event.data)
+                elif isinstance(event, Refused):
+                    raise _target_failure(event.code, event.message)
                 else:
                     assert isinstance(event, Established)
                     return event
+        except ParentProtocolError as exc:
+            raise ParentError(str(exc)) from exc
         except OSError as exc:
             raise ParentError(
                 f"the connection to the parent proxy failed: {exc.strerror}"

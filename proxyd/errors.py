@@ -65,10 +65,10 @@ class SessionError(ProxydError):
     socks_reply = REP_GENERAL_FAILURE
     http_status = 502
 
-    def __init__(self, message: str, *, status: Status | str | None = None) -> None:
+    def __init__(self, message: str, *, status: Status | None = None) -> None:
         super().__init__(message)
         if status is not None:
-            self.status = Status(status)
+            self.status = status
 
 
 class ProtocolError(SessionError):
@@ -83,7 +83,7 @@ class ProtocolError(SessionError):
         *,
         socks_reply: int = REP_GENERAL_FAILURE,
         http_status: int = 400,
-        status: Status | str | None = None,
+        status: Status | None = None,
     ) -> None:
         super().__init__(message, status=status)
         self.socks_reply = socks_reply
@@ -210,16 +210,16 @@ class ParentDenied(UpstreamError):
     http_status = 403
 
 
-def from_socks5_reply(code: int, what: str) -> UpstreamError:
-    """The error for a SOCKS5 parent's failure reply about the target `what`."""
-    if code == REP_CONNECTION_REFUSED:
-        return UpstreamRefused(f"{what}: the parent proxy says the connection was refused")
-    if code == REP_NETWORK_UNREACHABLE:
-        return NetworkUnreachable(f"{what}: the parent proxy says the network is unreachable")
-    if code == REP_HOST_UNREACHABLE:
-        return HostUnreachable(f"{what}: the parent proxy says the host is unreachable")
-    if code == REP_TTL_EXPIRED:
-        return UpstreamTimeout(f"{what}: the parent proxy says the connection timed out")
-    if code == REP_NOT_ALLOWED:
-        return ParentDenied(f"{what}: the parent proxy's rules do not allow it")
-    return UpstreamError(f"{what}: the parent proxy failed (SOCKS5 reply {code:#04x})")
+class ParentProtocolError(ProxydError):
+    """A parent proxy broke its protocol or refused us (our credentials, its identd
+    check). Raised by the sans-I/O clients of proxyd.protocols.clients, which know
+    no sessions: the chain driver makes it a ParentError."""
+
+
+class AddressNotSupported(UpstreamError):
+    """The target's address cannot be carried to the parent (an IPv6 address under
+    SOCKS4, a name too long once IDNA-encoded): the target is fine, but this parent
+    cannot be asked for it."""
+
+    status = Status.UNSUPPORTED
+    socks_reply = REP_ADDRESS_TYPE_NOT_SUPPORTED

@@ -34,7 +34,7 @@ from proxyd.context import Conn, Context
 from proxyd.dial import Dial, Route
 from proxyd.dns import AddrInfo, Lookup
 from proxyd.errors import Denied, ProtocolError, SessionError, Status, UpstreamError
-from proxyd.protocols import socks5
+from proxyd.protocols import socks5, socks5_udp
 
 # Targets an association remembers (replies are accepted from these), least recent out.
 MAX_PEERS: Final = 1024
@@ -208,7 +208,7 @@ class Association:
     async def _dispatch(self, data: bytes, sender: Address) -> None:
         if self._from_client(sender):
             try:
-                datagram = socks5.parse_udp(data)
+                datagram = socks5_udp.parse_udp(data)
             except ProtocolError:
                 self.dropped += 1
                 return
@@ -218,7 +218,7 @@ class Association:
             if self._over_rate(1, len(data)):
                 return
             self.peers.move_to_end(sender)
-            header = socks5.udp_header(*sender)
+            header = socks5_udp.udp_header(*sender)
             try:
                 await self.relay.send(header + data, self.client)
             except (OSError, asyncio_dgram.TransportClosed):
@@ -240,7 +240,7 @@ class Association:
         self.client = sender  # the client's first datagram fixes its port
         return True
 
-    async def _send_out(self, datagram: socks5.UdpDatagram) -> None:
+    async def _send_out(self, datagram: socks5_udp.UdpDatagram) -> None:
         """Send a client's datagram where the gate lets it go. A name to look up waits in
         a task of its own, so a slow resolver does not hold up the datagrams behind it;
         a few at a time, the rest dropped."""
@@ -267,7 +267,7 @@ class Association:
 
     async def _send_after_lookup(
         self,
-        datagram: socks5.UdpDatagram,
+        datagram: socks5_udp.UdpDatagram,
         decided: asyncio.Future[tuple[Route | None, SessionError | None]],
         lookup: Lookup,
     ) -> None:
@@ -278,7 +278,7 @@ class Association:
         await self._send_routed(datagram, route, error)
 
     async def _send_routed(
-        self, datagram: socks5.UdpDatagram, route: Route | None, error: SessionError | None
+        self, datagram: socks5_udp.UdpDatagram, route: Route | None, error: SessionError | None
     ) -> None:
         if error is not None or route is None:
             if isinstance(error, Denied):
@@ -325,7 +325,7 @@ class Association:
         return self.other
 
     def _send_via(
-        self, group: str, datagram: socks5.UdpDatagram, address: str | None = None
+        self, group: str, datagram: socks5_udp.UdpDatagram, address: str | None = None
     ) -> None:
         """A datagram the rules route through `group`: to its parent's relay, which is
         reached on the first such datagram (and again after it went away)."""
@@ -380,7 +380,7 @@ class ParentRelay:
         self.ctx = association.ctx
         self.loop = association.loop
         self.closed = False
-        self.waiting: deque[tuple[socks5.UdpDatagram, str | None]] = deque()
+        self.waiting: deque[tuple[socks5_udp.UdpDatagram, str | None]] = deque()
         self.lookups: set[Lookup] = set()  # names being resolved for a socks5:// parent
         self.control: socket.socket | None = None
         self.sock: socket.socket | None = None  # ours, for the parent's relay
@@ -396,7 +396,7 @@ class ParentRelay:
         self.dial = Dial(self.ctx, route, self._on_connected)
         self.dial.start(socks5.Command.UDP_ASSOCIATE, hash_key=first_host)
 
-    def send(self, datagram: socks5.UdpDatagram, address: str | None) -> None:
+    def send(self, datagram: socks5_udp.UdpDatagram, address: str | None) -> None:
         """`address`: the target's address, when the rules already resolved it."""
         if self.endpoint is None:
             if len(self.waiting) >= MAX_WAITING:
@@ -406,7 +406,7 @@ class ParentRelay:
             return
         self._forward(datagram, address)
 
-    def _forward(self, datagram: socks5.UdpDatagram, address: str | None) -> None:
+    def _forward(self, datagram: socks5_udp.UdpDatagram, address: str | None) -> None:
         host = datagram.host
         if not self.parent.resolves_names:  # a socks5:// parent is sent addresses only
             if address is None:
@@ -418,13 +418,13 @@ class ParentRelay:
         try:
             # a datagram socket queues nothing of its own: a plain send is the whole job
             relay = (str(self.relay[0]), self.relay[1])
-            self.sock.sendto(socks5.udp_header(host, datagram.port) + datagram.payload, relay)
+            self.sock.sendto(socks5_udp.udp_header(host, datagram.port) + datagram.payload, relay)
         except OSError:
             self.association.dropped += 1
             return
         self.association.sent_through_parent(len(datagram.payload))
 
-    def _address_of(self, datagram: socks5.UdpDatagram) -> str | None:
+    def _address_of(self, datagram: socks5_udp.UdpDatagram) -> str | None:
         """The target's address, when an IP literal or the resolver's cache has it at
         once; else the name is looked up (a few at a time) and its datagram sent once
         it is known."""
@@ -511,7 +511,7 @@ class ParentRelay:
                 continue
             if _same_address(sender, self.relay):
                 try:
-                    datagram = socks5.parse_udp(data)
+                    datagram = socks5_udp.parse_udp(data)
                 except ProtocolError:
                     self.association.dropped += 1
                     continue

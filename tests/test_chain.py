@@ -1,18 +1,41 @@
-"""proxyd.parents and proxyd.chain without sockets: server URLs, groups, and the order
-in which each strategy tries the parents."""
+"""proxyd.parents and proxyd.chain without a network: server URLs, groups, the order in
+which each strategy tries the parents, and what a parent's answer becomes (the
+handshake over a socketpair)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 from typing import Any
 
 import pytest
 
 from proxyd import config
-from proxyd.chain import Pool
-from proxyd.errors import ConfigError, ParentError
+from proxyd.chain import Handshake, Pool, _target_failure, client_for
+from proxyd.errors import (
+    REP_ADDRESS_TYPE_NOT_SUPPORTED,
+    REP_COMMAND_NOT_SUPPORTED,
+    REP_CONNECTION_REFUSED,
+    REP_GENERAL_FAILURE,
+    REP_HOST_UNREACHABLE,
+    REP_NETWORK_UNREACHABLE,
+    REP_NOT_ALLOWED,
+    REP_TTL_EXPIRED,
+    AddressNotSupported,
+    ConfigError,
+    HostUnreachable,
+    NetworkUnreachable,
+    ParentDenied,
+    ParentError,
+    SessionError,
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamTimeout,
+)
 from proxyd.parents import Parent, UpstreamGroup, parse_parent
+from proxyd.protocols import socks5
+from proxyd.protocols.common import Credentials
 
 
 @pytest.mark.parametrize(
@@ -241,3 +264,224 @@ def test_a_reload_retires_removed_parents_and_groups() -> None:
             upstreams.pool("p")
 
     asyncio.run(run())
+
+
+# --- what a parent's answer becomes: the error class, what it answers, what it logs ------
+
+ALICE = Credentials("alice", "wonderland")
+REFUSED = ("refused", REP_CONNECTION_REFUSED, 502)
+GENERAL = ("error", REP_GENERAL_FAILURE, 502)
+PARENT = ("parent_failed", REP_GENERAL_FAILURE, 502)
+DENIED = ("denied", REP_NOT_ALLOWED, 403)
+TIMEOUT = ("timeout", REP_HOST_UNREACHABLE, 504)
+UNREACHABLE_HOST = ("unreachable", REP_HOST_UNREACHABLE, 502)
+UNREACHABLE_NET = ("unreachable", REP_NETWORK_UNREACHABLE, 502)
+EX = "example.com:443"
+
+
+def socks5_reply(rep: int) -> bytes:
+    return bytes((0x05, rep, 0x00)) + b"\x01\xc0\x00\x02\x01\x10\xe1"
+
+
+# (parent, target host, everything the parent sends, error class, (status, socks_reply,
+# http_status), message): the same for every case as when the clients raised these errors
+ANSWERS = [
+    # SOCKS5: the parent's own failures
+    ("socks5h", EX, b"\x05\xff", ParentError, PARENT,
+     "the parent proxy accepts none of the offered SOCKS5 methods"),
+    ("socks5h", EX, b"\x05\x03", ParentError, PARENT,
+     "the parent proxy chose SOCKS5 method 0x03, not offered"),
+    ("socks5h", EX, b"\x04\x00", ParentError, PARENT,
+     "SOCKS5 method choice from the parent proxy has version 0x04, expected 0x05"),
+    ("socks5h auth", EX, b"\x05\x02\x01\x01", ParentError, PARENT,
+     "the parent proxy refused our credentials"),
+    ("socks5h auth", EX, b"\x05\x02\x05\x00", ParentError, PARENT,
+     "SOCKS5 username/password status from the parent proxy has version 0x05, expected 0x01"),
+    ("socks5h", EX, b"\x05\x00\x04\x00", ParentError, PARENT,
+     "SOCKS5 reply from the parent proxy has version 0x04, expected 0x05"),
+    ("socks5h", EX, b"\x05\x00\x05\x00\x01\x01", ParentError, PARENT,
+     "SOCKS5 reply from the parent proxy has reserved byte 0x01"),
+    ("socks5h", EX, b"\x05\x00\x05\x00\x00\x02", ParentError, PARENT,
+     "SOCKS5 reply from the parent proxy: address type 0x02 is not supported"),
+    ("socks5h", EX, b"\x05\x00\x05\x00\x00\x03\x00\x00\x50", ParentError, PARENT,
+     "SOCKS5 reply from the parent proxy: empty domain name"),
+    ("socks5h", EX, b"\x05\x00\x05", ParentError, PARENT,
+     "the parent proxy closed the connection during the handshake"),
+    ("socks5h", EX, b"", ParentError, PARENT,
+     "the parent proxy closed the connection during the handshake"),
+    # SOCKS5: what the parent says about the target
+    ("socks5h", EX, b"\x05\x00" + socks5_reply(0x01), UpstreamError, GENERAL,
+     f"{EX}: the parent proxy failed (SOCKS5 reply 0x01)"),
+    ("socks5h", EX, b"\x05\x00" + socks5_reply(0x02), ParentDenied, DENIED,
+     f"{EX}: the parent proxy's rules do not allow it"),
+    ("socks5h", EX, b"\x05\x00" + socks5_reply(0x03), NetworkUnreachable, UNREACHABLE_NET,
+     f"{EX}: the parent proxy says the network is unreachable"),
+    ("socks5h", EX, b"\x05\x00" + socks5_reply(0x04), HostUnreachable, UNREACHABLE_HOST,
+     f"{EX}: the parent proxy says the host is unreachable"),
+    ("socks5h", EX, b"\x05\x00" + socks5_reply(0x05), UpstreamRefused, REFUSED,
+     f"{EX}: the parent proxy says the connection was refused"),
+    ("socks5h", EX, b"\x05\x00" + socks5_reply(0x06), UpstreamTimeout, TIMEOUT,
+     f"{EX}: the parent proxy says the connection timed out"),
+    ("socks5h", EX, b"\x05\x00" + socks5_reply(0x07), UpstreamError, GENERAL,
+     f"{EX}: the parent proxy failed (SOCKS5 reply 0x07)"),
+    ("socks5h", EX, b"\x05\x00" + socks5_reply(0x08), UpstreamError, GENERAL,
+     f"{EX}: the parent proxy failed (SOCKS5 reply 0x08)"),
+    ("socks5h", EX, b"\x05\x00" + socks5_reply(0x09), UpstreamError, GENERAL,
+     f"{EX}: the parent proxy failed (SOCKS5 reply 0x09)"),
+    ("socks5h", EX, b"\x05\x00" + socks5_reply(0xFF), UpstreamError, GENERAL,
+     f"{EX}: the parent proxy failed (SOCKS5 reply 0xff)"),
+    ("socks5h auth", EX, b"\x05\x02\x01\x00\x05\x05", UpstreamRefused, REFUSED,
+     f"{EX}: the parent proxy says the connection was refused"),
+    ("socks5", "127.0.0.1:9", b"\x05\x00\x05\x05", UpstreamRefused, REFUSED,
+     "127.0.0.1:9: the parent proxy says the connection was refused"),
+    ("socks5", "[2001:db8::1]:443", b"\x05\x00\x05\x04", HostUnreachable, UNREACHABLE_HOST,
+     "[2001:db8::1]:443: the parent proxy says the host is unreachable"),
+    # SOCKS4a
+    ("socks4a", EX, b"\x00\x5b\x00\x00\x00\x00\x00\x00", UpstreamError, GENERAL,
+     f"{EX}: the parent proxy rejected or failed the request"),
+    ("socks4a", EX, b"\x00\x5b", UpstreamError, GENERAL,
+     f"{EX}: the parent proxy rejected or failed the request"),
+    ("socks4a", EX, b"\x00\x5c", ParentError, PARENT,
+     "the parent proxy could not confirm our user id by identd (92)"),
+    ("socks4a", EX, b"\x00\x5d", ParentError, PARENT,
+     "the parent proxy could not confirm our user id by identd (93)"),
+    ("socks4a", EX, b"\x00\x5e", ParentError, PARENT,
+     "SOCKS4 reply from the parent proxy has unknown code 0x5e"),
+    ("socks4a", EX, b"\x05\x5a", ParentError, PARENT,
+     "SOCKS4 reply from the parent proxy has version 0x05"),
+    ("socks4a", EX, b"\x00\x5a\x01", ParentError, PARENT,
+     "the parent proxy closed the connection during the handshake"),
+    # HTTP
+    ("http auth", EX, b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n", ParentError,
+     PARENT, "the parent proxy refused our credentials (407)"),
+    ("http", EX, b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n", ParentError, PARENT,
+     "the parent proxy wants credentials and none are configured (407)"),
+    ("http", EX, b"HTTP/1.1 403 Forbidden\r\n\r\n", ParentDenied, DENIED,
+     f"{EX}: the parent proxy's rules do not allow it (403)"),
+    ("http", EX, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 403 Forbidden\r\n\r\n", ParentDenied,
+     DENIED, f"{EX}: the parent proxy's rules do not allow it (403)"),
+    ("http", EX, b"HTTP/1.1 504 Gateway Timeout\r\n\r\n", UpstreamTimeout, TIMEOUT,
+     f"{EX}: the parent proxy timed out connecting (504)"),
+    ("http", EX, b"HTTP/1.1 502 Bad Gateway\r\n\r\n", UpstreamError, GENERAL,
+     f"{EX}: the parent proxy could not connect (502)"),
+    ("http", EX, b"HTTP/1.1 503 Service Unavailable\r\n\r\n", UpstreamError, GENERAL,
+     f"{EX}: the parent proxy could not connect (503)"),
+    ("http", EX, b"HTTP/1.1 500 Internal Server Error\r\n\r\n", UpstreamError, GENERAL,
+     f"{EX}: the parent proxy answered CONNECT with 500"),
+    ("http", EX, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", UpstreamError,
+     GENERAL, f"{EX}: the parent proxy answered CONNECT with 404"),
+    ("http", EX, b"HTTP/1.1 400 Bad Request\r\n\r\n", UpstreamError, GENERAL,
+     f"{EX}: the parent proxy answered CONNECT with 400"),
+    ("http", EX, b"HTTP/1.1 301 Moved Permanently\r\nLocation: /\r\n\r\n", ParentError, PARENT,
+     "the parent proxy answered CONNECT with 301"),
+    ("http", EX, b"SSH-2.0-OpenSSH_9.6\r\n\r\n", ParentError, PARENT,
+     "malformed HTTP response from the parent proxy"),
+    ("http", EX, b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 17000, ParentError, PARENT,
+     "the parent proxy's response head is longer than 16384 bytes"),
+    ("http", EX, b"HTTP/1.1 200", ParentError, PARENT,
+     "the parent proxy closed the connection during the handshake"),
+]  # fmt: skip
+
+
+def ask(kind: str, target: str) -> tuple[Parent, str, int]:
+    scheme, _, auth = kind.partition(" ")
+    parent = Parent(scheme, "127.0.0.1", 1080, ALICE if auth else None)
+    host, _, port = target.rpartition(":")
+    return parent, host.strip("[]"), int(port)
+
+
+async def handshake(parent: Parent, host: str, port: int, answer: bytes) -> None:
+    """Our handshake with a parent that sends `answer` whatever it is told, then closes."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        theirs.sendall(answer)
+        theirs.shutdown(socket.SHUT_WR)
+        client = client_for(parent, socks5.Command.CONNECT, host, port)
+        await Handshake(ours, client).run()
+
+
+@pytest.mark.parametrize(
+    ("kind", "target", "answer", "error", "replies", "message"),
+    [pytest.param(*case, id=f"{case[0]}: {case[2][:24]!r}") for case in ANSWERS],
+)
+def test_what_a_parent_answer_becomes(
+    kind: str,
+    target: str,
+    answer: bytes,
+    error: type[SessionError],
+    replies: tuple[str, int, int],
+    message: str,
+) -> None:
+    parent, host, port = ask(kind, target)
+    with pytest.raises(SessionError) as info:
+        asyncio.run(handshake(parent, host, port, answer))
+    exc = info.value
+    assert type(exc) is error
+    assert (exc.status, exc.socks_reply, exc.http_status) == replies
+    assert str(exc) == message
+    assert "wonderland" not in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("code", "error", "replies"),
+    [
+        (REP_GENERAL_FAILURE, UpstreamError, GENERAL),
+        (REP_NOT_ALLOWED, ParentDenied, DENIED),
+        (REP_NETWORK_UNREACHABLE, NetworkUnreachable, UNREACHABLE_NET),
+        (REP_HOST_UNREACHABLE, HostUnreachable, UNREACHABLE_HOST),
+        (REP_CONNECTION_REFUSED, UpstreamRefused, REFUSED),
+        (REP_TTL_EXPIRED, UpstreamTimeout, TIMEOUT),
+        (REP_COMMAND_NOT_SUPPORTED, UpstreamError, GENERAL),
+        (REP_ADDRESS_TYPE_NOT_SUPPORTED, UpstreamError, GENERAL),
+        (0x09, UpstreamError, GENERAL),
+        (0xFF, UpstreamError, GENERAL),
+    ],
+)
+def test_a_refusal_is_the_targets_failure(
+    code: int, error: type[UpstreamError], replies: tuple[str, int, int]
+) -> None:
+    """A client's Refused: the error its SOCKS5 code says, never the parent's failure."""
+    exc = _target_failure(code, f"{EX}: the parent proxy says so")
+    assert type(exc) is error
+    assert (exc.status, exc.socks_reply, exc.http_status) == replies
+    assert str(exc) == f"{EX}: the parent proxy says so"
+    assert not isinstance(exc, ParentError)  # no parent is blamed, none is tried next
+
+
+@pytest.mark.parametrize(
+    ("kind", "host", "port", "why"),
+    [
+        ("socks4a", "2001:db8::1", 443, "SOCKS4 cannot carry an IPv6 address"),
+        ("socks4a", "::ffff:192.0.2.1", 443, "SOCKS4 cannot carry an IPv6 address"),
+        # 224 characters, 287 bytes once IDNA-encoded
+        ("socks4a", ".".join(["bü" * 12] * 9), 80, "SOCKS4a host name longer than 255 bytes"),
+        ("socks5h", ".".join(["bü" * 12] * 9), 80, "domain name of 287 bytes cannot be sent"),
+        ("socks5h", "a" * 64 + ".example", 80, "label empty or too long"),
+        ("socks5h", "a\x00b", 80, "control characters"),
+        ("socks5h", "example.com", 65536, "port 65536 is out of range"),
+        ("http", "user@host.example", 80, "cannot be written in a CONNECT request"),
+        ("http", "example.com", 0, "port 0 is out of range"),
+        ("http auth", "example.com", 443, None),  # the control: a client is made
+    ],
+)
+def test_what_a_parent_cannot_be_asked_for(
+    kind: str, host: str, port: int, why: str | None
+) -> None:
+    """A target the parent's protocol cannot carry: neither the target's failure nor the
+    parent's (no other parent is tried); HTTP 502, as a target we could not reach."""
+    parent, _, _ = ask(kind, "x:1")
+    if why is None:
+        client_for(parent, socks5.Command.CONNECT, host, port)
+        return
+    with pytest.raises(AddressNotSupported) as info:
+        client_for(parent, socks5.Command.CONNECT, host, port)
+    exc = info.value
+    assert (exc.status, exc.socks_reply, exc.http_status) == (
+        "unsupported",
+        REP_ADDRESS_TYPE_NOT_SUPPORTED,
+        502,
+    )
+    assert str(exc).startswith(f"the parent proxy {parent} cannot be asked for it: ")
+    assert why in str(exc)
+    assert not isinstance(exc, ParentError)

@@ -4,7 +4,8 @@ Feed bytes with `receive_data` and pull a ConnectRequest or ForwardRequest with
 `next_event`. A CONNECT is answered with `established()` (200, the tunnel
 begins) or `error_response(status)`, which closes the connection; a forwarding
 connection is handed, with its h11 connection, to proxyd.forward.
-`ConnectClient` is the other side: our CONNECT through a parent HTTP proxy.
+proxyd.protocols.clients.ConnectClient is the other side: our CONNECT through
+a parent HTTP proxy.
 """
 
 from __future__ import annotations
@@ -18,24 +19,12 @@ from typing import Any, Final
 
 import h11
 
-from proxyd.errors import (
-    LocalProtocolError,
-    ParentDenied,
-    ParentError,
-    ProtocolError,
-    SessionError,
-    UpstreamError,
-    UpstreamTimeout,
-)
+from proxyd.errors import LocalProtocolError, ProtocolError
 from proxyd.protocols.common import (
     NEED_DATA,
-    ClientState,
     Credentials,
-    Established,
     NeedData,
-    ParentClient,
     check_hostname,
-    format_hostport,
 )
 
 DEFAULT_MAX_HEAD: Final = 16384
@@ -245,11 +234,7 @@ class HttpProxyServer:
         return self._conn.send(head) + self._conn.send(h11.Data(data=body))
 
 
-# --- client side: our CONNECT through a parent proxy -------------------------------
-
-
-# characters that would end or split the host part of a CONNECT authority
-_URI_DELIMITERS: Final = frozenset(":/?#[]@")
+# --- our credentials for a parent HTTP proxy (forwarding, and ConnectClient) --------
 
 
 def basic_authorization(credentials: Credentials) -> str:
@@ -258,92 +243,6 @@ def basic_authorization(credentials: Credentials) -> str:
         raise ValueError("a username for HTTP Basic auth cannot contain ':'")
     userpass = f"{credentials.username}:{credentials.password}".encode()
     return "Basic " + binascii.b2a_base64(userpass, newline=False).decode("ascii")
-
-
-class ConnectClient(ParentClient):
-    """Our CONNECT request to a parent HTTP proxy and its answer, on h11 as the client."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        credentials: Credentials | None = None,
-        max_head: int = DEFAULT_MAX_HEAD,
-    ) -> None:
-        if not 0 < port <= 0xFFFF:
-            raise ValueError(f"port {port} is out of range")
-        try:
-            ipaddress.ip_address(host)
-            authority = format_hostport(host, port)
-        except ValueError:
-            if not _URI_DELIMITERS.isdisjoint(host):
-                raise ValueError("host name cannot be written in a CONNECT request") from None
-            authority = format_hostport(check_hostname(host).encode("idna").decode("ascii"), port)
-        headers = [("Host", authority)]
-        if credentials is not None:
-            headers.append(("Proxy-Authorization", basic_authorization(credentials)))
-        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
-        request = h11.Request(method="CONNECT", target=authority, headers=headers)
-        self._request = self._conn.send(request) + self._conn.send(h11.EndOfMessage())
-        self._target = format_hostport(host, port)
-        self._max_head = max_head
-        self._has_credentials = credentials is not None
-        self.state = ClientState.START
-
-    def receive_data(self, data: bytes) -> None:
-        self._expect_input()
-        # h11 takes b"" for EOF, which the driver reports with `connection_closed`.
-        if data:
-            self._conn.receive_data(data)
-
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes the parent sent after its response head: the target's first bytes."""
-        self._expect(ClientState.ESTABLISHED)
-        data, _closed = self._conn.trailing_data
-        return bytes(data)
-
-    def _next(self) -> NeedData | Established:
-        while True:
-            try:
-                event = self._conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                if exc.error_status_hint == 431:  # h11's mark for max_incomplete_event_size
-                    raise ParentError(
-                        f"the parent proxy's response head is longer than {self._max_head} bytes"
-                    ) from exc
-                raise ParentError("malformed HTTP response from the parent proxy") from exc
-            if event is h11.NEED_DATA:
-                return NEED_DATA
-            if isinstance(event, h11.Response):
-                break
-            # 1xx answers come before the real one and say nothing about the tunnel.
-            if not isinstance(event, h11.InformationalResponse):
-                raise LocalProtocolError(f"unexpected h11 event {type(event).__name__}")
-        if 200 <= event.status_code < 300:  # h11 has switched protocols: the rest is tunnel
-            self.state = ClientState.ESTABLISHED
-            return Established("0.0.0.0", 0)
-        raise self._refusal(event.status_code)
-
-    def _refusal(self, status: int) -> SessionError:
-        """The error for a non-2xx answer: the parent's own failure, or one about the target."""
-        target = self._target
-        if status == 407:
-            if self._has_credentials:
-                return ParentError("the parent proxy refused our credentials (407)")
-            return ParentError("the parent proxy wants credentials and none are configured (407)")
-        if status == 503:  # Squid and gost say so when the target fails: not the parent's fault
-            return UpstreamError(f"{target}: the parent proxy could not connect (503)")
-        if status == 403:
-            return ParentDenied(f"{target}: the parent proxy's rules do not allow it (403)")
-        if status == 504:
-            return UpstreamTimeout(f"{target}: the parent proxy timed out connecting (504)")
-        if status == 502:
-            return UpstreamError(f"{target}: the parent proxy could not connect (502)")
-        if status >= 400:
-            return UpstreamError(f"{target}: the parent proxy answered CONNECT with {status}")
-        # a 3xx grants no tunnel and is not about the target: the parent misbehaves
-        return ParentError(f"the parent proxy answered CONNECT with {status}")
 
 
 # -- forwarding: what a proxy passes on, and what it answers itself ------------------

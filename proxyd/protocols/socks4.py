@@ -4,43 +4,39 @@ A request is VN=4, CD (1 CONNECT, 2 BIND), DSTPORT, DSTIP, a NUL-terminated
 USERID and, for SOCKS4a (DSTIP 0.0.0.x with x != 0), a NUL-terminated host
 name. The one reply is VN=0, CD 90 (granted) or 91 (rejected or failed),
 DSTPORT, DSTIP. SOCKS4 has no password: USERID is whatever the client claims.
-`Socks4Client` is the other side, for a parent proxy that speaks SOCKS4/4a.
+The other side, for a parent proxy that speaks SOCKS4/4a, is
+proxyd.protocols.clients.Socks4Client.
 """
 
 from __future__ import annotations
 
 import enum
-import ipaddress
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Final
 
-from proxyd.errors import (
-    REP_ADDRESS_TYPE_NOT_SUPPORTED,
-    LocalProtocolError,
-    ParentError,
-    ProtocolError,
-    Status,
-    UpstreamError,
-)
+from proxyd.errors import LocalProtocolError, ProtocolError, Status
 from proxyd.protocols.common import (
     NEED_DATA,
-    ClientState,
-    Established,
     NeedData,
-    ParentClient,
     check_hostname,
-    format_hostport,
+    ipv4_text,
+    packed_ip,
 )
 
 VERSION: Final = 0x04
 REPLY_VERSION: Final = 0x00
 GRANTED: Final = 90
 REJECTED: Final = 91
+# what a server that asks identd for the client's USERID answers when that fails
+IDENTD_UNREACHABLE: Final = 92
+IDENTD_MISMATCH: Final = 93
+# DSTIP 0.0.0.1: "the name follows the user id" (SOCKS4a)
+SOCKS4A_ADDRESS: Final = b"\0\0\0\x01"
 # USERID and host name are each at most this long; a longer one is refused
 MAX_FIELD: Final = 255
-_HEAD: Final = struct.Struct("!BBH4s")
+# VN CD DSTPORT DSTIP: the start of a request, and the whole reply
+HEAD: Final = struct.Struct("!BBH4s")
 
 
 class Command(enum.IntEnum):
@@ -81,7 +77,7 @@ class Socks4Server:
         if self.state is not State.AWAIT_REQUEST and self.state is not State.REPLY:
             raise LocalProtocolError(f"no input expected in state {self.state.name}")
         self._buffer += data
-        if self.state is State.AWAIT_REQUEST and len(self._buffer) > _HEAD.size + 2 * (
+        if self.state is State.AWAIT_REQUEST and len(self._buffer) > HEAD.size + 2 * (
             MAX_FIELD + 1
         ):
             raise ProtocolError("SOCKS4 request too long")
@@ -90,20 +86,20 @@ class Socks4Server:
         if self.state is not State.AWAIT_REQUEST:
             raise LocalProtocolError(f"no event to read in state {self.state.name}")
         buf = self._buffer
-        if len(buf) < _HEAD.size:
+        if len(buf) < HEAD.size:
             return NEED_DATA
-        version, code, port, ip = _HEAD.unpack_from(buf)
+        version, code, port, ip = HEAD.unpack_from(buf)
         if version != VERSION:
             raise ProtocolError(f"SOCKS version {version:#04x}, expected 0x04")
         command = _COMMANDS.get(code)
         if command is None:
             raise ProtocolError(
-                f"SOCKS4 command {code:#04x} is not supported", status="unsupported"
+                f"SOCKS4 command {code:#04x} is not supported", status=Status.UNSUPPORTED
             )
-        userid_end = self._field_end(_HEAD.size, "user id")
+        userid_end = self._field_end(HEAD.size, "user id")
         if userid_end < 0:
             return NEED_DATA
-        userid = self._text(_HEAD.size, userid_end, "user id")
+        userid = self._text(HEAD.size, userid_end, "user id")
         socks4a = ip[:3] == b"\0\0\0" and ip[3] != 0
         end = userid_end + 1
         if socks4a:
@@ -116,7 +112,7 @@ class Socks4Server:
                 raise ProtocolError(str(exc)) from None
             end = name_end + 1
         else:
-            host = socket.inet_ntop(socket.AF_INET, ip)
+            host = ipv4_text(ip)
         if port == 0:
             raise ProtocolError("SOCKS4 request for port 0")
         del buf[:end]
@@ -130,22 +126,20 @@ class Socks4Server:
         if self.state is not State.REPLY and not refusing_early:
             raise LocalProtocolError(f"cannot reply in state {self.state.name}")
         self.state = State.ESTABLISHED if granted else State.CLOSED
-        try:
-            packed = socket.inet_pton(socket.AF_INET, host)
-        except OSError:
+        packed = packed_ip(host)
+        if packed is None or len(packed) != 4:
             packed, port = bytes(4), 0
-        return _HEAD.pack(REPLY_VERSION, GRANTED if granted else REJECTED, port, packed)
+        return HEAD.pack(REPLY_VERSION, GRANTED if granted else REJECTED, port, packed)
 
     def bind_listening(self, host: str, port: int) -> bytes:
         """BIND's first reply (90 and the listening address); the second, `reply`,
         follows when the peer connects."""
         if self.state is not State.REPLY:
             raise LocalProtocolError(f"cannot reply in state {self.state.name}")
-        try:
-            packed = socket.inet_pton(socket.AF_INET, host)
-        except OSError:
+        packed = packed_ip(host)
+        if packed is None or len(packed) != 4:
             packed = bytes(4)
-        return _HEAD.pack(REPLY_VERSION, GRANTED, port, packed)
+        return HEAD.pack(REPLY_VERSION, GRANTED, port, packed)
 
     @property
     def trailing_data(self) -> bytes:
@@ -166,86 +160,3 @@ class Socks4Server:
             return bytes(self._buffer[start:end]).decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError(f"SOCKS4 {what} is not valid UTF-8") from None
-
-
-# --- client side: our request to a parent proxy ------------------------------------
-
-IDENTD_UNREACHABLE: Final = 92
-IDENTD_MISMATCH: Final = 93
-# DSTIP 0.0.0.1: "the name follows the user id" (SOCKS4a)
-SOCKS4A_ADDRESS: Final = b"\0\0\0\x01"
-# the reply's VN is 0, but some servers echo the request's 4
-_REPLY_VERSIONS: Final = (REPLY_VERSION, VERSION)
-
-
-class AddressNotSupported(UpstreamError):
-    """The target's address cannot be carried to the parent (IPv6 under SOCKS4)."""
-
-    status = Status.UNSUPPORTED
-    socks_reply = REP_ADDRESS_TYPE_NOT_SUPPORTED
-
-
-class Socks4Client(ParentClient):
-    """Our SOCKS4 (IPv4 literal) or SOCKS4a (host name) CONNECT to a parent proxy."""
-
-    def __init__(self, host: str, port: int, user_id: str = "") -> None:
-        if not 0 < port <= 0xFFFF:
-            raise ValueError(f"port {port} is out of range")
-        userid = user_id.encode("utf-8")
-        if b"\0" in userid or len(userid) > MAX_FIELD:
-            raise ValueError(f"SOCKS4 user id must be at most {MAX_FIELD} bytes, without NUL")
-        try:
-            address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            address = None
-        if isinstance(address, ipaddress.IPv6Address):
-            raise AddressNotSupported("SOCKS4 cannot carry an IPv6 address")
-        head = _HEAD.pack(VERSION, Command.CONNECT, port, SOCKS4A_ADDRESS)
-        if address is None or address.packed[:3] == bytes(3):
-            # 0.0.0.x would read as the SOCKS4a marker, so such a literal goes as a name too.
-            name = check_hostname(host).encode("idna")
-            if len(name) > MAX_FIELD:
-                raise ValueError(f"SOCKS4a host name longer than {MAX_FIELD} bytes")
-            self._request = head + userid + b"\0" + name + b"\0"
-        else:
-            head = _HEAD.pack(VERSION, Command.CONNECT, port, address.packed)
-            self._request = head + userid + b"\0"
-        self._target = format_hostport(host, port)
-        self._buffer = bytearray()
-        self.state = ClientState.START
-
-    def receive_data(self, data: bytes) -> None:
-        self._expect_input()
-        # The driver pulls an event after each chunk and the reply is decided
-        # within 8 bytes, so the buffer stays bounded; the rest is tunnel data.
-        self._buffer += data
-
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes the parent sent after its reply: the target's first bytes."""
-        self._expect(ClientState.ESTABLISHED)
-        return bytes(self._buffer)
-
-    def _next(self) -> NeedData | Established:
-        buf = self._buffer
-        if not buf:
-            return NEED_DATA
-        if buf[0] not in _REPLY_VERSIONS:
-            raise ParentError(f"SOCKS4 reply from the parent proxy has version {buf[0]:#04x}")
-        if len(buf) < 2:
-            return NEED_DATA
-        # A refusal ends the connection, so it is final before the rest of the reply.
-        code = buf[1]
-        if code == REJECTED:
-            raise UpstreamError(f"{self._target}: the parent proxy rejected or failed the request")
-        if code in (IDENTD_UNREACHABLE, IDENTD_MISMATCH):
-            raise ParentError(f"the parent proxy could not confirm our user id by identd ({code})")
-        if code != GRANTED:
-            raise ParentError(f"SOCKS4 reply from the parent proxy has unknown code {code:#04x}")
-        if len(buf) < _HEAD.size:
-            return NEED_DATA
-        _version, _code, port, ip = _HEAD.unpack_from(buf)
-        del buf[: _HEAD.size]
-        self.state = ClientState.ESTABLISHED
-        return Established(str(ipaddress.IPv4Address(ip)), port)

@@ -3,13 +3,14 @@
 Server side: feed bytes with `receive_data`, pull typed events with
 `next_event`, and get the bytes to send from `choose_method`, `auth_result` and
 `reply`. Every state transition lives in this class; an illegal one raises
-LocalProtocolError. The client side, `Socks5Client`, talks to a parent proxy.
+LocalProtocolError. `pack_address` and `unpack_address` also serve the UDP
+datagram header (proxyd.protocols.socks5_udp) and our client to a parent proxy
+(proxyd.protocols.clients).
 """
 
 from __future__ import annotations
 
 import enum
-import socket
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -21,20 +22,17 @@ from proxyd.errors import (
     REP_HOST_UNREACHABLE,
     REP_SUCCEEDED,
     LocalProtocolError,
-    ParentError,
     ProtocolError,
-    from_socks5_reply,
+    Status,
 )
 from proxyd.protocols.common import (
     NEED_DATA,
-    ClientState,
     Credentials,
-    Established,
     NeedData,
-    ParentClient,
-    Send,
     check_hostname,
-    format_hostport,
+    ipv4_text,
+    ipv6_text,
+    packed_ip,
 )
 
 VERSION: Final = 0x05
@@ -97,18 +95,17 @@ def _decode_text(raw: bytes, what: str) -> str:
 
 def pack_address(host: str, port: int) -> bytes:
     """ATYP, address and port as they appear in requests, replies and UDP headers."""
-    for atyp, family in _FAMILIES:
-        try:
-            return bytes((atyp,)) + socket.inet_pton(family, host) + struct.pack("!H", port)
-        except OSError:
-            continue
+    packed = packed_ip(host)
+    if packed is not None:
+        return (_ATYP_IPV4 if len(packed) == 4 else _ATYP_IPV6) + packed + struct.pack("!H", port)
     name = host.encode("idna")
     if not 0 < len(name) <= 255:
         raise ValueError(f"domain name of {len(name)} bytes cannot be sent")
     return bytes((AddressType.DOMAIN, len(name))) + name + struct.pack("!H", port)
 
 
-_FAMILIES: Final = ((AddressType.IPV4, socket.AF_INET), (AddressType.IPV6, socket.AF_INET6))
+_ATYP_IPV4: Final = bytes((AddressType.IPV4,))
+_ATYP_IPV6: Final = bytes((AddressType.IPV6,))
 # the parsers look codes up in these rather than calling the enums (a third of their time)
 _ADDRESS_TYPES: Final = {int(t): t for t in AddressType}
 _COMMANDS: Final = {int(c): c for c in Command}
@@ -134,12 +131,12 @@ def unpack_address(
         end = start + 4
         if len(data) < end + 2:
             return None
-        host = socket.inet_ntop(socket.AF_INET, bytes(data[start:end]))
+        host = ipv4_text(data, start)
     elif atyp is AddressType.IPV6:
         end = start + 16
         if len(data) < end + 2:
             return None
-        host = socket.inet_ntop(socket.AF_INET6, bytes(data[start:end]))
+        host = ipv6_text(bytes(data[start:end]))
     else:
         if len(data) <= start:
             return None
@@ -278,7 +275,7 @@ class Socks5Server:
             raise ProtocolError(
                 f"command {buf[1]:#04x} is not supported",
                 socks_reply=REP_COMMAND_NOT_SUPPORTED,
-                status="unsupported",
+                status=Status.UNSUPPORTED,
             )
         parsed = unpack_address(buf, 3)
         if parsed is None:
@@ -287,180 +284,3 @@ class Socks5Server:
         del buf[:end]
         self.state = State.REPLY
         return Request(command, host, port, atyp)
-
-
-# --- UDP ASSOCIATE datagrams (RFC 1928 section 7) ----------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class UdpDatagram:
-    host: str
-    port: int
-    payload: bytes
-
-
-def parse_udp(data: bytes) -> UdpDatagram:
-    """RSV(2) FRAG ATYP DST.ADDR DST.PORT DATA; ProtocolError when malformed or a
-    fragment (FRAG != 0: proxyd, like most relays, does not reassemble)."""
-    if len(data) < 4:
-        raise ProtocolError("datagram shorter than a SOCKS5 UDP header")
-    if data[0] or data[1]:
-        raise ProtocolError("reserved bytes of a UDP header are not zero")
-    if data[2]:
-        raise ProtocolError(f"fragment {data[2]} (fragments are not reassembled)")
-    parsed = unpack_address(data, 3)
-    if parsed is None:
-        raise ProtocolError("datagram cut off inside its address")
-    host, port, _atyp, end = parsed
-    return UdpDatagram(host, port, data[end:])
-
-
-def udp_header(host: str, port: int) -> bytes:
-    """The header that wraps a datagram sent to the client from host:port."""
-    return b"\0\0\0" + pack_address(host, port)
-
-
-# --- client side: our handshake with a parent proxy --------------------------------
-
-
-ClientEvent = NeedData | Send | Established
-
-
-def _pack_credentials(credentials: Credentials) -> bytes:
-    """The RFC 1929 request; ValueError (naming no value) when a field does not fit."""
-    username = credentials.username.encode("utf-8")
-    password = credentials.password.encode("utf-8")
-    if len(username) > 255:
-        raise ValueError("SOCKS5 username longer than 255 bytes (UTF-8)")
-    if len(password) > 255:
-        raise ValueError("SOCKS5 password longer than 255 bytes (UTF-8)")
-    return bytes((AUTH_VERSION, len(username))) + username + bytes((len(password),)) + password
-
-
-class Socks5Client(ParentClient):
-    """Our SOCKS5 handshake with a parent proxy: greeting, optional RFC 1929 auth,
-    the request for `host:port`, and the parent's reply to it.
-
-    BIND is refused at construction: its second reply (the peer) does not fit
-    an interface that ends at the first.
-    """
-
-    def __init__(
-        self, command: Command, host: str, port: int, credentials: Credentials | None = None
-    ) -> None:
-        if command is Command.BIND:
-            raise ValueError("BIND cannot be chained through a parent proxy")
-        if not 0 <= port <= 0xFFFF:
-            raise ValueError(f"port {port} is out of range")
-        address = pack_address(host, port)
-        if address[0] == AddressType.DOMAIN:
-            check_hostname(host)  # a NUL or space would make the parent look up another name
-        self._request = bytes((VERSION, command, 0x00)) + address
-        self._auth = None if credentials is None else _pack_credentials(credentials)
-        self._methods = bytes((METHOD_NO_AUTH,))
-        if self._auth is not None:
-            self._methods += bytes((METHOD_USERNAME_PASSWORD,))
-        self._target = format_hostport(host, port)
-        self._buffer = bytearray()
-        self._request_sent = False
-        self.state = ClientState.START
-
-    def start(self) -> bytes:
-        """The greeting: the methods we offer."""
-        self._expect(ClientState.START)
-        self.state = ClientState.AWAIT_METHOD
-        return bytes((VERSION, len(self._methods))) + self._methods
-
-    def receive_data(self, data: bytes) -> None:
-        self._expect_input()
-        # A driver pulls events after each chunk, and every state decides within
-        # 262 bytes, so the buffer stays bounded; the rest is tunnel data, kept whole.
-        self._buffer += data
-
-    def _next(self) -> ClientEvent:
-        if self.state is ClientState.AWAIT_METHOD:
-            return self._read_method()
-        if self.state is ClientState.AWAIT_AUTH_STATUS:
-            return self._read_auth_status()
-        return self._read_reply()
-
-    @property
-    def request_sent(self) -> bool:
-        """Whether the request for the target went out: a failure may now be the target's."""
-        return self._request_sent
-
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes the parent sent after its reply: the target's first bytes."""
-        self._expect(ClientState.ESTABLISHED)
-        return bytes(self._buffer)
-
-    def _send_request(self) -> Send:
-        self.state = ClientState.AWAIT_REPLY
-        self._request_sent = True
-        return Send(self._request)
-
-    def _read_method(self) -> ClientEvent:
-        buf = self._buffer
-        if not buf:
-            return NEED_DATA
-        _check_parent_version(buf[0], VERSION, "method choice")
-        if len(buf) < 2:
-            return NEED_DATA
-        method = buf[1]
-        del buf[:2]
-        if method == METHOD_NO_AUTH:
-            return self._send_request()
-        if method == METHOD_USERNAME_PASSWORD and self._auth is not None:
-            self.state = ClientState.AWAIT_AUTH_STATUS
-            return Send(self._auth)
-        if method == METHOD_NO_ACCEPTABLE:
-            raise ParentError("the parent proxy accepts none of the offered SOCKS5 methods")
-        raise ParentError(f"the parent proxy chose SOCKS5 method {method:#04x}, not offered")
-
-    def _read_auth_status(self) -> ClientEvent:
-        buf = self._buffer
-        if not buf:
-            return NEED_DATA
-        _check_parent_version(buf[0], AUTH_VERSION, "username/password status")
-        if len(buf) < 2:
-            return NEED_DATA
-        status = buf[1]
-        del buf[:2]
-        if status != 0x00:
-            raise ParentError("the parent proxy refused our credentials")
-        return self._send_request()
-
-    def _read_reply(self) -> ClientEvent:
-        buf = self._buffer
-        if not buf:
-            return NEED_DATA
-        _check_parent_version(buf[0], VERSION, "reply")
-        if len(buf) < 2:
-            return NEED_DATA
-        # A refusal ends the connection, so it is final before its address arrives
-        # (some parents close without sending one).
-        if buf[1] != REP_SUCCEEDED:
-            raise from_socks5_reply(buf[1], self._target)
-        if len(buf) < 3:
-            return NEED_DATA
-        if buf[2] != 0x00:
-            raise ParentError(f"SOCKS5 reply from the parent proxy has reserved byte {buf[2]:#04x}")
-        try:
-            parsed = unpack_address(buf, 3)
-        except ProtocolError as exc:
-            raise ParentError(f"SOCKS5 reply from the parent proxy: {exc}") from exc
-        if parsed is None:
-            return NEED_DATA
-        host, port, _atyp, end = parsed
-        del buf[:end]
-        self.state = ClientState.ESTABLISHED
-        return Established(host, port)
-
-
-def _check_parent_version(version: int, expected: int, what: str) -> None:
-    if version != expected:
-        raise ParentError(
-            f"SOCKS5 {what} from the parent proxy has version {version:#04x}, "
-            f"expected {expected:#04x}"
-        )

@@ -753,6 +753,117 @@ def test_pack_unpack_round_trip(host: str, port: int, prefix: bytes, suffix: byt
     assert pack_address(got_host, got_port) == packed
 
 
+# The protocol code does without the socket module: its address texts must still be
+# exactly what inet_pton reads and inet_ntop writes (logs, rules and tests compare them).
+
+ADDRESS_TEXTS = [
+    "::ffff:1.2.3.4",  # IPv4-mapped: inet_ntop ends it in dotted form, ipaddress 3.11 not
+    "::ffff:0.0.0.0",
+    "::1.2.3.4",  # IPv4-compatible: six zero groups, then a non-zero one
+    "::0.1.0.0",
+    "::102",  # ::0.0.1.2: the seventh group is zero, so no dotted form
+    "::ffff:0:102:304",
+    "64:ff9b::102:304",
+    "::",
+    "::1",
+    "1::",
+    "2001:db8::1",
+    "1:0:0:1::1",  # the longest run of zeros is compressed
+    "1::1:0:0:1",  # of equal runs, the first
+    "1:0:1:0:1:0:1:0",  # a single zero group is not
+    "::1:0:0",
+    "fe80::1",
+    "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+]
+
+
+def ntop(packed: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+
+
+def pton(host: str) -> bytes | None:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_pton(family, host)
+        except OSError:
+            pass
+    return None
+
+
+@pytest.mark.parametrize("text", ADDRESS_TEXTS)
+def test_ipv6_texts_are_inet_ntops(text: str) -> None:
+    packed = socket.inet_pton(socket.AF_INET6, text)
+    assert ntop(packed) == text  # the table itself is inet_ntop's output
+    assert unpack_address(b"\x04" + packed + b"\x00\x50", 0) == (text, 80, AddressType.IPV6, 19)
+    assert pack_address(text, 80) == b"\x04" + packed + b"\x00\x50"
+
+
+@given(packed=st.one_of(st.binary(min_size=4, max_size=4), st.binary(min_size=16, max_size=16)))
+def test_unpacked_addresses_are_written_as_inet_ntop_writes_them(packed: bytes) -> None:
+    atyp = b"\x01" if len(packed) == 4 else b"\x04"
+    parsed = unpack_address(atyp + packed + b"\x01\xbb", 0)
+    assert parsed is not None
+    assert parsed[0] == ntop(packed)
+    assert pack_address(parsed[0], 443) == atyp + packed + b"\x01\xbb"
+
+
+# zero groups are the interesting part of IPv6 text: runs, and the IPv4 forms
+sparse_ipv6 = st.lists(
+    st.sampled_from([0, 0, 0, 1, 0xFFFF, 0x102, 0xABCD]), min_size=8, max_size=8
+).map(lambda groups: struct.pack("!8H", *groups))
+
+
+@given(packed=sparse_ipv6)
+def test_zero_runs_are_written_as_inet_ntop_writes_them(packed: bytes) -> None:
+    assert unpack_address(b"\x04" + packed + b"\x00\x00", 0) == (
+        ntop(packed),
+        0,
+        AddressType.IPV6,
+        19,
+    )
+
+
+ADDRESS_LOOKALIKES = [
+    "01.2.3.4",  # inet_pton reads no leading zeros
+    "1.2.3.04",
+    "1.2.3",
+    "1.2.3.4.5",
+    "256.1.1.1",
+    "-1.2.3.4",
+    "+1.2.3.4",
+    " 1.2.3.4",
+    "1.2.3.4 ",
+    "1_0.2.3.4",
+    "1.2.3.\u0664",  # an Arabic-Indic digit: int() reads it
+    "0x1.2.3.4",
+    "fe80::1%eth0",  # a zone: ipaddress reads it, inet_pton does not
+    "1::2::3",
+    "12345::",
+    "::ffff:01.2.3.4",
+    "1:2:3:4:5:6:7:8:9",
+    "[::1]",
+    "1.2.3.4::",
+]
+
+
+@pytest.mark.parametrize("host", ADDRESS_LOOKALIKES)
+def test_what_inet_pton_does_not_read_is_a_name(host: str) -> None:
+    assert pton(host) is None
+    packed = pack_address(host, 80)
+    assert packed[0] == AddressType.DOMAIN
+    assert packed[2:-2] == host.encode("idna")
+
+
+@settings(max_examples=500)
+@given(host=st.text(alphabet="0123456789abcdefABCDEF:.%x +-_", max_size=24))
+def test_pack_address_reads_what_inet_pton_reads(host: str) -> None:
+    packed = pton(host)
+    if packed is None:
+        return  # a name, or nothing pack_address can send: the tests above
+    atyp = b"\x01" if len(packed) == 4 else b"\x04"
+    assert pack_address(host, 1) == atyp + packed + b"\x00\x01"
+
+
 # --- splitting: byte at a time, and at arbitrary points --------------------------
 
 HANDSHAKES = {

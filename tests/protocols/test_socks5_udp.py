@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxyd.errors import ProtocolError
-from proxyd.protocols.socks5 import UdpDatagram, parse_udp, udp_header
+from proxyd.protocols.socks5_udp import UdpDatagram, parse_udp, udp_header
 
 
 @pytest.mark.parametrize(
