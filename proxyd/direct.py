@@ -20,13 +20,17 @@ from proxyd.errors import Denied, HostUnreachable, SessionError, UpstreamError, 
 from proxyd.protocols.common import format_hostport
 
 
-def tune_socket(sock: socket.socket, buffers: BuffersConfig) -> None:
-    """Apply `[buffers]` to a TCP socket (before connect, so window scaling sees SO_RCVBUF)."""
-    if buffers.so_rcvbuf:
+def tune_socket(
+    sock: socket.socket, buffers: BuffersConfig, *, sizes: bool = True, nodelay: bool = True
+) -> None:
+    """Apply `[buffers]` to a TCP socket, either side of a tunnel: the sizes before
+    connect or listen, so that window scaling sees SO_RCVBUF (an accepted socket
+    inherits its listener's), and TCP_NODELAY."""
+    if sizes and buffers.so_rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers.so_rcvbuf)
-    if buffers.so_sndbuf:
+    if sizes and buffers.so_sndbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers.so_sndbuf)
-    if buffers.tcp_nodelay:
+    if nodelay and buffers.tcp_nodelay:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 

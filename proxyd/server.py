@@ -19,6 +19,7 @@ from proxyd.auth import Authenticator, Throttle
 from proxyd.chain import Upstreams
 from proxyd.config import Config, ListenAddress
 from proxyd.context import Conn, Context
+from proxyd.direct import tune_socket
 from proxyd.dns import Resolver
 from proxyd.errors import ConfigError, Status
 from proxyd.metrics import AdminServer, Metrics
@@ -46,8 +47,8 @@ def bind(address: ListenAddress, config: Config, *, listen: bool = True) -> sock
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        # Accepted sockets inherit these; set here so TCP window scaling sees them.
-        _set_buffers(sock, config)
+        # Accepted sockets inherit the sizes; set here so TCP window scaling sees them.
+        tune_socket(sock, config.buffers, nodelay=False)
         sock.bind((address.host, address.port))
         if listen:
             sock.listen(socket.SOMAXCONN)
@@ -56,13 +57,6 @@ def bind(address: ListenAddress, config: Config, *, listen: bool = True) -> sock
         sock.close()
         raise
     return sock
-
-
-def _set_buffers(sock: socket.socket, config: Config) -> None:
-    if config.buffers.so_rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, config.buffers.so_rcvbuf)
-    if config.buffers.so_sndbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.buffers.so_sndbuf)
 
 
 def _name(sock: socket.socket) -> str:
@@ -105,7 +99,7 @@ class Server:
         self._force = asyncio.Event()  # a second stop signal: no more draining
         self._drained = asyncio.Event()  # the last session ended while draining
         self._draining = False
-        self._nodelay = config.buffers.tcp_nodelay
+        self._buffers = config.buffers
         self._activated = activated or []  # listening sockets systemd passed
         self._bound: dict[ListenAddress, socket.socket] = {}  # server.listen -> its socket
         self.watcher: systemd.Watcher = watcher or systemd.Notifier({})
@@ -308,9 +302,9 @@ class Server:
             self._watch(sock)
         if new.buffers != old.buffers:
             for sock in self._bound.values():
-                _set_buffers(sock, new)
+                tune_socket(sock, new.buffers, nodelay=False)
         self.config = new
-        self._nodelay = new.buffers.tcp_nodelay
+        self._buffers = new.buffers
         self.ctx.reconfigure(new, settings.users, _rules(new), settings.tls)
         if move_admin:
             await self._replace_admin(admin)
@@ -437,8 +431,7 @@ class Server:
             return
         try:
             sock.setblocking(False)
-            if self._nodelay:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_socket(sock, self._buffers, sizes=False)
         except OSError:  # the client is already gone
             sock.close()
             return

@@ -102,6 +102,13 @@ def generate(out: Path, name: str) -> tuple[Path, Path]:
 class Bridge:
     """TLS for one client: ciphertext on the client's socket, plaintext on `inner`.
 
+    A second byte mover beside the relay, because TLS records must pass through
+    Python (ssl.SSLObject) to be read and written, where the relay hands bytes from
+    socket to socket (splice, or one shared buffer). It keeps the relay's rules:
+    reads stop while the other side has HIGH_WATER bytes unsent (backpressure),
+    an end either way is passed on as one (close_notify, or shutdown of `inner`),
+    and a reset as a reset (relay.abort); the relay behind `inner` keeps the idle timer.
+
     `ready(plain)` is called once the handshake is done, with the socket-pair end
     the session reads from now on; `failed(reason)` when the handshake fails. After
     `ready` the bridge runs by itself until both directions are done, an error, or
