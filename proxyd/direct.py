@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Final
 
 from proxyd.config import BuffersConfig
-from proxyd.dns import AddrInfo, Lookup, Resolver
+from proxyd.dns import AddrInfo, Lookup, Resolver, literal_addresses
 from proxyd.errors import Denied, HostUnreachable, SessionError, UpstreamError, classify
 from proxyd.protocols.common import format_hostport
 
@@ -113,8 +113,11 @@ class Connector:
         checked), else to what the resolver finds for it."""
         self._target = format_hostport(host, port)
         self._timer = self._loop.call_later(self._timeout, self._on_timeout)
+        if addresses is None:
+            addresses = literal_addresses(host, port)  # (most targets: no lookup to start)
         if addresses is not None:
-            self._on_found(addresses, None)
+            self._addresses = interleave(addresses)
+            self._next_attempt()
         else:
             self._lookup = self._resolver.find(host, port, self._timeout, self._on_found)
 

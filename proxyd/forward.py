@@ -27,9 +27,9 @@ from typing import Any, Final
 import h11
 
 from proxyd import access, gate
-from proxyd.chain import Lease, Pool
+from proxyd.chain import ChainConnector, Lease, Pool
 from proxyd.context import Conn, Context
-from proxyd.dial import Route, dial
+from proxyd.dial import Route, connect
 from proxyd.errors import (
     Denied,
     ParentError,
@@ -471,10 +471,15 @@ class Forwarder:
                 return self.origin
             self.origin.close()
             self.origin = None
-        sock, dialled = await dial(self.ctx, route, plain_http=True)
-        self.origin = _Origin(key, sock, dialled.lease, dialled.proxy, dialled.pool)
-        if dialled.trailing:  # the origin spoke first (b"" would tell h11 it closed)
-            self.origin.conn.receive_data(dialled.trailing)
+        sock, connector = await connect(self.ctx, route, plain_http=True)
+        if isinstance(connector, ChainConnector):
+            lease = connector.lease
+            proxy = lease.parent if lease is not None and connector.plain else None
+            self.origin = _Origin(key, sock, lease, proxy, connector.pool)
+            if connector.trailing:  # the origin spoke first (b"" would tell h11 it closed)
+                self.origin.conn.receive_data(connector.trailing)
+        else:
+            self.origin = _Origin(key, sock)
         return self.origin
 
     async def _next_request(self) -> h11.Request | None:

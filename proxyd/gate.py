@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 from proxyd.context import Conn, Context, Rate
 from proxyd.dial import Route
@@ -26,7 +27,6 @@ from proxyd.dns import AddrInfo, Lookup
 from proxyd.errors import (
     REP_COMMAND_NOT_SUPPORTED,
     AuthFailed,
-    Denied,
     OverLimit,
     ProtocolError,
     SessionError,
@@ -47,15 +47,17 @@ Decided = Callable[[Route | None, SessionError | None], object]
 # -- the limits ----------------------------------------------------------------------
 
 
-def beyond_capacity(ctx: Context, active: int) -> bool:
-    """So far over `server.max_connections` that a new client is closed unanswered."""
-    return active >= ctx.config.server.max_connections + OVERLOAD_SLACK
-
-
-def over_capacity(ctx: Context, active: int) -> str | None:
-    """Why a new client is to be refused once its request is read, if it is."""
+def capacity(ctx: Context, active: int) -> str | None:
+    """`server.max_connections` for a new client, with `active` open: None when it may
+    come in, else why it is refused once its request is read, or DROP when it is so
+    far over that it is closed unanswered."""
     limit = ctx.config.server.max_connections
-    return f"server.max_connections ({limit}) reached" if active >= limit else None
+    if active < limit:
+        return None
+    return DROP if active >= limit + OVERLOAD_SLACK else f"server.max_connections ({limit}) reached"
+
+
+DROP: Final = "server.max_connections reached"  # (beyond the slack)
 
 
 class Admission:
@@ -64,22 +66,20 @@ class Admission:
     first, the one it names), and for its user once its request is complete;
     `refusal` says why it is over a limit, if it is."""
 
-    __slots__ = ("_client", "_ctx", "_user", "refusal")
+    __slots__ = ("_client", "_ctx", "_user", "awaits_header", "refusal")
 
     def __init__(self, ctx: Context, conn: Conn, refusal: str | None) -> None:
         self._ctx = ctx
         self.refusal = refusal
         self._client: str | None = None
         self._user: str | None = None
-        if not proxy_protocol_required(ctx, conn.peer_ip):
+        # the client is to be named by a PROXY header before it is counted
+        self.awaits_header = proxy_protocol_required(ctx, conn.peer_ip)
+        if not self.awaits_header:
             self.count_client(conn.peer_ip)
 
-    @property
-    def awaits_header(self) -> bool:
-        """The client is to be named by a PROXY header before it is counted."""
-        return self._client is None
-
     def count_client(self, ip: str) -> None:
+        self.awaits_header = False
         ctx = self._ctx
         count = ctx.per_client.get(ip, 0)
         ctx.per_client[ip] = count + 1
@@ -191,10 +191,11 @@ def decide(
     done: Decided,
     *,
     need_addresses: bool = False,
-) -> Lookup | None:
-    """Judge a request for host:port by the rules, and say where it may go:
-    `done(route, None)` or `done(None, error)` exactly once, unless the returned
-    lookup is cancelled first (None: decided at once).
+) -> Route | Lookup:
+    """Judge a request for host:port by the rules, and say where it may go: the Route
+    when that is decided at once (the error that refuses it is raised), else the
+    lookup under way, whose end calls `done(route, None)` or `done(None, error)`
+    (unless the lookup is cancelled first).
 
     A name is resolved first when address rules need it, each of its addresses is
     judged on its own, and the route then holds only the allowed ones, so the name
@@ -203,57 +204,58 @@ def decide(
     the caller sends to an address, not a name (a datagram, a BIND's peer), so a
     direct route always comes resolved.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + ctx.config.timeouts.connect
     rules = ctx.rules
-
-    def refuse(ip: str, port: int) -> bool:
-        return is_own_listener(ctx, conn, ip, port)
-
+    refuse = functools.partial(is_own_listener, ctx, conn)
     request: Request | None = None
     if not rules.trivial:
         request = Request(conn.peer_ip, conn.user, conn.protocol or "", command, host, port)
-        try:
-            decision = rules.check_before_lookup(request)
-        except Denied as exc:
-            done(None, exc)
-            return None
+        decision = rules.check_before_lookup(request)  # Denied raises
         if decision is not None:
-            request = None  # decided: the lookup below only finds the addresses
+            request = None  # decided: a lookup below only finds the addresses
             if decision.via is not None or not need_addresses:
-                route = Route(host, port, None, decision.via, refuse, deadline, decision.rule)
-                _settle(command, route, done)
-                return None
+                route = Route(host, port, None, decision.via, refuse, None, decision.rule)
+                return _settled(command, route)
     elif not need_addresses:
-        done(Route(host, port, None, None, refuse, deadline), None)
-        return None
+        return Route(host, port, None, None, refuse)
+    timeout = ctx.config.timeouts.connect
+    deadline = asyncio.get_running_loop().time() + timeout
+    at_once: list[Route | SessionError] = []  # what the resolver knew without asking
 
     def found(addresses: list[AddrInfo] | None, error: UpstreamError | None) -> None:
-        if error is not None:
-            done(None, error)
-            return
-        via = None
-        if request is not None:  # address rules: each address on its own
-            try:
+        outcome: Route | SessionError
+        try:
+            if error is not None:
+                raise error
+            via = None
+            if request is not None:  # address rules: each address on its own
                 addresses, via = allowed_addresses(rules, request, addresses or [])
-            except Denied as exc:
-                done(None, exc)
-                return
-        _settle(command, Route(host, port, addresses, via, refuse, deadline), done)
+            outcome = _settled(command, Route(host, port, addresses, via, refuse, deadline))
+        except SessionError as exc:
+            outcome = exc
+        if lookup is None:
+            at_once.append(outcome)
+        elif isinstance(outcome, Route):
+            done(outcome, None)
+        else:
+            done(None, outcome)
 
-    return ctx.resolver.find(host, port, ctx.config.timeouts.connect, found)
+    lookup: Lookup | None = None
+    lookup = ctx.resolver.find(host, port, timeout, found)
+    if lookup is not None:
+        return lookup
+    if isinstance(at_once[0], SessionError):
+        raise at_once[0]
+    return at_once[0]
 
 
-def _settle(command: str, route: Route, done: Decided) -> None:
+def _settled(command: str, route: Route) -> Route:
     if command == "bind" and route.via is not None:
-        error = ProtocolError(
+        raise ProtocolError(
             "BIND is not chained through upstream proxies (a rule routes it via one)",
             socks_reply=REP_COMMAND_NOT_SUPPORTED,
             status=Status.UNSUPPORTED,
         )
-        done(None, error)
-        return
-    done(route, None)
+    return route
 
 
 async def route(
@@ -269,12 +271,13 @@ async def route(
             assert found is not None
             decided.set_result(found)
 
-    lookup = decide(ctx, conn, command, host, port, settled, need_addresses=need_addresses)
+    outcome = decide(ctx, conn, command, host, port, settled, need_addresses=need_addresses)
+    if isinstance(outcome, Route):
+        return outcome
     try:
         return await decided
     finally:
-        if lookup is not None:
-            lookup.cancel()
+        outcome.cancel()
 
 
 def check_association(ctx: Context, conn: Conn, host: str, port: int) -> None:

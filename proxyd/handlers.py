@@ -2,7 +2,7 @@
 driver (the session), from the client's first bytes to the request.
 
 Before any protocol, a trusted load balancer's PROXY header names the client
-(`ProxyHeader`), and the first bytes show the protocol (`detect`). A handler then
+(`ProxyHeader`), and the first bytes show the protocol (`Front`). A handler then
 feeds the bytes read to its sans-I/O parser (proxyd.protocols) and turns the
 events into calls on a Driver: send a reply, check credentials, then connect,
 bind, associate or forward. It also turns the outcome into that protocol's own
@@ -68,26 +68,6 @@ class ProxyHeader:
         return self.parser.trailing_data
 
 
-def detect(first: bytes, conn: Conn, *, tls: bool, in_tls: bool) -> Kind:
-    """The protocol a client's first bytes show (Kind.TLS: TLS is to start, which
-    `tls` says is configured); ProtocolError for what cannot be served."""
-    if not in_tls and proxy_protocol.starts_like_header(first):
-        raise ProtocolError(
-            f"a PROXY protocol header from {conn.peer_ip}, "
-            "which server.proxy_protocol_from does not trust"
-            if conn.proxied_by is None
-            else "a second PROXY protocol header"
-        )
-    kind = sniff(first)
-    if kind is Kind.TLS and (in_tls or not tls):
-        raise ProtocolError(
-            "a TLS handshake inside TLS" if in_tls else "TLS, but no [tls] certificate"
-        )
-    if kind is not Kind.TLS and kind not in HANDLERS:
-        raise ProtocolError(f"unknown protocol (first byte {first[0]:#04x})")
-    return kind
-
-
 class Front:
     """Every connection's first handler: a trusted balancer's PROXY header (then the
     client is counted for the limits), TLS when the client starts with it, and the
@@ -113,13 +93,31 @@ class Front:
             if not rest:
                 return
             data = rest
-        tls = self.driver.ctx.tls is not None
-        kind = detect(data, self.conn, tls=tls, in_tls=self.in_tls)
-        if kind is Kind.TLS:
+        if not self.in_tls and proxy_protocol.starts_like_header(data):
+            raise ProtocolError(
+                f"a PROXY protocol header from {self.conn.peer_ip}, "
+                "which server.proxy_protocol_from does not trust"
+                if self.conn.proxied_by is None
+                else "a second PROXY protocol header"
+            )
+        kind = sniff(data)
+        handler: Handler
+        if kind is Kind.SOCKS5:
+            handler = Socks5Handler(self.driver)
+        elif kind is Kind.HTTP:
+            handler = HttpHandler(self.driver)
+        elif kind is Kind.SOCKS4:
+            handler = Socks4Handler(self.driver)
+        elif kind is Kind.TLS and not self.in_tls and self.driver.ctx.tls is not None:
             self.in_tls = True
             self.driver.start_tls(data)
             return
-        handler = HANDLERS[kind](self.driver)
+        elif kind is Kind.TLS:
+            raise ProtocolError(
+                "a TLS handshake inside TLS" if self.in_tls else "TLS, but no [tls] certificate"
+            )
+        else:
+            raise ProtocolError(f"unknown protocol (first byte {data[0]:#04x})")
         self.driver.detected(handler)
         handler.received(data)
 
@@ -351,10 +349,3 @@ class HttpHandler:
         if isinstance(error, ClientClosed):
             return None
         return self.parser.error_response(error.http_status, str(error))
-
-
-HANDLERS: dict[Kind, Callable[[Driver], Handler]] = {
-    Kind.SOCKS5: Socks5Handler,
-    Kind.SOCKS4: Socks4Handler,
-    Kind.HTTP: HttpHandler,
-}

@@ -388,8 +388,8 @@ class _SplicePump(_Pump):
 class Relay:
     """Bytes between a client and its target until both are done, an error, or idleness.
 
-    `on_end` is called once when the tunnel ends by itself; `status` and `error`
-    then say how. `stop()` ends it from outside without the call. The counters
+    `on_end(status, error)` is called once when the tunnel ends by itself, saying
+    how (`status` and `error` keep it). `stop()` ends it from outside without the call. The counters
     can be read at any time. The caller owns and closes both sockets.
     """
 
@@ -413,7 +413,7 @@ class Relay:
         *,
         read_size: int,
         idle: float,
-        on_end: Callable[[], object],
+        on_end: Callable[[Status, str | None], object],
         splice: bool = SPLICE_AVAILABLE,
         rate: tuple[Bucket, Bucket] | None = None,
     ) -> None:
@@ -422,7 +422,7 @@ class Relay:
         self.last_activity = self.loop.time()
         self.status = Status.OK
         self.error: str | None = None
-        self._on_end: Callable[[], object] | None = on_end
+        self._on_end: Callable[[Status, str | None], object] | None = on_end
         kind = _SplicePump if splice and SPLICE_AVAILABLE else _Pump
         self._up = kind(self, client, upstream, read_size)
         try:
@@ -480,4 +480,4 @@ class Relay:
             return  # already ended or stopped
         self.status, self.error = status, error
         self.stop()
-        on_end()
+        on_end(status, error)

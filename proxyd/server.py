@@ -421,13 +421,13 @@ class Server:
     def _start(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
         conn_id = next(self._ids)
         active = len(self.sessions)
-        if gate.beyond_capacity(self.ctx, active):
+        refusal = gate.capacity(self.ctx, active)
+        if refusal is gate.DROP:
             sock.close()
             if self.ctx.metrics is not None:
                 self.ctx.metrics.closed(None, Status.LIMIT, active=False)
             if self.config.log.access:
-                error = "server.max_connections reached"
-                access.record(Conn(conn_id, peer), Status.LIMIT, error=error)
+                access.record(Conn(conn_id, peer), Status.LIMIT, error=refusal)
             return
         try:
             sock.setblocking(False)
@@ -441,7 +441,7 @@ class Server:
             peer,
             conn_id,
             on_close=self._closed,
-            refusal=gate.over_capacity(self.ctx, active),
+            refusal=refusal,
         )
         self.sessions.add(session)
         session.start()

@@ -44,7 +44,7 @@ from proxyd.udp import Association
 HANDSHAKE_READ: Final = 4096
 
 
-class Phase(enum.Enum):
+class Phase(enum.IntEnum):  # (an int's hash: the table below is read on every step)
     HANDSHAKE = enum.auto()  # reading the client's request (and a PROXY header first)
     TLS = enum.auto()  # the TLS handshake, which the bridge reads for
     AUTH = enum.auto()  # a password derivation is running
@@ -209,14 +209,7 @@ class Session:
         """A tunnel for a CONNECT or BIND request."""
         self._request_complete()
         self._enter(Phase.CONNECT)
-        tunnel = Tunnel(
-            self.ctx,
-            self.conn,
-            self.sock,
-            self._step,
-            self._established,
-            lambda: self._end(tunnel.status, tunnel.error),
-        )
+        tunnel = Tunnel(self.ctx, self.conn, self.sock, self._step, self._established, self._end)
         self._worker = tunnel
         return tunnel
 

@@ -16,9 +16,9 @@ from typing import Any, Final
 
 from proxyd import gate
 from proxyd.bind import Binder
-from proxyd.chain import Lease
+from proxyd.chain import ChainConnector, Lease
 from proxyd.context import Conn, Context
-from proxyd.dial import Dial, Route
+from proxyd.dial import Connecting, Route, dial
 from proxyd.dns import Lookup
 from proxyd.errors import SessionError, Status
 from proxyd.relay import Relay, abort
@@ -31,9 +31,9 @@ class Tunnel:
     """One tunnel request and, once it is connected, its relay.
 
     `established(bound)` answers the client (`bound`: our end of the connection,
-    or BIND's peer) and returns what the client sent after its request; `ended()`
-    is called when the relay ends by itself, with `status` and `error` saying how.
-    `close()` releases it all whenever the session ends.
+    or BIND's peer) and returns what the client sent after its request;
+    `ended(status, error)` is called when the relay ends by itself. `close()`
+    releases it all whenever the session ends.
     """
 
     __slots__ = (
@@ -61,7 +61,7 @@ class Tunnel:
         client: socket.socket,
         step: Step,
         established: Callable[[tuple[str, int]], bytes],
-        ended: Callable[[], None],
+        ended: Callable[[Status, str | None], object],
     ) -> None:
         self._ctx = ctx
         self._conn = conn
@@ -69,7 +69,7 @@ class Tunnel:
         self._step = step
         self._established = established
         self._ended = ended
-        self._pending: Lookup | Dial | Binder | None = None  # what is under way
+        self._pending: Lookup | Connecting | Binder | None = None  # what is under way
         self._remote: socket.socket | None = None
         self._relay: Relay | None = None
         self._lease: Lease | None = None  # the parent proxy in use
@@ -84,7 +84,7 @@ class Tunnel:
         self._decide("bind", host, port, lambda route: self._listen(route, listening))
 
     def _decide(self, command: str, host: str, port: int, then: Callable[[Route], None]) -> None:
-        lookup = gate.decide(
+        outcome = gate.decide(
             self._ctx,
             self._conn,
             command,
@@ -93,8 +93,10 @@ class Tunnel:
             lambda route, error: self._step(self._decided, route, error, then),
             need_addresses=command == "bind",  # the peer comes from an address
         )
-        if lookup is not None:  # (decided at once, it has moved on already)
-            self._pending = lookup
+        if isinstance(outcome, Route):
+            then(outcome)
+        else:
+            self._pending = outcome
 
     def _decided(
         self, route: Route | None, error: SessionError | None, then: Callable[[Route], None]
@@ -107,9 +109,11 @@ class Tunnel:
 
     def _dial(self, route: Route) -> None:
         self.via = route.via
-        dial = Dial(self._ctx, route, lambda sock, error: self._step(self._connected, sock, error))
-        self._pending = dial
-        dial.start()
+        connector = dial(
+            self._ctx, route, lambda sock, error: self._step(self._connected, sock, error)
+        )
+        if self._remote is None:  # (a near target may have answered at once)
+            self._pending = connector
 
     def _listen(self, route: Route, listening: Answer) -> None:
         cfg = self._ctx.config
@@ -133,7 +137,7 @@ class Tunnel:
         assert remote is not None
         self._remote = remote
         first_down = b""
-        if isinstance(pending, Dial):
+        if isinstance(pending, ChainConnector):  # (through a parent: never at once)
             self._lease, first_down = pending.lease, pending.trailing
         # CONNECT replies with our end of the connection, BIND with the peer's address
         bound = remote.getpeername() if bind else remote.getsockname()
@@ -157,14 +161,6 @@ class Tunnel:
         return self._relay is not None
 
     @property
-    def status(self) -> Status:
-        return self._relay.status if self._relay is not None else Status.OK
-
-    @property
-    def error(self) -> str | None:
-        return self._relay.error if self._relay is not None else None
-
-    @property
     def cut(self) -> bool:
         """A reset on one side: it is passed on as a reset to the other, as a stream
         cut off must be (never as an orderly end)."""
@@ -175,8 +171,10 @@ class Tunnel:
         return (relay.bytes_up, relay.bytes_down, 0, 0) if relay is not None else (0, 0, 0, 0)
 
     def fields(self) -> dict[str, Any]:
-        up, down, _, _ = self.usage()
-        fields: dict[str, Any] = {"bytes_up": up, "bytes_down": down}
+        relay = self._relay
+        fields: dict[str, Any] = (
+            {"bytes_up": relay.bytes_up, "bytes_down": relay.bytes_down} if relay else {}
+        )
         if self.via is not None:
             fields["via"] = self.via
             if self._lease is not None:

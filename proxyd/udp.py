@@ -29,9 +29,9 @@ from typing import Any, Final
 import asyncio_dgram
 
 from proxyd import gate
-from proxyd.chain import Lease
+from proxyd.chain import ChainConnector, Lease
 from proxyd.context import Conn, Context
-from proxyd.dial import Dial, Route
+from proxyd.dial import Route, dial
 from proxyd.dns import AddrInfo, Lookup
 from proxyd.errors import Denied, ProtocolError, SessionError, Status, UpstreamError
 from proxyd.protocols import socks5, socks5_udp
@@ -244,24 +244,28 @@ class Association:
         """Send a client's datagram where the gate lets it go. A name to look up waits in
         a task of its own, so a slow resolver does not hold up the datagrams behind it;
         a few at a time, the rest dropped."""
-        decided: asyncio.Future[tuple[Route | None, SessionError | None]]
-        decided = self.loop.create_future()
+        decided: asyncio.Future[tuple[Route | None, SessionError | None]] | None = None
 
         def settled(route: Route | None, error: SessionError | None) -> None:
-            if not decided.done():
+            if decided is not None and not decided.done():
                 decided.set_result((route, error))
 
         conn, host, port = self.conn, datagram.host, datagram.port
-        lookup = gate.decide(
-            self.ctx, conn, "udp_associate", host, port, settled, need_addresses=True
-        )
-        if lookup is None:
-            await self._send_routed(datagram, *decided.result())
+        try:
+            outcome = gate.decide(
+                self.ctx, conn, "udp_associate", host, port, settled, need_addresses=True
+            )
+        except SessionError as exc:
+            await self._send_routed(datagram, None, exc)
+            return
+        if isinstance(outcome, Route):
+            await self._send_routed(datagram, outcome, None)
         elif len(self.lookups) >= MAX_LOOKUPS:
-            lookup.cancel()
+            outcome.cancel()
             self.dropped += 1
         else:
-            task = self.loop.create_task(self._send_after_lookup(datagram, decided, lookup))
+            decided = self.loop.create_future()
+            task = self.loop.create_task(self._send_after_lookup(datagram, decided, outcome))
             self.lookups.add(task)
             task.add_done_callback(self.lookups.discard)
 
@@ -393,8 +397,15 @@ class ParentRelay:
         # routed this datagram through (the address all zeros: not known yet)
         timeout = self.ctx.config.timeouts.connect
         route = Route("0.0.0.0", 0, None, group, None, self.loop.time() + timeout)
-        self.dial = Dial(self.ctx, route, self._on_connected)
-        self.dial.start(socks5.Command.UDP_ASSOCIATE, hash_key=first_host)
+        connector = dial(
+            self.ctx,
+            route,
+            self._on_connected,
+            command=socks5.Command.UDP_ASSOCIATE,
+            hash_key=first_host,
+        )
+        assert isinstance(connector, ChainConnector)  # (a route through a group)
+        self.dial = connector
 
     def send(self, datagram: socks5_udp.UdpDatagram, address: str | None) -> None:
         """`address`: the target's address, when the rules already resolved it."""

@@ -47,15 +47,18 @@ def conn(protocol: str = "socks5", user: str | None = None) -> Conn:
 def decide(
     ctx: Context, target: tuple[str, int], command: str = "connect", **kwargs: Any
 ) -> tuple[Route | None, SessionError | None]:
-    """Run gate.decide inside a loop; what it decided (it must decide at once here)."""
+    """Run gate.decide inside a loop: what it decided (at once here, without a lookup)."""
     found: list[tuple[Route | None, SessionError | None]] = []
 
     async def run() -> None:
         who = kwargs.pop("who", None) or conn()
-        lookup = gate.decide(
-            ctx, who, command, *target, lambda r, e: found.append((r, e)), **kwargs
-        )
-        assert lookup is None, "decided without a lookup"
+        try:
+            outcome = gate.decide(ctx, who, command, *target, lambda r, e: None, **kwargs)
+        except SessionError as exc:
+            found.append((None, exc))
+            return
+        assert isinstance(outcome, Route), "decided without a lookup"
+        found.append((outcome, None))
 
     asyncio.run(run())
     assert len(found) == 1
