@@ -27,16 +27,15 @@ class Binder:
     def __init__(
         self,
         local_host: str,
-        peers: list[AddrInfo],
+        peers: list[AddrInfo] | None,
         timeout: float,
         buffers: BuffersConfig,
         done: ConnectDone,
     ) -> None:
-        """`peers`: the addresses the peer may come from (the gate's); 0.0.0.0 or ::
-        among them accepts any peer. UpstreamError when no socket can listen."""
+        """`peers`: the addresses the peer may come from (the gate's); None accepts any
+        peer. UpstreamError when no socket can listen."""
         self._loop = asyncio.get_running_loop()
-        expected = {str(addr[0]) for _family, addr in peers}
-        self._expected = None if expected & {"0.0.0.0", "::"} else expected
+        self._expected = None if peers is None else {str(addr[0]) for _family, addr in peers}
         self._done: ConnectDone | None = done
         self.refused = 0  # connections from other addresses
         family = socket.AF_INET6 if ":" in local_host else socket.AF_INET

@@ -63,6 +63,7 @@ def dial(
     command: socks5.Command = CONNECT,
     plain_http: bool = False,
     hash_key: str | None = None,
+    timed: bool = True,
 ) -> Connecting:
     """Start connecting `route`; `done(sock, None)` or `done(None, error)` exactly once
     (perhaps before this returns), unless the connector returned is cancelled first.
@@ -77,7 +78,7 @@ def dial(
     ours, not the parent's doing. `plain_http`: for forwarding plain requests;
     `hash_key`: what the hash strategy hashes, when not the target's host.
     """
-    if (metrics := ctx.metrics) is not None:
+    if timed and (metrics := ctx.metrics) is not None:
         done = _timed(done, metrics)
     timeout = ctx.config.timeouts.connect
     if route.via is not None:

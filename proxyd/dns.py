@@ -134,18 +134,21 @@ class Resolver:
         pending.add_done_callback(deliver)
         return result
 
-    def find(self, host: str, port: int, timeout: float, done: Found) -> Lookup | None:
-        """The addresses of host:port: an IP literal as itself, a name from the cache or
-        looked up within `timeout`. `done(addresses, None)` or `done(None, error)` is
-        called exactly once, unless the returned lookup is cancelled first; at once
-        (and None returned) when no lookup is needed."""
+    def known(self, host: str, port: int) -> list[AddrInfo] | socket.gaierror | None:
+        """What is known of host:port without asking: an IP literal as itself, a name's
+        cached answer; None when it must be looked up."""
         addresses = literal_addresses(host, port)
-        if addresses is None:
-            cached = self.cached(host, port)
-            if isinstance(cached, OSError):
-                done(None, classify(cached, format_hostport(host, port)))
-                return None
-            addresses = cached
+        return addresses if addresses is not None else self.cached(host, port)
+
+    def find(self, host: str, port: int, timeout: float, done: Found) -> Lookup | None:
+        """The addresses of host:port: what is `known`, or a name looked up within
+        `timeout`. `done(addresses, None)` or `done(None, error)` is called exactly
+        once, unless the returned lookup is cancelled first; at once (and None
+        returned) when no lookup is needed."""
+        addresses = self.known(host, port)
+        if isinstance(addresses, OSError):
+            done(None, classify(addresses, format_hostport(host, port)))
+            return None
         if addresses is not None:
             done(addresses, None)
             return None
@@ -156,6 +159,8 @@ class Resolver:
         answer: asyncio.Future[list[AddrInfo]] = asyncio.get_running_loop().create_future()
 
         def found(addresses: list[AddrInfo] | None, error: UpstreamError | None) -> None:
+            if answer.done():  # the caller was cancelled as the answer came
+                return
             if error is not None:
                 answer.set_exception(error)
             else:
@@ -216,8 +221,8 @@ class Lookup:
         exc = future.exception()
         if isinstance(exc, OSError):  # gaierror
             done(None, classify(exc, self._target))
-        elif exc is not None:
-            raise exc
+        elif exc is not None:  # (a bug): the caller must still hear of the end
+            done(None, UpstreamError(f"lookup failed: {type(exc).__name__}"))
         else:
             done(future.result(), None)
 

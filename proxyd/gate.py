@@ -232,6 +232,9 @@ def decide(
             outcome = _settled(command, Route(host, port, addresses, via, refuse, deadline))
         except SessionError as exc:
             outcome = exc
+        except Exception as exc:  # a bug: the request still ends, answered and logged
+            ctx.log.exception("gate_error", conn_id=conn.conn_id)
+            outcome = SessionError(f"internal error: {type(exc).__name__}")
         if lookup is None:
             at_once.append(outcome)
         elif isinstance(outcome, Route):
@@ -265,6 +268,8 @@ async def route(
     decided: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
 
     def settled(found: Route | None, error: SessionError | None) -> None:
+        if decided.done():  # the caller was cancelled as the answer came
+            return
         if error is not None:
             decided.set_exception(error)
         else:

@@ -381,6 +381,8 @@ class Session:
         self._admission.release()
         if self.ctx.config.log.access and not (worker is not None and worker.logged):
             fields = {**(worker.fields() if worker is not None else {}), **(extra or {})}
+            if self._tls is not None and self.conn.tls is None:
+                fields["tls"] = None  # (it started TLS, but the handshake never finished)
             command, target = self.command, self.target
             access.record(self.conn, status, command=command, target=target, error=error, **fields)
         self._on_close(self)

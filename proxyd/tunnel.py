@@ -117,9 +117,11 @@ class Tunnel:
 
     def _listen(self, route: Route, listening: Answer) -> None:
         cfg = self._ctx.config
+        # a request for 0.0.0.0 or :: takes any peer; a name resolving to one of them does not
+        any_peer = route.host in ("0.0.0.0", "::")
         binder = Binder(
             self._conn.local_address()[0],
-            route.addresses or [],
+            None if any_peer else route.addresses or [],
             cfg.timeouts.connect,
             cfg.buffers,
             lambda sock, error: self._step(self._connected, sock, error, True),

@@ -122,7 +122,10 @@ class Association:
         return (self.bytes_up, self.bytes_down, self.datagrams_up, self.datagrams_down)
 
     def fields(self) -> dict[str, int | str]:
-        """The access line's byte and datagram counts (and the groups used)."""
+        """The access line's byte and datagram counts (and the groups used), once the
+        request was answered."""
+        if not self.established:
+            return {}
         fields: dict[str, int | str] = {
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
@@ -251,6 +254,9 @@ class Association:
                 decided.set_result((route, error))
 
         conn, host, port = self.conn, datagram.host, datagram.port
+        if len(self.lookups) >= MAX_LOOKUPS and self.ctx.resolver.known(host, port) is None:
+            self.dropped += 1  # a name to look up, with enough of them under way already
+            return
         try:
             outcome = gate.decide(
                 self.ctx, conn, "udp_associate", host, port, settled, need_addresses=True
@@ -260,9 +266,6 @@ class Association:
             return
         if isinstance(outcome, Route):
             await self._send_routed(datagram, outcome, None)
-        elif len(self.lookups) >= MAX_LOOKUPS:
-            outcome.cancel()
-            self.dropped += 1
         else:
             decided = self.loop.create_future()
             task = self.loop.create_task(self._send_after_lookup(datagram, decided, outcome))
@@ -403,6 +406,7 @@ class ParentRelay:
             self._on_connected,
             command=socks5.Command.UDP_ASSOCIATE,
             hash_key=first_host,
+            timed=False,  # (not a target's connection: kept out of the connect times)
         )
         assert isinstance(connector, ChainConnector)  # (a route through a group)
         self.dial = connector
@@ -439,8 +443,12 @@ class ParentRelay:
         """The target's address, when an IP literal or the resolver's cache has it at
         once; else the name is looked up (a few at a time) and its datagram sent once
         it is known."""
-        if len(self.lookups) >= MAX_LOOKUPS:
-            self.association.dropped += 1
+        resolver = self.ctx.resolver
+        if (
+            len(self.lookups) >= MAX_LOOKUPS
+            and resolver.known(datagram.host, datagram.port) is None
+        ):
+            self.association.dropped += 1  # a name to look up, with enough under way
             return None
         found: list[str] = []
 
@@ -456,7 +464,7 @@ class ParentRelay:
 
         lookup: Lookup | None = None
         timeout = self.ctx.config.timeouts.connect
-        lookup = self.ctx.resolver.find(datagram.host, datagram.port, timeout, resolved)
+        lookup = resolver.find(datagram.host, datagram.port, timeout, resolved)
         if lookup is not None:
             self.lookups.add(lookup)
         return found[0] if found else None
