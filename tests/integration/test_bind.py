@@ -108,3 +108,30 @@ def test_socks4_bind_gives_up_after_the_connect_timeout(start_daemon):
         assert control.recv(1) == b""  # and the connection ends
     line = daemon.access()
     assert (line["protocol"], line["command"], line["status"]) == ("socks4", "bind", "timeout")
+
+
+def test_a_bind_peer_named_by_a_name_meets_address_rules_and_no_wildcard(start_daemon, tmp_path):
+    """A named peer is resolved and judged address by address like any target, and a
+    name that resolves to 0.0.0.0 (a DNS sinkhole's answer) waits for that address, not
+    for anyone: only a request for 0.0.0.0 itself takes any peer."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.2 peer.test\n127.0.0.9 blocked.test\n0.0.0.0 sink.test\n")
+    daemon = start_daemon(
+        '[timeouts]\nconnect = 2\n[[rules]]\naction = "deny"\ndestinations = ["127.0.0.9/32"]\n',
+        hosts=hosts,
+    )
+    control, rep, _, _ = socks5client.connect(daemon.address, "blocked.test", 0, command=BIND)
+    control.close()
+    assert rep == 0x02
+    assert daemon.access()["status"] == "denied"
+
+    control, rep, host, port = socks5client.connect(daemon.address, "sink.test", 0, command=BIND)
+    with control:
+        assert rep == 0
+        with peer_from("127.0.0.1", (host, port)) as stranger:
+            try:
+                assert stranger.recv(1) == b""  # turned away: it is not 0.0.0.0
+            except ConnectionResetError:
+                pass
+        rep, _, _ = read_reply(control)
+        assert rep == 0x04  # nobody allowed came within timeouts.connect
