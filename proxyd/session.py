@@ -171,7 +171,7 @@ class Session:
             return
         self._enter(Phase.AUTH)
         self._auth = self.loop.create_task(derivation)
-        self._auth.add_done_callback(lambda task: self._step(self._on_verified, task, then))
+        self._auth.add_done_callback(lambda task: self.step(self._on_verified, task, then))
 
     def requested(self, command: str, host: str | None, port: int) -> None:
         self.command = command
@@ -209,11 +209,11 @@ class Session:
         """A tunnel for a CONNECT or BIND request."""
         self._request_complete()
         self._enter(Phase.CONNECT)
-        tunnel = Tunnel(self.ctx, self.conn, self.sock, self._step, self._established, self._end)
+        tunnel = Tunnel(self.ctx, self.conn, self.sock, self)
         self._worker = tunnel
         return tunnel
 
-    def _established(self, bound: tuple[str, int]) -> bytes:
+    def established(self, bound: tuple[str, int]) -> bytes:
         """The tunnel is up: the handler answers, and hands over what came after the request."""
         assert self._handler is not None
         first = self._handler.established(bound)
@@ -248,7 +248,7 @@ class Session:
 
     # -- reading the handshake -----------------------------------------------------------
 
-    def _step(self, step: Callable[..., None], *args: Any) -> None:
+    def step(self, step: Callable[..., None], *args: Any) -> None:
         """Run one step; an error ends the session with the refusal it calls for."""
         if self.phase is Phase.DONE:
             return  # a callback that was already on its way when the session ended
@@ -286,9 +286,9 @@ class Session:
             self._end(Status.CLIENT_CLOSED, exc.strerror or type(exc).__name__)
             return
         if data is None:
-            self._step(_nothing)
+            self.step(_nothing)
         else:
-            self._step(self._received, data)
+            self.step(self._received, data)
 
     def _received(self, data: bytes) -> None:
         if not data:
@@ -304,7 +304,7 @@ class Session:
         self._tls = Bridge(
             self.sock,
             self.ctx.tls,
-            ready=lambda plain: self._step(self._on_tls_ready, plain),
+            ready=lambda plain: self.step(self._on_tls_ready, plain),
             failed=lambda reason: self._refuse(ProtocolError(reason)),
         )
         self._tls.start(first)
@@ -351,6 +351,9 @@ class Session:
         self._end(
             error.status, str(error), {"rule": error.rule} if isinstance(error, Denied) else {}
         )
+
+    def ended(self, status: Status, error: str | None) -> None:
+        self._end(status, error)
 
     def _end(self, status: Status, error: str | None, extra: dict[str, Any] | None = None) -> None:
         """Release everything and write the access line (unless the worker wrote its own)."""

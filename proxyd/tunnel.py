@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from proxyd import gate
 from proxyd.bind import Binder
@@ -23,30 +23,39 @@ from proxyd.dns import Lookup
 from proxyd.errors import SessionError, Status
 from proxyd.relay import Relay, abort
 
-Step = Callable[..., None]  # the session's: runs a callback, refusing on a SessionError
 Answer = Callable[[str, int], None]
+
+
+class Owner(Protocol):
+    """The connection a tunnel serves (the session), held as one reference: an idle
+    tunnel keeps no callbacks of its own (memory per tunnel counts)."""
+
+    def step(self, step: Callable[..., None], *args: Any) -> None:
+        """Run a callback; a SessionError from it refuses the request."""
+
+    def established(self, bound: tuple[str, int]) -> bytes:
+        """Answer the client (`bound`: our end, or BIND's peer); what it sent after its
+        request, for the target."""
+
+    def ended(self, status: Status, error: str | None) -> None:
+        """The relay ended by itself."""
 
 
 class Tunnel:
     """One tunnel request and, once it is connected, its relay.
 
-    `established(bound)` answers the client (`bound`: our end of the connection,
-    or BIND's peer) and returns what the client sent after its request;
-    `ended(status, error)` is called when the relay ends by itself. `close()`
-    releases it all whenever the session ends.
+    `close()` releases it all whenever the session ends.
     """
 
     __slots__ = (
         "_client",
         "_conn",
         "_ctx",
-        "_ended",
-        "_established",
         "_lease",
+        "_owner",
         "_pending",
         "_relay",
         "_remote",
-        "_step",
         "via",
     )
 
@@ -59,16 +68,12 @@ class Tunnel:
         ctx: Context,
         conn: Conn,
         client: socket.socket,
-        step: Step,
-        established: Callable[[tuple[str, int]], bytes],
-        ended: Callable[[Status, str | None], object],
+        owner: Owner,
     ) -> None:
         self._ctx = ctx
         self._conn = conn
         self._client = client
-        self._step = step
-        self._established = established
-        self._ended = ended
+        self._owner = owner
         self._pending: Lookup | Connecting | Binder | None = None  # what is under way
         self._remote: socket.socket | None = None
         self._relay: Relay | None = None
@@ -90,7 +95,7 @@ class Tunnel:
             command,
             host,
             port,
-            lambda route, error: self._step(self._decided, route, error, then),
+            lambda route, error: self._owner.step(self._decided, route, error, then),
             need_addresses=command == "bind",  # the peer comes from an address
         )
         if isinstance(outcome, Route):
@@ -110,7 +115,7 @@ class Tunnel:
     def _dial(self, route: Route) -> None:
         self.via = route.via
         connector = dial(
-            self._ctx, route, lambda sock, error: self._step(self._connected, sock, error)
+            self._ctx, route, lambda sock, error: self._owner.step(self._connected, sock, error)
         )
         if self._remote is None:  # (a near target may have answered at once)
             self._pending = connector
@@ -124,7 +129,7 @@ class Tunnel:
             None if any_peer else route.addresses or [],
             cfg.timeouts.connect,
             cfg.buffers,
-            lambda sock, error: self._step(self._connected, sock, error, True),
+            lambda sock, error: self._owner.step(self._connected, sock, error, True),
         )
         self._pending = binder
         listening(*binder.address)
@@ -143,7 +148,7 @@ class Tunnel:
             self._lease, first_down = pending.lease, pending.trailing
         # CONNECT replies with our end of the connection, BIND with the peer's address
         bound = remote.getpeername() if bind else remote.getsockname()
-        first_up = self._established(bound[:2])
+        first_up = self._owner.established(bound[:2])
         cfg = self._ctx.config
         self._relay = Relay(
             self._client,
@@ -151,7 +156,7 @@ class Tunnel:
             read_size=cfg.buffers.read_size,
             idle=cfg.timeouts.idle,
             splice=cfg.buffers.splice,
-            on_end=self._ended,
+            on_end=self._owner.ended,
             rate=gate.rate_for(self._ctx, self._conn.user),
         )
         self._relay.start(first_up, first_down)
