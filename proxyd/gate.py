@@ -74,7 +74,8 @@ class Admission:
         self._client: str | None = None
         self._user: str | None = None
         # the client is to be named by a PROXY header before it is counted
-        self.awaits_header = proxy_protocol_required(ctx, conn.peer_ip)
+        balancers = ctx.config.server.proxy_protocol_from
+        self.awaits_header = bool(balancers) and in_networks(conn.peer_ip, balancers)
         if not self.awaits_header:
             self.count_client(conn.peer_ip)
 
@@ -102,9 +103,13 @@ class Admission:
 
     def release(self) -> None:
         """The connection ended: it counts no more (once)."""
-        if self._client is not None:
-            _release(self._ctx.per_client, self._client)
+        if (client := self._client) is not None:
             self._client = None
+            counts = self._ctx.per_client
+            if (left := counts.get(client, 0) - 1) > 0:
+                counts[client] = left
+            else:
+                counts.pop(client, None)
         if self._user is not None:
             _release(self._ctx.per_user, self._user)
             self._user = None
@@ -130,13 +135,6 @@ def rate_for(ctx: Context, user: str | None) -> Rate | None:
     if buckets is None:
         buckets = ctx.rates[user] = (Bucket(rate), Bucket(rate))
     return buckets
-
-
-def proxy_protocol_required(ctx: Context, ip: str) -> bool:
-    """Whether a connection from `ip` must start with a PROXY protocol header (it comes
-    from a trusted load balancer, which then names the client)."""
-    networks = ctx.config.server.proxy_protocol_from
-    return bool(networks) and in_networks(ip, networks)
 
 
 # -- the credentials ---------------------------------------------------------------

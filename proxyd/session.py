@@ -369,7 +369,7 @@ class Session:
         worker = self._worker
         # a stream cut off on one side (a reset, an answer broken off) is reset on the
         # other: it must not look whole
-        cut = worker is not None and worker.cut
+        cut = status is Status.RESET or (worker is not None and worker.cut)
         if isinstance(worker, Tunnel):
             worker.close(cut)
         if self._tls is not None:

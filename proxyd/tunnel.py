@@ -62,6 +62,9 @@ class Tunnel:
     # what the session asks of whatever took its connection over (handlers.Worker)
     between_requests: Final = False
     logged: Final = False  # the session writes the tunnel's access line
+    # a reset on one side is passed on as a reset to the other, as a stream cut off
+    # must be: the relay's status (reset) says so, the session reads that
+    cut: Final = False
 
     def __init__(
         self,
@@ -166,12 +169,6 @@ class Tunnel:
     @property
     def answered(self) -> bool:
         return self._relay is not None
-
-    @property
-    def cut(self) -> bool:
-        """A reset on one side: it is passed on as a reset to the other, as a stream
-        cut off must be (never as an orderly end)."""
-        return self._relay is not None and self._relay.status is Status.RESET
 
     def usage(self) -> tuple[int, int, int, int]:
         relay = self._relay
