@@ -210,6 +210,9 @@ class ServerConfig:
     # load balancers whose connections start with a PROXY protocol header (v1 or v2),
     # which then names the client; from them it is required, from anyone else refused
     proxy_protocol_from: tuple[IPNetwork, ...] = _key((), _networks)
+    # the host's own and private networks as destinations: "auto" denies them whenever the
+    # daemon is reachable beyond this host (see Config.exposed), "deny" always, "allow" never
+    private_destinations: str = _key("auto", _choice(("auto", "deny", "allow")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +299,15 @@ class Config:
 
     def upstream(self, name: str) -> UpstreamGroup:
         return next(g for g in self.upstreams if g.name == name)
+
+    @property
+    def exposed(self) -> bool:
+        """Whether clients from beyond this host can reach the daemon, as far as the file
+        says: a listener off loopback, or a load balancer relaying them (sockets systemd
+        passes are judged when they arrive)."""
+        return bool(self.server.proxy_protocol_from) or not all(
+            a.is_loopback for a in self.server.listen
+        )
 
     def open_proxy_problem(self) -> str | None:
         """Why starting would make an open proxy, or None when it would not."""
