@@ -1,5 +1,6 @@
 """SOCKS BIND: a listening socket of its own per request, for the one peer the
-request names (its addresses, or anyone for 0.0.0.0), within `timeouts.connect`."""
+request names (its addresses, or anyone for 0.0.0.0 that the route's check lets
+through), within `timeouts.connect`. Addresses are compared parsed, not as text."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import errno
 import socket
 
 from proxyd.config import BuffersConfig
-from proxyd.direct import ConnectDone, tune_socket
+from proxyd.destinations import parse
+from proxyd.direct import ConnectDone, Refuse, tune_socket
 from proxyd.dns import AddrInfo
 from proxyd.errors import UpstreamError, UpstreamTimeout
 
@@ -22,7 +24,7 @@ class Binder:
     `cancel()` comes first; the accepted socket then belongs to the caller.
     """
 
-    __slots__ = ("_done", "_expected", "_listener", "_loop", "_timer", "refused")
+    __slots__ = ("_done", "_expected", "_listener", "_loop", "_refuse", "_timer", "refused")
 
     def __init__(
         self,
@@ -31,13 +33,16 @@ class Binder:
         timeout: float,
         buffers: BuffersConfig,
         done: ConnectDone,
+        refuse: Refuse | None = None,
     ) -> None:
         """`peers`: the addresses the peer may come from (the gate's); None accepts any
-        peer. UpstreamError when no socket can listen."""
+        peer that `refuse` (the route's check, given the peer's address and port 0) lets
+        through. UpstreamError when no socket can listen."""
         self._loop = asyncio.get_running_loop()
-        self._expected = None if peers is None else {str(addr[0]) for _family, addr in peers}
+        self._expected = None if peers is None else {parse(addr[0]) for _family, addr in peers}
+        self._refuse = refuse
         self._done: ConnectDone | None = done
-        self.refused = 0  # connections from other addresses
+        self.refused = 0  # connections from other addresses, or refused ones
         family = socket.AF_INET6 if ":" in local_host else socket.AF_INET
         try:
             self._listener = socket.socket(family, socket.SOCK_STREAM)
@@ -84,7 +89,11 @@ class Binder:
                 self.cancel()
                 done(None, UpstreamError(f"cannot accept the peer: {exc.strerror}"))
                 return
-            if self._expected is not None and peer[0] not in self._expected:
+            if (
+                parse(peer[0]) not in self._expected
+                if self._expected is not None
+                else self._refuse is not None and self._refuse(peer[0], 0) is not None
+            ):
                 sock.close()
                 self.refused += 1
                 continue

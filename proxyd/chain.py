@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from proxyd.config import BuffersConfig, Config
-from proxyd.direct import Connector
+from proxyd.direct import Connector, Refuse
 from proxyd.dns import AddrInfo, Resolver, literal_addresses
 from proxyd.errors import (
     REP_CONNECTION_REFUSED,
@@ -356,9 +356,6 @@ class Dialer:
                 if parent.scheme.startswith("socks5"):
                     client = client_for(parent, socks5.Command.CONNECT, "0.0.0.0", 0)
                     await Handshake(sock, client).run(until_request=True)
-
-
-Refuse = Callable[[str, int], bool]
 
 
 @contextlib.asynccontextmanager

@@ -63,10 +63,13 @@ def _report(name: str, problems: list[str]) -> None:
 def check_config(path: Path | None) -> int:
     source = settings.Source(path)
     try:
-        source.read()
+        current = source.read()
     except ConfigError as exc:
         _report(source.name, exc.problems)
         return EXIT_PROBLEM
+    for event, fields in current.warnings():  # what works but should not be so
+        details = ", ".join(f"{key}: {value}" for key, value in fields.items())
+        print(f"{source.name}: warning: {event} ({details})", file=sys.stderr)
     print(f"{source.name}: OK")
     return EXIT_OK
 

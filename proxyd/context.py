@@ -17,6 +17,7 @@ from typing import Any
 from proxyd.auth import Authenticator, PasswordHash
 from proxyd.chain import Upstreams
 from proxyd.config import Config
+from proxyd.destinations import Destinations
 from proxyd.dns import Resolver
 from proxyd.metrics import Metrics
 from proxyd.protocols.common import format_hostport
@@ -39,7 +40,8 @@ class Context:
     rules: Rules = field(default_factory=Rules)
     tls: ssl.SSLContext | None = None  # `[tls]`: clients starting with a TLS handshake get TLS
     metrics: Metrics | None = None  # `[metrics]`: what connections record
-    listening: list[tuple[str, int]] = field(default_factory=list)  # our own listeners
+    # the daemon itself, the host's addresses and private networks, as destinations
+    destinations: Destinations = field(default_factory=Destinations)
     # open connections per client address and per user, for `[limits]`
     per_client: dict[str, int] = field(default_factory=dict)
     per_user: dict[str, int] = field(default_factory=dict)

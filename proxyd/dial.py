@@ -15,13 +15,12 @@ from typing import Final
 
 from proxyd.chain import ChainConnector
 from proxyd.context import Context
-from proxyd.direct import Connector
+from proxyd.direct import Connector, Refuse
 from proxyd.dns import AddrInfo
 from proxyd.errors import SessionError
 from proxyd.metrics import Metrics
 from proxyd.protocols import socks5
 
-Refuse = Callable[[str, int], bool]
 Dialled = Callable[[socket.socket | None, SessionError | None], object]
 Connecting = Connector | ChainConnector
 CONNECT: Final = socks5.Command.CONNECT
@@ -29,8 +28,9 @@ CONNECT: Final = socks5.Command.CONNECT
 
 class Route:
     """Where a request may go, as the gate decided: host:port, the addresses that
-    may be dialled (None: whatever the resolver finds, less those `refuse` names),
-    and the upstream group to go through (None: direct)."""
+    may be dialled (None: whatever the resolver finds), `refuse`, which says of each
+    address about to be dialled directly whether it must not be (the daemon itself,
+    a private destination), and the upstream group to go through (None: direct)."""
 
     __slots__ = ("addresses", "deadline", "host", "port", "refuse", "rule", "via")
 
@@ -83,7 +83,8 @@ def dial(
     timeout = ctx.config.timeouts.connect
     if route.via is not None:
         pool = ctx.upstreams.pool(route.via)
-        chained = ChainConnector(pool, timeout, done, refuse=route.refuse)
+        # a parent is the operator's choice, wherever it is: only never this daemon
+        chained = ChainConnector(pool, timeout, done, refuse=ctx.destinations.own)
         chained.start(
             route.host,
             route.port,

@@ -2,7 +2,7 @@
 within one timeout, and the socket options both sides of a tunnel get.
 
 The addresses come from the resolver (or the gate, already checked); `refuse`
-names those never to connect to, which the gate decides.
+says which of them never to connect to, as the gate decided (proxyd.destinations).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def interleave(addresses: list[AddrInfo]) -> list[AddrInfo]:
 ATTEMPT_DELAY: Final = 0.25
 
 ConnectDone = Callable[[socket.socket | None, SessionError | None], object]
+Refuse = Callable[[str, int], Denied | None]  # (ip, port): why not to connect there, if so
 
 
 class Connector:
@@ -90,11 +91,12 @@ class Connector:
         buffers: BuffersConfig,
         timeout: float,
         done: ConnectDone,
-        refuse: Callable[[str, int], bool] | None = None,
+        refuse: Refuse | None = None,
     ) -> None:
-        """`refuse(ip, port)`: addresses never to connect to (the proxy's own listeners)."""
+        """`refuse(ip, port)`: addresses never to connect to, and why (the proxy itself,
+        a private destination)."""
         self._refuse = refuse
-        self._refused = False
+        self._refused: Denied | None = None
         self._loop = asyncio.get_running_loop()
         self._resolver = resolver
         self._buffers = buffers
@@ -147,8 +149,8 @@ class Connector:
         self._delay = None
         while self._addresses:
             family, addr = self._addresses.pop(0)
-            if self._refuse is not None and self._refuse(addr[0], addr[1]):
-                self._refused = True
+            if self._refuse is not None and (denied := self._refuse(addr[0], addr[1])):
+                self._refused = denied
                 continue
             try:
                 sock = socket.socket(family, socket.SOCK_STREAM)
@@ -181,8 +183,8 @@ class Connector:
             sock.close()
             self._last = OSError(err, os.strerror(err))
         if not self._attempts:
-            if self._last is None and self._refused:
-                self._finish(None, Denied(None, f"{self._target} is this proxy's own listener"))
+            if self._last is None and self._refused is not None:
+                self._finish(None, self._refused)
             elif self._last is None:
                 self._finish(None, HostUnreachable(f"{self._target} has no address"))
             else:

@@ -112,11 +112,19 @@ class Denied(SessionError):
     socks_reply = REP_NOT_ALLOWED
     http_status = 403
 
-    def __init__(self, rule: int | None, reason: str | None = None) -> None:
+    def __init__(
+        self, rule: int | None, reason: str | None = None, *, code: str | None = None
+    ) -> None:
         if reason is None:
             reason = f"denied by rules[{rule}]" if rule is not None else "denied by default_action"
         super().__init__(reason)
-        self.rule = rule  # the access line's `rule`: None for the default action
+        self.rule = rule  # the access line's `rule`: None for the default action, or none at all
+        # the access line's `reason` when no rule decided: "private_destination", "own_listener"
+        self.code = code
+
+    def fields(self) -> dict[str, object]:
+        """What the access line adds: the deciding rule, or why it was refused without one."""
+        return {"rule": self.rule} if self.code is None else {"rule": None, "reason": self.code}
 
 
 class OverLimit(SessionError):

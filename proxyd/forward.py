@@ -252,7 +252,7 @@ class Forwarder:
         except SessionError as exc:
             status, error = exc.status, str(exc)
             if isinstance(exc, Denied):
-                extra["rule"] = exc.rule
+                extra.update(exc.fields())
             if self.client.our_state is h11.SEND_RESPONSE:
                 self._send_client(self.parser.error_response(exc.http_status, str(exc)))
             else:  # mid-answer: a reset, so that no client takes it for a whole one

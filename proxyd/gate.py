@@ -15,13 +15,11 @@ handshake (which runs without a task), and an awaitable face, for forwarding.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import ipaddress
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from proxyd.context import Conn, Context, Rate
+from proxyd.destinations import private_denial
 from proxyd.dial import Route
 from proxyd.dns import AddrInfo, Lookup
 from proxyd.errors import (
@@ -33,7 +31,7 @@ from proxyd.errors import (
     Status,
     UpstreamError,
 )
-from proxyd.protocols.common import Credentials
+from proxyd.protocols.common import Credentials, format_hostport
 from proxyd.relay import Bucket
 from proxyd.rules import Request, allowed_addresses, in_networks
 
@@ -201,20 +199,32 @@ def decide(
     `timeouts.connect`, which the connect that follows shares). `need_addresses`:
     the caller sends to an address, not a name (a datagram, a BIND's peer), so a
     direct route always comes resolved.
+
+    Never itself, and no private destination unless a rule names it: a direct route
+    carries the check (proxyd.destinations) that the dial applies to each address it
+    is about to connect to, the addresses the gate found already screened by it.
     """
     rules = ctx.rules
-    refuse = functools.partial(is_own_listener, ctx, conn)
+    guard = ctx.destinations
+    # what the dial must refuse: the daemon itself always; private destinations too
+    # when they are denied and no rule names this one
+    screened = guard.deny_private
+    refuse = guard.private if screened else guard.own
     request: Request | None = None
     if not rules.trivial:
         request = Request(conn.peer_ip, conn.user, conn.protocol or "", command, host, port)
         decision = rules.check_before_lookup(request)  # Denied raises
         if decision is not None:
             request = None  # decided: a lookup below only finds the addresses
+            if decision.explicit:  # a rule names this destination
+                screened, refuse = False, guard.own
             if decision.via is not None or not need_addresses:
                 route = Route(host, port, None, decision.via, refuse, None, decision.rule)
                 return _settled(command, route)
     elif not need_addresses:
         return Route(host, port, None, None, refuse)
+    # for BIND, 0.0.0.0 or :: asks for any peer, each then screened as it connects
+    screen = screened and not (command == "bind" and host in ("0.0.0.0", "::"))
     timeout = ctx.config.timeouts.connect
     deadline = asyncio.get_running_loop().time() + timeout
     at_once: list[Route | SessionError] = []  # what the resolver knew without asking
@@ -223,11 +233,21 @@ def decide(
         outcome: Route | SessionError
         try:
             if error is not None:
+                if request is not None:  # a denial stands whether the name exists or not
+                    rules.check_unresolved(request)
                 raise error
             via = None
+            addresses = addresses or []
             if request is not None:  # address rules: each address on its own
-                addresses, via = allowed_addresses(rules, request, addresses or [])
-            outcome = _settled(command, Route(host, port, addresses, via, refuse, deadline))
+                addresses, via = allowed_addresses(
+                    rules, request, addresses, guard.screens if screen else None
+                )
+            elif screen:
+                addresses = [a for a in addresses if not guard.screens(a[1][0])]
+            if screen and not addresses and via is None:
+                raise private_denial(format_hostport(host, port))
+            checked = guard.own if screen else refuse  # (a BIND for any peer: each peer)
+            outcome = _settled(command, Route(host, port, addresses, via, checked, deadline))
         except SessionError as exc:
             outcome = exc
         except Exception as exc:  # a bug: the request still ends, answered and logged
@@ -291,21 +311,3 @@ def check_association(ctx: Context, conn: Conn, host: str, port: int) -> None:
     if not rules.trivial:
         request = Request(conn.peer_ip, conn.user, conn.protocol or "", "udp_associate", host, port)
         rules.check_without_destination(request)
-
-
-def is_own_listener(ctx: Context, conn: Conn, ip: str, port: int) -> bool:
-    """Whether ip:port is one of this daemon's listeners, which a client must not make
-    it connect to (a loop through itself). A wildcard listener is reached on
-    loopback, on the unspecified address, and on the address the client used."""
-    for host, own_port in ctx.listening:
-        if own_port != port:
-            continue
-        if ip == host:
-            return True
-        if host in ("0.0.0.0", "::"):
-            if ip in ("0.0.0.0", "::") or ipaddress.ip_address(ip).is_loopback:
-                return True
-            with contextlib.suppress(OSError):
-                if ip == conn.local_address()[0]:
-                    return True
-    return False

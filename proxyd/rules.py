@@ -11,7 +11,7 @@ denied address between check and connect.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -68,17 +68,7 @@ class Rule:
     def matches(self, request: Request, address: IPAddress | None) -> bool:
         """Whether every key this rule sets matches; `address` is the target's IP (the
         host itself when it is one, else the resolved address under judgement)."""
-        if self.clients is not None and not _in_any(_ip(request.client), self.clients):
-            return False
-        if self.users is not None and request.user not in self.users:
-            return False
-        if self.protocols is not None and request.protocol not in self.protocols:
-            return False
-        if self.commands is not None and request.command.lower() not in self.commands:
-            return False
-        if self.ports is not None and not any(
-            low <= request.port <= high for low, high in self.ports
-        ):
+        if not self.matches_beside_destination(request):
             return False
         if self.has_destinations:
             name = request.host.rstrip(".").lower()
@@ -94,12 +84,27 @@ class Rule:
                 return False
         return True
 
+    def matches_beside_destination(self, request: Request) -> bool:
+        """Whether every key but `destinations` matches."""
+        if self.clients is not None and not _in_any(_ip(request.client), self.clients):
+            return False
+        if self.users is not None and request.user not in self.users:
+            return False
+        if self.protocols is not None and request.protocol not in self.protocols:
+            return False
+        if self.commands is not None and request.command.lower() not in self.commands:
+            return False
+        return self.ports is None or any(low <= request.port <= high for low, high in self.ports)
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
     rule: int | None  # index of the deciding rule; None: the default action
     via: str | None = None  # the upstream group to go through; None: direct
+    # allowed by a rule that names the destination (a CIDR or a name), which alone
+    # lets a private destination through
+    explicit: bool = False
 
 
 class Rules:
@@ -117,7 +122,7 @@ class Rules:
     def decide(self, request: Request, address: IPAddress | None = None) -> Decision:
         for index, rule in enumerate(self.rules):
             if rule.matches(request, address):
-                return Decision(rule.allow, index, rule.via)
+                return Decision(rule.allow, index, rule.via, rule.allow and rule.has_destinations)
         return Decision(self.default_allow, None)
 
     def check(self, request: Request) -> Decision:
@@ -130,10 +135,22 @@ class Rules:
 
     def check_before_lookup(self, request: Request) -> Decision | None:
         """Decide what needs no lookup: Denied when refused, the decision when allowed,
-        None when the host is a name that address rules need resolved first."""
+        None when the host is a name whose addresses decide (an address rule could
+        match it before any rule that matches it whatever its addresses)."""
         if self.need_addresses and self.address_of(request.host) is None:
-            return None
+            for rule in self.rules:
+                if rule.matches(request, None):
+                    break  # decided by the name, whatever it resolves to
+                if rule.networks is not None and rule.matches_beside_destination(request):
+                    return None
         return self.check(request)
+
+    def check_unresolved(self, request: Request) -> None:
+        """A name that did not resolve is judged without an address: Denied when the
+        rules refuse it so, so that whether a denied name exists never shows."""
+        decision = self.decide(request, None)
+        if not decision.allowed:
+            raise Denied(decision.rule)
 
     def check_without_destination(self, request: Request) -> None:
         """Judge a request that names no destination of its own (a UDP association,
@@ -158,22 +175,37 @@ AddrInfo = tuple[int, tuple[Any, ...]]  # (family, sockaddr), as upstream resolv
 
 
 def allowed_addresses(
-    rules: Rules, request: Request, addresses: list[AddrInfo]
+    rules: Rules,
+    request: Request,
+    addresses: list[AddrInfo],
+    screen: Callable[[str], bool] | None = None,
 ) -> tuple[list[AddrInfo], str | None]:
     """The addresses of a resolved name that the rules allow, each judged on its own,
     and the route (`via`) of the first allowed one, which the others must share to be
-    used; Denied (with the first address's rule) when none is allowed."""
+    used; Denied (with the first address's rule) when none is allowed.
+
+    `screen(ip)`: addresses that only an allow rule naming them (`Decision.explicit`)
+    lets through to a direct connection; when they were all that was allowed, the
+    list is empty."""
     allowed: list[AddrInfo] = []
     first: Decision | None = None
     route: Decision | None = None
+    screened = False
     for family, addr in addresses:
         decision = rules.decide(request, rules.address_of(addr[0]))
         first = first or decision
-        if decision.allowed:
-            route = route or decision
-            if decision.via == route.via:
-                allowed.append((family, addr))
+        if not decision.allowed:
+            continue
+        screened_here = decision.via is None and not decision.explicit
+        if screened_here and screen is not None and screen(addr[0]):
+            screened = True
+            continue
+        route = route or decision
+        if decision.via == route.via:
+            allowed.append((family, addr))
     if route is None:
+        if screened:
+            return [], None
         raise Denied(first.rule if first is not None else None)
     return allowed, route.via
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import ipaddress
 import itertools
 import os
 import signal
@@ -111,6 +112,7 @@ class Server:
         self._tick: asyncio.TimerHandle | None = None
         self.metrics: Metrics | None = None
         self._admin: AdminServer | None = None
+        self._admin_port: int | None = None
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then close every listener and tunnel."""
@@ -306,6 +308,7 @@ class Server:
         self.config = new
         self._buffers = new.buffers
         self.ctx.reconfigure(new, settings.users, _rules(new), settings.tls)
+        self._guard()
         if move_admin:
             await self._replace_admin(admin)
         self._schedule_tick()
@@ -322,16 +325,33 @@ class Server:
 
     def _watch(self, sock: socket.socket) -> None:
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_acceptable, sock)
-        self.ctx.listening.append(sock.getsockname()[:2])
+        self._guard()
         self.log.info("listening", address=_name(sock))
+
+    def _guard(self) -> None:
+        """Tell the gate what no client may reach through us (proxyd.destinations):
+        every port this daemon listens on, the metrics listener's included, and the
+        private networks when `server.private_destinations` says so: "auto" denies them
+        whenever clients from beyond this host reach the daemon (the config says so,
+        or systemd passed a socket off loopback)."""
+        ports = {sock.getsockname()[1] for sock in self._bound.values() if sock.fileno() >= 0}
+        if self._admin_port is not None:
+            ports.add(self._admin_port)
+        mode = self.config.server.private_destinations
+        exposed = self.config.exposed or any(
+            not ipaddress.ip_address(sock.getsockname()[0]).is_loopback for sock in self._activated
+        )
+        guard = self.ctx.destinations
+        guard.own_ports = frozenset(ports)
+        guard.deny_private = mode == "deny" or (mode == "auto" and exposed)
 
     def _unwatch(self, address: ListenAddress) -> str:
         """Close one listener (connections it accepted go on); the address it had."""
         sock = self._bound.pop(address)
         name = _name(sock)
-        self.ctx.listening.remove(sock.getsockname()[:2])
         asyncio.get_running_loop().remove_reader(sock.fileno())
         sock.close()
+        self._guard()
         self.log.info("listener_closed", address=name)
         return name
 
@@ -349,6 +369,8 @@ class Server:
         if self._admin is not None:
             await self._admin.close()
             self._admin = None
+        self._admin_port = None if sock is None else sock.getsockname()[1]
+        self._guard()
         if sock is None:
             return
         try:

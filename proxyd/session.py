@@ -348,9 +348,7 @@ class Session:
             # a few bytes into an idle socket: one send, never a wait
             with contextlib.suppress(OSError):
                 self.sock.send(answer)
-        self._end(
-            error.status, str(error), {"rule": error.rule} if isinstance(error, Denied) else {}
-        )
+        self._end(error.status, str(error), error.fields() if isinstance(error, Denied) else {})
 
     def ended(self, status: Status, error: str | None) -> None:
         self._end(status, error)

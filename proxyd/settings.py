@@ -34,6 +34,12 @@ class Settings:
                 found.append(("users_file_world_readable", {"path": str(users_file), "hint": hint}))
             if not self.users:
                 found.append(("users_file_empty", {"path": str(users_file)}))
+        if self.config.exposed and self.config.server.private_destinations == "allow":
+            hint = (
+                "clients from beyond this host may reach its loopback services, its private "
+                "networks and cloud metadata; name what they need in [[rules]] destinations"
+            )
+            found.append(("private_destinations_allowed", {"hint": hint}))
         if key is not None and auth.is_world_readable(key):
             hint = "chmod 600 it: it is the TLS private key"
             found.append(("tls_key_world_readable", {"path": str(key), "hint": hint}))

@@ -133,6 +133,7 @@ class Tunnel:
             cfg.timeouts.connect,
             cfg.buffers,
             lambda sock, error: self._owner.step(self._connected, sock, error, True),
+            route.refuse,
         )
         self._pending = binder
         listening(*binder.address)

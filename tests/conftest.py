@@ -224,20 +224,21 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         hosts: Path | None = None,
         nameserver: str | None = None,
         env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
     ) -> Daemon:
         """`hosts`: a file the daemon sees as /etc/hosts, in a mount namespace of its own
         where names are looked up in that file only: tests name loopback addresses,
         and an unknown name fails there, without a query to any DNS server; or, with
-        `nameserver`, next from the DNS server at that loopback address."""
+        `nameserver`, next from the DNS server at that loopback address. `prefix`: a
+        command the daemon runs under (a network namespace of the test's own)."""
         index = next(counter)
         path = tmp_path / f"proxyd-{index}.toml"
         path.write_text(config_toml)
         args = ["--config", str(path), *extra]
         if listen:
             args += ["--listen", listen]
-        prefix = None
         if hosts is not None:
-            prefix = local_names(tmp_path / f"names-{index}", hosts, nameserver)
+            prefix = [*(prefix or []), *local_names(tmp_path / f"names-{index}", hosts, nameserver)]
         daemon = Daemon(args, env=env, prefix=prefix)
         daemon.config_path = path
         daemons.append(daemon)

@@ -157,13 +157,140 @@ def test_a_udp_association_is_refused_only_by_rules_without_destinations() -> No
         gate.check_association(ctx, conn(user="mallory"), "0.0.0.0", 0)
 
 
-def test_the_route_refuses_our_own_listeners() -> None:
+def test_the_route_refuses_this_daemon_in_every_form() -> None:
     ctx = context()
-    ctx.listening.append(("0.0.0.0", 1080))
+    ctx.destinations.own_ports = frozenset({1080, 9100})  # a listener, the metrics one
     route, _ = decide(ctx, ("example.test", 80))
     assert route is not None and route.refuse is not None
-    assert route.refuse("127.0.0.1", 1080) and route.refuse("0.0.0.0", 1080)
-    assert not route.refuse("127.0.0.1", 1081)
+    for ip in (
+        "127.0.0.1",
+        "127.9.9.9",
+        "0.0.0.0",
+        "::",
+        "::1",
+        "::ffff:127.0.0.1",
+        "::ffff:0.0.0.0",
+        "64:ff9b::7f00:1",
+        "0:0:0:0:0:ffff:7f00:0001",
+    ):
+        for port in (1080, 9100):
+            denied = route.refuse(ip, port)
+            assert isinstance(denied, Denied) and denied.code == "own_listener", (ip, port)
+            assert "own listener" in str(denied)
+    # the host's own addresses, as the kernel lists them, at any of our ports
+    for address in ctx.destinations.host():
+        assert route.refuse(str(address), 1080) is not None, address
+    assert route.refuse("127.0.0.1", 1081) is None  # not our port
+    assert route.refuse("192.0.2.1", 1080) is None  # not this host
+
+
+def exposed(data: dict[str, Any] | None = None) -> Context:
+    ctx = context(data)
+    ctx.destinations.deny_private = True  # as the server sets it for an exposed daemon
+    return ctx
+
+
+PRIVATE_TARGETS = [
+    "127.0.0.1",
+    "10.1.2.3",
+    "169.254.169.254",
+    "::1",
+    "fe80::1",
+    "::ffff:10.0.0.1",
+    "64:ff9b::a9fe:a9fe",
+    "100.64.0.1",
+    "0.0.0.0",
+]
+
+
+@pytest.mark.parametrize("ip", PRIVATE_TARGETS)
+def test_an_exposed_daemon_refuses_private_destinations_as_it_dials(ip: str) -> None:
+    route, error = decide(exposed(), (ip, 80))  # decided at once; the dial applies the check
+    assert error is None and route is not None and route.refuse is not None
+    denied = route.refuse(ip, 80)
+    assert isinstance(denied, Denied) and denied.code == "private_destination"
+    assert denied.fields() == {"rule": None, "reason": "private_destination"}
+    assert route.refuse("192.0.2.10", 80) is None  # a public address passes
+
+
+def test_a_name_is_judged_by_the_addresses_it_resolves_to() -> None:
+    ctx = exposed()
+    remember(ctx, "inside.test", "10.0.0.5")
+    remember(ctx, "both.test", "10.0.0.5", "192.0.2.7")
+    # a datagram (addresses needed): the gate screens what it found
+    _, error = decide(ctx, ("inside.test", 53), "udp_associate", need_addresses=True)
+    assert isinstance(error, Denied) and error.code == "private_destination"
+    route, error = decide(ctx, ("both.test", 53), "udp_associate", need_addresses=True)
+    assert error is None and route is not None
+    assert [a[1][0] for a in route.addresses or []] == ["192.0.2.7"]
+
+
+def test_only_a_rule_naming_the_destination_lets_a_private_one_through() -> None:
+    ctx = exposed(
+        {
+            "rules": [
+                {"action": "allow", "destinations": ["10.0.0.0/24"]},
+                {"action": "allow", "destinations": ["db.test"]},
+                {"action": "allow"},  # a catch-all allow does not
+            ]
+        }
+    )
+    remember(ctx, "db.test", "10.9.0.1")
+    remember(ctx, "other.test", "10.9.0.1", "10.0.0.7")
+    route, _ = decide(ctx, ("10.0.0.9", 5432))
+    assert route is not None and route.refuse is not None and route.refuse("10.0.0.9", 5432) is None
+    route, _ = decide(ctx, ("db.test", 5432))
+    assert route is not None and route.refuse is not None and route.refuse("10.9.0.1", 5432) is None
+    route, _ = decide(ctx, ("10.1.0.9", 5432))  # by the catch-all: refused as it is dialled
+    assert route is not None and route.refuse is not None
+    assert route.refuse("10.1.0.9", 5432) is not None
+    # a name: each address on its own; only the one a CIDR names is left
+    route, error = decide(ctx, ("other.test", 5432))
+    assert error is None and route is not None
+    assert [a[1][0] for a in route.addresses or []] == ["10.0.0.7"]
+    # never the daemon itself, even when a rule names it
+    ctx.destinations.own_ports = frozenset({1080})
+    route, _ = decide(ctx, ("10.0.0.9", 1080))
+    assert route is not None and route.refuse is not None
+    assert route.refuse("127.0.0.1", 1080) is not None
+
+
+def test_a_bind_for_any_peer_screens_each_peer() -> None:
+    route, error = decide(exposed(), ("0.0.0.0", 0), "bind", need_addresses=True)
+    assert error is None and route is not None and route.refuse is not None
+    assert route.refuse("10.0.0.1", 0) is not None and route.refuse("192.0.2.1", 0) is None
+
+
+def test_a_denial_by_name_does_not_depend_on_whether_the_name_exists() -> None:
+    ctx = context(
+        {
+            "rules": [
+                {"action": "allow", "destinations": ["192.0.2.0/24"]},
+                {"action": "deny", "destinations": ["*.internal"]},
+                {"action": "deny", "destinations": ["203.0.113.0/24"]},
+            ]
+        }
+    )
+    ctx.resolver._remember("gone.internal", socket.gaierror(socket.EAI_NONAME, "no"), 60.0)
+    ctx.resolver._remember("gone.example", socket.gaierror(socket.EAI_NONAME, "no"), 60.0)
+    remember(ctx, "here.internal", "198.51.100.1")
+    for name in ("gone.internal", "here.internal"):
+        _, error = decide(ctx, (name, 80))
+        assert isinstance(error, Denied) and error.rule == 1, name
+    _, error = decide(ctx, ("gone.example", 80))  # allowed but for its lookup
+    assert error is not None and error.status is Status.UNREACHABLE
+    # a name no address rule could allow is denied before any lookup
+    ctx = context(
+        {
+            "server": {"default_action": "deny"},
+            "rules": [
+                {"action": "deny", "destinations": ["*.internal"]},
+                {"action": "allow", "destinations": ["192.0.2.0/24"]},
+            ],
+        }
+    )
+    _, error = decide(ctx, ("never.internal", 80))
+    assert isinstance(error, Denied) and error.rule == 0
 
 
 def test_limits_count_a_client_until_it_ends() -> None:

@@ -140,8 +140,11 @@ def test_the_deciding_rule_routes() -> None:
     assert r.check(request(host="db.internal")).via is None
     assert r.check(request(host="www.example.com", port=443)).via == "parents"
     assert r.check(request(host="www.example.com", port=80)).via is None  # the default
-    # a name meets the address rules once resolved; an address at once
-    assert r.check_before_lookup(request(host="www.example.com", port=443)) is None
+    # a name meets the address rules once resolved, unless a rule before them decides
+    # whatever its addresses; an address at once
+    assert r.check_before_lookup(request(host="www.example.com", port=80)) is None
+    decision = r.check_before_lookup(request(host="www.example.com", port=443))
+    assert decision is not None and decision.via == "parents" and decision.rule == 1
     decision = r.check_before_lookup(request(host="192.0.2.1", port=443))
     assert decision is not None and decision.via == "parents"
 

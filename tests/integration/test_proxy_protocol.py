@@ -21,6 +21,9 @@ from integration.test_udp import header as udp_header
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 # a balancer relays clients from anywhere: without users that is an open proxy
 TRUST_LOOPBACK = '[server]\nproxy_protocol_from = ["127.0.0.1/32"]\nallow_open_proxy = true\n'
+# and the daemon is then exposed: the loopback targets here must be named, as an
+# operator names the private networks its clients may reach (last: a rule is a table)
+LOOPBACK_TARGETS = '[[rules]]\naction = "allow"\ndestinations = ["127.0.0.0/8", "::1/128"]\n'
 
 
 def v1(source: str, port: int, dport: int = 1080) -> bytes:
@@ -90,7 +93,7 @@ def echoes(sock: socket.socket, payload: bytes = b"hello") -> bool:
 )
 def test_a_trusted_balancer_names_the_client(start_daemon, tcp_server, header, client):
     echo = tcp_server()
-    daemon = start_daemon(TRUST_LOOPBACK)
+    daemon = start_daemon(TRUST_LOOPBACK + LOOPBACK_TARGETS)
     sock, rep = socks5_tunnel(daemon, header, "127.0.0.1", echo.port)
     with sock:
         assert rep == 0 and echoes(sock)
@@ -103,7 +106,7 @@ def test_a_trusted_balancer_names_the_client(start_daemon, tcp_server, header, c
 def test_an_ipv4_client_named_in_ipv6_form_is_that_ipv4_client(start_daemon):
     """A dual-stack balancer names IPv4 clients as ::ffff:a.b.c.d: the logs, limits and
     the UDP relay (which sees the datagrams come from a.b.c.d) take it as IPv4."""
-    daemon = start_daemon(TRUST_LOOPBACK)
+    daemon = start_daemon(TRUST_LOOPBACK + LOOPBACK_TARGETS)
     udp_echo = UdpEcho()
     control, rep, relay = socks5_request(daemon, v2("::ffff:127.0.0.1", 4321), 3)
     assert rep == 0
@@ -119,7 +122,7 @@ def test_an_ipv4_client_named_in_ipv6_form_is_that_ipv4_client(start_daemon):
 
 def test_a_second_header_in_the_same_read_is_a_bad_request(start_daemon, tcp_server):
     echo = tcp_server()
-    daemon = start_daemon(TRUST_LOOPBACK)
+    daemon = start_daemon(TRUST_LOOPBACK + LOOPBACK_TARGETS)
     sock, rep = socks5_tunnel(
         daemon, v1("192.0.2.1", 1) + v1("192.0.2.2", 2), "127.0.0.1", echo.port
     )
@@ -132,7 +135,7 @@ def test_a_second_header_in_the_same_read_is_a_bad_request(start_daemon, tcp_ser
 
 def test_a_local_header_keeps_the_balancers_address(start_daemon, tcp_server):
     echo = tcp_server()
-    daemon = start_daemon(TRUST_LOOPBACK)
+    daemon = start_daemon(TRUST_LOOPBACK + LOOPBACK_TARGETS)
     sock, rep = socks5_tunnel(daemon, v2(None), "127.0.0.1", echo.port)
     with sock:
         assert rep == 0 and echoes(sock)
@@ -141,7 +144,7 @@ def test_a_local_header_keeps_the_balancers_address(start_daemon, tcp_server):
 
 
 def test_a_header_trickled_byte_by_byte_with_http_behind_it(start_daemon, origin):
-    daemon = start_daemon(TRUST_LOOPBACK)
+    daemon = start_daemon(TRUST_LOOPBACK + LOOPBACK_TARGETS)
     data = v1("192.0.2.44", 5555) + (
         f"GET {origin.url} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
     )
@@ -162,7 +165,7 @@ def test_a_header_from_an_untrusted_address_is_a_bad_request(start_daemon, tcp_s
     echo = tcp_server()
     trusting_another = '[server]\nproxy_protocol_from = ["127.0.0.2/32"]\nallow_open_proxy = true\n'
     for config in ("", trusting_another):
-        daemon = start_daemon(config)
+        daemon = start_daemon(config + LOOPBACK_TARGETS)
         sock, rep = socks5_tunnel(daemon, header, "127.0.0.1", echo.port)
         sock.close()
         assert rep == -2  # closed, never served
@@ -176,7 +179,7 @@ def test_a_header_from_an_untrusted_address_is_a_bad_request(start_daemon, tcp_s
 
 def test_no_header_from_a_trusted_balancer_is_an_error(start_daemon, tcp_server):
     echo = tcp_server()
-    daemon = start_daemon(TRUST_LOOPBACK)
+    daemon = start_daemon(TRUST_LOOPBACK + LOOPBACK_TARGETS)
     sock, rep = socks5_tunnel(daemon, b"", "127.0.0.1", echo.port)
     sock.close()
     assert rep == -2
@@ -197,7 +200,7 @@ def test_rules_and_limits_see_the_real_client(start_daemon, tcp_server):
         "[limits]\nper_client = 1\n"
         '[[rules]]\naction = "deny"\nclients = ["198.51.100.0/24"]\n'
     )
-    daemon = start_daemon(config)
+    daemon = start_daemon(config + LOOPBACK_TARGETS)
     sock, rep = socks5_tunnel(daemon, v1("198.51.100.7", 1000), "127.0.0.1", echo.port)
     sock.close()
     assert rep == 2  # denied by rules[0], by the address the header named
@@ -216,7 +219,9 @@ def test_rules_and_limits_see_the_real_client(start_daemon, tcp_server):
 def test_lockout_locks_out_the_real_client_only(start_daemon, tcp_server, users_file):
     echo = tcp_server()
     daemon = start_daemon(
-        TRUST_LOOPBACK + f'[auth]\nusers_file = "{users_file}"\nmax_failures = 2\n'
+        TRUST_LOOPBACK
+        + f'[auth]\nusers_file = "{users_file}"\nmax_failures = 2\n'
+        + LOOPBACK_TARGETS
     )
     for port in (1, 2):
         sock, rep = socks5_tunnel(
@@ -241,7 +246,7 @@ def behind_haproxy() -> str:
     return (
         '[server]\nproxy_protocol_from = ["127.0.0.1/32"]\nallow_open_proxy = true\n'
         "shutdown_grace = 5\n"
-        '[metrics]\nlisten = "127.0.0.1:0"\n'
+        '[metrics]\nlisten = "127.0.0.1:0"\n' + LOOPBACK_TARGETS
     )
 
 
