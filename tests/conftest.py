@@ -187,12 +187,14 @@ class NotifyReceiver:
         self.sock.close()
 
 
-def local_names(workdir: Path, hosts: Path, nameserver: str | None = None) -> list[str]:
+def local_names(
+    workdir: Path, hosts: Path, nameserver: str | None = None, dns_timeout: int = 2
+) -> list[str]:
     """A command prefix: run in a mount namespace of its own where names come from
     `hosts` only (nsswitch "files"), and any resolver that reads resolv.conf asks
     127.0.0.1. No name lookup of the command leaves the machine. With `nameserver`
     (a loopback address), names not in `hosts` are asked of the DNS server there,
-    once, with a 2 s timeout."""
+    once, with a timeout of `dns_timeout` seconds."""
     workdir.mkdir(parents=True, exist_ok=True)
     nsswitch, resolv = workdir / "nsswitch.conf", workdir / "resolv.conf"
     if nameserver is None:
@@ -201,7 +203,7 @@ def local_names(workdir: Path, hosts: Path, nameserver: str | None = None) -> li
     else:
         assert nameserver.startswith("127."), "tests ask DNS servers on loopback only"
         nsswitch.write_text("hosts: files dns\n")
-        resolv.write_text(f"nameserver {nameserver}\noptions timeout:2 attempts:1\n")
+        resolv.write_text(f"nameserver {nameserver}\noptions timeout:{dns_timeout} attempts:1\n")
     mounts = " && ".join(
         f'mount --bind "${i}" /etc/{name}'
         for i, name in enumerate(("hosts", "nsswitch.conf", "resolv.conf"), start=1)
@@ -223,13 +225,15 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         wait: bool = True,
         hosts: Path | None = None,
         nameserver: str | None = None,
+        dns_timeout: int = 2,
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
     ) -> Daemon:
         """`hosts`: a file the daemon sees as /etc/hosts, in a mount namespace of its own
         where names are looked up in that file only: tests name loopback addresses,
         and an unknown name fails there, without a query to any DNS server; or, with
-        `nameserver`, next from the DNS server at that loopback address. `prefix`: a
+        `nameserver`, next from the DNS server at that loopback address (which the
+        resolver gives up on after `dns_timeout` seconds). `prefix`: a
         command the daemon runs under (a network namespace of the test's own)."""
         index = next(counter)
         path = tmp_path / f"proxyd-{index}.toml"
@@ -238,7 +242,10 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         if listen:
             args += ["--listen", listen]
         if hosts is not None:
-            prefix = [*(prefix or []), *local_names(tmp_path / f"names-{index}", hosts, nameserver)]
+            prefix = [
+                *(prefix or []),
+                *local_names(tmp_path / f"names-{index}", hosts, nameserver, dns_timeout),
+            ]
         daemon = Daemon(args, env=env, prefix=prefix)
         daemon.config_path = path
         daemons.append(daemon)
