@@ -225,6 +225,11 @@ class AuthConfig:
     max_failures: int = _key(5, _integer(0, 1_000_000))
     failure_window: float = _key(60.0, _seconds)
     lockout: float = _key(300.0, _seconds)
+    # IPv6 clients count as one by this prefix (a host commonly has a whole /64)
+    ipv6_prefix: int = _key(64, _integer(1, 128))
+    # failed logins for one user name, from anywhere, within failure_window that lock
+    # the name out for lockout seconds (but for addresses that logged in as it); 0: off
+    max_user_failures: int = _key(20, _integer(0, 1_000_000))
 
 
 @dataclass(frozen=True, slots=True)
