@@ -194,6 +194,8 @@ def client_group(ip: str, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> str:
     """The key a client's failures and password checks are counted under: an IPv4
     address itself, an IPv6 address's network of `ipv6_prefix` bits (one host is
     commonly given a whole /64), an IPv4-mapped IPv6 address as its IPv4 address."""
+    if ":" not in ip:  # IPv4, as the socket or a PROXY header gives it: itself
+        return ip
     try:
         address = ipaddress.ip_address(ip.partition("%")[0])
     except ValueError:
@@ -470,10 +472,14 @@ class Authenticator:
         try:
             matched = await asyncio.shield(check.result)
         except asyncio.CancelledError:
-            if check.waiters == 1 and not check.running:
-                self._drop(check)
-            self.throttle.settle(group, group_ticket, ok=True)  # no answer: no failure
-            self.user_throttle.settle(user, user_ticket, ok=True)
+            tickets = (group, user, group_ticket, user_ticket)
+            if check.running:  # derived all the same: counted as its answer says
+                found = stored is not None
+                check.result.add_done_callback(lambda done: self._settle_late(tickets, done, found))
+            else:  # never derived for this client: no failure
+                if check.waiters == 1:
+                    self._drop(check)
+                self._settle_late(tickets, None, False)
             raise
         finally:
             check.waiters -= 1
@@ -496,6 +502,29 @@ class Authenticator:
         self._cache.move_to_end(token)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+    def _settle_late(
+        self,
+        tickets: tuple[str, str, float | None, float | None],
+        done: asyncio.Future[bool | None] | None,
+        found: bool,
+    ) -> None:
+        """The check of a client that went away ended: a failure counts (a client cannot
+        guess unseen by leaving before the answer), anything else is taken back."""
+        group, user, group_ticket, user_ticket = tickets
+        failed = (
+            done is not None
+            and not done.cancelled()
+            and done.exception() is None
+            and done.result() is not None
+            and not (done.result() and found)
+        )
+        locked = (
+            self.throttle.settle(group, group_ticket, ok=not failed),
+            self.user_throttle.settle(user, user_ticket, ok=not failed),
+        )
+        if failed:
+            self._failed(group, user, *locked)
 
     def _logged_in_as(self, user: str, group: str) -> None:
         if user not in self._users:

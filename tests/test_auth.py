@@ -607,3 +607,32 @@ class Log:
 
     def warning(self, event: str, **fields: object) -> None:
         self.lines.append((event, fields))
+
+
+def test_leaving_before_the_answer_still_counts_a_wrong_guess(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash]
+) -> None:
+    """A client that goes away while its check runs cannot guess unseen: the check's
+    answer counts for it all the same (a right one counts nothing)."""
+    auth = make_auth(users, throttle=Throttle(2, window=60, lockout=60))
+
+    async def leave(password: str, client: str) -> None:
+        task = asyncio.ensure_future(auth.verify(Credentials("alice", password), client))
+        await asyncio.sleep(0)  # queued and started
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):  # until the derivation has ended (bounded)
+            if not auth._busy:
+                break
+            await asyncio.sleep(0.01)
+
+    async def run() -> None:
+        await leave("guess-1", "192.0.2.20")
+        await leave("alice-pw", "192.0.2.20")  # right: taken back
+        auth.check_lockout("192.0.2.20")
+        await leave("guess-2", "192.0.2.20")
+        with pytest.raises(LockedOut):
+            auth.check_lockout("192.0.2.20")
+
+    asyncio.run(run())
