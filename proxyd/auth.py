@@ -15,6 +15,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
 import stat
@@ -40,7 +41,12 @@ KEY_BYTES: Final = 32
 MAX_FIELD_BYTES: Final = 255  # SOCKS5 (RFC 1929) carries at most 255 bytes of each
 MAX_KDF_MEMORY: Final = 256 * 1024 * 1024  # hashes asking for more are refused at load
 MAX_PENDING_CHECKS: Final = 256  # distinct verifications queued at once, beyond: refused
-MAX_THROTTLED_CLIENTS: Final = 65536  # client addresses whose failures are remembered
+MAX_THROTTLED_CLIENTS: Final = 65536  # client groups (or user names) whose failures are remembered
+SLOTS: Final = 2  # derivations running at once (each takes a core for ~80 ms)
+GROUP_RUNNING: Final = 2  # of them, at most this many for one client group
+GROUP_QUEUE: Final = 16  # checks of one client group waiting; beyond, refused as a failure
+MAX_EXEMPT_GROUPS: Final = 256  # client groups remembered per user as having logged in
+DEFAULT_IPV6_PREFIX: Final = 64
 
 
 def _kdf_memory(log_n: int, r: int) -> int:
@@ -184,10 +190,32 @@ def _decoy(users: dict[str, PasswordHash]) -> PasswordHash:
     return PasswordHash(log_n, r, p, salt, key)
 
 
+def client_group(ip: str, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> str:
+    """The key a client's failures and password checks are counted under: an IPv4
+    address itself, an IPv6 address's network of `ipv6_prefix` bits (one host is
+    commonly given a whole /64), an IPv4-mapped IPv6 address as its IPv4 address."""
+    if ":" not in ip:  # IPv4, as the socket or a PROXY header gives it: itself
+        return ip
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+    return str(address)
+
+
 class Throttle:
-    """Failed logins per client address: `max_failures` of them within `window`
-    seconds lock the address out for `lockout` seconds. Memory is bounded: at most
-    MAX_THROTTLED_CLIENTS addresses, the least recently failed forgotten first."""
+    """Failed logins per key (a client group, or a user name): `max_failures` of them
+    within `window` seconds lock the key out for `lockout` seconds. Memory is bounded:
+    at most MAX_THROTTLED_CLIENTS keys, the least recently failed forgotten first.
+
+    A check still under way counts as a failure from when it is queued (`tried`), so
+    that a burst of guesses trips the lockout before the queue drains; a success takes
+    it back (`settle`). The max_failures-th try is still checked: the tries beyond it
+    start the lockout, the max_failures-th failure does once it is known."""
 
     def __init__(
         self,
@@ -201,56 +229,100 @@ class Throttle:
         self.lockout = lockout
         self._clock = clock
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._locked: dict[str, float] = {}  # address -> when its lockout ends
+        self._locked: dict[str, float] = {}  # key -> when its lockout ends
 
     def configure(self, max_failures: int, window: float, lockout: float) -> None:
         """New limits (a reload); failures counted so far and running lockouts stay."""
         self.max_failures, self.window, self.lockout = max_failures, window, lockout
 
-    def locked(self, client: str) -> float:
-        """Seconds left of the client's lockout; 0 when it may try."""
-        until = self._locked.get(client)
+    def locked(self, key: str) -> float:
+        """Seconds left of the key's lockout; 0 when it may try."""
+        until = self._locked.get(key)
         if until is None:
             return 0.0
         left = until - self._clock()
         if left > 0:
             return left
-        del self._locked[client]
+        del self._locked[key]
         return 0.0
 
-    def failed(self, client: str) -> bool:
+    def failed(self, key: str) -> bool:
         """Count one failure; True when it starts a lockout (report it, once)."""
         if not self.max_failures:
             return False
+        return self._count(key, self._clock(), self.max_failures)
+
+    def tried(self, key: str) -> tuple[float | None, bool]:
+        """A check is queued: counted as a failure until `settle` says otherwise. The
+        ticket to settle it with, and True when this try starts a lockout."""
+        if not self.max_failures:
+            return None, False
         now = self._clock()
-        times = self._failures.pop(client, None)
+        return now, self._count(key, now, self.max_failures + 1)
+
+    def settle(self, key: str, ticket: float | None, ok: bool) -> bool:
+        """The check of `ticket` ended: a success takes its failure back; a failure
+        stays counted. True when that failure starts a lockout."""
+        if ticket is None or not self.max_failures:
+            return False
+        times = self._failures.get(key)
+        if ok:
+            if times is not None and ticket in times:
+                times.remove(ticket)
+            return False
+        if self.locked(key) or times is None or ticket not in times:
+            return False
+        return self._lock_if(key, times, self._clock(), self.max_failures)
+
+    def _count(self, key: str, now: float, limit: int) -> bool:
+        times = self._failures.pop(key, None)
         if times is None:
-            times = deque(maxlen=self.max_failures)
+            times = deque()
         times.append(now)
+        self._failures[key] = times  # most recent last
+        while len(self._failures) > MAX_THROTTLED_CLIENTS:
+            self._failures.popitem(last=False)
+        if self.locked(key):
+            return False
+        return self._lock_if(key, times, now, limit)
+
+    def _lock_if(self, key: str, times: deque[float], now: float, limit: int) -> bool:
+        """Lock `key` when `times` holds `limit` failures within the window."""
         while times and times[0] <= now - self.window:
             times.popleft()
-        if len(times) < self.max_failures:
-            self._failures[client] = times  # most recent last
-            while len(self._failures) > MAX_THROTTLED_CLIENTS:
-                self._failures.popitem(last=False)
+        while len(times) > self.max_failures + 1:  # more are never needed
+            times.popleft()
+        if len(times) < limit:
             return False
         if len(self._locked) >= MAX_THROTTLED_CLIENTS:  # drop the expired ones first
-            self._locked = {c: t for c, t in self._locked.items() if t > now}
-        self._locked[client] = now + self.lockout
+            self._locked = {k: t for k, t in self._locked.items() if t > now}
+        self._locked[key] = now + self.lockout
         return True
 
 
 @dataclass(slots=True)
-class _PendingCheck:
-    """A derivation in flight and how many sessions wait for it."""
+class _Check:
+    """One derivation wanted: queued for its group, then run on the executor; the
+    sessions waiting for it (several with the same credentials) share it."""
 
-    future: asyncio.Future[bool]
+    token: bytes
+    group: str  # the client group that asked first, whose queue it waits in
+    user: str
+    target: PasswordHash = field(repr=False)
+    password: str = field(repr=False)
+    result: asyncio.Future[bool | None]  # None: dropped, never checked
     waiters: int = 0
+    running: bool = False
 
 
 class Authenticator:
     """Verifies credentials against the users; remembers successes, bounded in size;
-    locks out client addresses that fail too often (see Throttle)."""
+    locks out client groups and user names that fail too often (see Throttle).
+
+    Derivations are fair among clients: at most GROUP_RUNNING of one client group run
+    at once and GROUP_QUEUE more wait (beyond, a check is refused at once, and counts
+    as a failure); a free slot goes to the groups in turn, so one busy group never
+    keeps another waiting behind all of its queue."""
 
     def __init__(
         self,
@@ -258,6 +330,8 @@ class Authenticator:
         cache_size: int = 4096,
         *,
         throttle: Throttle | None = None,
+        user_throttle: Throttle | None = None,
+        ipv6_prefix: int = DEFAULT_IPV6_PREFIX,
         log: Any = None,
     ) -> None:
         self._users = users
@@ -265,16 +339,29 @@ class Authenticator:
         self._cache: OrderedDict[bytes, PasswordHash] = OrderedDict()
         self._cache_size = cache_size
         self._key = secrets.token_bytes(32)
-        self._pending: dict[bytes, _PendingCheck] = {}
+        self._pending: dict[bytes, _Check] = {}
         self.throttle = throttle or Throttle(0, 1.0, 1.0)
+        # failures per user name, from any client: guesses spread over many addresses
+        self.user_throttle = user_throttle or Throttle(0, 1.0, 1.0)
+        self.ipv6_prefix = ipv6_prefix
         self._log = log
         self.on_failure: Callable[[bool], object] | None = None  # (started a lockout)
         # Own threads, so a burst of derivations never queues behind DNS lookups.
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proxyd-kdf")
+        self._executor = ThreadPoolExecutor(max_workers=SLOTS, thread_name_prefix="proxyd-kdf")
+        self._queues: OrderedDict[str, deque[_Check]] = OrderedDict()  # waiting, by group
+        self._running: dict[str, int] = {}  # derivations running, by group
+        self._busy = 0  # derivations running in all
+        # user -> client group -> when it last logged in as that user: exempt from the
+        # user's lockout for a while
+        self._logged_in: dict[str, OrderedDict[str, float]] = {}
 
     @property
     def required(self) -> bool:
         return bool(self._users)
+
+    def configure(self, ipv6_prefix: int) -> None:
+        """A reload's grouping of IPv6 clients (the throttles have their own)."""
+        self.ipv6_prefix = ipv6_prefix
 
     def replace_users(self, users: dict[str, PasswordHash]) -> None:
         """A reload's users file. Remembered successes are forgotten, so a removed
@@ -282,9 +369,15 @@ class Authenticator:
         self._users = users
         self._decoy = _decoy(users)
         self._cache.clear()
+        for user in [u for u in self._logged_in if u not in users]:
+            del self._logged_in[user]
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def group(self, client: str) -> str:
+        """The client group an address belongs to (see client_group)."""
+        return client_group(client, self.ipv6_prefix)
 
     def _token(self, credentials: Credentials) -> bytes:
         """The cache key: a keyed hash, so the cache holds no password."""
@@ -294,12 +387,31 @@ class Authenticator:
             sha256,
         ).digest()
 
-    def check_lockout(self, client: str) -> None:
-        """Refuse a client address that is locked out, whatever it sends: right and
-        wrong passwords get the same answer, at once, with no derivation."""
-        left = self.throttle.locked(client)
+    def check_lockout(self, client: str, user: str | None = None) -> None:
+        """Refuse a client address whose group is locked out, or a user name locked
+        out for it, whatever it sends: right and wrong passwords get the same answer,
+        at once, with no derivation."""
+        group = self.group(client)
+        left = self.throttle.locked(group)
         if left:
-            raise LockedOut(f"too many failed logins from {client}; locked for {left:.0f} s more")
+            raise LockedOut(
+                f"too many failed logins from {group}; locked for {left:.0f} s more",
+                retry_after=left,
+            )
+        left = 0.0 if user is None else self.user_throttle.locked(user)
+        if left and user is not None and not self._exempt(user, group):
+            raise LockedOut(
+                f"too many failed logins for this user; locked for {left:.0f} s more",
+                retry_after=left,
+            )
+
+    def _exempt(self, user: str, group: str) -> bool:
+        """Whether `group` logged in as `user` lately: a user's lockout spares it."""
+        groups = self._logged_in.get(user)
+        when = None if groups is None else groups.get(group)
+        throttle = self.user_throttle
+        since = time.monotonic() - max(throttle.window, throttle.lockout)
+        return when is not None and when > since
 
     def cached(self, credentials: Credentials) -> bool:
         """True when these credentials were verified recently (and the user is unchanged):
@@ -312,55 +424,208 @@ class Authenticator:
             return True
         return False
 
+    def accepted_at_once(self, credentials: Credentials, client: str) -> bool:
+        """LockedOut when the client or the user is locked out; True when the answer is
+        yes without a derivation (a remembered success), False when `verify` must
+        derive."""
+        self.check_lockout(client, credentials.username)
+        if self.cached(credentials):
+            self._logged_in_as(credentials.username, self.group(client))
+            return True
+        return False
+
     async def verify(self, credentials: Credentials, client: str) -> None:
         """Return when the credentials are right; raise AuthFailed (or LockedOut, or
         OverLimit) when not. Unknown users cost the same derivation as known ones,
         so right and wrong answers take the same time."""
-        self.check_lockout(client)
-        if self.cached(credentials):
+        if self.accepted_at_once(credentials, client):
             return
-        stored = self._users.get(credentials.username)
+        user, group = credentials.username, self.group(client)
+        stored = self._users.get(user)
         token = self._token(credentials)
         # Concurrent connections with the same credentials share one derivation;
-        # it is dropped from the queue when every session waiting for it has gone.
-        entry = self._pending.get(token)
-        if entry is None:
+        # it leaves the queue when every session waiting for it has gone.
+        check = self._pending.get(token)
+        if check is None:
+            queued = self._running.get(group, 0) + len(self._queues.get(group, ()))
+            if queued >= GROUP_RUNNING + GROUP_QUEUE:
+                self._failed(
+                    group, user, self.throttle.failed(group), self.user_throttle.failed(user)
+                )
+                raise AuthFailed(f"too many password checks from {group} in progress")
             if len(self._pending) >= MAX_PENDING_CHECKS:
                 raise OverLimit("too many password checks in progress")
-            loop = asyncio.get_running_loop()
+        # counted as a failure from now on, until the check says otherwise
+        group_ticket, group_locked = self.throttle.tried(group)
+        user_ticket, user_locked = self.user_throttle.tried(user)
+        if group_locked or user_locked:
+            self._failed(group, user, group_locked, user_locked)
+            self.check_lockout(client, user)  # raises LockedOut, but for an exempt group
+        if check is None:
             target = stored if stored is not None else self._decoy
-            future = loop.run_in_executor(self._executor, target.matches, credentials.password)
-            entry = self._pending[token] = _PendingCheck(future)
-            future.add_done_callback(lambda _: self._pending.pop(token, None))
-        entry.waiters += 1
+            future = asyncio.get_running_loop().create_future()
+            check = _Check(token, group, user, target, credentials.password, future)
+            self._pending[token] = check
+            self._queues.setdefault(group, deque()).append(check)
+            self._pump()
+        check.waiters += 1
         try:
-            ok = await asyncio.shield(entry.future) and stored is not None
+            matched = await asyncio.shield(check.result)
         except asyncio.CancelledError:
-            if entry.waiters == 1:
-                entry.future.cancel()
+            tickets = (group, user, group_ticket, user_ticket)
+            if check.running:  # derived all the same: counted as its answer says
+                found = stored is not None
+                check.result.add_done_callback(lambda done: self._settle_late(tickets, done, found))
+            else:  # never derived for this client: no failure
+                if check.waiters == 1:
+                    self._drop(check)
+                self._settle_late(tickets, None, False)
             raise
         finally:
-            entry.waiters -= 1
+            check.waiters -= 1
         # Guesses sent in parallel all wait for derivations: those finishing after
         # the lockout began learn nothing, right or wrong.
-        self.check_lockout(client)
-        if not ok or stored is None:
-            self._failed(client)
+        self.check_lockout(client, user)
+        if matched is None:  # dropped from the queue of a group now locked out
+            self.throttle.settle(group, group_ticket, ok=True)
+            self.user_throttle.settle(user, user_ticket, ok=True)
+            raise OverLimit("password check dropped")
+        ok = matched and stored is not None
+        group_locked = self.throttle.settle(group, group_ticket, ok=ok)
+        user_locked = self.user_throttle.settle(user, user_ticket, ok=ok)
+        if not ok:
+            self._failed(group, user, group_locked, user_locked)
             raise AuthFailed("wrong user name or password")
+        assert stored is not None
+        self._logged_in_as(user, group)
         self._cache[token] = stored
         self._cache.move_to_end(token)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
-    def _failed(self, client: str) -> None:
-        throttle = self.throttle
-        locked = throttle.failed(client)
+    def _settle_late(
+        self,
+        tickets: tuple[str, str, float | None, float | None],
+        done: asyncio.Future[bool | None] | None,
+        found: bool,
+    ) -> None:
+        """The check of a client that went away ended: a failure counts (a client cannot
+        guess unseen by leaving before the answer), anything else is taken back."""
+        group, user, group_ticket, user_ticket = tickets
+        failed = (
+            done is not None
+            and not done.cancelled()
+            and done.exception() is None
+            and done.result() is not None
+            and not (done.result() and found)
+        )
+        locked = (
+            self.throttle.settle(group, group_ticket, ok=not failed),
+            self.user_throttle.settle(user, user_ticket, ok=not failed),
+        )
+        if failed:
+            self._failed(group, user, *locked)
+
+    def _logged_in_as(self, user: str, group: str) -> None:
+        if user not in self._users:
+            return
+        groups = self._logged_in.setdefault(user, OrderedDict())
+        groups.pop(group, None)
+        groups[group] = time.monotonic()
+        while len(groups) > MAX_EXEMPT_GROUPS:
+            groups.popitem(last=False)
+
+    # -- the queue ----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start waiting checks while slots are free, the groups taking turns."""
+        while self._busy < SLOTS:
+            group = next((g for g in self._queues if self._running.get(g, 0) < GROUP_RUNNING), None)
+            if group is None:
+                return
+            queue = self._queues[group]
+            check = queue.popleft()
+            if queue:
+                self._queues.move_to_end(group)  # the next slot goes to the next group
+            else:
+                del self._queues[group]
+            self._start(check)
+
+    def _start(self, check: _Check) -> None:
+        check.running = True
+        self._busy += 1
+        self._running[check.group] = self._running.get(check.group, 0) + 1
+        try:
+            derivation = asyncio.get_running_loop().run_in_executor(
+                self._executor, check.target.matches, check.password
+            )
+        except RuntimeError:  # the executor is shut down: the daemon is stopping
+            self._finished(check, None)
+            return
+        derivation.add_done_callback(lambda done: self._finished(check, done))
+
+    def _finished(self, check: _Check, done: asyncio.Future[bool] | None) -> None:
+        self._busy -= 1
+        left = self._running[check.group] - 1
+        if left:
+            self._running[check.group] = left
+        else:
+            del self._running[check.group]
+        if self._pending.get(check.token) is check:
+            del self._pending[check.token]
+        if not check.result.done():
+            if done is None or done.cancelled():
+                check.result.set_result(None)
+            elif (error := done.exception()) is not None:
+                check.result.set_exception(error)
+            else:
+                check.result.set_result(done.result())
+        self._pump()
+
+    def _drop(self, check: _Check) -> None:
+        """A check that has not started leaves its queue unanswered."""
+        queue = self._queues.get(check.group)
+        if queue is not None and check in queue:
+            queue.remove(check)
+            if not queue:
+                del self._queues[check.group]
+        if self._pending.get(check.token) is check:
+            del self._pending[check.token]
+        if not check.result.done():
+            check.result.set_result(None)
+
+    def _drop_locked(self, group: str | None, user: str | None) -> None:
+        """A lockout began: the checks waiting for that group, or for that user from a
+        group not exempt, are dropped; their clients learn nothing from them."""
+        for queue in list(self._queues.values()):
+            for check in list(queue):
+                if check.group == group or (
+                    check.user == user and not self._exempt(check.user, check.group)
+                ):
+                    self._drop(check)
+
+    def _failed(self, group: str, user: str, group_locked: bool, user_locked: bool) -> None:
+        """A failure was counted; report it, and a lockout it started."""
         if self.on_failure is not None:
-            self.on_failure(locked)
-        if locked and self._log is not None:
+            self.on_failure(group_locked)
+        if group_locked or user_locked:
+            self._drop_locked(group if group_locked else None, user if user_locked else None)
+        if self._log is None:
+            return
+        if group_locked:
+            throttle = self.throttle
             self._log.warning(
                 "auth_lockout",
-                client=client,
+                client=group,
+                failures=throttle.max_failures,
+                window_s=throttle.window,
+                lockout_s=throttle.lockout,
+            )
+        if user_locked:
+            throttle = self.user_throttle
+            self._log.warning(
+                "user_locked",
+                user=user,
                 failures=throttle.max_failures,
                 window_s=throttle.window,
                 lockout_s=throttle.lockout,

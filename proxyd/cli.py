@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import getpass
 import os
 import sys
@@ -127,9 +128,16 @@ def run(args: argparse.Namespace) -> int:
             logger.error("socket_activation", error=problem)
         return EXIT_PROBLEM
     if activated:
-        passed = [str(config.ListenAddress(*sock.getsockname()[:2])) for sock in activated]
+        # the open-proxy guard judges the sockets systemd passed, now and at reloads
+        sockets = tuple(config.ListenAddress(*sock.getsockname()[:2]) for sock in activated)
+        source = dataclasses.replace(source, sockets=sockets)
+        if (why := cfg.open_proxy_problem(sockets)) is not None:
+            _report(source.name, [why])
+            for sock in activated:
+                sock.close()
+            return EXIT_PROBLEM
         ignored = [str(a) for a in cfg.server.listen]
-        logger.info("socket_activation", listeners=passed, ignored=ignored)
+        logger.info("socket_activation", listeners=[str(a) for a in sockets], ignored=ignored)
 
     def serve(server: Server) -> int:
         try:

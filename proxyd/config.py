@@ -225,6 +225,11 @@ class AuthConfig:
     max_failures: int = _key(5, _integer(0, 1_000_000))
     failure_window: float = _key(60.0, _seconds)
     lockout: float = _key(300.0, _seconds)
+    # IPv6 clients count as one by this prefix (a host commonly has a whole /64)
+    ipv6_prefix: int = _key(64, _integer(1, 128))
+    # failed logins for one user name, from anywhere, within failure_window that lock
+    # the name out for lockout seconds (but for addresses that logged in as it); 0: off
+    max_user_failures: int = _key(20, _integer(0, 1_000_000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,24 +314,45 @@ class Config:
             a.is_loopback for a in self.server.listen
         )
 
-    def open_proxy_problem(self) -> str | None:
-        """Why starting would make an open proxy, or None when it would not."""
-        if self.auth.users_file is not None or self.server.allow_open_proxy:
+    def open_proxy_problem(self, sockets: Sequence[ListenAddress] = ()) -> str | None:
+        """Why starting would make an open proxy, or None when it would not. `sockets`:
+        the listening sockets systemd passed, judged instead of server.listen."""
+        server = self.server
+        if server.allow_open_proxy or self.clients_ruled:
             return None
-        exposed = [str(a) for a in self.server.listen if not a.is_loopback]
-        if exposed:
-            return (
-                f"server.listen: {', '.join(exposed)} is reachable beyond this host and no "
-                "auth.users_file is set; anyone could use this proxy. Set auth.users_file, "
-                "listen on loopback, or set server.allow_open_proxy = true"
+        if self.auth.users_file is not None and not self.auth.allow_socks4:
+            return None
+        public = [str(a) for a in sockets or server.listen if not a.is_loopback]
+        if public:
+            key = "socket activation" if sockets else "server.listen"
+            where = f"{key}: {', '.join(public)} is reachable beyond this host"
+        elif server.proxy_protocol_from:  # a balancer relays clients from elsewhere
+            where = (
+                "server.proxy_protocol_from: a load balancer relays clients from beyond this host"
             )
-        if self.server.proxy_protocol_from:  # a balancer relays clients from elsewhere
-            return (
-                "server.proxy_protocol_from: a load balancer relays clients from beyond "
-                "this host and no auth.users_file is set; anyone could use this proxy. "
-                "Set auth.users_file, or set server.allow_open_proxy = true"
-            )
-        return None
+        else:
+            return None
+        if self.auth.users_file is None:
+            what = "no auth.users_file is set"
+            fix = "Set auth.users_file, listen on loopback, "
+        else:
+            what = "auth.allow_socks4 = true lets SOCKS4 clients in without a password"
+            fix = "Set auth.allow_socks4 = false, "
+        return (
+            f"{where} and {what}; anyone could use this proxy. {fix}allow named clients "
+            'only (server.default_action = "deny" and clients in every allow rule), '
+            "or set server.allow_open_proxy = true"
+        )
+
+    @property
+    def clients_ruled(self) -> bool:
+        """Whether only named clients may use the daemon: nothing allowed by default,
+        and every allow rule names its clients (and not all of them, 0.0.0.0/0)."""
+        return self.server.default_action == "deny" and all(
+            rule.clients is not None and all(net.prefixlen for net in rule.clients)
+            for rule in self.rules
+            if rule.allow
+        )
 
 
 # Read from Config's annotations, so that a new section is nothing more than a new field there.

@@ -66,6 +66,8 @@ class Context:
         a, dns = config.auth, config.dns
         self.auth.replace_users(users)
         self.auth.throttle.configure(a.max_failures, a.failure_window, a.lockout)
+        self.auth.user_throttle.configure(a.max_user_failures, a.failure_window, a.lockout)
+        self.auth.configure(a.ipv6_prefix)
         self.resolver.configure(
             size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
         )

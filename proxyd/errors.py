@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import math
 import socket
 
 # SOCKS5 reply codes (RFC 1928 section 6), shared by every module that answers.
@@ -64,6 +65,7 @@ class SessionError(ProxydError):
     status = Status.ERROR
     socks_reply = REP_GENERAL_FAILURE
     http_status = 502
+    retry_after: int | None = None  # an HTTP answer's Retry-After, in seconds
 
     def __init__(self, message: str, *, status: Status | None = None) -> None:
         super().__init__(message)
@@ -99,10 +101,16 @@ class AuthFailed(SessionError):
 
 
 class LockedOut(AuthFailed):
-    """Too many failed logins from this client address lately (`auth.max_failures`)."""
+    """Too many failed logins from this client address lately (`auth.max_failures`),
+    or for this user name (`auth.max_user_failures`); `retry_after`: whole seconds
+    until the lockout ends (an HTTP 429's Retry-After)."""
 
     status = Status.LOCKED_OUT
     http_status = 429
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 class Denied(SessionError):

@@ -254,7 +254,10 @@ class Forwarder:
             if isinstance(exc, Denied):
                 extra.update(exc.fields())
             if self.client.our_state is h11.SEND_RESPONSE:
-                self._send_client(self.parser.error_response(exc.http_status, str(exc)))
+                answer = self.parser.error_response(
+                    exc.http_status, str(exc), retry_after=exc.retry_after
+                )
+                self._send_client(answer)
             else:  # mid-answer: a reset, so that no client takes it for a whole one
                 self.cut = True
             return False

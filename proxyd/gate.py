@@ -148,20 +148,23 @@ def authenticate(
     """Check the credentials a request carries, when users are configured: None when
     they are accepted at once, a derivation to await when they must be verified (it
     raises AuthFailed, LockedOut or OverLimit); AuthFailed or LockedOut at once when
-    they are refused. SOCKS4 carries none: it passes only with `auth.allow_socks4`."""
+    they are refused. SOCKS4 carries none: it passes only with `auth.allow_socks4`,
+    and never from a client address that is locked out."""
     auth = ctx.auth
     if not auth.required:
         return None
     if credentials is None:
         if conn.protocol == "socks4":
             if ctx.config.auth.allow_socks4:
+                auth.check_lockout(conn.peer_ip)
                 return None  # its unverified user id is ignored
             raise AuthFailed("SOCKS4 has no password; users are configured (auth.allow_socks4)")
         raise AuthFailed("credentials required")
     conn.user = credentials.username
-    auth.check_lockout(conn.peer_ip)
+    if auth.accepted_at_once(credentials, conn.peer_ip):
+        return None
     # over a limit: refused after the request anyway, so spend no derivation on it
-    if (admission is not None and admission.refusal) or auth.cached(credentials):
+    if admission is not None and admission.refusal:
         return None
     return auth.verify(credentials, conn.peer_ip)
 

@@ -348,4 +348,6 @@ class HttpHandler:
     def refusal(self, error: SessionError) -> bytes | None:
         if isinstance(error, ClientClosed):
             return None
-        return self.parser.error_response(error.http_status, str(error))
+        return self.parser.error_response(
+            error.http_status, str(error), retry_after=error.retry_after
+        )

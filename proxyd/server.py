@@ -87,8 +87,13 @@ class Server:
         self.worker = worker
         dns, limits = config.dns, config.auth
         resolver = Resolver(size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl)
-        throttle = Throttle(limits.max_failures, limits.failure_window, limits.lockout)
-        authenticator = Authenticator(settings.users, throttle=throttle, log=log)
+        authenticator = Authenticator(
+            settings.users,
+            throttle=Throttle(limits.max_failures, limits.failure_window, limits.lockout),
+            user_throttle=Throttle(limits.max_user_failures, limits.failure_window, limits.lockout),
+            ipv6_prefix=limits.ipv6_prefix,
+            log=log,
+        )
         upstreams = Upstreams(resolver, log)
         self.ctx = Context(
             config, authenticator, resolver, log, upstreams, _rules(config), tls=settings.tls

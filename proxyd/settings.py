@@ -28,12 +28,9 @@ class Settings:
         """Things that work but should not be so: (event, fields) for the log."""
         found: list[tuple[str, dict[str, Any]]] = []
         users_file, key = self.config.auth.users_file, self.config.tls.key
-        if users_file is not None:
-            if auth.is_world_readable(users_file):
-                hint = "chmod 600 it: it holds password hashes"
-                found.append(("users_file_world_readable", {"path": str(users_file), "hint": hint}))
-            if not self.users:
-                found.append(("users_file_empty", {"path": str(users_file)}))
+        if users_file is not None and auth.is_world_readable(users_file):
+            hint = "chmod 600 it: it holds password hashes"
+            found.append(("users_file_world_readable", {"path": str(users_file), "hint": hint}))
         if self.config.exposed and self.config.server.private_destinations == "allow":
             hint = (
                 "clients from beyond this host may reach its loopback services, its private "
@@ -54,6 +51,9 @@ class Source:
     listen: Sequence[str] = ()
     log_format: str | None = None
     log_level: str | None = None
+    # the listening sockets systemd passed (socket activation): judged instead of
+    # server.listen by the open-proxy guard, at the start and at every reload
+    sockets: tuple[config.ListenAddress, ...] = ()
 
     @property
     def name(self) -> str:
@@ -73,10 +73,10 @@ class Source:
         cfg = config.with_overrides(
             cfg, listen=self.listen, log_format=self.log_format, log_level=self.log_level
         )
-        return with_files(cfg)
+        return with_files(cfg, self.sockets)
 
 
-def with_files(cfg: config.Config) -> Settings:
+def with_files(cfg: config.Config, sockets: Sequence[config.ListenAddress] = ()) -> Settings:
     """The config with the files it names read: ConfigError for every problem that
     would stop the daemon from starting, beyond the file's own keys."""
     problems = []
@@ -87,12 +87,18 @@ def with_files(cfg: config.Config) -> Settings:
             users = auth.load_users(cfg.auth.users_file)
         except ConfigError as exc:
             problems += exc.problems
+        else:
+            if not users:  # authentication would be off, silently: an open proxy
+                problems.append(
+                    f"auth.users_file: {cfg.auth.users_file} holds no user; add one with "
+                    "`proxyd passwd`, or remove auth.users_file"
+                )
     if cfg.tls.cert is not None and cfg.tls.key is not None:
         try:
             context = tls.server_context(cfg.tls.cert, cfg.tls.key)
         except ConfigError as exc:
             problems += exc.problems
-    if (why := cfg.open_proxy_problem()) is not None:
+    if (why := cfg.open_proxy_problem(sockets)) is not None:
         problems.append(why)
     if problems:
         raise ConfigError(problems)

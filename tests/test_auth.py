@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from proxyd.auth import (
+    GROUP_QUEUE,
+    GROUP_RUNNING,
     Authenticator,
     PasswordHash,
     Throttle,
+    client_group,
     hash_password,
     load_users,
     set_user,
@@ -483,10 +486,12 @@ def test_lockout_refuses_right_passwords_too(
 
 
 def test_parallel_guesses_learn_nothing_after_the_lockout(
-    make_auth: type[Authenticator], users: dict[str, PasswordHash]
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
 ) -> None:
-    """Guesses sent all at once cannot outrun the throttle: once max_failures of them
-    have failed, the rest are refused without their answer, the right one included."""
+    """Guesses sent all at once cannot outrun the throttle: each counts as a failure
+    from when it is queued, so the third of them starts the lockout before any answer
+    is known; every one is then refused without its answer, the right one included,
+    and the ones still queued are never derived."""
     auth = make_auth(users, throttle=Throttle(2, window=60, lockout=60))
 
     async def burst() -> list[str]:
@@ -498,6 +503,136 @@ def test_parallel_guesses_learn_nothing_after_the_lockout(
         return [type(r).__name__ for r in results]
 
     outcomes = asyncio.run(burst())
-    assert outcomes.count("AuthFailed") == 2
-    assert outcomes.count("LockedOut") == 5
-    assert outcomes[-1] == "LockedOut"
+    assert outcomes == ["LockedOut"] * 7
+    assert len(derivations) <= 2  # only those running when the lockout began
+    assert "alice-pw" not in derivations
+
+
+def test_the_last_try_before_the_lockout_is_still_checked(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash]
+) -> None:
+    """max_failures - 1 typos, then the right password: in (a queued check counts as a
+    failure, but only the tries beyond max_failures start the lockout)."""
+    auth = make_auth(users, throttle=Throttle(3, window=60, lockout=60))
+
+    async def typos() -> None:
+        for typo in ("alice-p", "alice-pw!"):
+            assert not await accepted(auth, Credentials("alice", typo))
+        assert await accepted(auth, Credentials("alice", "alice-pw"))
+        # the success took its provisional failure back: one more typo does not lock
+        assert not await accepted(auth, Credentials("alice", "alice-pX"))
+        with pytest.raises(LockedOut) as locked:
+            auth.check_lockout("192.0.2.1")
+        assert locked.value.retry_after == 60
+
+    asyncio.run(typos())
+
+
+def test_a_flooding_group_waits_its_turn(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
+) -> None:
+    """With the lockout off, one address queueing many checks gets GROUP_RUNNING +
+    GROUP_QUEUE of them at most (the rest refused at once, as failures), and a check of
+    another address is taken next, not after the whole queue."""
+    auth = make_auth(users)
+
+    async def flood() -> tuple[list[str], int]:
+        guesses = [
+            asyncio.ensure_future(accepted(auth, Credentials("alice", f"guess-{i}"), "192.0.2.7"))
+            for i in range(60)
+        ]
+        await asyncio.sleep(0)
+        right = await accepted(auth, Credentials("bob", "bob-pw"), "192.0.2.8")
+        assert right
+        position = derivations.index("bob-pw")
+        outcomes = await asyncio.gather(*guesses)
+        assert not any(outcomes)
+        return derivations, position
+
+    derived, position = asyncio.run(flood())
+    assert len(derived) == 1 + GROUP_RUNNING + GROUP_QUEUE
+    assert position <= GROUP_RUNNING + 1  # behind those running, not behind the queue
+
+
+def test_ipv6_clients_are_grouped_by_prefix(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash]
+) -> None:
+    assert client_group("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert client_group("2001:db8:1:2:aaaa::1", 48) == "2001:db8:1::/48"
+    assert client_group("::ffff:192.0.2.1") == "192.0.2.1"
+    assert client_group("192.0.2.1") == "192.0.2.1"
+    auth = make_auth(users, throttle=Throttle(2, window=60, lockout=60))
+
+    async def guesses() -> None:
+        assert not await accepted(auth, Credentials("alice", "x"), "2001:db8:1:2::1")
+        assert not await accepted(auth, Credentials("alice", "y"), "2001:db8:1:2::2")
+        with pytest.raises(LockedOut):  # another address of the same /64
+            await auth.verify(Credentials("alice", "alice-pw"), "2001:db8:1:2:ffff::9")
+        assert await accepted(auth, Credentials("alice", "alice-pw"), "2001:db8:1:3::1")
+
+    asyncio.run(guesses())
+
+
+def test_user_lockout_spares_addresses_that_logged_in(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash]
+) -> None:
+    log = Log()
+    auth = make_auth(
+        users,
+        throttle=Throttle(2, window=60, lockout=60),
+        user_throttle=Throttle(4, window=60, lockout=60),
+        log=log,
+    )
+
+    async def spread() -> None:
+        assert await accepted(auth, Credentials("alice", "alice-pw"), "192.0.2.50")
+        for i in range(4):  # one guess from each of four addresses
+            assert not await accepted(auth, Credentials("alice", f"guess-{i}"), f"192.0.2.{i}")
+        # the user name is locked out, for a right password from a new address too
+        with pytest.raises(LockedOut):
+            await auth.verify(Credentials("alice", "alice-pw"), "192.0.2.60")
+        # ... but not for the address that logged in as alice, nor for another user
+        assert await accepted(auth, Credentials("alice", "alice-pw"), "192.0.2.50")
+        assert await accepted(auth, Credentials("bob", "bob-pw"), "192.0.2.60")
+
+    asyncio.run(spread())
+    locked = [fields for event, fields in log.lines if event == "user_locked"]
+    assert locked == [{"user": "alice", "failures": 4, "window_s": 60, "lockout_s": 60}]
+    assert not any("guess" in repr(fields) for _, fields in log.lines)
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, object]]] = []
+
+    def warning(self, event: str, **fields: object) -> None:
+        self.lines.append((event, fields))
+
+
+def test_leaving_before_the_answer_still_counts_a_wrong_guess(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash]
+) -> None:
+    """A client that goes away while its check runs cannot guess unseen: the check's
+    answer counts for it all the same (a right one counts nothing)."""
+    auth = make_auth(users, throttle=Throttle(2, window=60, lockout=60))
+
+    async def leave(password: str, client: str) -> None:
+        task = asyncio.ensure_future(auth.verify(Credentials("alice", password), client))
+        await asyncio.sleep(0)  # queued and started
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):  # until the derivation has ended (bounded)
+            if not auth._busy:
+                break
+            await asyncio.sleep(0.01)
+
+    async def run() -> None:
+        await leave("guess-1", "192.0.2.20")
+        await leave("alice-pw", "192.0.2.20")  # right: taken back
+        auth.check_lockout("192.0.2.20")
+        await leave("guess-2", "192.0.2.20")
+        with pytest.raises(LockedOut):
+            auth.check_lockout("192.0.2.20")
+
+    asyncio.run(run())

@@ -120,6 +120,8 @@ def test_every_key_set() -> None:
                 "max_failures": 0,
                 "failure_window": 30,
                 "lockout": 0.5,
+                "ipv6_prefix": 56,
+                "max_user_failures": 7,
             },
             "tls": {"cert": "/etc/proxyd/cert.pem", "key": "/etc/proxyd/key.pem"},
             "dns": {"cache_size": 0, "cache_ttl": 0, "negative_ttl": 1.5},
@@ -147,6 +149,8 @@ def test_every_key_set() -> None:
             max_failures=0,
             failure_window=30.0,
             lockout=0.5,
+            ipv6_prefix=56,
+            max_user_failures=7,
         ),
         tls=TlsConfig(cert=Path("/etc/proxyd/cert.pem"), key=Path("/etc/proxyd/key.pem")),
         dns=DnsConfig(cache_size=0, cache_ttl=0.0, negative_ttl=1.5),
@@ -202,6 +206,11 @@ BAD = [
     ({"server": {"allow_open_proxy": "yes"}}, "server.allow_open_proxy"),
     ({"server": {"allow_open_proxy": 1}}, "server.allow_open_proxy"),
     ({"auth": {"users_file": 5}}, "auth.users_file"),
+    ({"auth": {"ipv6_prefix": 0}}, "auth.ipv6_prefix"),
+    ({"auth": {"ipv6_prefix": 129}}, "auth.ipv6_prefix"),
+    ({"auth": {"ipv6_prefix": "64"}}, "auth.ipv6_prefix"),
+    ({"auth": {"max_user_failures": -1}}, "auth.max_user_failures"),
+    ({"auth": {"max_user_failures": 2.5}}, "auth.max_user_failures"),
     ({"auth": {"users_file": ""}}, "auth.users_file"),
     ({"auth": {"users_file": ["/etc/proxyd/users"]}}, "auth.users_file"),
     ({"timeouts": {"connect": 0}}, "timeouts.connect"),
@@ -458,6 +467,77 @@ def test_open_proxy_problem_names_only_exposed_addresses() -> None:
 )
 def test_no_open_proxy_problem(cfg: Config) -> None:
     assert cfg.open_proxy_problem() is None
+
+
+ONLY_NAMED = {"server": {"listen": ["0.0.0.0:1080"], "default_action": "deny"}}
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        [],
+        [{"action": "allow", "clients": ["192.0.2.0/24"]}],
+        [
+            {"action": "allow", "clients": ["192.0.2.0/24"], "destinations": ["example.com"]},
+            {"action": "deny", "destinations": ["example.org"]},
+            {"action": "allow", "clients": ["2001:db8::/32"]},
+        ],
+    ],
+    ids=["nothing allowed", "one client rule", "client rules and a deny"],
+)
+def test_client_rules_close_an_exposed_daemon(rules: list[dict[str, Any]]) -> None:
+    assert from_mapping({**ONLY_NAMED, "rules": rules}).open_proxy_problem() is None
+
+
+@pytest.mark.parametrize(
+    ("server", "rules"),
+    [
+        ({}, [{"action": "allow", "clients": ["192.0.2.0/24"]}]),  # allow by default
+        ({"default_action": "deny"}, [{"action": "allow", "destinations": ["example.com"]}]),
+        (
+            {"default_action": "deny"},
+            [
+                {"action": "allow", "clients": ["192.0.2.0/24"]},
+                {"action": "allow", "ports": [443]},
+            ],
+        ),
+        ({"default_action": "deny"}, [{"action": "allow", "clients": ["0.0.0.0/0"]}]),
+        ({"default_action": "deny"}, [{"action": "allow", "clients": ["::/0"]}]),
+    ],
+    ids=["default allow", "no clients", "one of two without", "all v4", "all v6"],
+)
+def test_open_rules_leave_an_exposed_daemon_open(
+    server: dict[str, Any], rules: list[dict[str, Any]]
+) -> None:
+    data = {"server": {"listen": ["0.0.0.0:1080"], **server}, "rules": rules}
+    problem = from_mapping(data).open_proxy_problem()
+    assert problem is not None and "clients in every allow rule" in problem
+
+
+def test_socks4_with_users_on_an_exposed_daemon_needs_an_opt_in() -> None:
+    auth = {"users_file": "/etc/proxyd/users", "allow_socks4": True}
+    problem = from_mapping(
+        {"server": {"listen": ["0.0.0.0:1080"]}, "auth": auth}
+    ).open_proxy_problem()
+    assert problem is not None
+    assert problem.startswith("server.listen: 0.0.0.0:1080") and "auth.allow_socks4" in problem
+    balanced = {"listen": ["127.0.0.1:1080"], "proxy_protocol_from": ["127.0.0.1/32"]}
+    problem = from_mapping({"server": balanced, "auth": auth}).open_proxy_problem()
+    assert problem is not None and "auth.allow_socks4" in problem
+    # on loopback, opted in, or only for named clients: fine
+    assert from_mapping({"auth": auth}).open_proxy_problem() is None
+    opted = {"listen": ["0.0.0.0:1080"], "allow_open_proxy": True}
+    assert from_mapping({"server": opted, "auth": auth}).open_proxy_problem() is None
+    rules = [{"action": "allow", "clients": ["192.0.2.0/24"]}]
+    assert from_mapping({**ONLY_NAMED, "auth": auth, "rules": rules}).open_proxy_problem() is None
+
+
+def test_sockets_from_systemd_are_judged_instead_of_listen() -> None:
+    cfg = config_with(["127.0.0.1:1080"])
+    problem = cfg.open_proxy_problem((ListenAddress("0.0.0.0", 1080),))
+    assert problem is not None and problem.startswith("socket activation: 0.0.0.0:1080")
+    public = config_with(["0.0.0.0:1080"])
+    assert public.open_proxy_problem((ListenAddress("::1", 1080),)) is None
 
 
 # --- files ------------------------------------------------------------------------------------

@@ -219,8 +219,11 @@ class HttpProxyServer:
         data, _closed = self._conn.trailing_data
         return bytes(data)
 
-    def error_response(self, status: int, message: str = "") -> bytes:
-        """A short text/plain answer that closes the connection."""
+    def error_response(
+        self, status: int, message: str = "", *, retry_after: int | None = None
+    ) -> bytes:
+        """A short text/plain answer that closes the connection; `retry_after`: the
+        seconds a client should wait before it asks again (a 429's, a 503's)."""
         phrase = http.HTTPStatus(status).phrase
         body = f"{status} {phrase}{': ' if message else ''}{message}\n".encode()
         headers = [
@@ -229,7 +232,9 @@ class HttpProxyServer:
             ("Connection", "close"),
         ]
         if status == 407:
-            headers.append(("Proxy-Authenticate", f'Basic realm="{REALM}"'))
+            headers.append(("Proxy-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"'))
+        if retry_after is not None:
+            headers.append(("Retry-After", str(retry_after)))
         head = h11.Response(status_code=status, headers=headers, reason=phrase.encode())
         return self._conn.send(head) + self._conn.send(h11.Data(data=body))
 

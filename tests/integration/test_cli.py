@@ -14,6 +14,7 @@ import pytest
 
 from conftest import PASSWORD, ROOT, USER, basic_token, proxyd, request_head
 from integration import socks5client
+from integration.test_proxy_protocol import socks5_tunnel, v1
 
 
 def test_version():
@@ -71,6 +72,74 @@ def test_open_proxy_guard_check_config(tmp_path):
     result = proxyd("check-config", "--config", str(path))
     assert result.returncode == 1
     assert "server.listen" in result.stderr
+
+
+def test_a_users_file_without_users_is_refused(tmp_path):
+    """No user in auth.users_file would silently mean no authentication."""
+    users = tmp_path / "users"
+    users.write_text("# nobody yet\n\n")
+    users.chmod(0o600)
+    path = tmp_path / "empty-users.toml"
+    path.write_text(f'[auth]\nusers_file = "{users}"\n')
+    result = proxyd("--config", str(path), "--listen", "127.0.0.1:0")
+    assert result.returncode == 1
+    assert f"{path}: auth.users_file: {users} holds no user" in result.stderr
+    assert "listening" not in result.stdout
+    result = proxyd("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert "auth.users_file" in result.stderr
+    assert "OK" not in result.stdout
+
+
+# exposed on loopback: a balancer relays clients from anywhere
+BALANCED = '[server]\nproxy_protocol_from = ["127.0.0.1/32"]\n'
+
+
+def test_open_proxy_guard_takes_client_rules(start_daemon, tmp_path, tcp_server):
+    """Exposed without users: it starts when nothing is allowed by default and every
+    allow rule names its clients; then only those clients get through."""
+    only_named = (
+        BALANCED + 'default_action = "deny"\n'
+        '[[rules]]\naction = "allow"\nclients = ["192.0.2.0/24"]\n'
+        'destinations = ["127.0.0.0/8"]\n'
+    )
+    open_too = only_named + '[[rules]]\naction = "allow"\ndestinations = ["127.0.0.0/8"]\n'
+    path = tmp_path / "open.toml"
+    path.write_text(open_too)
+    result = proxyd("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert "server.proxy_protocol_from" in result.stderr
+    assert "clients in every allow rule" in result.stderr
+    result = proxyd("--config", str(path), "--listen", "127.0.0.1:0")
+    assert result.returncode == 1 and "listening" not in result.stdout
+
+    path.write_text(only_named)
+    assert proxyd("check-config", "--config", str(path)).returncode == 0
+    daemon = start_daemon(only_named)
+    server = tcp_server()
+    sock, rep = socks5_tunnel(daemon, v1("192.0.2.7", 5000), "127.0.0.1", server.port)
+    sock.close()
+    assert rep == 0
+    sock, rep = socks5_tunnel(daemon, v1("198.51.100.7", 5001), "127.0.0.1", server.port)
+    sock.close()
+    assert rep == 2  # not a named client: denied by default_action
+
+
+def test_socks4_with_users_on_an_exposed_daemon_needs_an_opt_in(start_daemon, tmp_path, users_file):
+    """SOCKS4 carries no password: allowed on an exposed daemon, it opens the proxy."""
+    socks4 = f'[auth]\nusers_file = "{users_file}"\nallow_socks4 = true\n'
+    path = tmp_path / "socks4.toml"
+    path.write_text(BALANCED + socks4)
+    result = proxyd("check-config", "--config", str(path))
+    assert result.returncode == 1
+    assert "auth.allow_socks4" in result.stderr
+    result = proxyd("--config", str(path), "--listen", "127.0.0.1:0")
+    assert result.returncode == 1 and "auth.allow_socks4" in result.stderr
+    # opted in: it starts (and on loopback only it always did)
+    path.write_text(BALANCED + "allow_open_proxy = true\n" + socks4)
+    assert proxyd("check-config", "--config", str(path)).returncode == 0
+    start_daemon(BALANCED + "allow_open_proxy = true\n" + socks4)
+    start_daemon(socks4)
 
 
 def test_passwd_writes_private_hashed_file(tmp_path):

@@ -49,7 +49,7 @@ def test_missing_or_wrong_credentials_get_407(auth_daemon, tcp_server, auth):
     server = tcp_server()
     head, _ = request(auth_daemon.address, connect_head(f"127.0.0.1:{server.port}", auth))
     assert head.startswith(b"HTTP/1.1 407 ")
-    assert b'\r\nProxy-Authenticate: Basic realm="proxyd"' in head
+    assert b'\r\nProxy-Authenticate: Basic realm="proxyd", charset="UTF-8"' in head
     line = auth_daemon.access()
     assert line["status"] == "auth_failed"
     assert not server.peers  # nothing reached the target

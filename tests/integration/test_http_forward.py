@@ -285,7 +285,7 @@ def test_auth_is_asked_for_and_not_passed_on(start_daemon, web, users_file):
     response = conn.getresponse()
     response.read()
     assert response.status == 407
-    assert response.getheader("Proxy-Authenticate") == 'Basic realm="proxyd"'
+    assert response.getheader("Proxy-Authenticate") == 'Basic realm="proxyd", charset="UTF-8"'
     result = curl_via(daemon, "-U", f"{USER}:{PASSWORD}", f"{web.base}/secret")
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -663,7 +663,7 @@ def test_credentials_are_checked_on_every_request_of_a_connection(start_daemon, 
     conn.request("GET", web.base + "/second")
     response = conn.getresponse()
     assert response.status == 407
-    assert response.getheader("Proxy-Authenticate") == 'Basic realm="proxyd"'
+    assert response.getheader("Proxy-Authenticate") == 'Basic realm="proxyd", charset="UTF-8"'
     response.read()
     assert [r["path"] for r in web.requests] == ["/first"]
     lines = access_lines(daemon, 2)

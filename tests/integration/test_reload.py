@@ -189,6 +189,26 @@ def test_invalid_reload_keeps_everything(start_daemon, tcp_server, users, tmp_pa
     assert daemon.proc.poll() is None
 
 
+def test_reload_to_an_emptied_users_file_is_refused(start_daemon, tcp_server, users):
+    """A users file emptied (or cut down to comments) would turn authentication off:
+    the reload fails, and the users read before stay in force."""
+    server = tcp_server()
+    daemon = start_daemon(config(users, "127.0.0.1:0"), listen="")
+    users.write_text("# everyone removed\n")
+    (outcome,) = daemon.reload()
+    assert outcome["event"] == "reload_failed", outcome
+    assert any(p.startswith("auth.users_file:") for p in outcome["problems"]), outcome
+    # still required, and alice's password still works
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(b"\x05\x01\x00")  # no authentication offered
+        assert recv_exact(sock, 2) == b"\x05\xff"
+    with socks5client.open_tunnel(
+        daemon.address, "127.0.0.1", server.port, auth=("alice", "wonderland-42")
+    ) as sock:
+        echo_through(sock, b"still alice")
+    assert daemon.proc.poll() is None
+
+
 def test_reload_of_what_needs_a_restart_warns(start_daemon, users):
     daemon = start_daemon(config(users, "127.0.0.1:0"), listen="")
     (outcome,) = daemon.reload(

@@ -217,6 +217,30 @@ def test_a_passed_descriptor_that_is_no_listening_socket_is_an_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_passed_socket_beyond_loopback_meets_the_open_proxy_guard(tmp_path):
+    """server.listen is on loopback, but systemd passes a socket on every address: with
+    no users that is an open proxy, refused at the start, naming the socket."""
+    config = tmp_path / "proxyd.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:1"]\n')
+    # the socket comes as stdin, and is moved to descriptor 3 as systemd would pass it
+    script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -m proxyd --config "$1" 3<&0 </dev/null'
+    with socket.socket() as passed:  # listening, never connected to
+        passed.bind(("0.0.0.0", 0))
+        passed.listen()
+        port = passed.getsockname()[1]
+        result = subprocess.run(
+            ["sh", "-c", script, sys.executable, str(config)],
+            stdin=passed,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
+    assert result.returncode == 1, result
+    assert f"socket activation: 0.0.0.0:{port} is reachable beyond this host" in result.stderr
+    assert "listening" not in result.stdout
+
+
 def test_workers_supervisor_notifies(start_daemon, tmp_path):
     """With workers > 1 the supervisor speaks to systemd (NotifyAccess=main)."""
     receiver = NotifyReceiver(tmp_path / "notify")

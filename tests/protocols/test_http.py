@@ -365,7 +365,7 @@ def test_error_response(status: int, status_line: bytes) -> None:
     assert b"upstream said no" in body
     assert headers[b"content-length"] == [str(len(body)).encode()]
     if status == 407:
-        assert headers[b"proxy-authenticate"] == [b'Basic realm="proxyd"']
+        assert headers[b"proxy-authenticate"] == [b'Basic realm="proxyd", charset="UTF-8"']
     else:
         assert b"proxy-authenticate" not in headers
 
@@ -373,8 +373,16 @@ def test_error_response(status: int, status_line: bytes) -> None:
 def test_407_exact_header() -> None:
     raw = established_server(connect(b"example.com:443")).error_response(407)
     head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
-    assert b'Proxy-Authenticate: Basic realm="proxyd"' in head
+    assert b'Proxy-Authenticate: Basic realm="proxyd", charset="UTF-8"' in head
     assert b"Connection: close" in head
+    assert not any(line.startswith(b"Retry-After") for line in head)
+
+
+def test_429_says_when_to_retry() -> None:
+    raw = established_server(connect(b"example.com:443")).error_response(429, retry_after=17)
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 429 Too Many Requests"
+    assert b"Retry-After: 17" in head
 
 
 def test_error_response_without_message() -> None:
