@@ -278,17 +278,21 @@ class Session:
             self._reading = wanted
 
     def _on_readable(self) -> None:
-        try:
-            data = self.sock.recv(HANDSHAKE_READ)
-        except (BlockingIOError, InterruptedError):
-            data = None
-        except OSError as exc:
-            self._end(Status.CLIENT_CLOSED, exc.strerror or type(exc).__name__)
-            return
-        if data is None:
-            self.step(_nothing)
-        else:
+        # Read on while the handshake still waits for bytes: under uvloop a reset
+        # socket's reader is called once and never again, so the bytes that came
+        # before a reset must not hide it until the handshake timeout.
+        while True:
+            try:
+                data = self.sock.recv(HANDSHAKE_READ)
+            except (BlockingIOError, InterruptedError):
+                self.step(_nothing)
+                return
+            except OSError as exc:
+                self._end(Status.CLIENT_CLOSED, exc.strerror or type(exc).__name__)
+                return
             self.step(self._received, data)
+            if self.phase is not Phase.HANDSHAKE:
+                return
 
     def _received(self, data: bytes) -> None:
         if not data:

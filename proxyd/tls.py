@@ -26,6 +26,8 @@ from proxyd.errors import ConfigError
 from proxyd.relay import abort
 
 READ_SIZE: Final = 65536
+# Reads of the client's socket per wakeup; what is left waits for the next iteration.
+READS_PER_WAKEUP: Final = 8
 # Bytes a direction may hold before the bridge stops reading its source.
 HIGH_WATER: Final = 256 * 1024
 # Seconds the bridge may take, once the session has ended, to hand the client the
@@ -186,18 +188,27 @@ class Bridge:
     # -- readiness callbacks ------------------------------------------------------------
 
     def _on_raw_readable(self) -> None:
-        try:
-            data = self.raw.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._break(exc)
-            return
-        if data:
-            self._in.write(data)
-        else:
-            self._in.write_eof()
-        self._advance()
+        # Read on while the client's socket has bytes and the bridge wants them: under
+        # uvloop a reset socket's reader is called once and never again, so the bytes
+        # that came before a reset must not hide it.
+        for _ in range(READS_PER_WAKEUP):
+            if self._ended or not self._watching.get((self.raw.fileno(), False)):
+                return  # (ended, or paused by backpressure, or the client's EOF came)
+            try:
+                data = self.raw.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._break(exc)
+                return
+            if data:
+                self._in.write(data)
+            else:
+                self._in.write_eof()
+            self._advance()
+            if not data:
+                return
+        self._loop.call_soon(self._on_raw_readable)  # still more: on the next iteration
 
     def _on_inner_readable(self) -> None:
         assert self.inner is not None

@@ -42,6 +42,10 @@ MAX_PEERS: Final = 1024
 MAX_LOOKUPS: Final = 16
 # Datagrams held for a parent proxy's relay while it is being reached; beyond, dropped.
 MAX_WAITING: Final = 64
+# What a control connection carries after the request is read and dropped this much
+# at a time, at most this many times before other callbacks get their turn.
+CONTROL_READ: Final = 65536
+CONTROL_READS: Final = 16
 Address = tuple[str, int]
 
 
@@ -187,16 +191,14 @@ class Association:
     def _on_control(self) -> None:
         """The TCP connection carries nothing after the reply: EOF or an error ends
         the association, anything else is read and dropped."""
-        try:
-            data = self.control.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
+        if self.ended.done():
+            return  # (a continuation after the end)
+        ended = _read_to_end(self.control)
+        if ended is None:
+            self.loop.call_soon(self._on_control)
+        elif ended:
             self.loop.remove_reader(self.control.fileno())
-            if not self.ended.done():
-                self.ended.set_result(Status.OK)
+            self.ended.set_result(Status.OK)
 
     async def _pump(self, endpoint: Any) -> None:
         while True:
@@ -540,14 +542,12 @@ class ParentRelay:
 
     def _on_control(self) -> None:
         """The parent's control connection carries nothing: its end ends this relay."""
-        assert self.control is not None
-        try:
-            data = self.control.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
+        if self.control is None:
+            return  # (a continuation after the end)
+        ended = _read_to_end(self.control)
+        if ended is None:
+            self.loop.call_soon(self._on_control)
+        elif ended:
             self.close()
 
     def close(self) -> None:
@@ -570,6 +570,25 @@ class ParentRelay:
             self.control = None
         if self.lease is not None:
             self.lease.release()
+
+
+def _read_to_end(control: socket.socket) -> bool | None:
+    """Read and drop what a control connection carries, to the end of what has come:
+    True once it ended (EOF or an error), False when it has nothing more for now,
+    None when it still had more after a batch of reads (then read it again soon).
+
+    One read per readiness event is not enough: under uvloop, a reset socket's
+    reader is called once and its watcher then closed, so bytes the client sent
+    before the reset (after its request, say) would hide the end for good."""
+    for _ in range(CONTROL_READS):
+        try:
+            if not control.recv(CONTROL_READ):
+                return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+    return None
 
 
 def _relay_address(bound: tuple[str, int], control: socket.socket) -> tuple[Any, int]:

@@ -113,8 +113,9 @@ class Socks4Server:
             end = name_end + 1
         else:
             host = ipv4_text(ip)
-        if port == 0:
-            raise ProtocolError("SOCKS4 request for port 0")
+        if port == 0 and command is Command.CONNECT:
+            # (BIND's port is only informational: where the peer will connect from)
+            raise ProtocolError("SOCKS4 CONNECT to port 0")
         del buf[:end]
         self.state = State.REPLY
         return Request(command, host, port, userid, socks4a)

@@ -92,6 +92,43 @@ def test_socks4_bind(start_daemon):
     assert (line["protocol"], line["command"], line["status"]) == ("socks4", "bind", "ok")
 
 
+@pytest.mark.parametrize("request_port", [0, 21])
+def test_socks4_bind_with_dstport_0_is_granted_like_any_port(start_daemon, request_port):
+    """The port of a BIND request only says where the peer will connect from (RFC
+    1928 BIND accepts 0 too): SOCKS4 grants 0, listens and relays the peer."""
+    daemon = start_daemon()
+    control = socket.create_connection(daemon.address, timeout=10)
+    with control:
+        control.sendall(
+            b"\x04\x02" + struct.pack("!H", request_port) + bytes((127, 0, 0, 1)) + b"\0"
+        )
+        first = recv_exact(control, 8)
+        assert first[:2] == b"\x00\x5a"  # 90: granted, listening
+        port = struct.unpack("!H", first[2:4])[0]
+        assert port != 0
+        with peer_from("127.0.0.1", ("127.0.0.1", port)) as peer:
+            second = recv_exact(control, 8)
+            assert second[:2] == b"\x00\x5a"
+            assert struct.unpack("!H", second[2:4])[0] == peer.getsockname()[1]
+            peer.sendall(b"from the peer")
+            assert recv_exact(control, 13) == b"from the peer"
+            control.sendall(b"from the client")
+            assert recv_exact(peer, 15) == b"from the client"
+    line = daemon.access()
+    assert (line["protocol"], line["command"], line["status"]) == ("socks4", "bind", "ok")
+    assert line["target"] == f"127.0.0.1:{request_port}"
+    assert (line["bytes_up"], line["bytes_down"]) == (15, 13)
+
+
+def test_socks4_connect_to_port_0_is_still_refused(start_daemon):
+    daemon = start_daemon()
+    control = socket.create_connection(daemon.address, timeout=10)
+    with control:
+        control.sendall(b"\x04\x01\x00\x00" + bytes((127, 0, 0, 1)) + b"\0")
+        assert recv_exact(control, 8)[:2] == b"\x00\x5b"  # 91
+    assert daemon.access()["status"] == "bad_request"
+
+
 def test_socks4_bind_gives_up_after_the_connect_timeout(start_daemon):
     daemon = start_daemon("[timeouts]\nconnect = 1\n")
     control = socket.create_connection(daemon.address, timeout=10)

@@ -22,6 +22,36 @@ def reset(conn: socket.socket) -> None:
     conn.close()
 
 
+@pytest.mark.parametrize(
+    ("first", "partial"),
+    [
+        (b"\x05\x01\x00", b"\x05\x01\x00\x03\x20half"),  # SOCKS5: half a request
+        (b"CONNECT 127.0.0.1:80 HTTP/1.1\r\n", b"Host: 127.0.0.1:80\r\n"),  # half a head
+    ],
+    ids=["socks5", "http"],
+)
+def test_a_reset_after_part_of_a_request_ends_the_handshake_at_once(start_daemon, first, partial):
+    """Part of a request, read by the daemon; then more of it with a reset right
+    behind: the connection ends as client_closed at once, not at timeouts.handshake
+    (under uvloop the bytes before a reset used to hide it)."""
+    daemon = start_daemon("[timeouts]\nhandshake = 10\n")
+    for n in range(1, 21):
+        conn = socket.create_connection(daemon.address, timeout=10)
+        conn.sendall(first)
+        if first.startswith(b"\x05"):
+            assert recv_exact(conn, 2) == b"\x05\x00"
+        else:
+            time.sleep(0.05)  # read by the daemon, which waits for the rest
+        conn.sendall(partial)
+        reset(conn)
+        deadline = time.monotonic() + 2.0
+        while len(daemon.access_events()) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        lines = daemon.access_events()
+        assert len(lines) == n, f"connection {n}: no line within 2 s"
+        assert lines[-1]["status"] == "client_closed"
+
+
 @pytest.mark.parametrize("side", ["target", "client"])
 def test_reset_with_unread_data_ends_tunnel_at_once(start_daemon, tcp_server, side, relay_kind):
     """A reset while the daemon still has bytes to read ends the tunnel, not the idle timer."""

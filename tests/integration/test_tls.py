@@ -337,6 +337,28 @@ def test_udp_associate_with_its_control_connection_in_tls(start_daemon, cert):
         echo.close()
 
 
+def test_an_association_ends_with_a_tls_control_connection_reset_after_more_bytes(
+    start_daemon, cert
+):
+    """Bytes after the UDP ASSOCIATE request, then a reset: each association ends at
+    once (under uvloop the bridge read the bytes and never saw the reset after them)."""
+    daemon = start_daemon(tls_config(cert))
+    for n in range(1, 31):
+        with tls_connect(daemon, cert) as control:
+            control.sendall(b"\x05\x01\x00")
+            assert recv_exact(control, 2) == b"\x05\x00"
+            control.sendall(b"\x05\x03\x00" + socks5client.address("0.0.0.0", 0))
+            assert socks5client.read_reply(control)[0] == 0
+            control.sendall(b"after the request" * 100)
+            control.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        deadline = time.monotonic() + 2.0
+        while len(daemon.access_events()) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        lines = daemon.access_events()
+        assert len(lines) == n, f"association {n}: no line within 2 s"
+        assert (lines[-1]["command"], lines[-1]["status"]) == ("udp_associate", "ok")
+
+
 def test_no_descriptor_outlives_its_tls_client(start_daemon, cert, tcp_server):
     """Finished, failed and abandoned TLS clients leave no socket pair or socket behind."""
     import time

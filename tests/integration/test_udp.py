@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import socket
+import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from functools import partial
 
 import pytest
 import socks  # PySocks: a SOCKS5 client library that speaks UDP ASSOCIATE
 
 from conftest import PASSWORD, USER
 from integration import socks5client
+from integration.socks5client import recv_exact
 
 UDP_ASSOCIATE = 3
 
@@ -149,6 +158,108 @@ def test_the_association_ends_with_its_control_connection(start_daemon, udp_echo
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with probe:
         probe.bind(relay)
+
+
+GREETING = b"\x05\x01\x00"  # SOCKS5, no authentication
+ASSOCIATE_REQUEST = b"\x05\x03\x00\x01" + bytes(6)  # UDP ASSOCIATE 0.0.0.0:0
+REPLY = 10  # the reply's length, with an IPv4 BND.ADDR
+
+
+def udp_sockets(pid: int) -> int:
+    """How many UDP sockets (IPv4 and IPv6) process `pid` holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    count = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with open(table) as lines:
+            next(lines)  # the heading
+            count += sum(line.split()[9] in inodes for line in lines)
+    return count
+
+
+def random_going(rng: random.Random) -> tuple[bool, bytes, bool, str, float]:
+    """How one client asks and goes: greeting and request in one write or two; the
+    bytes it sends after its request (none, a few, or more than the daemon reads in
+    one go during the handshake); whether it reads the reply first; how it closes
+    (about 30 % reset with SO_LINGER 0; a plain close with the reply unread resets
+    too); and how long it waits before."""
+    trailing = rng.choice(
+        [b"", b"x", rng.randbytes(rng.randint(2, 300)), rng.randbytes(rng.randint(5000, 20000))]
+    )
+    how = "reset" if rng.random() < 0.3 else rng.choice(["close", "shutdown"])
+    pause = rng.choice([0.0, 0.0, 0.001, rng.uniform(0, 0.02)])
+    return rng.random() < 0.5, trailing, rng.random() < 0.7, how, pause
+
+
+def associate_and_go(
+    proxy: tuple[str, int], going: tuple[bool, bytes, bool, str, float]
+) -> tuple[str, float]:
+    """One client by `going`: its address as the access line names it, and when it
+    closed (wall clock, as the line's ts)."""
+    pipelined, trailing, reply_first, how, pause = going
+    with socket.create_connection(proxy, timeout=10) as sock:
+        client = "{}:{}".format(*sock.getsockname())
+        with contextlib.suppress(OSError):  # the daemon may have gone first: fine
+            if pipelined:
+                sock.sendall(GREETING + ASSOCIATE_REQUEST + trailing)
+            else:
+                sock.sendall(GREETING)
+                recv_exact(sock, 2)
+                sock.sendall(ASSOCIATE_REQUEST + trailing)
+            if reply_first:
+                reply = recv_exact(sock, REPLY + 2 * pipelined)
+                assert reply[-REPLY:][:2] == b"\x05\x00"
+            time.sleep(pause)
+            if how == "reset":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif how == "shutdown":
+                sock.shutdown(socket.SHUT_WR)
+        closed = time.time()
+    return client, closed
+
+
+def test_no_association_outlives_its_control_connection(start_daemon):
+    """Issue 17: 2,000 UDP ASSOCIATE requests, 200 at a time from 32 clients at once,
+    each sending bytes after its request and going its own way (before or after the
+    reply; a close, a half-close, a reset). Every association's access line comes
+    within 2 s of its client's close (with udp_idle at 60 s, one that outlived its
+    connection would have none), and at the end the daemon holds no UDP socket."""
+    daemon = start_daemon()
+    rng = random.Random(17)
+    with ThreadPoolExecutor(32) as pool:
+        for _batch in range(10):
+            before = len(daemon.access_events())
+            clients = list(
+                pool.map(
+                    partial(associate_and_go, daemon.address),
+                    [random_going(rng) for _ in range(200)],
+                )
+            )
+            deadline = time.monotonic() + 2.0  # after the batch's last close
+            while len(daemon.access_events()) < before + len(clients):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            lines = daemon.access_events()[before:]
+            seen = Counter(line["client"] for line in lines)
+            wanted = Counter(client for client, _ in clients)
+            assert seen == wanted, f"no line for {sorted((wanted - seen).elements())[:10]}"
+            # (a port the kernel gave twice in a batch leaves its two lines unmatched)
+            closed = {client: at for client, at in clients if wanted[client] == 1}
+            for line in lines:
+                # (None: reset before the daemon had answered the greeting)
+                assert line["command"] in ("udp_associate", None), str(line)
+                if line["client"] in closed:
+                    ended = datetime.fromisoformat(line["ts"]).timestamp()
+                    assert ended - closed[line["client"]] <= 2.0, line
+    deadline = time.monotonic() + 2.0
+    while (left := udp_sockets(daemon.proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == 0
 
 
 def test_udp_idle_ends_a_quiet_association(start_daemon, udp_echo):

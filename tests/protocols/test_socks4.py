@@ -68,6 +68,15 @@ def split(data: bytes, cuts: Iterable[int]) -> list[bytes]:
             socks4a(1, 80, b"b\xc3\xbccher.example", b"bob"),
             Request(Command.CONNECT, "b\u00fccher.example", 80, "bob", socks4a=True),
         ),
+        # BIND's port is informational: 0 is as good as any
+        (
+            socks4(2, 0, bytes((127, 0, 0, 1))),
+            Request(Command.BIND, "127.0.0.1", 0, "", socks4a=False),
+        ),
+        (
+            socks4a(2, 0, b"peer.internal"),
+            Request(Command.BIND, "peer.internal", 0, "", socks4a=True),
+        ),
         # 0.0.0.0 is not the 4a marker (the last byte must be non-zero)
         (
             socks4(1, 80, bytes(4)),
@@ -87,7 +96,8 @@ def test_requests(data: bytes, expected: Request) -> None:
     [
         (socks4(3, 80, bytes(4)), "command 0x03"),
         (socks4(0, 80, bytes(4)), "command 0x00"),
-        (socks4(1, 0, bytes((1, 2, 3, 4))), "port 0"),
+        (socks4(1, 0, bytes((1, 2, 3, 4))), "CONNECT to port 0"),
+        (socks4a(1, 0, b"example.internal"), "CONNECT to port 0"),
         (socks4(1, 80, bytes((1, 2, 3, 4)), b"\xff\xfe"), "user id is not valid UTF-8"),
         (socks4a(1, 80, b""), "empty"),
         (socks4a(1, 80, b"bad name"), "spaces or control"),
@@ -170,7 +180,7 @@ names = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z]{2,6}){0,3}", 
 @st.composite
 def requests(draw: st.DrawFn) -> tuple[bytes, Request]:
     command = draw(st.sampled_from(Command))
-    port = draw(st.integers(1, 65535))
+    port = draw(st.integers(0 if command is Command.BIND else 1, 65535))
     userid = draw(
         st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
     )
