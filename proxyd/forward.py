@@ -49,6 +49,7 @@ from proxyd.protocols.http import (
     absolute_origin,
     ambiguous_framing,
     basic_authorization,
+    check_host_header,
     client_event,
     end_to_end,
     head_size,
@@ -241,6 +242,7 @@ class Forwarder:
                 raise ProtocolError("https:// requests go through CONNECT", http_status=400)
             if ambiguous_framing(list(request.headers)):
                 raise ProtocolError("request has both Content-Length and Transfer-Encoding")
+            check_host_header(request.headers)
             values = [v for k, v in request.headers if k == b"proxy-authorization"]
             credentials = parse_basic_credentials(values[0]) if len(values) == 1 else None
             # every request carries its own Proxy-Authorization (a browser repeats it)
@@ -300,7 +302,7 @@ class Forwarder:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         name = f"[{key[0]}]" if ":" in key[0] else key[0]
         host = name if key[1] == 80 else f"{name}:{key[1]}"
-        host_value = host.encode("ascii") if host.isascii() else host.encode("idna")
+        host_value = host.encode("ascii")  # (absolute_origin gave the canonical, ASCII form)
         headers = [(b"host", host_value)]
         headers += [(n, v) for n, v in end_to_end(list(request.headers)) if n != b"host"]
         headers.append((b"via", VIA))

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from proxyd.protocols.common import Credentials, check_hostname, format_hostport
+from proxyd.protocols.common import Credentials, canonical_host, format_hostport
 
 SCHEMES: Final = ("socks5", "socks5h", "socks4a", "http")
 STRATEGIES: Final = ("round_robin", "random", "least_connections", "hash")
@@ -83,9 +83,8 @@ def parse_parent(url: Any) -> Parent:
         raise ValueError(f"{scheme}:// URL must name a port (1-65535)")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"{scheme}:// URL must be only [user:password@]host:port")
-    host = parts.hostname
     try:
-        check_hostname(host)
+        host = canonical_host(parts.hostname)
     except ValueError as exc:
         raise ValueError(f"{scheme}:// URL host: {exc}") from None
     credentials = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from proxyd.errors import Denied
+from proxyd.protocols.common import canonical_host
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -71,7 +72,7 @@ class Rule:
         if not self.matches_beside_destination(request):
             return False
         if self.has_destinations:
-            name = request.host.rstrip(".").lower()
+            name = request.host  # canonical: the parsers map every name once
             by_name = (self.names is not None and name in self.names) or (
                 self.suffixes is not None and name.endswith(self.suffixes)
             )
@@ -345,19 +346,12 @@ def _destination(item: Any) -> IPNetwork | str:
         return ipaddress.ip_network(item, strict=False)
     except ValueError:
         pass
-    name = item.rstrip(".").lower()
-    wildcard = name.startswith("*.")
-    label_text = name[2:] if wildcard else name
-    if (
-        "*" in label_text
-        or not label_text
-        or any(
-            not label or len(label) > 63 or not all(c.isalnum() or c in "-_" for c in label)
-            for label in label_text.split(".")
-        )
-    ):
-        raise ValueError(f"{item!r} is not a CIDR, a host name or a *.name pattern")
-    return "." + label_text if wildcard else label_text
+    wildcard = item.startswith("*.")
+    try:  # the one form the parsers give every target name (UTS #46, ASCII)
+        name = canonical_host(item[2:] if wildcard else item)
+    except ValueError:
+        raise ValueError(f"{item!r} is not a CIDR, a host name or a *.name pattern") from None
+    return "." + name if wildcard else name
 
 
 def _port_range(item: Any) -> tuple[int, int]:

@@ -63,9 +63,9 @@ def test_first_match_wins() -> None:
         ({"protocols": ["http"]}, {"protocol": "http"}, {}),
         ({"commands": ["GET", "udp_associate"]}, {"command": "get"}, {"command": "POST"}),
         ({"commands": ["connect"]}, {}, {"command": "bind"}),
-        (
-            {"destinations": ["www.example.com"]},
-            {"host": "WWW.Example.COM."},
+        (  # a name in a rule is made canonical at load, as the parsers make targets
+            {"destinations": ["WWW.Example.COM."]},
+            {"host": "www.example.com"},
             {"host": "example.com"},
         ),
         ({"destinations": ["*.example.com"]}, {"host": "a.b.example.com"}, {"host": "example.com"}),
@@ -177,3 +177,31 @@ def test_bad_via(table: dict[str, object], problem: str) -> None:
     problems: list[str] = []
     parse_rules([table], problems)
     assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+def test_names_in_rules_are_made_canonical_at_load() -> None:
+    """A rule names a destination in the one form the parsers give every target
+    (UTS #46: folded width and case, ideographic dots, no trailing dot, ASCII)."""
+    (rule,) = parse_rules(
+        [
+            {
+                "action": "deny",
+                "destinations": [
+                    "ＬＯＣＡＬＨＯＳＴ",  # noqa: RUF001 (the look-alike is the point)
+                    "metadata\u3002google\uff0einternal.",
+                    "*.ＩＮＴＥＲＮＡＬ",  # noqa: RUF001
+                    "Bücher.Example",
+                ],
+            }
+        ],
+        [],
+    )
+    assert rule.names == {"localhost", "metadata.google.internal", "xn--bcher-kva.example"}
+    assert rule.suffixes == (".internal",)
+
+
+@pytest.mark.parametrize("name", ["a..b", "*", "*.", "a.*.b", "a b", "evil\\x", "xn--localhost-"])
+def test_a_name_that_cannot_be_mapped_is_a_config_problem(name: str) -> None:
+    problems: list[str] = []
+    parse_rules([{"action": "deny", "destinations": [name]}], problems)
+    assert len(problems) == 1 and problems[0].startswith("rules[0].destinations[0]: "), problems

@@ -13,7 +13,7 @@ from __future__ import annotations
 import binascii
 import http
 import ipaddress
-import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -24,7 +24,7 @@ from proxyd.protocols.common import (
     NEED_DATA,
     Credentials,
     NeedData,
-    check_hostname,
+    canonical_host,
 )
 
 DEFAULT_MAX_HEAD: Final = 16384
@@ -52,7 +52,8 @@ Event = ConnectRequest | ForwardRequest | NeedData
 
 
 def parse_authority(authority: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` as in a CONNECT request line (RFC 9110 section 9.3.6).
+    """`host:port` or `[v6]:port` as in a CONNECT request line (RFC 9110 section 9.3.6),
+    the host in its canonical form (proxyd.protocols.common.canonical_host).
 
     Error messages never quote the target: a client may have put a password in it.
     """
@@ -76,7 +77,7 @@ def parse_authority(authority: str) -> tuple[str, int]:
         raise ProtocolError("CONNECT target: IPv6 addresses need brackets")
     else:
         try:
-            check_hostname(host)
+            host = canonical_host(host)
         except ValueError as exc:
             raise ProtocolError(f"CONNECT target: {exc}") from None
     return host, port
@@ -84,28 +85,104 @@ def parse_authority(authority: str) -> tuple[str, int]:
 
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
+# What RFC 3986 (section 3.2) lets an authority hold: unreserved characters,
+# sub-delims, ":" and "@" (userinfo), "[" "]" (an IP literal) and "%" in a %HH escape.
+# Anything else (a "\\", a space, a quote) is read differently by different URL parsers
+# (WHATWG ends the host at "\\", Python's urlsplit at "@"): such a request is refused,
+# not guessed at.
+_AUTHORITY: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:@[]%"
+)
+_HEX: Final = frozenset("0123456789abcdefABCDEF")
+
+
+def _bad_escape(text: str) -> bool:
+    """Whether a "%" in `text` is not followed by two hex digits."""
+    at = text.find("%")
+    while at >= 0:
+        digits = text[at + 1 : at + 3]
+        if len(digits) != 2 or not _HEX.issuperset(digits):
+            return True
+        at = text.find("%", at + 3)
+    return False
+
+
+def split_authority(authority: str, *, userinfo: bool) -> tuple[str, int | None]:
+    """(host, port or None) of an RFC 3986 authority (`userinfo`: a `user@` part may
+    come first), the host canonical (a name by UTS #46, an IPv6 literal without its
+    brackets); ValueError when it is not one. The host of a name or IPv4 address may
+    hold none of the characters an authority allows beyond letters, digits, ".", "-"
+    and "_", so a `%` escape in it is refused too."""
+    if not _AUTHORITY.issuperset(authority) or _bad_escape(authority):
+        raise ValueError("has a character an RFC 3986 authority does not allow")
+    user, at, hostport = authority.rpartition("@")
+    if at and (not userinfo or "@" in user or "[" in user or "]" in user):
+        raise ValueError("has user information where none may be, or two '@'")
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        host, rest = hostport[1:end], hostport[end + 1 :]
+        try:
+            if end < 0 or "%" in host:
+                raise ValueError
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("has a bracketed host that is not an IPv6 address") from None
+    else:
+        end = hostport.find(":")
+        host, rest = (hostport, "") if end < 0 else (hostport[:end], hostport[end:])
+        if "[" in host or "]" in host:
+            raise ValueError("has a bracket outside an IPv6 literal")
+        if not host:
+            raise ValueError("has no host")
+        try:
+            host = canonical_host(host)
+        except ValueError as exc:
+            raise ValueError(f"has a bad {exc}") from None
+    if not rest:
+        return host, None
+    port_text = rest[1:]
+    if rest[0] != ":" or not (port_text.isdigit() or not port_text):
+        raise ValueError("has a port that is not a number")
+    if not port_text:
+        return host, None  # "host:" is the default port (RFC 3986 section 6.2.3)
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"has port {port}, out of range")
+    return host, port
+
 
 def absolute_origin(target: str) -> tuple[str, int] | None:
-    """(host, port) of an absolute-form `http://host[:port]/...` target; None for other forms.
+    """(host, port) of an absolute-form `http://host[:port]/...` target; None for other
+    forms. The host is canonical; an authority that is not an RFC 3986 one is a
+    ProtocolError (400).
 
     Errors never quote the target: it may carry `user:password@`.
     """
-    scheme = target.partition("://")[0].lower()
-    if scheme not in DEFAULT_PORTS:
+    scheme, sep, rest = target.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in DEFAULT_PORTS:
         return None
+    end = len(rest)
+    for delimiter in "/?#":
+        if (at := rest.find(delimiter, 0, end)) >= 0:
+            end = at
     try:
-        parts = urllib.parse.urlsplit(target)
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        raise ProtocolError("request target is not a valid URL") from None
-    if not host:
-        raise ProtocolError("request target has no host")
-    if ":" not in host:
-        try:
-            check_hostname(host)
-        except ValueError as exc:
-            raise ProtocolError(f"request target: {exc}") from None
+        host, port = split_authority(rest[:end], userinfo=True)
+    except ValueError as exc:
+        raise ProtocolError(f"request target: the authority {exc}") from None
     return host, port or DEFAULT_PORTS[scheme]
+
+
+def check_host_header(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """A forwarded request's Host (which the URL's authority replaces on the way on)
+    must still be one host[:port] by RFC 3986, so that no hop after us reads it as
+    another: ProtocolError (400) when not."""
+    for name, value in headers:
+        if name == b"host" and value:
+            try:
+                split_authority(value.decode("ascii"), userinfo=False)
+            except (ValueError, UnicodeDecodeError):
+                raise ProtocolError("the Host header is not an RFC 3986 host[:port]") from None
 
 
 def parse_basic_credentials(value: bytes) -> Credentials | None:

@@ -19,7 +19,7 @@ from proxyd.errors import LocalProtocolError, ProtocolError, Status
 from proxyd.protocols.common import (
     NEED_DATA,
     NeedData,
-    check_hostname,
+    canonical_host,
     ipv4_text,
     packed_ip,
 )
@@ -107,7 +107,7 @@ class Socks4Server:
             if name_end < 0:
                 return NEED_DATA
             try:
-                host = check_hostname(self._text(end, name_end, "host name"))
+                host = canonical_host(self._text(end, name_end, "host name"))
             except ValueError as exc:
                 raise ProtocolError(str(exc)) from None
             end = name_end + 1

@@ -29,7 +29,7 @@ from proxyd.protocols.common import (
     NEED_DATA,
     Credentials,
     NeedData,
-    check_hostname,
+    canonical_host,
     ipv4_text,
     ipv6_text,
     packed_ip,
@@ -148,7 +148,7 @@ def unpack_address(
         if len(data) < end + 2:
             return None
         try:
-            host = check_hostname(_decode_text(bytes(data[start:end]), "domain name"))
+            host = canonical_host(_decode_text(bytes(data[start:end]), "domain name"))
         except ValueError as exc:
             raise ProtocolError(str(exc), socks_reply=REP_HOST_UNREACHABLE) from None
     (port,) = struct.unpack_from("!H", data, end)

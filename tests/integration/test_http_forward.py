@@ -669,3 +669,42 @@ def test_credentials_are_checked_on_every_request_of_a_connection(start_daemon, 
     lines = access_lines(daemon, 2)
     assert [(e["status"], e["user"]) for e in lines] == [("ok", USER), ("auth_failed", None)]
     assert lines[0]["conn_id"] == lines[1]["conn_id"]
+
+
+def test_a_url_or_host_header_that_is_no_rfc_3986_authority_is_400(start_daemon, web, tmp_path):
+    """A host with a backslash, a space, a quote, a stray or escaped %, two @: each is
+    read as another host by some URL parser (WHATWG ends the host at "\\", Python's
+    urlsplit at the last "@"), so none is guessed at: 400, bad_request, and the origin,
+    which both good.test and evil.test name, is never reached."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 good.test evil.test\n")
+    daemon = start_daemon(hosts=hosts)
+    port = web.port
+    good = f"good.test:{port}"
+    bad = [
+        (f"http://evil.test:{port}\\@{good}/", good),
+        (f"http://evil.test\\@{good}/", good),
+        (f"http://{good}\\evil.test/", good),
+        (f"http://u@v@{good}/", good),
+        (f"http://u:p%zz@{good}/", good),
+        (f"http://good%2etest:{port}/", good),
+        (f"http://good.test%:{port}/", good),
+        (f'http://"good.test":{port}/', good),
+        (f"http://good.test|x:{port}/", good),
+        (f"http://good.test:{port}:{port}/", good),
+        (f"http://{good}/", f"evil.test\\@{good}"),  # the Host header too
+        (f"http://{good}/", "good test"),
+        (f"http://{good}/", f"user@{good}"),
+    ]
+    for target, host in bad:
+        with socket.create_connection(daemon.address, timeout=10) as sock:
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            answer = read_to_end(sock)
+        assert answer.startswith(b"HTTP/1.1 400 "), (target, host, answer[:100])
+    lines = access_lines(daemon, len(bad))
+    assert [e["status"] for e in lines] == ["bad_request"] * len(bad)
+    assert web.connections == 0
+    conn = via(daemon)  # the same origin by a well-formed URL is reached
+    conn.request("GET", f"http://{good}/fine")
+    assert conn.getresponse().status == 200
+    assert web.connections == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import urllib.parse
 from collections.abc import Iterable
 
 import h11
@@ -11,13 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxyd.errors import LocalProtocolError, ProtocolError
-from proxyd.protocols.common import NEED_DATA, Credentials
+from proxyd.protocols.common import NEED_DATA, Credentials, canonical_host
 from proxyd.protocols.http import (
     DEFAULT_MAX_HEAD,
     ConnectRequest,
     ForwardRequest,
     HttpProxyServer,
+    absolute_origin,
     ambiguous_framing,
+    check_host_header,
     end_to_end,
     head_size,
     pac_file,
@@ -96,6 +99,9 @@ def read_response(
         ("[2001:db8::1]:8443", "2001:db8::1", 8443),
         ("[::ffff:192.0.2.1]:80", "::ffff:192.0.2.1", 80),
         ("xn--bcher-kva.example:80", "xn--bcher-kva.example", 80),
+        # the one canonical form of a name (UTS #46), as every parser gives it
+        ("LOCALHOST.:22", "localhost", 22),
+        ("Metadata.Google.Internal:80", "metadata.google.internal", 80),
     ],
 )
 def test_connect_target(authority: str, host: str, port: int) -> None:
@@ -123,6 +129,13 @@ BAD_AUTHORITIES = [
     "[example.com]:443",
     "[192.0.2.1]:443",
     "[]:443",
+    "evil.com\\@good.test:443",
+    "evil.com\\:443",
+    "a..b:443",
+    "sp ace:443",
+    "evil%2ecom:443",
+    "xn--localhost-:443",
+    "localhost..:443",
 ]
 
 
@@ -676,3 +689,112 @@ def test_head_size_is_about_the_bytes_on_the_wire(filler: int) -> None:
     request = conn.next_event()
     assert isinstance(request, h11.Request)
     assert abs(head_size(request) - len(raw)) <= 4
+
+
+# -- item 11: the authority of a forwarded URL, and its Host header ------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "origin"),
+    [
+        ("http://example.com/", ("example.com", 80)),
+        ("http://example.com", ("example.com", 80)),
+        ("http://example.com:8080/x?y#z", ("example.com", 8080)),
+        ("http://example.com:/", ("example.com", 80)),  # an empty port is the default
+        ("HTTP://EXAMPLE.COM./", ("example.com", 80)),
+        ("http://127.0.0.1:81/", ("127.0.0.1", 81)),
+        ("http://[::1]:8080/", ("::1", 8080)),
+        ("http://user:p%40ss@example.com/", ("example.com", 80)),
+        ("http://example.com?q", ("example.com", 80)),
+        ("https://example.com/", ("example.com", 443)),
+        ("http://xn--bcher-kva.example/", ("xn--bcher-kva.example", 80)),
+        ("/proxy.pac", None),
+        ("ftp://example.com/", None),
+        ("*", None),
+    ],
+)
+def test_absolute_origin(target: str, origin: tuple[str, int] | None) -> None:
+    assert absolute_origin(target) == origin
+
+
+BAD_URL_AUTHORITIES = [
+    "http://evil.com\\@good.test/",  # WHATWG's host is evil.com, urlsplit's good.test
+    "http://good.test\\evil.com/",
+    "http://evil.com\\/",
+    "http://a b/",
+    'http://"a"/',
+    "http://a<b>/",
+    "http://a{b}/",
+    "http://a|b/",
+    "http://a^b/",
+    "http://a`b/",
+    "http://evil%2ecom/",  # a valid escape, but no name holds one
+    "http://evil%zzcom/",
+    "http://evil.com%/",
+    "http://evil.com%4/",
+    "http://u:p%zz@good.test/",  # a broken escape in the user information
+    "http://a@b@good.test/",
+    "http://[::1/",
+    "http://[::1]x/",
+    "http://[good.test]/",
+    "http://[::1%25lo]/",
+    "http://x[1]/",
+    "http://good.test:8a/",
+    "http://good.test:0/",
+    "http://good.test:65536/",
+    "http://good.test:80:80/",
+    "http:///path",
+    "http://@/",
+    "http://a..b/",
+    "http://xn--localhost-/",
+    "http://localhost../",
+]
+
+
+@pytest.mark.parametrize("target", BAD_URL_AUTHORITIES)
+def test_a_bad_url_authority_is_400(target: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        absolute_origin(target)
+    assert (info.value.http_status, info.value.status) == (400, "bad_request")
+    assert "good.test" not in str(info.value) and "p%zz" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value", [b"", b"example.com", b"EXAMPLE.com:8080", b"127.0.0.1", b"[::1]:80", b"a_b"]
+)
+def test_a_host_header_by_rfc_3986(value: bytes) -> None:
+    check_host_header([(b"accept", b"*/*"), (b"host", value)])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"evil.com\\@good.test",
+        b"user@good.test",  # no user information in Host
+        b"a b",
+        b"good.test:x",
+        b"evil%2ecom",
+        "ｌｏｃａｌｈｏｓｔ".encode(),  # noqa: RUF001 (non-ASCII bytes: not an authority)
+        b"[::1",
+        b"good.test/",
+    ],
+)
+def test_a_bad_host_header_is_400(value: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        check_host_header([(b"host", b"good.test"), (b"host", value)])
+    assert info.value.http_status == 400
+
+
+@given(st.text(alphabet="ab.:@[]%0129\\/ -_~!$&'()*+,;=Aé\u3002", max_size=24))
+def test_an_accepted_url_authority_is_the_one_urlsplit_reads(authority: str) -> None:
+    """Whatever absolute_origin accepts, Python's urlsplit (which forward.py uses for
+    the path) reads the same host and port from: no parser differential between them."""
+    target = f"http://{authority}/p"
+    try:
+        origin = absolute_origin(target)
+    except ProtocolError:
+        return
+    assert origin is not None
+    parts = urllib.parse.urlsplit(target)
+    assert parts.hostname is not None
+    assert (canonical_host(parts.hostname), parts.port or 80) == origin

@@ -66,7 +66,7 @@ def split(data: bytes, cuts: Iterable[int]) -> list[bytes]:
         ),
         (
             socks4a(1, 80, b"b\xc3\xbccher.example", b"bob"),
-            Request(Command.CONNECT, "b\u00fccher.example", 80, "bob", socks4a=True),
+            Request(Command.CONNECT, "xn--bcher-kva.example", 80, "bob", socks4a=True),
         ),
         # BIND's port is informational: 0 is as good as any
         (

@@ -354,7 +354,7 @@ def test_parsed_credentials_repr_hides_the_password() -> None:
         ),
         (
             request(0x01, domain("bücher.example".encode()), 80),
-            Request(Command.CONNECT, "bücher.example", 80, AddressType.DOMAIN),
+            Request(Command.CONNECT, "xn--bcher-kva.example", 80, AddressType.DOMAIN),
         ),
         (
             request(0x02, ipv4("0.0.0.0"), 0),
