@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from proxyd.destinations import PRIVATE_NETWORKS
 from proxyd.errors import Denied
 from proxyd.protocols.common import canonical_host
 
@@ -59,6 +60,9 @@ class Rule:
     names: frozenset[str] | None = None  # exact destination names, lower case
     suffixes: tuple[str, ...] | None = None  # ".example.com" for "*.example.com"
     networks: tuple[IPNetwork, ...] | None = None  # destination CIDRs
+    # the CIDRs among them that name what they hold (see `naming`): only these let a
+    # private destination through
+    naming: tuple[IPNetwork, ...] = ()
     ports: tuple[tuple[int, int], ...] | None = None
     via: str | None = None  # the [[upstreams]] group an allowed request goes through; None: direct
 
@@ -85,6 +89,16 @@ class Rule:
                 return False
         return True
 
+    def names_target(self, host: str, address: IPAddress | None) -> bool:
+        """Whether this rule's destinations name the target, which a private one must
+        be to be allowed: by a name or pattern, or by a CIDR that is no catch-all
+        (see `naming`)."""
+        return (
+            (self.names is not None and host in self.names)
+            or (self.suffixes is not None and host.endswith(self.suffixes))
+            or (address is not None and _in_any(address, self.naming))
+        )
+
     def matches_beside_destination(self, request: Request) -> bool:
         """Whether every key but `destinations` matches."""
         if self.clients is not None and not _in_any(_ip(request.client), self.clients):
@@ -103,8 +117,8 @@ class Decision:
     allowed: bool
     rule: int | None  # index of the deciding rule; None: the default action
     via: str | None = None  # the upstream group to go through; None: direct
-    # allowed by a rule that names the destination (a CIDR or a name), which alone
-    # lets a private destination through
+    # allowed by a rule that names the destination (a name, or a CIDR that is no
+    # catch-all), which alone lets a private destination through
     explicit: bool = False
 
 
@@ -123,7 +137,8 @@ class Rules:
     def decide(self, request: Request, address: IPAddress | None = None) -> Decision:
         for index, rule in enumerate(self.rules):
             if rule.matches(request, address):
-                return Decision(rule.allow, index, rule.via, rule.allow and rule.has_destinations)
+                explicit = rule.allow and rule.names_target(request.host, address)
+                return Decision(rule.allow, index, rule.via, explicit)
         return Decision(self.default_allow, None)
 
     def check(self, request: Request) -> Decision:
@@ -288,6 +303,7 @@ def _parse_rule(table: Any, path: str, problems: list[str]) -> Rule | None:
         names=names,
         suffixes=suffixes,
         networks=networks,
+        naming=tuple(n for n in networks or () if naming(n)),
         ports=tuple(ports) if ports is not None else None,
         via=None if via in (None, DIRECT) else via,
     )
@@ -309,6 +325,23 @@ def _list(
         except ValueError as exc:
             problems.append(f"{path}.{key}[{i}]: {exc}")
     return items
+
+
+def naming(network: IPNetwork) -> bool:
+    """Whether a destination CIDR names the private addresses it holds: one that lies
+    inside a private network (10.1.0.0/16, 169.254.169.254/32, fc00::/7), or a
+    narrow one (an IPv4 /16 or an IPv6 /48 and narrower: the host's own public
+    address, a DMZ). A wide one (0.0.0.0/0, ::/0, 0.0.0.0/1) merely covers them, as
+    an "anywhere" rule for ports 80 and 443 does, and lets none through."""
+    start = int(network.network_address)
+    for private in PRIVATE_NETWORKS:
+        if (
+            private.version == network.version
+            and private.prefixlen <= network.prefixlen
+            and start & int(private.netmask) == int(private.network_address)
+        ):
+            return True
+    return network.prefixlen >= (16 if network.version == 4 else 48)
 
 
 def parse_network(item: Any) -> IPNetwork:

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from proxyd.errors import Denied
-from proxyd.rules import Request, Rule, Rules, allowed_addresses, parse_rules
+from proxyd.rules import Request, Rule, Rules, allowed_addresses, naming, parse_rules
 
 
 def rules(*tables: dict[str, object], default_allow: bool = True) -> Rules:
@@ -205,3 +205,22 @@ def test_a_name_that_cannot_be_mapped_is_a_config_problem(name: str) -> None:
     problems: list[str] = []
     parse_rules([{"action": "deny", "destinations": [name]}], problems)
     assert len(problems) == 1 and problems[0].startswith("rules[0].destinations[0]: "), problems
+
+
+@pytest.mark.parametrize(
+    ("cidr", "names"),
+    [
+        ("10.0.0.0/8", True),  # inside a private network
+        ("169.254.169.254/32", True),
+        ("fc00::/7", True),
+        ("203.0.113.7/32", True),  # narrow: the host's own public address
+        ("2001:db8:1::/48", True),
+        ("0.0.0.0/0", False),  # "anywhere" covers private networks without naming them
+        ("::/0", False),
+        ("0.0.0.0/1", False),
+        ("8.0.0.0/5", False),
+        ("2001:db8::/32", False),
+    ],
+)
+def test_only_a_private_or_narrow_cidr_names_private_destinations(cidr: str, names: bool) -> None:
+    assert naming(ipaddress.ip_network(cidr)) is names

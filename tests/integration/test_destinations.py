@@ -248,6 +248,33 @@ def test_only_a_rule_naming_the_destination_lets_it_through(start_daemon, watche
     )
 
 
+def test_an_anywhere_cidr_names_no_private_destination(start_daemon, watched, tmp_path):
+    """A rule for "anywhere on ports 80 and 443" written as 0.0.0.0/0 and ::/0 (or
+    halves of it) covers private addresses without naming them: they stay denied.
+    A CIDR inside a private network, or a narrow one, names what it holds."""
+    hosts = hosts_file(tmp_path, "127.0.0.1 db.test\n")
+    port = watched.port
+    rules = (
+        '[[rules]]\naction = "allow"\ndestinations = ["127.0.0.3/32", "10.0.0.0/8"]\n'
+        '[[rules]]\naction = "allow"\n'
+        'destinations = ["0.0.0.0/0", "::/0", "0.0.0.0/1", "128.0.0.0/1"]\n'
+        f"ports = [{port}]\n"
+    )
+    daemon = start_daemon(EXPOSED + rules, hosts=hosts)
+    for host in ("127.0.0.1", "db.test", "::1", "::ffff:127.0.0.1", "169.254.169.254"):
+        sock, rep = socks5_via_balancer(daemon, host, port)
+        sock.close()
+        assert rep == 2, host
+        line = daemon.access(lambda e, h=host: (e["target"] or "").startswith((h, f"[{h}]")))
+        assert line["reason"] == "private_destination", line
+    assert watched.accepted == 0
+    with socket.create_server(("127.0.0.3", 0)) as named:  # named by its /32
+        sock, rep = socks5_via_balancer(daemon, "127.0.0.3", named.getsockname()[1])
+        with sock:
+            assert rep == 0
+            named.accept()[0].close()
+
+
 def test_datagrams_and_bind_peers_meet_the_same_check(start_daemon):
     daemon = start_daemon(EXPOSED)
     echo = UdpEcho()
