@@ -347,9 +347,11 @@ class Config:
     @property
     def clients_ruled(self) -> bool:
         """Whether only named clients may use the daemon: nothing allowed by default,
-        and every allow rule names its clients (and not all of them, 0.0.0.0/0)."""
+        and every allow rule names its clients, none of them by a network wider than
+        an IPv4 /8 or an IPv6 /32 (0.0.0.0/0, or its halves, name everyone)."""
         return self.server.default_action == "deny" and all(
-            rule.clients is not None and all(net.prefixlen for net in rule.clients)
+            rule.clients is not None
+            and all(net.prefixlen >= (8 if net.version == 4 else 32) for net in rule.clients)
             for rule in self.rules
             if rule.allow
         )

@@ -503,8 +503,21 @@ def test_client_rules_close_an_exposed_daemon(rules: list[dict[str, Any]]) -> No
         ),
         ({"default_action": "deny"}, [{"action": "allow", "clients": ["0.0.0.0/0"]}]),
         ({"default_action": "deny"}, [{"action": "allow", "clients": ["::/0"]}]),
+        (
+            {"default_action": "deny"},
+            [{"action": "allow", "clients": ["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"]}],
+        ),
+        ({"default_action": "deny"}, [{"action": "allow", "clients": ["10.0.0.0/7"]}]),
     ],
-    ids=["default allow", "no clients", "one of two without", "all v4", "all v6"],
+    ids=[
+        "default allow",
+        "no clients",
+        "one of two without",
+        "all v4",
+        "all v6",
+        "all by halves",
+        "wider than a /8",
+    ],
 )
 def test_open_rules_leave_an_exposed_daemon_open(
     server: dict[str, Any], rules: list[dict[str, Any]]
