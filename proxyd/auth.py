@@ -453,7 +453,7 @@ class Authenticator:
                     group, user, self.throttle.failed(group), self.user_throttle.failed(user)
                 )
                 raise AuthFailed(f"too many password checks from {group} in progress")
-            if len(self._pending) >= MAX_PENDING_CHECKS:
+            if len(self._pending) >= MAX_PENDING_CHECKS and not self._make_room(queued):
                 raise OverLimit("too many password checks in progress")
         # counted as a failure from now on, until the check says otherwise
         group_ticket, group_locked = self.throttle.tried(group)
@@ -581,6 +581,20 @@ class Authenticator:
             else:
                 check.result.set_result(done.result())
         self._pump()
+
+    def _make_room(self, queued: int) -> bool:
+        """All checks are taken: the newest waiting check of the group with the most
+        leaves (unanswered, as a dropped one) for a group that has fewer, so that many
+        addresses (an IPv6 /48 is 65,536 groups) cannot fill the checks between them
+        and refuse everyone else's login."""
+        group = max(self._queues, key=lambda g: len(self._queues[g]), default=None)
+        if group is None:
+            return False
+        queue = self._queues[group]
+        if self._running.get(group, 0) + len(queue) <= queued + 1:
+            return False
+        self._drop(queue[-1])
+        return True
 
     def _drop(self, check: _Check) -> None:
         """A check that has not started leaves its queue unanswered."""

@@ -13,6 +13,7 @@ import pytest
 from proxyd.auth import (
     GROUP_QUEUE,
     GROUP_RUNNING,
+    MAX_PENDING_CHECKS,
     Authenticator,
     PasswordHash,
     Throttle,
@@ -552,6 +553,35 @@ def test_a_flooding_group_waits_its_turn(
     derived, position = asyncio.run(flood())
     assert len(derived) == 1 + GROUP_RUNNING + GROUP_QUEUE
     assert position <= GROUP_RUNNING + 1  # behind those running, not behind the queue
+
+
+def test_many_groups_cannot_fill_the_checks_between_them(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
+) -> None:
+    """Many /64s each queue a few guesses (under the lockout's count) until every
+    check slot is taken: a login from yet another address still gets a check,
+    in place of the newest guess of the group with the most waiting."""
+    auth = make_auth(users)
+    per_group = 5
+    groups = MAX_PENDING_CHECKS // per_group + 2
+
+    async def flood() -> None:
+        guesses = [
+            asyncio.ensure_future(
+                accepted(auth, Credentials("alice", f"g-{g}-{i}"), f"2001:db8:77:{g:x}::1")
+            )
+            for g in range(groups)
+            for i in range(per_group)
+        ]
+        await asyncio.sleep(0)
+        assert len(auth._pending) == MAX_PENDING_CHECKS  # full, the rest refused
+        assert await accepted(auth, Credentials("bob", "bob-pw"), "192.0.2.8")
+        for guess in guesses:
+            guess.cancel()
+        await asyncio.gather(*guesses, return_exceptions=True)
+
+    asyncio.run(flood())
+    assert "bob-pw" in derivations
 
 
 def test_ipv6_clients_are_grouped_by_prefix(
