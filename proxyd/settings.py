@@ -31,6 +31,13 @@ class Settings:
         if users_file is not None and auth.is_world_readable(users_file):
             hint = "chmod 600 it: it holds password hashes"
             found.append(("users_file_world_readable", {"path": str(users_file), "hint": hint}))
+        costs = {(h.log_n, h.r, h.p) for h in self.users.values()}
+        if len(costs) > 1:
+            hint = (
+                "the users' hashes have different scrypt costs, so how long a login takes "
+                "shows whether its user exists; set each password again with proxyd passwd"
+            )
+            found.append(("users_file_mixed_costs", {"path": str(users_file), "hint": hint}))
         if self.config.exposed and self.config.server.private_destinations == "allow":
             hint = (
                 "clients from beyond this host may reach its loopback services, its private "

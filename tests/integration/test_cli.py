@@ -155,6 +155,24 @@ def test_passwd_writes_private_hashed_file(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p != "users"]  # no temp file left
 
 
+def test_check_config_warns_of_users_hashed_at_different_costs(tmp_path):
+    """A login's time shows whether its user exists when the users' scrypt costs
+    differ (the decoy for unknown names has one of them): warned, still OK."""
+    from proxyd.auth import hash_password
+
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('a', log_n=12)}\nbob:{hash_password('b', log_n=10)}\n")
+    users.chmod(0o600)
+    path = tmp_path / "proxyd.toml"
+    path.write_text(f'[auth]\nusers_file = "{users}"\n')
+    result = proxyd("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "warning: users_file_mixed_costs" in result.stderr
+    users.write_text(f"alice:{hash_password('a', log_n=10)}\nbob:{hash_password('b', log_n=10)}\n")
+    result = proxyd("check-config", "--config", str(path))
+    assert result.returncode == 0 and "mixed_costs" not in result.stderr
+
+
 def test_passwd_rejects_bad_input(tmp_path):
     path = tmp_path / "users"
     assert proxyd("passwd", "--file", str(path), "bad:name", stdin=b"pw\n").returncode == 1
