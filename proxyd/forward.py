@@ -137,6 +137,10 @@ class Forwarder:
         self._queued = 0
         self.lines = 0  # access lines written
         self.between_requests = False  # waiting for the client's next request
+        # a request passed the credentials check: until one has, the next request on
+        # a kept-alive connection (after a PAC file) must come within
+        # timeouts.handshake, so that no client holds a slot without credentials
+        self.trusted = False
         self.cut = False  # an answer was broken off: the client's connection is reset
         # per request, for its access line
         self.command: str | None = None
@@ -245,6 +249,7 @@ class Forwarder:
             credentials = parse_basic_credentials(values[0]) if len(values) == 1 else None
             # every request carries its own Proxy-Authorization (a browser repeats it)
             await gate.verify(self.ctx, self.conn, self.admission, credentials)
+            self.trusted = True
             route = await gate.route(self.ctx, self.conn, method, *origin)
             if route.via is not None:
                 extra["via"] = route.via
@@ -484,9 +489,11 @@ class Forwarder:
 
     async def _next_request(self) -> h11.Request | None:
         """The client's next request on this connection, or None once it closes. The
-        whole head must come within `timeouts.idle`, not each piece of it."""
+        whole head must come within `timeouts.idle` (`timeouts.handshake` until a
+        request has passed the credentials check), not each piece of it."""
+        wait = self.idle if self.trusted else self.ctx.config.timeouts.handshake
         try:
-            async with asyncio.timeout(self.idle):
+            async with asyncio.timeout(wait):
                 event = await self._client_event(most=HEAD_READ)
         except TimeoutError:
             return None
