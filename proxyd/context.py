@@ -67,7 +67,10 @@ class Context:
         self.auth.replace_users(users)
         self.auth.throttle.configure(a.max_failures, a.failure_window, a.lockout)
         self.resolver.configure(
-            size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
+            size=dns.cache_size,
+            ttl=dns.cache_ttl,
+            negative_ttl=dns.negative_ttl,
+            per_client=dns.per_client,
         )
         self.config, self.rules, self.tls = config, rules, tls
         self.upstreams.configure(config)

@@ -233,10 +233,12 @@ def decide(
             if decision.explicit:  # a rule names this destination
                 screened, refuse = False, guard.own
             if decision.via is not None or not need_addresses:
-                route = Route(host, port, None, decision.via, refuse, None, decision.rule)
+                route = Route(
+                    host, port, None, decision.via, refuse, None, decision.rule, conn.peer_ip
+                )
                 return _settled(command, route)
     elif not need_addresses:
-        return Route(host, port, None, None, refuse)
+        return Route(host, port, None, None, refuse, client=conn.peer_ip)
     # for BIND, 0.0.0.0 or :: asks for any peer, each then screened as it connects
     screen = screened and not (command == "bind" and host in ("0.0.0.0", "::"))
     timeout = ctx.config.timeouts.connect
@@ -261,7 +263,8 @@ def decide(
             if screen and not addresses and via is None:
                 raise private_denial(format_hostport(host, port))
             checked = guard.own if screen else refuse  # (a BIND for any peer: each peer)
-            outcome = _settled(command, Route(host, port, addresses, via, checked, deadline))
+            route = Route(host, port, addresses, via, checked, deadline, client=conn.peer_ip)
+            outcome = _settled(command, route)
         except SessionError as exc:
             outcome = exc
         except Exception as exc:  # a bug: the request still ends, answered and logged
@@ -275,7 +278,7 @@ def decide(
             done(None, outcome)
 
     lookup: Lookup | None = None
-    lookup = ctx.resolver.find(host, port, timeout, found)
+    lookup = ctx.resolver.find(host, port, timeout, found, conn.peer_ip)
     if lookup is not None:
         return lookup
     if isinstance(at_once[0], SessionError):

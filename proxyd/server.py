@@ -87,7 +87,12 @@ class Server:
         self.log = log
         self.worker = worker
         dns, limits = config.dns, config.auth
-        resolver = Resolver(size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl)
+        resolver = Resolver(
+            size=dns.cache_size,
+            ttl=dns.cache_ttl,
+            negative_ttl=dns.negative_ttl,
+            per_client=dns.per_client,
+        )
         throttle = Throttle(limits.max_failures, limits.failure_window, limits.lockout)
         authenticator = Authenticator(settings.users, throttle=throttle, log=log)
         upstreams = Upstreams(resolver, log)
