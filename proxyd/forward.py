@@ -22,7 +22,8 @@ import contextlib
 import socket
 import time
 import urllib.parse
-from typing import Any, Final
+from collections.abc import Awaitable
+from typing import Any, Final, TypeVar
 
 import h11
 
@@ -31,6 +32,7 @@ from proxyd.chain import ChainConnector, Lease, Pool
 from proxyd.context import Conn, Context
 from proxyd.dial import Route, connect
 from proxyd.errors import (
+    ClientClosed,
     Denied,
     ParentError,
     ProtocolError,
@@ -65,6 +67,8 @@ CONTINUE_WAIT: Final = 1.0
 # How long to take (and drop) a client's body after answering it early, before closing
 LINGER: Final = 2.0
 LINGER_QUIET: Final = 0.5  # ... or until it has sent nothing for this long
+
+T = TypeVar("T")
 
 
 class _Origin:
@@ -250,7 +254,7 @@ class Forwarder:
             # every request carries its own Proxy-Authorization (a browser repeats it)
             await gate.verify(self.ctx, self.conn, self.admission, credentials)
             self.trusted = True
-            route = await gate.route(self.ctx, self.conn, method, *origin)
+            route = await self._watched(gate.route(self.ctx, self.conn, method, *origin))
             if route.via is not None:
                 extra["via"] = route.via
             await self._forward(request, origin, target, route, extra)
@@ -476,7 +480,7 @@ class Forwarder:
                 return self.origin
             self.origin.close()
             self.origin = None
-        sock, connector = await connect(self.ctx, route, plain_http=True)
+        sock, connector = await self._watched(connect(self.ctx, route, plain_http=True))
         if isinstance(connector, ChainConnector):
             lease = connector.lease
             proxy = lease.parent if lease is not None and connector.plain else None
@@ -486,6 +490,40 @@ class Forwarder:
         else:
             self.origin = _Origin(key, sock)
         return self.origin
+
+    async def _watched(self, work: Awaitable[T]) -> T:
+        """`work` (the lookup, the connect) while the client is watched: a client that
+        closes or resets its connection meanwhile ends the request at once
+        (ClientClosed), its lookup and connect with it. Bytes from the client (a body,
+        a pipelined request) end the watch, as its end cannot show behind them."""
+        task = asyncio.current_task()
+        assert task is not None
+        sock, fd = self.sock, self.sock.fileno()
+        gone: list[str] = []
+
+        def check() -> None:
+            try:
+                data = sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                data, why = b"", f"client connection failed while connecting: {exc.strerror}"
+            else:
+                why = "client closed the connection while connecting"
+            self.loop.remove_reader(fd)
+            if not data:
+                gone.append(why)
+                task.cancel()
+
+        self.loop.add_reader(fd, check)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if gone and task.uncancel() == 0:  # (not also cancelled by the daemon's end)
+                raise ClientClosed(gone[0]) from None
+            raise
+        finally:
+            self.loop.remove_reader(fd)
 
     async def _next_request(self) -> h11.Request | None:
         """The client's next request on this connection, or None once it closes. The

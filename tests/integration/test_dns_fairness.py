@@ -177,7 +177,7 @@ def test_one_client_cannot_take_every_lookup(start_daemon, tmp_path):
 
 @pytest.mark.parametrize("how", ["close", "reset"])
 @pytest.mark.parametrize("pending", ["lookup", "connect"])
-@pytest.mark.parametrize("front", ["socks5", "connect"])
+@pytest.mark.parametrize("front", ["socks5", "connect", "forward"])
 def test_a_client_gone_while_its_request_is_under_way_ends_it(
     start_daemon, tmp_path, pending, how, front
 ):
@@ -193,8 +193,10 @@ def test_a_client_gone_while_its_request_is_under_way_ends_it(
         if front == "socks5":
             sock.sendall(b"\x05\x01\x00\x05\x01\x00" + socks5client.address(host, port))
             assert recv_exact(sock, 2) == b"\x05\x00"
-        else:
+        elif front == "connect":
             sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        else:
+            sock.sendall(f"GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
         time.sleep(0.5)  # the lookup or the connect is under way
         if how == "reset":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
