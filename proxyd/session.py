@@ -270,7 +270,10 @@ class Session:
         if phase not in _NEXT[self.phase]:
             raise LocalProtocolError(f"session cannot go from {self.phase.name} to {phase.name}")
         self.phase = phase
-        self._watch_client()
+        if phase is not Phase.CONNECT:
+            # (CONNECT: the step that entered it watches once it ends, if the tunnel is
+            # still being made then; a near target is connected within the step)
+            self._watch_client()
 
     def _watch_client(self) -> None:
         """Read the client while the handshake waits for it, and while its request is
