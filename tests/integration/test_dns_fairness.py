@@ -24,6 +24,7 @@ import pytest
 from conftest import listening_socket, local_names, silent_listener
 from integration import socks5client
 from integration.socks5client import recv_exact
+from integration.test_udp import associate, header, udp_client
 from integration.test_upstream_faults import dns_answer, dns_server
 
 STALL = 20  # seconds the daemon's resolver waits for a name the DNS server ignores
@@ -227,3 +228,32 @@ def test_bytes_sent_while_connecting_reach_the_target(start_daemon, tmp_path, tc
             sock.sendall(b"!")
             assert recv_exact(sock, 1) == b"!"
     assert daemon.access()["status"] == "ok"
+
+
+def test_udp_lookups_count_against_their_client(start_daemon, tmp_path):
+    """Datagrams to 20 never-answered names: 16 lookups are under way for the client's
+    address, so its next name fails at once; another address's does not; they still
+    count once the association ended, until the threads return."""
+    target = listening_socket()
+    port = target.getsockname()[1]
+    names = {"fast.test": "127.0.0.1", "other.test": "127.0.0.1"}
+    with target, stalling_dns(names) as nameserver:
+        prefix = names_prefix(tmp_path / "names", nameserver)
+        daemon = start_daemon(CONFIG, prefix=prefix)
+        control, relay = associate(daemon)
+        with control, udp_client() as client:
+            for n in range(20):
+                client.sendto(header(f"udp{n}.test", 53) + b"q", relay)
+            time.sleep(1)  # the datagrams are in, their lookups under way
+            assert try_connect(daemon, "fast.test", port, "127.0.0.1") == 0x04
+            line = daemon.access(lambda e: e["target"] == f"fast.test:{port}")
+            assert "dns.per_client" in line["error"]
+            assert try_connect(daemon, "other.test", port, "127.0.0.2") == 0
+        # the association is gone, its lookups still hold their threads
+        assert try_connect(daemon, "fast.test", port, "127.0.0.1") == 0x04
+        deadline = time.monotonic() + STALL * 3
+        rep = -1
+        while rep != 0 and time.monotonic() < deadline:
+            time.sleep(1)
+            rep = try_connect(daemon, "fast.test", port, "127.0.0.1")
+        assert rep == 0
