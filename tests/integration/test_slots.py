@@ -11,6 +11,7 @@ import time
 
 from conftest import PASSWORD, USER, request_head
 from integration import socks5client
+from integration.test_metrics import scrape, value
 
 SILENT = 80  # silent connections from one address
 BOUND = 10.0  # seconds: generous, far below timeouts.idle (60)
@@ -35,7 +36,10 @@ def test_connections_over_per_client_are_closed_at_accept(start_daemon, tcp_serv
     """80 silent connections from one address hold 5 slots (limits.per_client), not 80:
     the others are closed at once, and a client from another address is served,
     though server.max_connections (20) is far below 80."""
-    daemon = start_daemon("[server]\nmax_connections = 20\n[limits]\nper_client = 5\n")
+    daemon = start_daemon(
+        "[server]\nmax_connections = 20\n[limits]\nper_client = 5\n"
+        '[metrics]\nlisten = "127.0.0.1:0"\n'
+    )
     server = tcp_server()
     silent: list[socket.socket] = []
     try:
@@ -61,7 +65,6 @@ def test_connections_over_per_client_are_closed_at_accept(start_daemon, tcp_serv
             assert rep == 0
             sock.sendall(b"ping")
             assert socks5client.recv_exact(sock, 4) == b"ping"
-        # and the held five are the ones that time out, as silent handshakes do
     finally:
         for sock in silent:
             sock.close()
@@ -73,6 +76,8 @@ def test_connections_over_per_client_are_closed_at_accept(start_daemon, tcp_serv
     # refused at accept: no access line each (a flood must cost little)
     limit_lines = [e for e in daemon.access_events() if e["status"] == "limit"]
     assert not limit_lines
+    refused = value(scrape(daemon), "proxyd_connections_total", protocol="unknown", status="limit")
+    assert refused == SILENT - 5
 
 
 def test_a_pac_keep_alive_must_ask_again_within_the_handshake_timeout(
