@@ -505,13 +505,15 @@ class ChainConnector:
         *,
         plain_http: bool = False,
         hash_key: str | None = None,
+        client: str | None = None,
     ) -> None:
         """`addresses`: the target's addresses, already resolved and allowed by the rules.
         `plain_http`: for forwarding plain HTTP requests; an HTTP parent is then only
         connected to (it is sent the requests themselves), SOCKS parents tunnel.
-        `hash_key`: what the hash strategy hashes, when not `host`."""
+        `hash_key`: what the hash strategy hashes, when not `host`. `client`: whose
+        request it is, which a lookup of the target's name counts against."""
         self._task = asyncio.get_running_loop().create_task(
-            self._run(host, port, addresses, command, plain_http, hash_key or host)
+            self._run(host, port, addresses, command, plain_http, hash_key or host, client)
         )
         self._task.add_done_callback(self._finished)
 
@@ -549,6 +551,7 @@ class ChainConnector:
         command: socks5.Command,
         plain_http: bool,
         hash_key: str,
+        requester: str | None,
     ) -> socket.socket:
         pool, loop = self.pool, asyncio.get_running_loop()
         target = format_hostport(host, port)
@@ -574,7 +577,9 @@ class ChainConnector:
                     trying = handshake = None
                     parent = state.parent
                     if not parent.resolves_names and address is None:
-                        found = await pool.dialer.resolver.resolve(host, port, self.timeout)
+                        found = await pool.dialer.resolver.resolve(
+                            host, port, self.timeout, requester
+                        )
                         address = found[0][1][0]
                     trying = state
                     asked = host if parent.resolves_names else address

@@ -247,6 +247,8 @@ class DnsConfig:
     cache_size: int = _key(1024, _integer(0, 1_000_000))  # names; 0 turns the cache off
     cache_ttl: float = _key(60.0, _non_negative_seconds)  # seconds an answer is reused
     negative_ttl: float = _key(5.0, _non_negative_seconds)  # seconds "no such name" is reused
+    # names one client address may have looked up at once (until each lookup's thread returns)
+    per_client: int = _key(16, _integer(1, 100_000))
 
 
 @dataclass(frozen=True, slots=True)

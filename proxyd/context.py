@@ -69,7 +69,10 @@ class Context:
         self.auth.user_throttle.configure(a.max_user_failures, a.failure_window, a.lockout)
         self.auth.configure(a.ipv6_prefix)
         self.resolver.configure(
-            size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl
+            size=dns.cache_size,
+            ttl=dns.cache_ttl,
+            negative_ttl=dns.negative_ttl,
+            per_client=dns.per_client,
         )
         self.config, self.rules, self.tls = config, rules, tls
         self.upstreams.configure(config)

@@ -30,9 +30,11 @@ class Route:
     """Where a request may go, as the gate decided: host:port, the addresses that
     may be dialled (None: whatever the resolver finds), `refuse`, which says of each
     address about to be dialled directly whether it must not be (the daemon itself,
-    a private destination), and the upstream group to go through (None: direct)."""
+    a private destination), and the upstream group to go through (None: direct).
+    `client`: the address whose request it is, which a lookup the dial makes counts
+    against (dns.per_client)."""
 
-    __slots__ = ("addresses", "deadline", "host", "port", "refuse", "rule", "via")
+    __slots__ = ("addresses", "client", "deadline", "host", "port", "refuse", "rule", "via")
 
     def __init__(
         self,
@@ -43,6 +45,7 @@ class Route:
         refuse: Refuse | None,
         deadline: float | None = None,
         rule: int | None = None,
+        client: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -53,6 +56,7 @@ class Route:
         # lookup took part of timeouts.connect (None: the dial has all of it)
         self.deadline = deadline
         self.rule = rule  # the deciding rule's index, if a rule decided
+        self.client = client
 
 
 def dial(
@@ -92,11 +96,14 @@ def dial(
             command,
             plain_http=plain_http,
             hash_key=hash_key,
+            client=route.client,
         )
         return chained
     if route.deadline is not None:
         timeout = max(route.deadline - asyncio.get_running_loop().time(), 0.0)
-    direct = Connector(ctx.resolver, ctx.config.buffers, timeout, done, refuse=route.refuse)
+    direct = Connector(
+        ctx.resolver, ctx.config.buffers, timeout, done, refuse=route.refuse, client=route.client
+    )
     direct.start(route.host, route.port, route.addresses)
     return direct
 

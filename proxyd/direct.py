@@ -72,6 +72,7 @@ class Connector:
         "_addresses",
         "_attempts",
         "_buffers",
+        "_client",
         "_delay",
         "_done",
         "_last",
@@ -92,10 +93,13 @@ class Connector:
         timeout: float,
         done: ConnectDone,
         refuse: Refuse | None = None,
+        client: str | None = None,
     ) -> None:
         """`refuse(ip, port)`: addresses never to connect to, and why (the proxy itself,
-        a private destination)."""
+        a private destination); `client`: whose request it is, which a lookup counts
+        against (dns.per_client)."""
         self._refuse = refuse
+        self._client = client
         self._refused: Denied | None = None
         self._loop = asyncio.get_running_loop()
         self._resolver = resolver
@@ -121,7 +125,9 @@ class Connector:
             self._addresses = interleave(addresses)
             self._next_attempt()
         else:
-            self._lookup = self._resolver.find(host, port, self._timeout, self._on_found)
+            self._lookup = self._resolver.find(
+                host, port, self._timeout, self._on_found, self._client
+            )
 
     def cancel(self) -> None:
         self._done = None

@@ -22,7 +22,8 @@ import contextlib
 import socket
 import time
 import urllib.parse
-from typing import Any, Final
+from collections.abc import Awaitable
+from typing import Any, Final, TypeVar
 
 import h11
 
@@ -31,6 +32,7 @@ from proxyd.chain import ChainConnector, Lease, Pool
 from proxyd.context import Conn, Context
 from proxyd.dial import Route, connect
 from proxyd.errors import (
+    ClientClosed,
     Denied,
     ParentError,
     ProtocolError,
@@ -66,6 +68,8 @@ CONTINUE_WAIT: Final = 1.0
 # How long to take (and drop) a client's body after answering it early, before closing
 LINGER: Final = 2.0
 LINGER_QUIET: Final = 0.5  # ... or until it has sent nothing for this long
+
+T = TypeVar("T")
 
 
 class _Origin:
@@ -138,6 +142,10 @@ class Forwarder:
         self._queued = 0
         self.lines = 0  # access lines written
         self.between_requests = False  # waiting for the client's next request
+        # a request passed the credentials check: until one has, the next request on
+        # a kept-alive connection (after a PAC file) must come within
+        # timeouts.handshake, so that no client holds a slot without credentials
+        self.trusted = False
         self.cut = False  # an answer was broken off: the client's connection is reset
         # per request, for its access line
         self.command: str | None = None
@@ -247,7 +255,8 @@ class Forwarder:
             credentials = parse_basic_credentials(values[0]) if len(values) == 1 else None
             # every request carries its own Proxy-Authorization (a browser repeats it)
             await gate.verify(self.ctx, self.conn, self.admission, credentials)
-            route = await gate.route(self.ctx, self.conn, method, *origin)
+            self.trusted = True
+            route = await self._watched(gate.route(self.ctx, self.conn, method, *origin))
             if route.via is not None:
                 extra["via"] = route.via
             await self._forward(request, origin, target, route, extra)
@@ -476,7 +485,7 @@ class Forwarder:
                 return self.origin
             self.origin.close()
             self.origin = None
-        sock, connector = await connect(self.ctx, route, plain_http=True)
+        sock, connector = await self._watched(connect(self.ctx, route, plain_http=True))
         if isinstance(connector, ChainConnector):
             lease = connector.lease
             proxy = lease.parent if lease is not None and connector.plain else None
@@ -487,11 +496,47 @@ class Forwarder:
             self.origin = _Origin(key, sock)
         return self.origin
 
+    async def _watched(self, work: Awaitable[T]) -> T:
+        """`work` (the lookup, the connect) while the client is watched: a client that
+        closes or resets its connection meanwhile ends the request at once
+        (ClientClosed), its lookup and connect with it. Bytes from the client (a body,
+        a pipelined request) end the watch, as its end cannot show behind them."""
+        task = asyncio.current_task()
+        assert task is not None
+        sock, fd = self.sock, self.sock.fileno()
+        gone: list[str] = []
+
+        def check() -> None:
+            try:
+                data = sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                data, why = b"", f"client connection failed while connecting: {exc.strerror}"
+            else:
+                why = "client closed the connection while connecting"
+            self.loop.remove_reader(fd)
+            if not data:
+                gone.append(why)
+                task.cancel()
+
+        self.loop.add_reader(fd, check)
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if gone and task.uncancel() == 0:  # (not also cancelled by the daemon's end)
+                raise ClientClosed(gone[0]) from None
+            raise
+        finally:
+            self.loop.remove_reader(fd)
+
     async def _next_request(self) -> h11.Request | None:
         """The client's next request on this connection, or None once it closes. The
-        whole head must come within `timeouts.idle`, not each piece of it."""
+        whole head must come within `timeouts.idle` (`timeouts.handshake` until a
+        request has passed the credentials check), not each piece of it."""
+        wait = self.idle if self.trusted else self.ctx.config.timeouts.handshake
         try:
-            async with asyncio.timeout(self.idle):
+            async with asyncio.timeout(wait):
                 event = await self._client_event(most=HEAD_READ)
         except TimeoutError:
             return None

@@ -58,11 +58,24 @@ def capacity(ctx: Context, active: int) -> str | None:
 DROP: Final = "server.max_connections reached"  # (beyond the slack)
 
 
+def over_per_client(ctx: Context, ip: str) -> bool:
+    """A new connection from `ip` is over `limits.per_client`: it is closed at accept,
+    unanswered and uncounted, so that silent connections from one address hold no
+    slot of `server.max_connections`. A trusted balancer's connections are counted
+    for the client its PROXY header names instead (`Admission.count_client`)."""
+    per_client = ctx.config.limits.per_client
+    if not per_client or ctx.per_client.get(ip, 0) < per_client:
+        return False
+    balancers = ctx.config.server.proxy_protocol_from
+    return not (balancers and in_networks(ip, balancers))
+
+
 class Admission:
     """One connection's place in `[limits]`: counted for its client address once that
     is known (at once, or after the PROXY header a trusted load balancer must send
-    first, the one it names), and for its user once its request is complete;
-    `refusal` says why it is over a limit, if it is."""
+    first, the one it names: OverLimit then when that client is over
+    `limits.per_client`), and for its user once its request is complete; `refusal`
+    says why it is over a limit (`server.max_connections`), if it is."""
 
     __slots__ = ("_client", "_ctx", "_user", "awaits_header", "refusal")
 
@@ -81,11 +94,12 @@ class Admission:
         self.awaits_header = False
         ctx = self._ctx
         count = ctx.per_client.get(ip, 0)
+        per_client = ctx.config.limits.per_client
+        if per_client and count >= per_client:
+            # (a client a balancer names: the others are refused at accept)
+            raise OverLimit(f"limits.per_client ({per_client}) reached for {ip}")
         ctx.per_client[ip] = count + 1
         self._client = ip
-        per_client = ctx.config.limits.per_client
-        if self.refusal is None and per_client and count >= per_client:
-            self.refusal = f"limits.per_client ({per_client}) reached for {ip}"
 
     def request_complete(self, user: str | None) -> None:
         """The request is whole: refuse it if over a limit, else count its user."""
@@ -222,10 +236,12 @@ def decide(
             if decision.explicit:  # a rule names this destination
                 screened, refuse = False, guard.own
             if decision.via is not None or not need_addresses:
-                route = Route(host, port, None, decision.via, refuse, None, decision.rule)
+                route = Route(
+                    host, port, None, decision.via, refuse, None, decision.rule, conn.peer_ip
+                )
                 return _settled(command, route)
     elif not need_addresses:
-        return Route(host, port, None, None, refuse)
+        return Route(host, port, None, None, refuse, client=conn.peer_ip)
     # for BIND, 0.0.0.0 or :: asks for any peer, each then screened as it connects
     screen = screened and not (command == "bind" and host in ("0.0.0.0", "::"))
     timeout = ctx.config.timeouts.connect
@@ -250,7 +266,8 @@ def decide(
             if screen and not addresses and via is None:
                 raise private_denial(format_hostport(host, port))
             checked = guard.own if screen else refuse  # (a BIND for any peer: each peer)
-            outcome = _settled(command, Route(host, port, addresses, via, checked, deadline))
+            route = Route(host, port, addresses, via, checked, deadline, client=conn.peer_ip)
+            outcome = _settled(command, route)
         except SessionError as exc:
             outcome = exc
         except Exception as exc:  # a bug: the request still ends, answered and logged
@@ -264,7 +281,7 @@ def decide(
             done(None, outcome)
 
     lookup: Lookup | None = None
-    lookup = ctx.resolver.find(host, port, timeout, found)
+    lookup = ctx.resolver.find(host, port, timeout, found, conn.peer_ip)
     if lookup is not None:
         return lookup
     if isinstance(at_once[0], SessionError):

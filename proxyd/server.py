@@ -31,6 +31,7 @@ from proxyd.settings import Settings, keep_fixed
 ACCEPT_BATCH = 128  # accepts per wake-up, so one busy listener cannot starve the loop
 ACCEPT_BACKOFF = 0.5  # seconds to pause a listener after EMFILE and friends
 METER_INTERVAL = 5.0  # seconds between metric updates for the bytes of open tunnels
+REFUSAL_WARNING_INTERVAL = 10.0  # seconds between warnings of clients refused at accept
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -86,7 +87,12 @@ class Server:
         self.log = log
         self.worker = worker
         dns, limits = config.dns, config.auth
-        resolver = Resolver(size=dns.cache_size, ttl=dns.cache_ttl, negative_ttl=dns.negative_ttl)
+        resolver = Resolver(
+            size=dns.cache_size,
+            ttl=dns.cache_ttl,
+            negative_ttl=dns.negative_ttl,
+            per_client=dns.per_client,
+        )
         authenticator = Authenticator(
             settings.users,
             throttle=Throttle(limits.max_failures, limits.failure_window, limits.lockout),
@@ -118,6 +124,9 @@ class Server:
         self.metrics: Metrics | None = None
         self._admin: AdminServer | None = None
         self._admin_port: int | None = None
+        # connections refused at accept since the last warning, and when that was
+        self._refused = 0
+        self._refusal_warned = -REFUSAL_WARNING_INTERVAL
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then close every listener and tunnel."""
@@ -433,6 +442,26 @@ class Server:
                 continue  # ECONNABORTED and the like concern one client only
             self._start(sock, peer)
 
+    def _refuse_at_accept(self, sock: socket.socket, ip: str) -> None:
+        """A client over limits.per_client: closed at once, unanswered, in no count and
+        no access line (a flood of them must cost little); a metric, and a warning at
+        most every REFUSAL_WARNING_INTERVAL seconds with how many were refused."""
+        sock.close()
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.closed(None, Status.LIMIT, active=False)
+        self._refused += 1
+        now = asyncio.get_running_loop().time()
+        if now >= self._refusal_warned + REFUSAL_WARNING_INTERVAL:
+            self._refusal_warned = now
+            self.log.warning(
+                "per_client_refused",
+                client=ip,
+                limit=self.config.limits.per_client,
+                refused=self._refused,
+                hint="connections over limits.per_client are closed at accept",
+            )
+            self._refused = 0
+
     def _pause(self, listener: socket.socket, exc: OSError) -> None:
         """Out of descriptors: stop polling this listener for a while instead of spinning."""
         loop = asyncio.get_running_loop()
@@ -446,6 +475,9 @@ class Server:
         loop.call_later(ACCEPT_BACKOFF, resume)
 
     def _start(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
+        if gate.over_per_client(self.ctx, peer[0]):
+            self._refuse_at_accept(sock, peer[0])
+            return
         conn_id = next(self._ids)
         active = len(self.sessions)
         refusal = gate.capacity(self.ctx, active)

@@ -79,6 +79,7 @@ class Session:
     __slots__ = (
         "_admission",
         "_auth",
+        "_early",
         "_handler",
         "_meter",
         "_on_close",
@@ -118,7 +119,8 @@ class Session:
         self.target: str | None = None
         self.phase = Phase.HANDSHAKE
         self._on_close = on_close
-        self._reading = False
+        self._reading: Phase | None = None  # the phase the client's reader is for
+        self._early = b""  # what the client sent while its tunnel was being made
         self._timer: asyncio.TimerHandle | None = None
         self._auth: asyncio.Task[None] | None = None
         self._tls: Bridge | None = None  # TLS for this client, once it started with it
@@ -219,6 +221,8 @@ class Session:
         first = self._handler.established(bound)
         self._handler = None  # the handshake is over: an idle tunnel keeps no parser
         self._enter(Phase.RELAY)
+        if self._early:
+            first, self._early = first + self._early, b""
         return first
 
     def _hand_over(self, phase: Phase, worker: Worker, run: Coroutine[Any, Any, Status]) -> None:
@@ -260,22 +264,51 @@ class Session:
             self.ctx.log.exception("session_error", conn_id=self.conn.conn_id)
             self._end(Status.ERROR, f"internal error: {type(exc).__name__}")
         else:
-            self._watch_client(self.phase is Phase.HANDSHAKE)
+            self._watch_client()
 
     def _enter(self, phase: Phase) -> None:
         if phase not in _NEXT[self.phase]:
             raise LocalProtocolError(f"session cannot go from {self.phase.name} to {phase.name}")
         self.phase = phase
-        self._watch_client(phase is Phase.HANDSHAKE)
+        if phase is not Phase.CONNECT:
+            # (CONNECT: the step that entered it watches once it ends, if the tunnel is
+            # still being made then; a near target is connected within the step)
+            self._watch_client()
 
-    def _watch_client(self, wanted: bool) -> None:
-        """Read the client while (and only while) the handshake waits for it."""
-        if wanted != self._reading:
-            if wanted:
+    def _watch_client(self) -> None:
+        """Read the client while the handshake waits for it, and while its request is
+        under way (the lookup, the connect): a client that goes away then ends the
+        session at once, and with it the lookup and the connect. Not otherwise: the
+        relay, forwarding, UDP and TLS read it themselves."""
+        phase = self.phase
+        wanted = phase if phase is Phase.HANDSHAKE or phase is Phase.CONNECT else None
+        if wanted is not self._reading:
+            if wanted is Phase.HANDSHAKE:
                 self.loop.add_reader(self.fd, self._on_readable)
+            elif wanted is not None:  # (replaces the handshake's reader)
+                self.loop.add_reader(self.fd, self._on_client_while_connecting)
             else:
                 self.loop.remove_reader(self.fd)
             self._reading = wanted
+
+    def _on_client_while_connecting(self) -> None:
+        """The client spoke while its tunnel is being made: what it sends early is kept
+        for the target (up to buffers.read_size), its end (EOF, a reset) ends the
+        session now (status client_closed), cancelling the lookup and the connect."""
+        try:
+            data = self.sock.recv(HANDSHAKE_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            self._end(Status.CLIENT_CLOSED, f"client connection failed while connecting: {why}")
+            return
+        if not data:
+            self._end(Status.CLIENT_CLOSED, "client closed the connection while connecting")
+        elif len(self._early) + len(data) > self.ctx.config.buffers.read_size:
+            self.step(_too_early)
+        else:
+            self._early += data
 
     def _on_readable(self) -> None:
         # Read on while the handshake still waits for bytes: under uvloop a reset
@@ -365,9 +398,9 @@ class Session:
         for pending in (self._timer, self._auth):
             if pending is not None:
                 pending.cancel()
-        if self._reading:
+        if self._reading is not None:
             self.loop.remove_reader(self.fd)
-            self._reading = False
+            self._reading = None
         worker = self._worker
         # a stream cut off on one side (a reset, an answer broken off) is reset on the
         # other: it must not look whole
@@ -397,3 +430,7 @@ class Session:
 
 def _nothing() -> None:
     """A readiness callback that found nothing to read."""
+
+
+def _too_early() -> None:
+    raise ProtocolError("client sent more than buffers.read_size before its tunnel was up")

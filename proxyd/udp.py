@@ -466,7 +466,8 @@ class ParentRelay:
 
         lookup: Lookup | None = None
         timeout = self.ctx.config.timeouts.connect
-        lookup = resolver.find(datagram.host, datagram.port, timeout, resolved)
+        client = self.association.conn.peer_ip
+        lookup = resolver.find(datagram.host, datagram.port, timeout, resolved, client)
         if lookup is not None:
             self.lookups.add(lookup)
         return found[0] if found else None

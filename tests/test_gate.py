@@ -296,13 +296,19 @@ def test_a_denial_by_name_does_not_depend_on_whether_the_name_exists() -> None:
 def test_limits_count_a_client_until_it_ends() -> None:
     ctx = context({"limits": {"per_client": 1, "per_user": 1}})
     first, second = conn(), conn()
+    assert not gate.over_per_client(ctx, "127.0.0.1")
     one = gate.Admission(ctx, first, None)
-    two = gate.Admission(ctx, second, None)
-    assert one.refusal is None and two.refusal is not None and "per_client" in two.refusal
-    with pytest.raises(OverLimit):
-        two.request_complete(None)
-    two.release()
+    # the next one is closed at accept; a balancer's client over it is refused once named
+    assert gate.over_per_client(ctx, "127.0.0.1")
+    assert not gate.over_per_client(ctx, "127.0.0.2")
+    with pytest.raises(OverLimit, match="per_client"):
+        gate.Admission(ctx, second, None)
+    assert one.refusal is None
     one.request_complete("alice")
+    other = gate.Admission(ctx, Conn(2, ("127.0.0.2", 40000)), None)
+    with pytest.raises(OverLimit, match="per_user"):
+        other.request_complete("alice")
+    other.release()
     assert ctx.per_user == {"alice": 1} and ctx.per_client == {"127.0.0.1": 1}
     one.release()
     one.release()  # once

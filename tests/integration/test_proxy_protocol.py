@@ -211,9 +211,10 @@ def test_rules_and_limits_see_the_real_client(start_daemon, tcp_server):
     again, rep3 = socks5_tunnel(daemon, v1("192.0.2.1", 1003), "127.0.0.1", echo.port)
     for sock in (first, other, again):
         sock.close()
-    assert (rep1, rep2, rep3) == (0, 0, 1)
+    # over the limit, as a client refused at accept: closed unanswered once named
+    assert (rep1, rep2, rep3) == (0, 0, -2)
     over = daemon.access(lambda e: e["status"] == "limit")
-    assert over["client"] == "192.0.2.1:1003"
+    assert over["client"] == "192.0.2.1:1003" and "limits.per_client" in over["error"]
 
 
 def test_lockout_locks_out_the_real_client_only(start_daemon, tcp_server, users_file):

@@ -1,0 +1,259 @@
+"""DNS is fair: one client address has at most dns.per_client names looked up at once
+(each counted until its resolver thread returns), a name in the hosts file resolves
+however busy the threads are, and a client that goes away while its request is
+under way ends it at once (status client_closed), its lookup and connect with it.
+
+Names come from a hosts file and from a DNS server of the test's own on loopback
+that answers some names at once and never answers the others; the daemon's
+resolver waits STALL seconds for those (resolv.conf), far longer than any bound
+asserted here."""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import listening_socket, local_names, silent_listener
+from integration import socks5client
+from integration.socks5client import recv_exact
+from integration.test_udp import associate, header, udp_client
+from integration.test_upstream_faults import dns_answer, dns_server
+
+STALL = 20  # seconds the daemon's resolver waits for a name the DNS server ignores
+CONFIG = "[timeouts]\nconnect = 60\nhandshake = 60\n"
+PROMPT = 8.0  # seconds: generous, yet far below STALL
+HOSTS = "127.0.0.1 known.test\n"
+
+
+@contextlib.contextmanager
+def stalling_dns(answers: dict[str, str]) -> Iterator[str]:
+    """A DNS server on a loopback address of its own (port 53): a name in `answers`
+    gets its A record at once (and no AAAA), any other name no answer ever."""
+    server = None
+    for last in range(77, 100):
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            server.bind((f"127.0.0.{last}", 53))
+            break
+        except OSError:
+            server.close()
+            server = None
+    if server is None:
+        raise RuntimeError("no loopback address with port 53 free")
+    stop = threading.Event()
+    server.settimeout(0.1)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                query, client = server.recvfrom(512)
+            except (TimeoutError, OSError):
+                continue
+            labels, i = [], 12
+            while i < len(query) and query[i]:
+                labels.append(query[i + 1 : i + 1 + query[i]].decode())
+                i += 1 + query[i]
+            if ".".join(labels) in answers:
+                server.sendto(dns_answer(query, answers), client)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[0]
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def names_prefix(workdir: Path, nameserver: str) -> list[str]:
+    """conftest.local_names, with a resolver that waits STALL s for an answer."""
+    hosts = workdir / "hosts"
+    workdir.mkdir(parents=True, exist_ok=True)
+    hosts.write_text(HOSTS)
+    prefix = local_names(workdir, hosts, nameserver)
+    (workdir / "resolv.conf").write_text(
+        f"nameserver {nameserver}\noptions timeout:{STALL} attempts:1\n"
+    )
+    return prefix
+
+
+def request(daemon, host: str, port: int, source: str) -> socket.socket:
+    """A SOCKS5 CONNECT sent whole; the method chosen is read, the reply is not."""
+    sock = socket.create_connection(daemon.address, timeout=PROMPT, source_address=(source, 0))
+    sock.sendall(b"\x05\x01\x00\x05\x01\x00" + socks5client.address(host, port))
+    assert recv_exact(sock, 2) == b"\x05\x00"
+    return sock
+
+
+def answered(socks: list[socket.socket], count: int, limit: float) -> dict[socket.socket, int]:
+    """Wait (at most `limit` s) until `count` of these have their SOCKS5 reply: REP of each."""
+    replies: dict[socket.socket, int] = {}
+    deadline = time.monotonic() + limit
+    while len(replies) < count and (left := deadline - time.monotonic()) > 0:
+        waiting = [s for s in socks if s not in replies]
+        for sock in select.select(waiting, [], [], min(left, 0.5))[0]:
+            replies[sock] = socks5client.read_reply(sock)[0]
+    return replies
+
+
+def try_connect(daemon, host: str, port: int, source: str) -> int:
+    sock, rep, _, _ = socks5client.connect(daemon.address, host, port, source=source)
+    sock.close()
+    return rep
+
+
+def test_one_client_cannot_take_every_lookup(start_daemon, tmp_path):
+    """130 never-answered names from one address: 16 (dns.per_client) are looked up,
+    the others fail at once. Two more addresses with 16 each keep every one of the
+    32 threads busy, and a name in the hosts file still resolves for a fourth. The
+    first client's connections, closed, end at once (client_closed); its lookups
+    still count until their threads return, then its names resolve again."""
+    target = listening_socket()
+    port = target.getsockname()[1]
+    first: list[socket.socket] = []
+    others: list[socket.socket] = []
+    with target, stalling_dns({"fast.test": "127.0.0.1"}) as nameserver:
+        prefix = names_prefix(tmp_path / "names", nameserver)
+        daemon = start_daemon(CONFIG, prefix=prefix)
+        try:
+            for n in range(130):
+                first.append(request(daemon, f"stall{n}.test", port, "127.0.0.1"))
+            replies = answered(first, 130 - 16, PROMPT)
+            assert len(replies) == 130 - 16
+            assert set(replies.values()) == {0x04}  # host unreachable
+            daemon.wait_for(lambda _e: len(daemon.access_events()) >= 130 - 16)
+            busy = [e for e in daemon.access_events() if "dns.per_client" in e.get("error", "")]
+            assert len(busy) == 130 - 16
+            assert {e["status"] for e in busy} == {"unreachable"}
+            pending = [s for s in first if s not in replies]
+            assert not answered(pending, 1, 0.5)  # the 16 still wait for their names
+            for source in ("127.0.0.3", "127.0.0.4"):  # every thread busy now
+                for n in range(16):
+                    others.append(request(daemon, f"{source}-{n}.test", port, source))
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert try_connect(daemon, "known.test", port, "127.0.0.2") == 0
+            assert time.monotonic() - started < PROMPT
+            for sock in others:
+                sock.close()
+            # the first client goes away: its requests end now, not when the names do
+            before = len(daemon.access_events())
+            closed_at = time.monotonic()
+            for sock in pending:
+                sock.close()
+            daemon.wait_for(
+                lambda _e: len(daemon.access_events()) >= before + 16 + len(others), PROMPT
+            )
+            gone = [
+                e for e in daemon.access_events()[before:] if e["client"].startswith("127.0.0.1:")
+            ]
+            assert len(gone) == 16 and {e["status"] for e in gone} == {"client_closed"}
+            assert all(e["duration_ms"] < STALL * 1000 / 2 for e in gone)
+            assert time.monotonic() - closed_at < PROMPT
+            # its 16 threads still wait for the DNS server: no new name for it yet
+            assert try_connect(daemon, "fast.test", port, "127.0.0.1") == 0x04
+            line = daemon.access(lambda e: e["target"] == f"fast.test:{port}")
+            assert "dns.per_client" in line["error"]
+            # once they returned, its names resolve again
+            deadline = time.monotonic() + STALL * 3
+            rep = -1
+            while rep != 0 and time.monotonic() < deadline:
+                time.sleep(1)
+                rep = try_connect(daemon, "fast.test", port, "127.0.0.1")
+            assert rep == 0
+        finally:
+            for sock in first + others:
+                sock.close()
+    assert "Traceback" not in daemon.output()
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+@pytest.mark.parametrize("pending", ["lookup", "connect"])
+@pytest.mark.parametrize("front", ["socks5", "connect", "forward"])
+def test_a_client_gone_while_its_request_is_under_way_ends_it(
+    start_daemon, tmp_path, pending, how, front
+):
+    """The client closes (or resets) while its name is being looked up, or while the
+    target does not answer the connect: the access line says client_closed at once,
+    long before the lookup (STALL s) or the connect (60 s) would end."""
+    with stalling_dns({}) as nameserver, silent_listener() as silent_port:
+        prefix = names_prefix(tmp_path / "names", nameserver)
+        daemon = start_daemon(CONFIG, prefix=prefix)
+        host, port = ("never.test", 80) if pending == "lookup" else ("127.0.0.1", silent_port)
+        sock = socket.create_connection(daemon.address, timeout=PROMPT)
+        target = f"{host}:{port}"
+        if front == "socks5":
+            sock.sendall(b"\x05\x01\x00\x05\x01\x00" + socks5client.address(host, port))
+            assert recv_exact(sock, 2) == b"\x05\x00"
+        elif front == "connect":
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        else:
+            sock.sendall(f"GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        time.sleep(0.5)  # the lookup or the connect is under way
+        if how == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        closed_at = time.monotonic()
+        sock.close()
+        line = daemon.access(timeout=PROMPT)
+        assert time.monotonic() - closed_at < PROMPT
+    assert (line["status"], line["target"]) == ("client_closed", target)
+    assert line["duration_ms"] < PROMPT * 1000
+
+
+def test_bytes_sent_while_connecting_reach_the_target(start_daemon, tmp_path, tcp_server):
+    """Watching the client while its name is looked up reads what it sends early: those
+    bytes go to the target first, in order."""
+    server = tcp_server()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+    with dns_server({"slow.test": "127.0.0.1"}, 0.5) as nameserver:
+        daemon = start_daemon(CONFIG, hosts=hosts, nameserver=nameserver)
+        with socket.create_connection(daemon.address, timeout=PROMPT) as sock:
+            request = b"\x05\x01\x00\x05\x01\x00" + socks5client.address("slow.test", server.port)
+            sock.sendall(request + b"early ")
+            time.sleep(0.2)
+            sock.sendall(b"and more")
+            assert recv_exact(sock, 2) == b"\x05\x00"
+            assert socks5client.read_reply(sock)[0] == 0
+            assert recv_exact(sock, 14) == b"early and more"
+            sock.sendall(b"!")
+            assert recv_exact(sock, 1) == b"!"
+    assert daemon.access()["status"] == "ok"
+
+
+def test_udp_lookups_count_against_their_client(start_daemon, tmp_path):
+    """Datagrams to 20 never-answered names: 16 lookups are under way for the client's
+    address, so its next name fails at once; another address's does not; they still
+    count once the association ended, until the threads return."""
+    target = listening_socket()
+    port = target.getsockname()[1]
+    names = {"fast.test": "127.0.0.1", "other.test": "127.0.0.1"}
+    with target, stalling_dns(names) as nameserver:
+        prefix = names_prefix(tmp_path / "names", nameserver)
+        daemon = start_daemon(CONFIG, prefix=prefix)
+        control, relay = associate(daemon)
+        with control, udp_client() as client:
+            for n in range(20):
+                client.sendto(header(f"udp{n}.test", 53) + b"q", relay)
+            time.sleep(1)  # the datagrams are in, their lookups under way
+            assert try_connect(daemon, "fast.test", port, "127.0.0.1") == 0x04
+            line = daemon.access(lambda e: e["target"] == f"fast.test:{port}")
+            assert "dns.per_client" in line["error"]
+            assert try_connect(daemon, "other.test", port, "127.0.0.2") == 0
+        # the association is gone, its lookups still hold their threads
+        assert try_connect(daemon, "fast.test", port, "127.0.0.1") == 0x04
+        deadline = time.monotonic() + STALL * 3
+        rep = -1
+        while rep != 0 and time.monotonic() < deadline:
+            time.sleep(1)
+            rep = try_connect(daemon, "fast.test", port, "127.0.0.1")
+        assert rep == 0
