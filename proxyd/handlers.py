@@ -13,6 +13,7 @@ common to the protocols lives in the driver.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -126,6 +127,19 @@ class Front:
 
     def refusal(self, error: SessionError) -> bytes | None:
         return None  # no protocol to answer in
+
+
+def send_reply(sock: socket.socket, data: bytes) -> None:
+    """A handshake reply: a few bytes into a socket with nothing queued, so one send
+    takes them all; a client that has not let it is not reading at all."""
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError as exc:
+        raise ClientClosed(f"client connection failed: {exc.strerror}") from None
+    if sent < len(data):
+        raise ProtocolError("client does not read the handshake replies")
 
 
 class Driver(Protocol):

@@ -30,7 +30,7 @@ from proxyd.errors import (
     Status,
 )
 from proxyd.forward import Forwarder
-from proxyd.handlers import Answer, Front, Handler, Worker
+from proxyd.handlers import Answer, Front, Handler, Worker, send_reply
 from proxyd.metrics import Meter
 from proxyd.protocols import http as http_proto
 from proxyd.protocols.common import Credentials, format_hostport
@@ -79,7 +79,6 @@ class Session:
     __slots__ = (
         "_admission",
         "_auth",
-        "_early",
         "_handler",
         "_meter",
         "_on_close",
@@ -120,7 +119,6 @@ class Session:
         self.phase = Phase.HANDSHAKE
         self._on_close = on_close
         self._reading: Phase | None = None  # the phase the client's reader is for
-        self._early = b""  # what the client sent while its tunnel was being made
         self._timer: asyncio.TimerHandle | None = None
         self._auth: asyncio.Task[None] | None = None
         self._tls: Bridge | None = None  # TLS for this client, once it started with it
@@ -155,16 +153,7 @@ class Session:
             self._meter = Meter(metrics, handler.protocol)
 
     def send(self, data: bytes) -> None:
-        """A handshake reply: a few bytes into a socket with nothing queued, so one
-        send takes them all; a client that has not let it is not reading at all."""
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            raise ClientClosed(f"client connection failed: {exc.strerror}") from None
-        if sent < len(data):
-            raise ProtocolError("client does not read the handshake replies")
+        send_reply(self.sock, data)
 
     def authenticate(self, credentials: Credentials | None, then: Callable[[], None]) -> None:
         derivation = gate.authenticate(self.ctx, self.conn, self._admission, credentials)
@@ -221,8 +210,6 @@ class Session:
         first = self._handler.established(bound)
         self._handler = None  # the handshake is over: an idle tunnel keeps no parser
         self._enter(Phase.RELAY)
-        if self._early:
-            first, self._early = first + self._early, b""
         return first
 
     def _hand_over(self, phase: Phase, worker: Worker, run: Coroutine[Any, Any, Status]) -> None:
@@ -270,9 +257,7 @@ class Session:
         if phase not in _NEXT[self.phase]:
             raise LocalProtocolError(f"session cannot go from {self.phase.name} to {phase.name}")
         self.phase = phase
-        if phase is not Phase.CONNECT:
-            # (CONNECT: the step that entered it watches once it ends, if the tunnel is
-            # still being made then; a near target is connected within the step)
+        if phase is not Phase.CONNECT:  # (its step watches as it ends, if still connecting)
             self._watch_client()
 
     def _watch_client(self) -> None:
@@ -285,35 +270,15 @@ class Session:
         if wanted is not self._reading:
             if wanted is Phase.HANDSHAKE:
                 self.loop.add_reader(self.fd, self._on_readable)
-            elif wanted is not None:  # (replaces the handshake's reader)
-                self.loop.add_reader(self.fd, self._on_client_while_connecting)
+            elif isinstance(self._worker, Tunnel):  # (replaces the handshake's reader)
+                self.loop.add_reader(self.fd, self._worker.on_client_readable)
             else:
                 self.loop.remove_reader(self.fd)
             self._reading = wanted
 
-    def _on_client_while_connecting(self) -> None:
-        """The client spoke while its tunnel is being made: what it sends early is kept
-        for the target (up to buffers.read_size), its end (EOF, a reset) ends the
-        session now (status client_closed), cancelling the lookup and the connect."""
-        try:
-            data = self.sock.recv(HANDSHAKE_READ)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            why = exc.strerror or type(exc).__name__
-            self._end(Status.CLIENT_CLOSED, f"client connection failed while connecting: {why}")
-            return
-        if not data:
-            self._end(Status.CLIENT_CLOSED, "client closed the connection while connecting")
-        elif len(self._early) + len(data) > self.ctx.config.buffers.read_size:
-            self.step(_too_early)
-        else:
-            self._early += data
-
     def _on_readable(self) -> None:
-        # Read on while the handshake still waits for bytes: under uvloop a reset
-        # socket's reader is called once and never again, so the bytes that came
-        # before a reset must not hide it until the handshake timeout.
+        # Read on while the handshake waits for bytes: under uvloop a reset socket's
+        # reader is called once only, and bytes before a reset must not hide it.
         while True:
             try:
                 data = self.sock.recv(HANDSHAKE_READ)
@@ -430,7 +395,3 @@ class Session:
 
 def _nothing() -> None:
     """A readiness callback that found nothing to read."""
-
-
-def _too_early() -> None:
-    raise ProtocolError("client sent more than buffers.read_size before its tunnel was up")

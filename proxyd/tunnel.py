@@ -20,7 +20,7 @@ from proxyd.chain import ChainConnector, Lease
 from proxyd.context import Conn, Context
 from proxyd.dial import Connecting, Route, dial
 from proxyd.dns import Lookup
-from proxyd.errors import SessionError, Status
+from proxyd.errors import ProtocolError, SessionError, Status
 from proxyd.relay import Relay, abort
 
 Answer = Callable[[str, int], None]
@@ -38,7 +38,7 @@ class Owner(Protocol):
         request, for the target."""
 
     def ended(self, status: Status, error: str | None) -> None:
-        """The relay ended by itself."""
+        """The relay ended by itself (or the client went away before it began)."""
 
 
 class Tunnel:
@@ -51,6 +51,7 @@ class Tunnel:
         "_client",
         "_conn",
         "_ctx",
+        "_early",
         "_lease",
         "_owner",
         "_pending",
@@ -81,6 +82,7 @@ class Tunnel:
         self._remote: socket.socket | None = None
         self._relay: Relay | None = None
         self._lease: Lease | None = None  # the parent proxy in use
+        self._early = b""  # what the client sent while the tunnel was being made
         self.via: str | None = None  # the upstream group the route goes through
 
     def connect(self, host: str, port: int) -> None:
@@ -152,7 +154,8 @@ class Tunnel:
             self._lease, first_down = pending.lease, pending.trailing
         # CONNECT replies with our end of the connection, BIND with the peer's address
         bound = remote.getpeername() if bind else remote.getsockname()
-        first_up = self._owner.established(bound[:2])
+        first_up = self._owner.established(bound[:2]) + self._early
+        self._early = b""
         cfg = self._ctx.config
         self._relay = Relay(
             self._client,
@@ -186,6 +189,29 @@ class Tunnel:
                 fields["upstream"] = str(self._lease.parent)
         return fields
 
+    def on_client_readable(self) -> None:
+        """The client spoke while the tunnel is being made (the session watches it for
+        us until the relay does): what it sends early is kept for the target, up to
+        buffers.read_size; its end (EOF, a reset) ends the request now (status
+        client_closed), cancelling the lookup and the connect. Read until nothing is
+        left: under uvloop a reset socket's reader is called once and never again."""
+        while True:
+            try:
+                data = self._client.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                why = f"client connection failed while connecting: {exc.strerror}"
+                self._owner.ended(Status.CLIENT_CLOSED, why)
+                return
+            if not data:
+                self._owner.ended(Status.CLIENT_CLOSED, "client closed while connecting")
+                return
+            if len(self._early) + len(data) > self._ctx.config.buffers.read_size:
+                self._owner.step(_too_early)
+                return
+            self._early += data
+
     def fail(self, exc: OSError) -> None:
         """The client's connection failed where the relay cannot see it (under TLS)."""
         if self._relay is not None:
@@ -204,3 +230,7 @@ class Tunnel:
             self._remote.close()
         if self._lease is not None:
             self._lease.release()
+
+
+def _too_early() -> None:
+    raise ProtocolError("client sent more than buffers.read_size before its tunnel was up")

@@ -102,10 +102,11 @@ def test_a_pac_keep_alive_must_ask_again_within_the_handshake_timeout(
         took = time.monotonic() - started
     assert 0.8 <= took < BOUND
     # a connection whose request passed the credentials outlives timeouts.handshake
-    target = f"http://127.0.0.1:{origin.port}/"
+    host = f"127.0.0.1:{origin.port}"
+    target = f"http://{host}/"
     with socket.create_connection(daemon.address, timeout=BOUND) as sock:
         for _ in range(2):
-            sock.sendall(request_head("GET", target, password=PASSWORD))
+            sock.sendall(request_head("GET", target, host=host, password=PASSWORD))
             assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
             time.sleep(1.5)  # longer than timeouts.handshake
     lines = [e for e in daemon.access_events() if e.get("user") == USER]
@@ -119,7 +120,8 @@ def test_a_407_does_not_keep_the_connection(start_daemon, users_file, origin):
         f'[auth]\nusers_file = "{users_file}"\n[timeouts]\nhandshake = 1\nidle = 60\n'
     )
     with socket.create_connection(daemon.address, timeout=BOUND) as sock:
-        sock.sendall(request_head("GET", f"http://127.0.0.1:{origin.port}/"))
+        host = f"127.0.0.1:{origin.port}"
+        sock.sendall(request_head("GET", f"http://{host}/", host=host))
         assert read_answer(sock).startswith(b"HTTP/1.1 407 ")
         started = time.monotonic()
         assert ended(sock)
