@@ -219,7 +219,10 @@ def decide(
 
     Never itself, and no private destination unless a rule names it: a direct route
     carries the check (proxyd.destinations) that the dial applies to each address it
-    is about to connect to, the addresses the gate found already screened by it.
+    is about to connect to, the addresses the gate found already screened by it. A
+    route through a parent is judged the same way on what is known here: an address
+    given in the request, or those a name resolved to for address rules (a name the
+    parent resolves, it judges).
     """
     rules = ctx.rules
     guard = ctx.destinations
@@ -235,6 +238,8 @@ def decide(
             request = None  # decided: a lookup below only finds the addresses
             if decision.explicit:  # a rule names this destination
                 screened, refuse = False, guard.own
+            if decision.via is not None and (denied := refuse(host, port)) is not None:
+                raise denied  # an address given through a parent: judged here, as direct
             if decision.via is not None or not need_addresses:
                 route = Route(
                     host, port, None, decision.via, refuse, None, decision.rule, conn.peer_ip
@@ -265,6 +270,9 @@ def decide(
                 addresses = [a for a in addresses if not guard.screens(a[1][0])]
             if screen and not addresses and via is None:
                 raise private_denial(format_hostport(host, port))
+            for _family, addr in addresses if via is not None else ():
+                if (denied := guard.own(addr[0], port)) is not None:
+                    raise denied  # a parent on this host would come back to us
             checked = guard.own if screen else refuse  # (a BIND for any peer: each peer)
             route = Route(host, port, addresses, via, checked, deadline, client=conn.peer_ip)
             outcome = _settled(command, route)

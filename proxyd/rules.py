@@ -201,8 +201,8 @@ def allowed_addresses(
     used; Denied (with the first address's rule) when none is allowed.
 
     `screen(ip)`: addresses that only an allow rule naming them (`Decision.explicit`)
-    lets through to a direct connection; when they were all that was allowed, the
-    list is empty."""
+    lets through, directly or through a parent; when they were all that was
+    allowed, the list is empty."""
     allowed: list[AddrInfo] = []
     first: Decision | None = None
     route: Decision | None = None
@@ -212,8 +212,7 @@ def allowed_addresses(
         first = first or decision
         if not decision.allowed:
             continue
-        screened_here = decision.via is None and not decision.explicit
-        if screened_here and screen is not None and screen(addr[0]):
+        if not decision.explicit and screen is not None and screen(addr[0]):
             screened = True
             continue
         route = route or decision

@@ -303,6 +303,9 @@ class Association:
             self.dropped += 1
             return
         family, addr = addresses[0]
+        if route.refuse is not None and route.refuse(addr[0], addr[1]) is not None:
+            self.denied += 1  # the daemon itself (its listener or metrics port)
+            return
         endpoint = await self._endpoint_for(family)
         if endpoint is None:
             self.dropped += 1

@@ -298,6 +298,64 @@ def test_datagrams_and_bind_peers_meet_the_same_check(start_daemon):
     assert rep == 2
 
 
+def test_a_route_through_a_parent_is_judged_on_what_is_known_here(
+    start_daemon, tcp_server, watched, tmp_path
+):
+    """A parent on this host would come back to us, or reach the host's services:
+    an address in the request, or the addresses a name resolved to for address
+    rules, meet the same checks through a parent as when dialled directly."""
+    asked: list[bytes] = []
+
+    def parent(conn: socket.socket) -> None:  # a SOCKS5 parent that records and grants
+        asked.append(conn.recv(256))
+
+    group = tcp_server(parent)
+    upstream = f'[[upstreams]]\nname = "p"\nservers = ["socks5h://127.0.0.1:{group.port}"]\n'
+    # the daemon itself, on a loopback-only daemon, through a catch-all route via p
+    daemon = start_daemon(upstream + '[[rules]]\naction = "allow"\nvia = "p"\n')
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", daemon.port)
+    sock.close()
+    assert rep == 2
+    assert daemon.access()["reason"] == "own_listener"
+    # an exposed daemon: private addresses given, or resolved for address rules
+    hosts = hosts_file(tmp_path, "127.0.0.1 db.test\n")
+    rules = (
+        '[[rules]]\naction = "allow"\ndestinations = ["0.0.0.0/0", "::/0"]\nvia = "p"\n'
+        '[[rules]]\naction = "allow"\nvia = "p"\n'
+    )
+    daemon = start_daemon(EXPOSED + upstream + rules, hosts=hosts)
+    for host in ("10.1.2.3", "127.0.0.1", "::ffff:127.0.0.1", "db.test"):
+        sock, rep = socks5_via_balancer(daemon, host, watched.port)
+        sock.close()
+        assert rep == 2, host
+        line = daemon.access(lambda e, h=host: (e["target"] or "").startswith((h, f"[{h}]")))
+        assert line["reason"] == "private_destination", line
+    assert asked == []  # the parent was never asked
+
+
+def test_a_datagram_to_the_daemons_own_port_is_denied(start_daemon):
+    """On a loopback-only daemon private destinations are allowed, but a datagram to
+    a port of the daemon's own listeners is not sent."""
+    daemon = start_daemon()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
+        own.bind(("127.0.0.1", daemon.port))  # (UDP: free, as the daemon listens on TCP)
+        own.settimeout(1.0)
+        sock = socket.create_connection(daemon.address, timeout=10)
+        with sock:
+            sock.sendall(b"\x05\x01\x00")
+            assert recv_exact(sock, 2) == b"\x05\x00"
+            sock.sendall(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+            rep, relay_host, relay_port = socks5client.read_reply(sock)
+            assert rep == 0
+            with udp_client() as udp:
+                for host in ("127.0.0.1", "::ffff:127.0.0.1"):
+                    udp.sendto(udp_header(host, daemon.port) + b"x", (relay_host, relay_port))
+                with pytest.raises(TimeoutError):
+                    own.recvfrom(64)
+        line = daemon.access(lambda e: e["command"] == "udp_associate")
+        assert line.get("datagrams_denied") == 2, json.dumps(line)
+
+
 def socks5_via_balancer_bind(daemon, host: str, port: int) -> tuple[socket.socket, int]:
     sock = socket.create_connection(daemon.address, timeout=10)
     sock.sendall(v1() + b"\x05\x01\x00")
