@@ -455,12 +455,15 @@ class Authenticator:
                 raise AuthFailed(f"too many password checks from {group} in progress")
             if len(self._pending) >= MAX_PENDING_CHECKS and not self._make_room(queued):
                 raise OverLimit("too many password checks in progress")
-        # counted as a failure from now on, until the check says otherwise
-        group_ticket, group_locked = self.throttle.tried(group)
-        user_ticket, user_locked = self.user_throttle.tried(user)
-        if group_locked or user_locked:
-            self._failed(group, user, group_locked, user_locked)
-            self.check_lockout(client, user)  # raises LockedOut, but for an exempt group
+        group_ticket = user_ticket = None
+        if check is None:  # counted as a failure from now on, until the check says otherwise
+            group_ticket, group_locked = self.throttle.tried(group)
+            user_ticket, user_locked = self.user_throttle.tried(user)
+            if group_locked or user_locked:
+                self._failed(group, user, group_locked, user_locked)
+                self.check_lockout(client, user)  # raises LockedOut, but for an exempt group
+        # (else the same credentials are being checked already: one guess, counted once,
+        # so a browser's first burst of connections with the right password is no flood)
         if check is None:
             target = stored if stored is not None else self._decoy
             future = asyncio.get_running_loop().create_future()

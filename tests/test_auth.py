@@ -486,6 +486,27 @@ def test_lockout_refuses_right_passwords_too(
     asyncio.run(attempts())
 
 
+def test_a_burst_with_the_same_credentials_is_one_try(
+    make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
+) -> None:
+    """A browser's first burst of connections, all with the right password, shares
+    one check and counts as one try, not as max_failures of them; the same wrong
+    password sent 50 times at once is one wrong guess."""
+    auth = make_auth(users, throttle=Throttle(3, window=60, lockout=60))
+
+    async def bursts() -> None:
+        right = Credentials("alice", "alice-pw")
+        assert all(await asyncio.gather(*(accepted(auth, right, "192.0.2.9") for _ in range(50))))
+        wrong = Credentials("bob", "nope")
+        assert not any(
+            await asyncio.gather(*(accepted(auth, wrong, "192.0.2.10") for _ in range(50)))
+        )
+        auth.check_lockout("192.0.2.10")  # one failure of 3: not locked out
+
+    asyncio.run(bursts())
+    assert derivations.count("alice-pw") == 1 and derivations.count("nope") == 1
+
+
 def test_parallel_guesses_learn_nothing_after_the_lockout(
     make_auth: type[Authenticator], users: dict[str, PasswordHash], derivations: list[str]
 ) -> None:
