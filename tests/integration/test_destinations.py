@@ -148,11 +148,14 @@ def v1(client: str = "192.0.2.50", port: int = 40000) -> bytes:
     return f"PROXY {family} {client} {local} {port} 1080\r\n".encode()
 
 
-def socks5_via_balancer(daemon, host: str, port: int) -> tuple[socket.socket, int]:
+def socks5_via_balancer(
+    daemon, host: str, port: int, command: bytes = b"\x01"
+) -> tuple[socket.socket, int]:
+    """A SOCKS5 request (CONNECT, or `command`) from a client beyond the balancer."""
     sock = socket.create_connection(daemon.address, timeout=10)
     sock.sendall(v1() + b"\x05\x01\x00")
     assert recv_exact(sock, 2) == b"\x05\x00"
-    sock.sendall(b"\x05\x01\x00" + socks5client.address(host, port))
+    sock.sendall(b"\x05" + command + b"\x00" + socks5client.address(host, port))
     rep, _, _ = socks5client.read_reply(sock)
     return sock, rep
 
@@ -293,7 +296,7 @@ def test_datagrams_and_bind_peers_meet_the_same_check(start_daemon):
         assert line.get("datagrams_denied") == 1, json.dumps(line)
     finally:
         echo.close()
-    sock, rep = socks5_via_balancer_bind(daemon, "127.0.0.1", 0)
+    sock, rep = socks5_via_balancer(daemon, "127.0.0.1", 0, b"\x02")
     sock.close()
     assert rep == 2
 
@@ -354,15 +357,6 @@ def test_a_datagram_to_the_daemons_own_port_is_denied(start_daemon):
                     own.recvfrom(64)
         line = daemon.access(lambda e: e["command"] == "udp_associate")
         assert line.get("datagrams_denied") == 2, json.dumps(line)
-
-
-def socks5_via_balancer_bind(daemon, host: str, port: int) -> tuple[socket.socket, int]:
-    sock = socket.create_connection(daemon.address, timeout=10)
-    sock.sendall(v1() + b"\x05\x01\x00")
-    assert recv_exact(sock, 2) == b"\x05\x00"
-    sock.sendall(b"\x05\x02\x00" + socks5client.address(host, port))
-    rep, _, _ = socks5client.read_reply(sock)
-    return sock, rep
 
 
 def test_deny_and_allow_are_the_operators_choice(start_daemon, watched, tmp_path):
