@@ -27,9 +27,9 @@ from integration.socks5client import recv_exact
 from integration.test_udp import associate, header, udp_client
 from integration.test_upstream_faults import dns_answer, dns_server
 
-STALL = 20  # seconds the daemon's resolver waits for a name the DNS server ignores
+STALL = 10  # seconds the daemon's resolver waits for a name the DNS server ignores
 CONFIG = "[timeouts]\nconnect = 60\nhandshake = 60\n"
-PROMPT = 8.0  # seconds: generous, yet far below STALL
+PROMPT = 4.0  # seconds: generous, yet far below STALL
 HOSTS = "127.0.0.1 known.test\n"
 
 
