@@ -10,13 +10,10 @@ asserted here."""
 
 from __future__ import annotations
 
-import contextlib
 import select
 import socket
 import struct
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ from conftest import listening_socket, local_names, silent_listener
 from integration import socks5client
 from integration.socks5client import recv_exact
 from integration.test_udp import associate, header, udp_client
-from integration.test_upstream_faults import dns_answer, dns_server
+from integration.test_upstream_faults import dns_server
 
 STALL = 10  # seconds the daemon's resolver waits for a name the DNS server ignores
 CONFIG = "[timeouts]\nconnect = 60\nhandshake = 60\n"
@@ -33,57 +30,12 @@ PROMPT = 4.0  # seconds: generous, yet far below STALL
 HOSTS = "127.0.0.1 known.test\n"
 
 
-@contextlib.contextmanager
-def stalling_dns(answers: dict[str, str]) -> Iterator[str]:
-    """A DNS server on a loopback address of its own (port 53): a name in `answers`
-    gets its A record at once (and no AAAA), any other name no answer ever."""
-    server = None
-    for last in range(77, 100):
-        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            server.bind((f"127.0.0.{last}", 53))
-            break
-        except OSError:
-            server.close()
-            server = None
-    if server is None:
-        raise RuntimeError("no loopback address with port 53 free")
-    stop = threading.Event()
-    server.settimeout(0.1)
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                query, client = server.recvfrom(512)
-            except (TimeoutError, OSError):
-                continue
-            labels, i = [], 12
-            while i < len(query) and query[i]:
-                labels.append(query[i + 1 : i + 1 + query[i]].decode())
-                i += 1 + query[i]
-            if ".".join(labels) in answers:
-                server.sendto(dns_answer(query, answers), client)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[0]
-    finally:
-        stop.set()
-        thread.join(5)
-        server.close()
-
-
 def names_prefix(workdir: Path, nameserver: str) -> list[str]:
     """conftest.local_names, with a resolver that waits STALL s for an answer."""
     hosts = workdir / "hosts"
     workdir.mkdir(parents=True, exist_ok=True)
     hosts.write_text(HOSTS)
-    prefix = local_names(workdir, hosts, nameserver)
-    (workdir / "resolv.conf").write_text(
-        f"nameserver {nameserver}\noptions timeout:{STALL} attempts:1\n"
-    )
-    return prefix
+    return local_names(workdir, hosts, nameserver, STALL)
 
 
 def request(daemon, host: str, port: int, source: str) -> socket.socket:
@@ -121,7 +73,7 @@ def test_one_client_cannot_take_every_lookup(start_daemon, tmp_path):
     port = target.getsockname()[1]
     first: list[socket.socket] = []
     others: list[socket.socket] = []
-    with target, stalling_dns({"fast.test": "127.0.0.1"}) as nameserver:
+    with target, dns_server(stall_unknown=True, names={"fast.test": "127.0.0.1"}) as nameserver:
         prefix = names_prefix(tmp_path / "names", nameserver)
         daemon = start_daemon(CONFIG, prefix=prefix)
         try:
@@ -180,7 +132,7 @@ def test_a_client_gone_while_its_request_is_under_way_ends_it(
     """The client closes (or resets) while its name is being looked up, or while the
     target does not answer the connect: the access line says client_closed at once,
     long before the lookup (STALL s) or the connect (60 s) would end."""
-    with stalling_dns({}) as nameserver, silent_listener() as silent_port:
+    with dns_server(stall_unknown=True, names={}) as nameserver, silent_listener() as silent_port:
         prefix = names_prefix(tmp_path / "names", nameserver)
         daemon = start_daemon(CONFIG, prefix=prefix)
         host, port = ("never.test", 80) if pending == "lookup" else ("127.0.0.1", silent_port)
@@ -232,7 +184,7 @@ def test_udp_lookups_count_against_their_client(start_daemon, tmp_path):
     target = listening_socket()
     port = target.getsockname()[1]
     names = {"fast.test": "127.0.0.1", "other.test": "127.0.0.1"}
-    with target, stalling_dns(names) as nameserver:
+    with target, dns_server(stall_unknown=True, names=names) as nameserver:
         prefix = names_prefix(tmp_path / "names", nameserver)
         daemon = start_daemon(CONFIG, prefix=prefix)
         control, relay = associate(daemon)

@@ -242,12 +242,17 @@ def test_a_client_that_resets_mid_upload_resets_the_target(
 
 @contextlib.contextmanager
 def dns_server(
-    names: dict[str, str] | None = None, delay: float = 0.0, asked: list[str] | None = None
+    names: dict[str, str] | None = None,
+    delay: float = 0.0,
+    asked: list[str] | None = None,
+    *,
+    stall_unknown: bool = False,
 ) -> Iterator[str]:
     """A DNS server on a loopback address of its own (port 53); yields the address.
     Without `names` it takes every query and never answers (a dead server); with
     them it answers after `delay` seconds: an A record for a name it knows, and no
-    address for anything else. Each A query's name is added to `asked`."""
+    address for anything else, or (`stall_unknown`) no answer ever for a name it
+    does not know. Each A query's name is added to `asked`."""
     for last in range(77, 100):
         ip = f"127.0.0.{last}"
         server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -269,7 +274,7 @@ def dns_server(
                 query, client = server.recvfrom(512)
             except TimeoutError:
                 continue
-            if names is not None:
+            if names is not None and not (stall_unknown and query_name(query) not in names):
                 answer = dns_answer(query, names, asked)
                 timer = threading.Timer(delay, server.sendto, (answer, client))
                 timers.append(timer)
@@ -287,17 +292,28 @@ def dns_server(
         server.close()
 
 
-def dns_answer(query: bytes, names: dict[str, str], asked: list[str] | None = None) -> bytes:
-    """The answer to a one-question query: an A record when the name is known."""
+def query_name(query: bytes) -> str:
+    """The name a one-question query asks for."""
+    return _question(query)[0]
+
+
+def _question(query: bytes) -> tuple[str, int]:
+    """The name a one-question query asks for, and where its type field starts."""
     labels, i = [], 12
-    while query[i]:
+    while i < len(query) and query[i]:
         labels.append(query[i + 1 : i + 1 + query[i]].decode())
         i += 1 + query[i]
-    qtype = struct.unpack("!H", query[i + 1 : i + 3])[0]
-    question = query[12 : i + 5]
+    return ".".join(labels), i + 1
+
+
+def dns_answer(query: bytes, names: dict[str, str], asked: list[str] | None = None) -> bytes:
+    """The answer to a one-question query: an A record when the name is known."""
+    name, at = _question(query)
+    qtype = struct.unpack("!H", query[at : at + 2])[0]
+    question = query[12 : at + 4]
     if qtype == 1 and asked is not None:
-        asked.append(".".join(labels))
-    ip = names.get(".".join(labels)) if qtype == 1 else None
+        asked.append(name)
+    ip = names.get(name) if qtype == 1 else None
     head = query[:2] + struct.pack("!HHHHH", 0x8180, 1, 1 if ip else 0, 0, 0)
     record = b""
     if ip:
