@@ -13,7 +13,6 @@ common to the protocols lives in the driver.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -125,21 +124,11 @@ class Front:
     def established(self, bound: tuple[str, int]) -> bytes:
         raise LocalProtocolError("no request has been made yet")
 
+    def said_more(self) -> bool:
+        return False
+
     def refusal(self, error: SessionError) -> bytes | None:
         return None  # no protocol to answer in
-
-
-def send_reply(sock: socket.socket, data: bytes) -> None:
-    """A handshake reply: a few bytes into a socket with nothing queued, so one send
-    takes them all; a client that has not let it is not reading at all."""
-    try:
-        sent = sock.send(data)
-    except (BlockingIOError, InterruptedError):
-        sent = 0
-    except OSError as exc:
-        raise ClientClosed(f"client connection failed: {exc.strerror}") from None
-    if sent < len(data):
-        raise ProtocolError("client does not read the handshake replies")
 
 
 class Driver(Protocol):
@@ -214,6 +203,9 @@ class Handler(Protocol):
         """Tell the client the tunnel is up (`bound`: our end, or BIND's peer); the
         bytes it sent after its request, for the target."""
 
+    def said_more(self) -> bool:
+        """Whether the client sent bytes after its request, read with it."""
+
     def refusal(self, error: SessionError) -> bytes | None:
         """The protocol's answer to a failure, if it still has one to give."""
 
@@ -278,6 +270,9 @@ class Socks5Handler:
         self.driver.send(self.parser.reply(REP_SUCCEEDED, *bound))
         return self.parser.trailing_data
 
+    def said_more(self) -> bool:
+        return self.parser.said_more
+
     def refusal(self, error: SessionError) -> bytes | None:
         state = self.parser.state
         if state is socks5.State.CHECK_AUTH:  # RFC 1929: a failure status, then close
@@ -320,6 +315,9 @@ class Socks4Handler:
         self.driver.send(self.parser.reply(True, *bound))
         return self.parser.trailing_data
 
+    def said_more(self) -> bool:
+        return self.parser.said_more
+
     def refusal(self, error: SessionError) -> bytes | None:
         if self.parser.state in (socks4.State.AWAIT_REQUEST, socks4.State.REPLY):
             return self.parser.reply(False)
@@ -358,6 +356,9 @@ class HttpHandler:
     def established(self, bound: tuple[str, int]) -> bytes:
         self.driver.send(self.parser.established())
         return self.parser.trailing_data
+
+    def said_more(self) -> bool:
+        return self.parser.said_more
 
     def refusal(self, error: SessionError) -> bytes | None:
         if isinstance(error, ClientClosed):

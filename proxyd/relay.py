@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable
 from typing import Final
 
-from proxyd.errors import Status
+from proxyd.errors import ClientClosed, ProtocolError, Status
 
 # Reads per readiness callback before yielding to the rest of the loop. A pump
 # reads until the socket would block (below), because uvloop stops watching a
@@ -481,3 +481,16 @@ class Relay:
         self.status, self.error = status, error
         self.stop()
         on_end(status, error)
+
+
+def send_reply(sock: socket.socket, data: bytes) -> None:
+    """A handshake reply: a few bytes into a socket with nothing queued, so one send
+    takes them all; a client that has not let it is not reading at all."""
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError as exc:
+        raise ClientClosed(f"client connection failed: {exc.strerror}") from None
+    if sent < len(data):
+        raise ProtocolError("client does not read the handshake replies")

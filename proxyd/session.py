@@ -30,11 +30,11 @@ from proxyd.errors import (
     Status,
 )
 from proxyd.forward import Forwarder
-from proxyd.handlers import Answer, Front, Handler, Worker, send_reply
+from proxyd.handlers import Answer, Front, Handler, Worker
 from proxyd.metrics import Meter
 from proxyd.protocols import http as http_proto
 from proxyd.protocols.common import Credentials, format_hostport
-from proxyd.relay import abort
+from proxyd.relay import abort, send_reply
 from proxyd.tls import Bridge
 from proxyd.tunnel import Tunnel
 from proxyd.udp import Association
@@ -200,7 +200,8 @@ class Session:
         """A tunnel for a CONNECT or BIND request."""
         self._request_complete()
         self._enter(Phase.CONNECT)
-        tunnel = Tunnel(self.ctx, self.conn, self.sock, self)
+        assert self._handler is not None
+        tunnel = Tunnel(self.ctx, self.conn, self.sock, self, self._handler.said_more())
         self._worker = tunnel
         return tunnel
 
@@ -271,7 +272,7 @@ class Session:
             if wanted is Phase.HANDSHAKE:
                 self.loop.add_reader(self.fd, self._on_readable)
             elif isinstance(self._worker, Tunnel):  # (replaces the handshake's reader)
-                self.loop.add_reader(self.fd, self._worker.on_client_readable)
+                self.loop.add_reader(self.fd, self.step, self._worker.on_client_readable)
             else:
                 self.loop.remove_reader(self.fd)
             self._reading = wanted

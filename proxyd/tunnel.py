@@ -10,6 +10,7 @@ anywhere refuses the request the same way.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 from typing import Any, Final, Protocol
@@ -20,10 +21,13 @@ from proxyd.chain import ChainConnector, Lease
 from proxyd.context import Conn, Context
 from proxyd.dial import Connecting, Route, dial
 from proxyd.dns import Lookup
-from proxyd.errors import ProtocolError, SessionError, Status
+from proxyd.errors import SessionError, Status
 from proxyd.relay import Relay, abort
 
 Answer = Callable[[str, int], None]
+# What a client may send before its tunnel is up that is read and kept for the
+# target; the rest waits in the kernel (backpressure), as with any slow target.
+EARLY_MAX: Final = 16384
 
 
 class Owner(Protocol):
@@ -57,6 +61,7 @@ class Tunnel:
         "_pending",
         "_relay",
         "_remote",
+        "_said_more",
         "via",
     )
 
@@ -73,6 +78,7 @@ class Tunnel:
         conn: Conn,
         client: socket.socket,
         owner: Owner,
+        said_more: bool = False,
     ) -> None:
         self._ctx = ctx
         self._conn = conn
@@ -82,7 +88,8 @@ class Tunnel:
         self._remote: socket.socket | None = None
         self._relay: Relay | None = None
         self._lease: Lease | None = None  # the parent proxy in use
-        self._early = b""  # what the client sent while the tunnel was being made
+        self._early = bytearray()  # what the client sent while the tunnel was made
+        self._said_more = said_more  # it sent bytes after its request, with it
         self.via: str | None = None  # the upstream group the route goes through
 
     def connect(self, host: str, port: int) -> None:
@@ -155,7 +162,7 @@ class Tunnel:
         # CONNECT replies with our end of the connection, BIND with the peer's address
         bound = remote.getpeername() if bind else remote.getsockname()
         first_up = self._owner.established(bound[:2]) + self._early
-        self._early = b""
+        self._early = bytearray()
         cfg = self._ctx.config
         self._relay = Relay(
             self._client,
@@ -191,24 +198,27 @@ class Tunnel:
 
     def on_client_readable(self) -> None:
         """The client spoke while the tunnel is being made (the session watches it for
-        us until the relay does): what it sends early is kept for the target, up to
-        buffers.read_size; its end (EOF, a reset) ends the request now (status
-        client_closed), cancelling the lookup and the connect. Read until nothing is
+        us, through its `step`, until the relay does). What it sends early is kept for
+        the target, up to EARLY_MAX (beyond, it waits in the kernel, and the watch
+        stops). A reset, or an EOF with nothing sent after the request, ends it now
+        (status client_closed), cancelling the lookup and the connect; an EOF after
+        early bytes is a half-close, which the relay passes on. Read until nothing is
         left: under uvloop a reset socket's reader is called once and never again."""
         while True:
+            room = EARLY_MAX - len(self._early)
             try:
-                data = self._client.recv(65536)
+                data = self._client.recv(room) if room else b""
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 why = f"client connection failed while connecting: {exc.strerror}"
                 self._owner.ended(Status.CLIENT_CLOSED, why)
                 return
-            if not data:
+            if not data and not (self._early or self._said_more):
                 self._owner.ended(Status.CLIENT_CLOSED, "client closed while connecting")
                 return
-            if len(self._early) + len(data) > self._ctx.config.buffers.read_size:
-                self._owner.step(_too_early)
+            if not data:  # a half-close after its first bytes, or EARLY_MAX reached
+                asyncio.get_running_loop().remove_reader(self._client.fileno())
                 return
             self._early += data
 
@@ -230,7 +240,3 @@ class Tunnel:
             self._remote.close()
         if self._lease is not None:
             self._lease.release()
-
-
-def _too_early() -> None:
-    raise ProtocolError("client sent more than buffers.read_size before its tunnel was up")

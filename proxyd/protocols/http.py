@@ -289,6 +289,11 @@ class HttpProxyServer:
         return ESTABLISHED
 
     @property
+    def said_more(self) -> bool:
+        """Whether the client sent bytes after its CONNECT head (read with it)."""
+        return self._request is not None and bool(self._conn.trailing_data[0])
+
+    @property
     def trailing_data(self) -> bytes:
         """Bytes the client sent after its CONNECT head: the first bytes of the tunnel."""
         if not self._established:

@@ -143,6 +143,11 @@ class Socks4Server:
         return HEAD.pack(REPLY_VERSION, GRANTED, port, packed)
 
     @property
+    def said_more(self) -> bool:
+        """Whether the client sent bytes after its request (read with it)."""
+        return bool(self._buffer) and self.state is not State.AWAIT_REQUEST
+
+    @property
     def trailing_data(self) -> bytes:
         """Bytes the client sent after its request: the first bytes of the tunnel."""
         if self.state is not State.ESTABLISHED:

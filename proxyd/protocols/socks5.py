@@ -220,6 +220,11 @@ class Socks5Server:
         return bytes((VERSION, REP_SUCCEEDED, 0x00)) + pack_address(bind_host, bind_port)
 
     @property
+    def said_more(self) -> bool:
+        """Whether the client sent bytes after its request (read with it)."""
+        return bool(self._buffer) and self.state is not State.AWAIT_REQUEST
+
+    @property
     def trailing_data(self) -> bytes:
         """Bytes the client sent after its request: the first bytes of the tunnel."""
         if self.state is not State.ESTABLISHED:

@@ -177,6 +177,33 @@ def test_bytes_sent_while_connecting_reach_the_target(start_daemon, tmp_path, tc
     assert daemon.access()["status"] == "ok"
 
 
+def test_a_half_close_after_early_bytes_is_passed_on(start_daemon, tmp_path, tcp_server):
+    """A client that sends its request, its data and then its EOF (`nc -N`, a
+    script piping a file) while the name is looked up is half-closed, not gone: the
+    data reaches the target, the EOF after it, and the answer comes back. A reset
+    after early bytes ends the request at once."""
+    server = tcp_server()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+    with dns_server({"slow.test": "127.0.0.1"}, 0.5) as nameserver:
+        daemon = start_daemon(CONFIG, hosts=hosts, nameserver=nameserver)
+        request = b"\x05\x01\x00\x05\x01\x00" + socks5client.address("slow.test", server.port)
+        with socket.create_connection(daemon.address, timeout=PROMPT) as sock:
+            sock.sendall(request + b"ping")
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_exact(sock, 2) == b"\x05\x00"
+            assert socks5client.read_reply(sock)[0] == 0
+            assert recv_exact(sock, 4) == b"ping"  # the echo target got it, then the EOF
+            assert sock.recv(1) == b""
+        assert daemon.access()["status"] == "ok"
+        with socket.create_connection(daemon.address, timeout=PROMPT) as sock:
+            sock.sendall(request.replace(b"slow", b"slo2") + b"ping")
+            time.sleep(0.1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        line = daemon.access(lambda e: (e["target"] or "").startswith("slo2.test"))
+        assert line["status"] == "client_closed" and line["duration_ms"] < 400
+
+
 def test_udp_lookups_count_against_their_client(start_daemon, tmp_path):
     """Datagrams to 20 never-answered names: 16 lookups are under way for the client's
     address, so its next name fails at once; another address's does not; they still
