@@ -212,10 +212,9 @@ class Throttle:
     within `window` seconds lock the key out for `lockout` seconds. Memory is bounded:
     at most MAX_THROTTLED_CLIENTS keys, the least recently failed forgotten first.
 
-    A check still under way counts as a failure from when it is queued (`tried`), so
-    that a burst of guesses trips the lockout before the queue drains; a success takes
-    it back (`settle`). The max_failures-th try is still checked: the tries beyond it
-    start the lockout, the max_failures-th failure does once it is known."""
+    Only known failures count: the Authenticator runs no more checks for a key than
+    its `recent` failures leave before a lockout, so a burst of guesses gets no more
+    answers than that, and a burst of right passwords is never taken for one."""
 
     def __init__(
         self,
@@ -250,31 +249,19 @@ class Throttle:
         """Count one failure; True when it starts a lockout (report it, once)."""
         if not self.max_failures:
             return False
-        return self._count(key, self._clock(), self.max_failures)
+        return self._count(key, self._clock())
 
-    def tried(self, key: str) -> tuple[float | None, bool]:
-        """A check is queued: counted as a failure until `settle` says otherwise. The
-        ticket to settle it with, and True when this try starts a lockout."""
-        if not self.max_failures:
-            return None, False
-        now = self._clock()
-        return now, self._count(key, now, self.max_failures + 1)
-
-    def settle(self, key: str, ticket: float | None, ok: bool) -> bool:
-        """The check of `ticket` ended: a success takes its failure back; a failure
-        stays counted. True when that failure starts a lockout."""
-        if ticket is None or not self.max_failures:
-            return False
+    def recent(self, key: str) -> int:
+        """The failures counted for `key` within the window."""
         times = self._failures.get(key)
-        if ok:
-            if times is not None and ticket in times:
-                times.remove(ticket)
-            return False
-        if self.locked(key) or times is None or ticket not in times:
-            return False
-        return self._lock_if(key, times, self._clock(), self.max_failures)
+        if times is None:
+            return 0
+        since = self._clock() - self.window
+        while times and times[0] <= since:
+            times.popleft()
+        return len(times)
 
-    def _count(self, key: str, now: float, limit: int) -> bool:
+    def _count(self, key: str, now: float) -> bool:
         times = self._failures.pop(key, None)
         if times is None:
             times = deque()
@@ -284,15 +271,15 @@ class Throttle:
             self._failures.popitem(last=False)
         if self.locked(key):
             return False
-        return self._lock_if(key, times, now, limit)
+        return self._lock_if(key, times, now)
 
-    def _lock_if(self, key: str, times: deque[float], now: float, limit: int) -> bool:
-        """Lock `key` when `times` holds `limit` failures within the window."""
+    def _lock_if(self, key: str, times: deque[float], now: float) -> bool:
+        """Lock `key` when `times` holds max_failures failures within the window."""
         while times and times[0] <= now - self.window:
             times.popleft()
-        while len(times) > self.max_failures + 1:  # more are never needed
+        while len(times) > self.max_failures:  # more are never needed
             times.popleft()
-        if len(times) < limit:
+        if len(times) < self.max_failures:
             return False
         if len(self._locked) >= MAX_THROTTLED_CLIENTS:  # drop the expired ones first
             self._locked = {k: t for k, t in self._locked.items() if t > now}
@@ -310,7 +297,10 @@ class _Check:
     user: str
     target: PasswordHash = field(repr=False)
     password: str = field(repr=False)
-    result: asyncio.Future[bool | None]  # None: dropped, never checked
+    # the answer: right (True: for a user that exists) or wrong; None: dropped, never
+    # checked
+    result: asyncio.Future[bool | None]
+    known: bool = False  # the user exists (else the decoy is derived: never right)
     waiters: int = 0
     running: bool = False
 
@@ -449,85 +439,41 @@ class Authenticator:
         if check is None:
             queued = self._running.get(group, 0) + len(self._queues.get(group, ()))
             if queued >= GROUP_RUNNING + GROUP_QUEUE:
-                self._failed(
-                    group, user, self.throttle.failed(group), self.user_throttle.failed(user)
+                # (nothing derived, nothing learned: not a failure, a wait)
+                raise LockedOut(
+                    f"too many password checks from {group} in progress", retry_after=1.0
                 )
-                raise AuthFailed(f"too many password checks from {group} in progress")
             if len(self._pending) >= MAX_PENDING_CHECKS and not self._make_room(queued):
                 raise OverLimit("too many password checks in progress")
-        group_ticket = user_ticket = None
-        if check is None:  # counted as a failure from now on, until the check says otherwise
-            group_ticket, group_locked = self.throttle.tried(group)
-            user_ticket, user_locked = self.user_throttle.tried(user)
-            if group_locked or user_locked:
-                self._failed(group, user, group_locked, user_locked)
-                self.check_lockout(client, user)  # raises LockedOut, but for an exempt group
-        # (else the same credentials are being checked already: one guess, counted once,
-        # so a browser's first burst of connections with the right password is no flood)
-        if check is None:
             target = stored if stored is not None else self._decoy
             future = asyncio.get_running_loop().create_future()
             check = _Check(token, group, user, target, credentials.password, future)
+            check.known = stored is not None
             self._pending[token] = check
             self._queues.setdefault(group, deque()).append(check)
             self._pump()
+        # (else the same credentials are being checked already: one guess, counted once,
+        # so a browser's first burst of connections with the right password is no flood)
         check.waiters += 1
         try:
             matched = await asyncio.shield(check.result)
         except asyncio.CancelledError:
-            tickets = (group, user, group_ticket, user_ticket)
-            if check.running:  # derived all the same: counted as its answer says
-                found = stored is not None
-                check.result.add_done_callback(lambda done: self._settle_late(tickets, done, found))
-            else:  # never derived for this client: no failure
-                if check.waiters == 1:
-                    self._drop(check)
-                self._settle_late(tickets, None, False)
-            raise
+            if not check.running and check.waiters == 1:
+                self._drop(check)  # never derived: nothing learned, nothing counted
+            raise  # (one that runs is counted as its answer says, when it ends)
         finally:
             check.waiters -= 1
-        # Guesses sent in parallel all wait for derivations: those finishing after
-        # the lockout began learn nothing, right or wrong.
-        self.check_lockout(client, user)
-        if matched is None:  # dropped from the queue of a group now locked out
-            self.throttle.settle(group, group_ticket, ok=True)
-            self.user_throttle.settle(user, user_ticket, ok=True)
-            raise OverLimit("password check dropped")
-        ok = matched and stored is not None
-        group_locked = self.throttle.settle(group, group_ticket, ok=ok)
-        user_locked = self.user_throttle.settle(user, user_ticket, ok=ok)
-        if not ok:
-            self._failed(group, user, group_locked, user_locked)
+        if matched is False:  # counted as it ended (see _finished)
             raise AuthFailed("wrong user name or password")
+        # a right password, or a check dropped: nothing once a lockout began
+        self.check_lockout(client, user)
+        if matched is None:
+            raise OverLimit("password check dropped")
         assert stored is not None
-        self._logged_in_as(user, group)
         self._cache[token] = stored
         self._cache.move_to_end(token)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-
-    def _settle_late(
-        self,
-        tickets: tuple[str, str, float | None, float | None],
-        done: asyncio.Future[bool | None] | None,
-        found: bool,
-    ) -> None:
-        """The check of a client that went away ended: a failure counts (a client cannot
-        guess unseen by leaving before the answer), anything else is taken back."""
-        group, user, group_ticket, user_ticket = tickets
-        failed = (
-            done is not None
-            and not done.cancelled()
-            and done.exception() is None
-            and done.result() is not None
-            and not (done.result() and found)
-        )
-        locked = (
-            self.throttle.settle(group, group_ticket, ok=not failed),
-            self.user_throttle.settle(user, user_ticket, ok=not failed),
-        )
-        if failed:
-            self._failed(group, user, *locked)
 
     def _logged_in_as(self, user: str, group: str) -> None:
         if user not in self._users:
@@ -543,7 +489,7 @@ class Authenticator:
     def _pump(self) -> None:
         """Start waiting checks while slots are free, the groups taking turns."""
         while self._busy < SLOTS:
-            group = next((g for g in self._queues if self._running.get(g, 0) < GROUP_RUNNING), None)
+            group = next((g for g in self._queues if self._may_start(g)), None)
             if group is None:
                 return
             queue = self._queues[group]
@@ -553,6 +499,16 @@ class Authenticator:
             else:
                 del self._queues[group]
             self._start(check)
+
+    def _may_start(self, group: str) -> bool:
+        """Whether a waiting check of `group` may run now: at most GROUP_RUNNING at once,
+        and never more than its failures leave before a lockout, so no burst gets
+        more answers than auth.max_failures, and right passwords in one just wait."""
+        running = self._running.get(group, 0)
+        limit = self.throttle.max_failures
+        return running < GROUP_RUNNING and (
+            not limit or running + self.throttle.recent(group) < limit
+        )
 
     def _start(self, check: _Check) -> None:
         check.running = True
@@ -576,13 +532,26 @@ class Authenticator:
             del self._running[check.group]
         if self._pending.get(check.token) is check:
             del self._pending[check.token]
-        if not check.result.done():
-            if done is None or done.cancelled():
-                check.result.set_result(None)
-            elif (error := done.exception()) is not None:
+        if done is None or done.cancelled():
+            answer: bool | None = None
+        elif (error := done.exception()) is not None:
+            if not check.result.done():
                 check.result.set_exception(error)
-            else:
-                check.result.set_result(done.result())
+            self._pump()
+            return
+        else:
+            answer = done.result() and check.known
+        # Counted here, once a check, whoever still waits for it: a client that left
+        # cannot guess unseen, and a burst sharing one check is one try.
+        if answer is True:
+            self._logged_in_as(check.user, check.group)
+        elif answer is False:
+            group_locked = self.throttle.failed(check.group)
+            self._failed(
+                check.group, check.user, group_locked, self.user_throttle.failed(check.user)
+            )
+        if not check.result.done():
+            check.result.set_result(answer)
         self._pump()
 
     def _make_room(self, queued: int) -> bool:

@@ -131,6 +131,35 @@ def test_a_flood_of_guesses_does_not_hold_up_another_login(start_daemon, users_f
     wait_peers(server, 1)  # the right login's tunnel, and nothing else
 
 
+def test_right_logins_of_many_users_behind_one_address_lock_nothing(
+    start_daemon, tmp_path, tcp_server
+):
+    """Eight users behind one NAT address log in at the same moment, more than
+    auth.max_failures (5) of them: all get their tunnel, and no lockout starts."""
+    from proxyd.auth import hash_password
+
+    users = tmp_path / "many-users"
+    users.write_text("".join(f"u{i}:{hash_password(f'pw{i}', log_n=12)}\n" for i in range(8)))
+    users.chmod(0o600)
+    daemon = start_daemon(f'[auth]\nusers_file = "{users}"\n')
+    server = tcp_server()
+    target = f"127.0.0.1:{server.port}"
+    socks = []
+    try:
+        for i in range(8):
+            sock = socket.create_connection(
+                daemon.address, timeout=30, source_address=("127.0.0.5", 0)
+            )
+            sock.sendall(request_head("CONNECT", target, password=f"pw{i}", user=f"u{i}"))
+            socks.append(sock)
+        answers = [sock.recv(4096)[:12] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+    assert answers == [b"HTTP/1.1 200"] * 8
+    assert not daemon.named("auth_lockout")
+
+
 def test_guesses_spread_over_addresses_lock_the_user(start_daemon, users_file, tcp_server):
     """One guess for alice from each of 20 addresses (no address near its own limit)
     locks the name alice out: once, logged as `user_locked`; an address that logged in
