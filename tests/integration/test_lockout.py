@@ -5,10 +5,12 @@ a flood of guesses never holds up another client's login."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import struct
 import time
+from collections.abc import Iterator
 
 from conftest import PASSWORD, USER, request_head
 from integration import socks5client
@@ -27,6 +29,22 @@ def http_connect(
     with socket.create_connection(address, timeout=30, source_address=bind) as sock:
         sock.sendall(request_head("CONNECT", target, password=password, user=user))
         return sock.recv(4096)
+
+
+@contextlib.contextmanager
+def sent_at_once(daemon, source: str, heads: list[bytes]) -> Iterator[list[socket.socket]]:
+    """A connection from `source` for each request head, each sent without waiting for
+    any answer; all closed on the way out."""
+    socks: list[socket.socket] = []
+    try:
+        for head in heads:
+            sock = socket.create_connection(daemon.address, timeout=30, source_address=(source, 0))
+            socks.append(sock)
+            sock.sendall(head)
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def wait_peers(server, count: int) -> None:
@@ -99,29 +117,21 @@ def test_lockout_after_failures_and_recovery(start_daemon, users_file, tcp_serve
 
 
 def test_a_flood_of_guesses_does_not_hold_up_another_login(start_daemon, users_file, tcp_server):
-    """300 wrong passwords from one address at once: each counts as a failure from when
-    it is queued, so the lockout starts before they are checked, and a right password
-    from another address is not queued behind them (before: 256 checks queued, the
-    rest and everyone else refused with "too many password checks in progress")."""
+    """300 wrong passwords from one address at once: 18 are queued (the rest refused
+    at once, 429), at most max_failures of them are checked, the last of those starts
+    the lockout, and a right password from another address is not queued behind
+    them (before: 256 checks queued, the rest and everyone else refused with "too
+    many password checks in progress")."""
     daemon = start_daemon(f'[auth]\nusers_file = "{users_file}"\n')
     server = tcp_server()
     target = f"127.0.0.1:{server.port}"
-    flood = []
-    try:
-        for i in range(300):
-            sock = socket.create_connection(
-                daemon.address, timeout=30, source_address=("127.0.0.2", 0)
-            )
-            flood.append(sock)
-            sock.sendall(request_head("CONNECT", target, password=f"guess-{i}"))
+    heads = [request_head("CONNECT", target, password=f"guess-{i}") for i in range(300)]
+    with sent_at_once(daemon, "127.0.0.2", heads) as flood:
         # the flood is sent: another address logs in
         assert http_connect(daemon.address, target, PASSWORD, source="127.0.0.3").startswith(
             b"HTTP/1.1 200 "
         )
         answers = [sock.recv(4096) for sock in flood]
-    finally:
-        for sock in flood:
-            sock.close()
     statuses = [answer[:12] for answer in answers]
     assert set(statuses) <= {b"HTTP/1.1 407", b"HTTP/1.1 429"}, set(statuses)
     assert statuses.count(b"HTTP/1.1 429") >= 290
@@ -144,18 +154,9 @@ def test_right_logins_of_many_users_behind_one_address_lock_nothing(
     daemon = start_daemon(f'[auth]\nusers_file = "{users}"\n')
     server = tcp_server()
     target = f"127.0.0.1:{server.port}"
-    socks = []
-    try:
-        for i in range(8):
-            sock = socket.create_connection(
-                daemon.address, timeout=30, source_address=("127.0.0.5", 0)
-            )
-            sock.sendall(request_head("CONNECT", target, password=f"pw{i}", user=f"u{i}"))
-            socks.append(sock)
+    heads = [request_head("CONNECT", target, password=f"pw{i}", user=f"u{i}") for i in range(8)]
+    with sent_at_once(daemon, "127.0.0.5", heads) as socks:
         answers = [sock.recv(4096)[:12] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
     assert answers == [b"HTTP/1.1 200"] * 8
     assert not daemon.named("auth_lockout")
 
