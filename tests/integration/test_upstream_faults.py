@@ -104,7 +104,9 @@ def test_a_target_that_cannot_be_reached(start_daemon, tmp_path, fault):
             assert (line["status"], line["target"]) == (status, f"{host}:{port}"), front
             assert line["error"], front
             if fault == "silent":  # the connect timeout (1 s) was what ended it
-                assert line["duration_ms"] >= 1000, front
+                # (to the loop's timer granularity: libuv counts in whole milliseconds
+                # from the time its iteration began, so a timer may fire 1 ms early)
+                assert line["duration_ms"] >= 990, front
     assert "Traceback" not in daemon.output()
 
 
