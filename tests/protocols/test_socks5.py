@@ -722,7 +722,11 @@ def test_unpack_unknown_address_type(atyp: int) -> None:
     assert info.value.socks_reply == REP_ADDRESS_TYPE_NOT_SUPPORTED
 
 
-labels = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=63)
+# A label that starts "xn--" claims to be punycode; most such strings are not, and
+# canonical_host refuses them (tested in test_common), so the round trip leaves them out.
+labels = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=63).filter(
+    lambda label: not label.startswith("xn--")
+)
 domains = st.lists(labels, min_size=1, max_size=8).map(".".join).filter(lambda d: len(d) <= 255)
 ports = st.integers(0, 65535)
 
