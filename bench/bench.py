@@ -84,9 +84,14 @@ def measure_proxy(bench: Bench, proxy: Proxy) -> dict[str, Any]:
                         lambda mode=mode, c=c: bench.handshakes(mode, port, c),
                     )
             if proxy.http:
+                lines_before = run.access_lines() if run.access_lines else None
                 result["forward"] = attempt(
                     bench, "forward (wrk)", lambda: bench.forward(port, proxy.name)
                 )
+                if run.access_lines and lines_before is not None:
+                    time.sleep(0.5)  # squid's stdio log is written in blocks
+                    # wrk's requests + 1 (bench's probe) when the proxy logs every request
+                    result["forward"]["access_lines"] = run.access_lines() - lines_before
             time.sleep(1.0)
             result["usage_after_load"] = usage(pid)
         if proxy is PROXYD:
