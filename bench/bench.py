@@ -32,7 +32,7 @@ from typing import Any
 from measure import Bench, Plan
 from procs import LOOPBACK, MeasurementFailed, Processes, StartFailed, busy_processes, usage
 from proxies import PEERS, PROXYD, Proxy, dpkg_version, proxyd_variant
-from report import LEGEND, table, workers_line
+from report import LEGEND, forwarding_lines, table, workers_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -112,31 +112,40 @@ def measure_proxy(bench: Bench, proxy: Proxy) -> dict[str, Any]:
 
 
 def measure_workers(bench: Bench) -> dict[str, Any]:
-    """proxyd SOCKS5 handshakes at c=64: one worker on the proxy core, two on any core,
-    and one worker on the proxy core with the Prometheus metrics on."""
-    print("proxyd workers = 1 vs 2, metrics off vs on", flush=True)
+    """proxyd SOCKS5 handshakes at c=64, two comparisons.
+
+    workers = 1 against 2: proxyd and the load generator both on any core (the echo
+    server stays on the load core), for both worker counts, so that the ratio compares
+    like with like; two workers pinned to one core would have nothing to gain.
+    metrics off against on: one worker pinned as in the main table, and loadgen too."""
+    print("proxyd workers = 1 vs 2 (unpinned), metrics off vs on (pinned)", flush=True)
     result: dict[str, Any] = {}
-    for key, workers, metrics in (
-        ("workers_1", 1, False),
-        ("workers_2", 2, False),
-        ("metrics_on", 1, True),
+    for key, workers, metrics, pinned in (
+        ("workers_1", 1, False, False),
+        ("workers_2", 2, False, False),
+        ("metrics_off", 1, False, True),
+        ("metrics_on", 1, True, True),
     ):
         try:
-            # Two workers get both cores, so they share core 1 with the load generator.
-            with bench.running(proxyd_variant(workers, metrics), pinned=workers == 1) as run:
+            with bench.running(proxyd_variant(workers, metrics), pinned=pinned) as run:
                 result[key] = attempt(
                     bench,
-                    f"{key}, socks5 c=64",
-                    lambda port=run.port: bench.handshakes("socks5", port, 64),
+                    f"{key}, socks5 c=64" + ("" if pinned else ", unpinned"),
+                    lambda port=run.port, pinned=pinned: bench.handshakes(
+                        "socks5", port, 64, pinned=pinned
+                    ),
                 )
-                result[key]["proxy_cpus"] = bench.proxy_cpu if workers == 1 else "any"
+                result[key]["proxy_cpus"] = bench.proxy_cpu if pinned else "any"
+                result[key]["load_cpus"] = bench.load_cpu if pinned else "any"
                 result[key]["processes"] = usage(run.proc.pid)["processes"]
         except StartFailed as exc:
             bench.note(f"proxyd {key} not available: {exc}")
             result[key] = {"available": False, "error": str(exc)}
-    one = result["workers_1"].get("ops_per_s")
-    for key, ratio in (("workers_2", "ratio"), ("metrics_on", "metrics_ratio")):
-        other = result[key].get("ops_per_s")
+    for key, base, ratio in (
+        ("workers_2", "workers_1", "ratio"),
+        ("metrics_on", "metrics_off", "metrics_ratio"),
+    ):
+        one, other = result[base].get("ops_per_s"), result[key].get("ops_per_s")
         if one and other:
             result[ratio] = round(other / one, 2)
     return result
@@ -242,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(table(report))
+    forwarding = forwarding_lines(report)
+    if forwarding:
+        print("fwd, per request:")
+        for line in forwarding:
+            print(f"  {line}")
     print(workers_line(report.get("workers")))
     print()
     print(LEGEND)

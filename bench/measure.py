@@ -73,10 +73,11 @@ class Bench:
         self.notes.append(text)
         print(f"  ! {text}", flush=True)
 
-    def _run(self, base: str, argv: list[str], timeout: float) -> str:
-        """A bounded client run on the load core; its stdout."""
+    def _run(self, base: str, argv: list[str], timeout: float, pinned: bool = True) -> str:
+        """A bounded client run on the load core (any core unless `pinned`); its stdout."""
         self._runs += 1
-        return self.procs.run(f"{base}-{self._runs}", argv, cpu=self.load_cpu, timeout=timeout)
+        cpu = self.load_cpu if pinned else None
+        return self.procs.run(f"{base}-{self._runs}", argv, cpu=cpu, timeout=timeout)
 
     @contextlib.contextmanager
     def running(self, proxy: Proxy, pinned: bool = True) -> Iterator[Running]:
@@ -155,15 +156,21 @@ class Bench:
 
     # ---- (b) connect + handshake + echo + close --------------------------------------------------
 
-    def handshakes(self, mode: str, proxy_port: int | None, concurrency: int) -> dict[str, Any]:
-        """loadgen MODE (direct, socks5, http) at a concurrency; its JSON line."""
+    def handshakes(
+        self, mode: str, proxy_port: int | None, concurrency: int, pinned: bool = True
+    ) -> dict[str, Any]:
+        """loadgen MODE (direct, socks5, http) at a concurrency, on the load core (any core
+        unless `pinned`); its JSON line."""
         seconds = self.plan.seconds_c1 if concurrency == 1 else self.plan.seconds_c64
         options = f"-t {self.echo_port} -c {concurrency} -d {seconds} -w {self.plan.warmup}"
         if proxy_port is not None:
             options += f" -x {proxy_port}"
         busy_before = cpu_times()
         out = self._run(
-            f"loadgen-{mode}", [LOADGEN, mode, *options.split()], seconds + self.plan.warmup + 30
+            f"loadgen-{mode}",
+            [LOADGEN, mode, *options.split()],
+            seconds + self.plan.warmup + 30,
+            pinned=pinned,
         )
         result = as_json_line(out)
         # How busy each core was: the load core near 100% would mean loadgen is the limit.

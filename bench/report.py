@@ -12,7 +12,7 @@ hs/s: connect + handshake + 100-byte echo + close per second, (ratio) to the dir
 fwd req/s: wrk -c64 with keep-alive through the proxy, absolute-form GET of 1 KiB from nginx
   (ratio) to wrk at nginx directly.
 KiB/tunnel: (RSS with N idle tunnels - RSS before) / N; SOCKS5 tunnels, HTTP CONNECT for
-  tinyproxy; [k held] when only k of N opened.
+  tinyproxy and squid; [k held] when only k of N opened.
 after close: RSS and open fds once the tunnels closed, minus their values before."""
 
 
@@ -76,6 +76,33 @@ def _idle(run: dict[str, Any] | None) -> tuple[str, str]:
     return f"{_num(run['kib_per_tunnel'])}{held}", after
 
 
+# What each proxy does per forwarded request, checked by hand with two origins on loopback
+# and three requests (A, A, B) on one curl connection; squid's and proxyd's access lines
+# per wrk request are counted in every run ("access_lines" in the JSON).
+FORWARDING = {
+    "proxyd": "parses every request and answer; keep-alive to the client and to each origin",
+    "squid": "parses every request and answer; keep-alive to the client and to each origin",
+    "pproxy": "parses the first request only, then relays the connection as bytes: later "
+    "requests go to the first origin whatever their URL",
+    "tinyproxy": "parses every request; closes both connections after every answer",
+}
+
+
+def forwarding_lines(report: dict[str, Any]) -> list[str]:
+    """One line per proxy in the run that forwards: what it does per request, which
+    decides what its fwd req/s means."""
+    lines = []
+    for name, result in report.get("proxies", {}).items():
+        if name in FORWARDING and "forward" in result:
+            logged = _get(result, "forward", "access_lines")
+            requests = _get(result, "forward", "requests")
+            count = ""
+            if logged is not None and requests is not None:
+                count = f" [{logged:,} access lines, {requests:,} wrk requests]"
+            lines.append(f"{name}: {FORWARDING[name]}{count}")
+    return lines
+
+
 HEADER = [
     "proxy", "stream S5", "stream CONN", "CPU s/GiB S5/CONN", "S5 hs/s c=1", "p50/p99 ms",
     "S5 hs/s c=64", "p50/p99 ms", "CONN hs/s c=64", "p50/p99 ms", "fwd req/s", "KiB/tunnel",
@@ -83,7 +110,8 @@ HEADER = [
 ]  # fmt: skip
 
 
-def table(report: dict[str, Any]) -> str:
+def rows(report: dict[str, Any]) -> list[list[str]]:
+    """The table's cells, header first."""
     direct = report.get("direct", {})
     d_mb_s = _get(direct, "stream", "mb_per_s")
     d_c1 = _get(direct, "handshake_c1", "ops_per_s")
@@ -92,20 +120,20 @@ def table(report: dict[str, Any]) -> str:
     rate_c1, lat_c1 = _handshakes(direct.get("handshake_c1"), None)
     rate_c64, lat_c64 = _handshakes(direct.get("handshake_c64"), None)
     stream = "ERR" if d_mb_s is None else f"{_num(d_mb_s)} MB/s"
-    rows = [
+    cells = [
         HEADER,
         ["direct", stream, stream, "-", rate_c1, lat_c1, rate_c64, lat_c64, rate_c64, lat_c64,
          _num(d_fwd), "-", "-"],
     ]  # fmt: skip
     for name, r in report.get("proxies", {}).items():
         if "error" in r:
-            rows.append([name, r["error"][:60]] + [""] * (len(HEADER) - 2))
+            cells.append([name, r["error"][:60]] + [""] * (len(HEADER) - 2))
             continue
         cpu = "/".join(
             _num(_get(r, key, "proxy_cpu_s_per_gib")) for key in ("stream_socks5", "stream_connect")
         )
         kib, after = _idle(r.get("idle_tunnels"))
-        rows.append(
+        cells.append(
             [
                 name,
                 _stream(r.get("stream_socks5"), d_mb_s),
@@ -119,28 +147,45 @@ def table(report: dict[str, Any]) -> str:
                 after,
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    return cells
+
+
+def table(report: dict[str, Any]) -> str:
+    cells = rows(report)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
 
 
 def workers_line(workers: dict[str, Any] | None) -> str:
+    """The workers = 1 vs 2 comparison (proxyd and loadgen unpinned, as each line says)
+    and the metrics off vs on comparison (pinned like the main table)."""
     if not workers:
         return ""
     cells = []
     for n in (1, 2):
         run = workers.get(f"workers_{n}", {})
-        if "ops_per_s" in run:
-            where = f"proxy on cpu {run['proxy_cpus']}" if n == 1 else "proxy on any cpu"
-            cells.append(f"workers = {n}: {_num(run['ops_per_s'])} hs/s ({where})")
-        else:
-            cells.append(f"workers = {n}: not available")
+        rate = f"{_num(run['ops_per_s'])} hs/s" if "ops_per_s" in run else "not available"
+        cells.append(f"workers = {n}: {rate}")
     ratio = f"; ratio {workers['ratio']}" if "ratio" in workers else ""
-    line = "proxyd SOCKS5 c=64 " + ", ".join(cells) + ratio
-    metrics = workers.get("metrics_on", {})
-    if "ops_per_s" in metrics:
-        line += f"\nproxyd SOCKS5 c=64 with [metrics] on: {_num(metrics['ops_per_s'])} hs/s"
-        if "metrics_ratio" in workers:
-            line += f" ({workers['metrics_ratio']} of metrics off)"
-    return line
+    where = _where(workers.get("workers_1", {}))
+    lines = [f"proxyd SOCKS5 c=64 {', '.join(cells)}{ratio} ({where})"]
+    off, on = workers.get("metrics_off", {}), workers.get("metrics_on", {})
+    if "ops_per_s" in off and "ops_per_s" in on:
+        ratio = f"; ratio {workers['metrics_ratio']}" if "metrics_ratio" in workers else ""
+        lines.append(
+            f"proxyd SOCKS5 c=64 [metrics] off: {_num(off['ops_per_s'])} hs/s, on: "
+            f"{_num(on['ops_per_s'])} hs/s{ratio} ({_where(off)})"
+        )
+    return "\n".join(lines)
+
+
+def _where(run: dict[str, Any]) -> str:
+    """Where the proxy and the load generator ran, for one of the workers lines."""
+    proxy, load = run.get("proxy_cpus"), run.get("load_cpus")
+    if proxy is None or load is None:  # one cpu: the bench pins nothing
+        return "nothing pinned"
+    if proxy == "any" and load == "any":
+        return "proxy and load generator unpinned, echo server on the load cpu"
+    return f"proxy on cpu {proxy}, load generator on cpu {load}"
