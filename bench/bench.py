@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import signal
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from typing import Any
 from measure import Bench, Plan
 from procs import LOOPBACK, MeasurementFailed, Processes, StartFailed, busy_processes, usage
 from proxies import PEERS, PROXYD, Proxy, dpkg_version, proxyd_variant
+from readme_table import README, render, update
 from report import LEGEND, forwarding_lines, table, workers_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -199,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tunnels", type=int, help="idle tunnels to hold (5000; quick: 500)")
     parser.add_argument("--only", help="comma-separated proxies to run (default: all installed)")
     parser.add_argument("--pidfile", type=Path, help="record started PIDs here (for bench/run)")
+    parser.add_argument(
+        "--readme", action="store_true", help="write the table into README.md's Performance"
+    )
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     plan = Plan.make(args.quick, args.tunnels)
     wanted = set(args.only.split(",")) if args.only else None
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     report: dict[str, Any] = machine()
+    report["command"] = command_line(argv)
     nginx = dpkg_version("nginx")
     report["versions"] = {
         "nginx": nginx if nginx != "unknown" else dpkg_version("nginx-light"),
@@ -264,7 +271,21 @@ def main(argv: list[str] | None = None) -> int:
         for note in report["notes"]:
             print(f"  - {note}")
     print(f"\n{report['nproc']} cpus, {report['seconds']} s in all; JSON: {path}")
+    if args.readme:
+        update(README, render(report))
+        print(f"{README}: performance table updated")
     return 0
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as its user typed it: bench/run's own --pidfile left out."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip or arg == "--pidfile" or arg.startswith("--pidfile="):
+            skip = arg == "--pidfile"
+            continue
+        shown.append(arg)
+    return shlex.join(["bench/run", *shown])
 
 
 if __name__ == "__main__":
