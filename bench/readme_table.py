@@ -52,7 +52,8 @@ def render(report: dict[str, Any]) -> str:
         parts.append("Forwarding, per request:\n\n" + "\n".join(f"- {x}" for x in forwarding))
     workers = workers_line(report.get("workers"))
     if workers:
-        parts.append("\n".join(f"- {line}" for line in workers.splitlines()))
+        lines = "\n".join(f"- {line}" for line in workers.splitlines())
+        parts.append(f"Workers and metrics:\n\n{lines}")
     if report.get("notes"):
         parts.append("Notes:\n\n" + "\n".join(f"- {note}" for note in report["notes"]))
     return "\n\n".join(parts)
