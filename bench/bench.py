@@ -137,8 +137,10 @@ def measure_workers(bench: Bench) -> dict[str, Any]:
                         "socks5", port, 64, pinned=pinned
                     ),
                 )
-                result[key]["proxy_cpus"] = bench.proxy_cpu if pinned else "any"
-                result[key]["load_cpus"] = bench.load_cpu if pinned else "any"
+                # None: one cpu, nothing pinned either way
+                unpinned = "any" if bench.proxy_cpu is not None else None
+                result[key]["proxy_cpus"] = bench.proxy_cpu if pinned else unpinned
+                result[key]["load_cpus"] = bench.load_cpu if pinned else unpinned
                 result[key]["processes"] = usage(run.proc.pid)["processes"]
         except StartFailed as exc:
             bench.note(f"proxyd {key} not available: {exc}")
