@@ -33,7 +33,7 @@ from typing import Any
 from measure import Bench, Plan
 from procs import LOOPBACK, MeasurementFailed, Processes, StartFailed, busy_processes, usage
 from proxies import PEERS, PROXYD, Proxy, dpkg_version, proxyd_variant
-from readme_table import README, render, update
+from readme_table import README, check_markers, render, update
 from report import LEGEND, forwarding_lines, table, workers_line
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,7 +91,7 @@ def measure_proxy(bench: Bench, proxy: Proxy) -> dict[str, Any]:
                     bench, "forward (wrk)", lambda: bench.forward(port, proxy.name)
                 )
                 if run.access_lines and lines_before is not None:
-                    time.sleep(0.5)  # squid's stdio log is written in blocks
+                    time.sleep(0.5)  # time for the proxy to write its last lines
                     # wrk's requests + 1 (bench's probe) when the proxy logs every request
                     result["forward"]["access_lines"] = run.access_lines() - lines_before
             time.sleep(1.0)
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.readme:
+        check_markers(README)  # before the run, not after minutes of it
     plan = Plan.make(args.quick, args.tunnels)
     wanted = set(args.only.split(",")) if args.only else None
     started = time.monotonic()

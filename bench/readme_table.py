@@ -67,11 +67,17 @@ def _date(iso: str | None) -> str:
         return iso or "?"
 
 
-def update(readme: Path, text: str) -> None:
-    """Replace what is between the markers, which must be there once each."""
-    old = readme.read_text()
-    if old.count(START) != 1 or old.count(END) != 1 or old.index(START) > old.index(END):
+def check_markers(readme: Path) -> str:
+    """The file's text, if it has each marker once, in order; else SystemExit."""
+    text = readme.read_text()
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise SystemExit(f"{readme}: needs one {START} line and one {END} line after it")
+    return text
+
+
+def update(readme: Path, text: str) -> None:
+    """Replace what is between the markers."""
+    old = check_markers(readme)
     head, rest = old.split(START)
     _, tail = rest.split(END)
     readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
