@@ -17,6 +17,7 @@ from typing import Final
 from proxyd.config import BuffersConfig
 from proxyd.dns import AddrInfo, Lookup, Resolver, literal_addresses
 from proxyd.errors import Denied, HostUnreachable, SessionError, UpstreamError, classify
+from proxyd.poller import poller
 from proxyd.protocols.common import format_hostport
 
 
@@ -73,11 +74,13 @@ class Connector:
         "_attempts",
         "_buffers",
         "_client",
+        "_deadline",
         "_delay",
         "_done",
         "_last",
         "_lookup",
         "_loop",
+        "_poller",
         "_refuse",
         "_refused",
         "_resolver",
@@ -101,13 +104,15 @@ class Connector:
         self._refuse = refuse
         self._client = client
         self._refused: Denied | None = None
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        self._poller = poller(loop)
         self._resolver = resolver
         self._buffers = buffers
         self._timeout = timeout
         self._done: ConnectDone | None = done
         self._target = ""
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # when the whole of it (lookup and attempts) times out
         self._delay: asyncio.TimerHandle | None = None  # starts the next attempt
         self._lookup: Lookup | None = None
         self._addresses: list[AddrInfo] = []
@@ -118,16 +123,23 @@ class Connector:
         """Connect to host:port: to `addresses` when given (already resolved and
         checked), else to what the resolver finds for it."""
         self._target = format_hostport(host, port)
-        self._timer = self._loop.call_later(self._timeout, self._on_timeout)
+        self._deadline = self._loop.time() + self._timeout
         if addresses is None:
             addresses = literal_addresses(host, port)  # (most targets: no lookup to start)
         if addresses is not None:
             self._addresses = interleave(addresses)
             self._next_attempt()
         else:
+            self._arm()
             self._lookup = self._resolver.find(
                 host, port, self._timeout, self._on_found, self._client
             )
+
+    def _arm(self) -> None:
+        """The timeout, once something is to be waited for (a near target often
+        answers within the connect call: then no timer is made at all)."""
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._on_timeout)
 
     def cancel(self) -> None:
         self._done = None
@@ -137,7 +149,7 @@ class Connector:
         if self._lookup is not None:
             self._lookup.cancel()
         for sock in self._attempts:
-            self._loop.remove_writer(sock.fileno())
+            self._poller.remove_writer(sock.fileno())
             sock.close()
         self._attempts.clear()
 
@@ -178,7 +190,8 @@ class Connector:
                     sock.getpeername()
                 except OSError:
                     self._attempts.append(sock)
-                    self._loop.add_writer(sock.fileno(), self._on_connected, sock)
+                    self._poller.add_writer(sock.fileno(), self._on_connected, sock)
+                    self._arm()
                     if self._addresses:
                         self._delay = self._loop.call_later(ATTEMPT_DELAY, self._next_attempt)
                     return
@@ -197,7 +210,7 @@ class Connector:
                 self._finish(None, classify(self._last, self._target))
 
     def _on_connected(self, sock: socket.socket) -> None:
-        self._loop.remove_writer(sock.fileno())
+        self._poller.remove_writer(sock.fileno())
         self._attempts.remove(sock)
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0:

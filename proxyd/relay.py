@@ -23,10 +23,10 @@ from collections.abc import Callable
 from typing import Final
 
 from proxyd.errors import ClientClosed, ProtocolError, Status
+from proxyd.poller import poller
 
-# Reads per readiness callback before yielding to the rest of the loop. A pump
-# reads until the socket would block (below), because uvloop stops watching a
-# socket whose peer reset it while data was still unread, after one last call.
+# Reads per readiness callback before yielding to the rest of the loop, while
+# each read fills the whole buffer (a shorter one took all there was).
 READS_PER_WAKEUP: Final = 8
 
 SPLICE_AVAILABLE: Final = hasattr(os, "splice")
@@ -125,6 +125,7 @@ class _Pump:
         "_loop",
         "_pending",
         "_pending_is_shared",
+        "_poller",
         "_refill",
         "_relay",
         "_watching",
@@ -142,6 +143,7 @@ class _Pump:
 
     def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, size: int) -> None:
         self._loop = relay.loop
+        self._poller = relay.poller
         # A weak link back: no reference cycle, so a finished relay is freed at
         # once rather than by a garbage-collection pass (pumps never outlive it).
         self._relay = weakref.proxy(relay)
@@ -196,6 +198,9 @@ class _Pump:
     def start(self, first: bytes = b"") -> None:
         if first:  # bytes the client sent with its request go out before anything else
             self.head = memoryview(first)
+            # (not read on till they are out: the session's watch, which a pump
+            # takes over by watching the same socket, stops)
+            self._poller.remove_reader(self.src_fd)
             self._watch("write")
         else:
             self._watch("read")
@@ -213,13 +218,13 @@ class _Pump:
         if what == self._watching:
             return
         if self._watching == "read":
-            self._loop.remove_reader(self.src_fd)
+            self._poller.remove_reader(self.src_fd)
         elif self._watching == "write":
-            self._loop.remove_writer(self.dst_fd)
+            self._poller.remove_writer(self.dst_fd)
         if what == "read":
-            self._loop.add_reader(self.src_fd, self._on_readable)
+            self._poller.add_reader(self.src_fd, self._on_readable)
         elif what == "write":
-            self._loop.add_writer(self.dst_fd, self._on_writable)
+            self._poller.add_writer(self.dst_fd, self._on_writable)
         self._watching = what
 
     def _flush(self) -> bool:
@@ -270,9 +275,10 @@ class _Pump:
             if not flushed:
                 self._watch("write")
                 return
-        # Still readable after a full batch: continue on the next loop iteration
-        # rather than rely on a readiness event uvloop may no longer deliver.
-        self._loop.call_soon(self._on_readable)
+            if n < size:  # read to the end (the poller says when there is more)
+                return
+        # Still readable after a full batch: the poller reports it again once the rest
+        # of the loop has had its turn.
 
     def _on_refilled(self) -> None:
         self._refill = None
@@ -403,6 +409,7 @@ class Relay:
         "idle",
         "last_activity",
         "loop",
+        "poller",
         "status",
     )
 
@@ -417,7 +424,8 @@ class Relay:
         splice: bool = SPLICE_AVAILABLE,
         rate: tuple[Bucket, Bucket] | None = None,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
+        self.poller = poller(loop)
         self.idle = idle
         self.last_activity = self.loop.time()
         self.status = Status.OK

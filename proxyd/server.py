@@ -24,6 +24,7 @@ from proxyd.direct import tune_socket
 from proxyd.dns import Resolver
 from proxyd.errors import ConfigError, Status
 from proxyd.metrics import AdminServer, Metrics
+from proxyd.poller import poller
 from proxyd.rules import Rules
 from proxyd.session import Session
 from proxyd.settings import Settings, keep_fixed
@@ -156,6 +157,7 @@ class Server:
         # What exists now (modules, config) lives as long as the daemon: keep it out
         # of every garbage-collection pass.
         gc.freeze()
+        poller(loop)  # the connections' epoll, from the start (a descriptor for good)
         for sock in self._bound.values():
             self._watch(sock)
         self.log.info(
@@ -430,9 +432,13 @@ class Server:
     # -- accepting --------------------------------------------------------------------
 
     def _on_acceptable(self, listener: socket.socket) -> None:
+        # socket.accept() without its wrapper: the wrapper asks the listener for its
+        # family and type (enum conversions) and the new socket for its timeout, per client
+        family = listener.family
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, peer = listener.accept()
+                fd, peer = listener._accept()  # type: ignore[attr-defined]
+                sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

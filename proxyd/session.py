@@ -32,6 +32,7 @@ from proxyd.errors import (
 from proxyd.forward import Forwarder
 from proxyd.handlers import Answer, Front, Handler, Worker
 from proxyd.metrics import Meter
+from proxyd.poller import poller
 from proxyd.protocols import http as http_proto
 from proxyd.protocols.common import Credentials, format_hostport
 from proxyd.relay import abort, send_reply
@@ -82,6 +83,7 @@ class Session:
         "_handler",
         "_meter",
         "_on_close",
+        "_poller",
         "_reading",
         "_timer",
         "_tls",
@@ -110,7 +112,8 @@ class Session:
         self.ctx = ctx
         self.sock = sock  # the client (under TLS, the plaintext end of the bridge)
         self.fd = sock.fileno()
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
+        self._poller = poller(loop)
         self.conn = conn = Conn(conn_id, peer, sock)
         self._admission = admission = gate.Admission(ctx, conn, refusal)
         self._handler: Handler | None = Front(self, conn, admission)
@@ -270,16 +273,17 @@ class Session:
         wanted = phase if phase is Phase.HANDSHAKE or phase is Phase.CONNECT else None
         if wanted is not self._reading:
             if wanted is Phase.HANDSHAKE:
-                self.loop.add_reader(self.fd, self._on_readable)
-            elif isinstance(self._worker, Tunnel):  # (replaces the handshake's reader)
-                self.loop.add_reader(self.fd, self.step, self._worker.on_client_readable)
-            else:
-                self.loop.remove_reader(self.fd)
+                self._poller.add_reader(self.fd, self._on_readable)
+            elif wanted is Phase.CONNECT:  # (replaces the handshake's reader)
+                assert isinstance(self._worker, Tunnel)
+                self._poller.add_reader(self.fd, self.step, self._worker.on_client_readable)
+            elif phase is not Phase.RELAY:  # (the relay takes the watch over as it starts)
+                self._poller.remove_reader(self.fd)
             self._reading = wanted
 
     def _on_readable(self) -> None:
-        # Read on while the handshake waits for bytes: under uvloop a reset socket's
-        # reader is called once only, and bytes before a reset must not hide it.
+        # Read on while reads fill the buffer (a shorter one took all there was: the
+        # poller reports the rest, or a reset behind it)
         while True:
             try:
                 data = self.sock.recv(HANDSHAKE_READ)
@@ -290,7 +294,7 @@ class Session:
                 self._end(Status.CLIENT_CLOSED, exc.strerror or type(exc).__name__)
                 return
             self.step(self._received, data)
-            if self.phase is not Phase.HANDSHAKE:
+            if self.phase is not Phase.HANDSHAKE or len(data) < HANDSHAKE_READ:
                 return
 
     def _received(self, data: bytes) -> None:
@@ -364,9 +368,8 @@ class Session:
         for pending in (self._timer, self._auth):
             if pending is not None:
                 pending.cancel()
-        if self._reading is not None:
-            self.loop.remove_reader(self.fd)
-            self._reading = None
+        self._poller.remove_reader(self.fd)  # (or the relay's, if it has not ended)
+        self._reading = None
         worker = self._worker
         # a stream cut off on one side (a reset, an answer broken off) is reset on the
         # other: it must not look whole

@@ -22,6 +22,7 @@ from proxyd.context import Conn, Context
 from proxyd.dial import Connecting, Route, dial
 from proxyd.dns import Lookup
 from proxyd.errors import SessionError, Status
+from proxyd.poller import poller
 from proxyd.relay import Relay, abort
 
 Answer = Callable[[str, int], None]
@@ -218,7 +219,7 @@ class Tunnel:
                 self._owner.ended(Status.CLIENT_CLOSED, "client closed while connecting")
                 return
             if not data:  # a half-close after its first bytes, or EARLY_MAX reached
-                asyncio.get_running_loop().remove_reader(self._client.fileno())
+                poller(asyncio.get_running_loop()).remove_reader(self._client.fileno())
                 return
             self._early += data
 
