@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -115,8 +117,8 @@ def configure(fmt: str = "json", level: str = "info") -> None:
         logger_factory=_stdout_logger,
         cache_logger_on_first_use=True,
     )
-    global _stamp, _render
-    _stamp, _render = stamp, renderer
+    global _stamp, _render, _json_lines
+    _stamp, _render, _json_lines = stamp, renderer, fmt != "console"
 
 
 def get_logger(**initial: Any) -> Any:
@@ -125,7 +127,31 @@ def get_logger(**initial: Any) -> Any:
 
 def write_access(event: dict[str, Any]) -> None:
     """An access event (built by proxyd.access, keys in their printed order, "ts"
-    among them to be filled in) rendered and written like every other line."""
+    among them to be filled in) rendered and written like every other line: in JSON
+    without structlog's processors (a third of the line's cost, one per connection),
+    the same text as they would write."""
+    if _json_lines:
+        event["ts"] = _utc_now()
+        _writer.write(json.dumps(event, default=str))
+        return
     line = _render(None, "info", _stamp(None, "info", event))
     assert isinstance(line, str)
     _writer.write(line)
+
+
+_json_lines = True  # set by configure()
+_second = -1  # the second _utc_text is for
+_utc_text = ""  # its date and time of day, as ISO 8601
+
+
+def _utc_now() -> str:
+    """Now as structlog's TimeStamper(fmt="iso", utc=True) writes it, the date and
+    time of day formatted once a second rather than once a line."""
+    global _second, _utc_text
+    now = time.time()
+    second = int(now)
+    if second != _second:
+        _second = second
+        _utc_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    micro = int((now - second) * 1_000_000)
+    return f"{_utc_text}.{micro:06d}Z" if micro else f"{_utc_text}Z"
