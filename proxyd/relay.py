@@ -298,13 +298,17 @@ class _Pump:
             self._watch("read")
 
     def _finish(self) -> None:
-        """The source sent EOF and everything read has been written: half-close dst."""
+        """The source sent EOF and everything read has been written: half-close dst.
+        Not after the other direction ended: the tunnel ends now, its owner closes
+        both sockets, and the close sends the FIN (both sides read to their EOF, so
+        nothing unread turns it into a reset)."""
         self.done = True
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            self._relay.fail(exc)
-            return
+        if not self._relay.ending:
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._relay.fail(exc)
+                return
         self._relay.direction_done()
 
 
@@ -467,6 +471,11 @@ class Relay:
             self._timer.cancel()
         self._up.stop()
         self._down.stop()
+
+    @property
+    def ending(self) -> bool:
+        """Both directions are done."""
+        return self._up.done and self._down.done
 
     def direction_done(self) -> None:
         if self._up.done and self._down.done:
