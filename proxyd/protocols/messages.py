@@ -94,7 +94,9 @@ def _h11_request(head: bytes) -> RequestHead:
 
 def _h11_response(head: bytes) -> ResponseHead:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=len(head) + 1)
-    conn.send(h11.Request(method=b"GET", target=b"/", headers=[(b"host", b"x")]))
+    # (a request that offers an upgrade, so that a 101 reads as any other 1xx)
+    headers = [(b"host", b"x"), (b"connection", b"upgrade"), (b"upgrade", b"x")]
+    conn.send(h11.Request(method=b"GET", target=b"/", headers=headers))
     conn.send(h11.EndOfMessage())
     conn.receive_data(head)
     try:
