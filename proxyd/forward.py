@@ -298,7 +298,7 @@ class Forwarder:
             # every request carries its own Proxy-Authorization (a browser repeats it)
             await gate.verify(self.ctx, self.conn, self.admission, credentials)
             self.trusted = True
-            route = await self._watched(gate.route(self.ctx, self.conn, method, *origin))
+            route = await self._route(method, *origin)
             if route.via is not None:
                 extra["via"] = route.via
             await self._forward(request, origin, target, route, extra)
@@ -654,6 +654,28 @@ class Forwarder:
             self.origin = _Origin(key, sock)
         return self.origin
 
+    async def _route(self, method: str, host: str, port: int) -> Route:
+        """`gate.route`, without watching the client when the gate decides at once
+        (no lookup: the common case, which then costs no reader on the loop)."""
+        decided: asyncio.Future[Route] = self.loop.create_future()
+
+        def settled(found: Route | None, error: SessionError | None) -> None:
+            if decided.done():  # cancelled as the answer came
+                return
+            if error is not None:
+                decided.set_exception(error)
+            else:
+                assert found is not None
+                decided.set_result(found)
+
+        outcome = gate.decide(self.ctx, self.conn, method, host, port, settled)
+        if isinstance(outcome, Route):
+            return outcome
+        try:
+            return await self._watched(decided)
+        finally:
+            outcome.cancel()
+
     async def _watched(self, work: Awaitable[T]) -> T:
         """`work` (the lookup, the connect) while the client is watched: a client that
         closes or resets its connection meanwhile ends the request at once
@@ -721,27 +743,32 @@ class Forwarder:
                 if buf:
                     raise ProtocolError("malformed HTTP request")
                 return None
-            data = await self._recv(self.sock, "the client", up=True, most=HEAD_READ)
+            # (no timeout of its own: the whole head has one, in _next_request)
+            data = await self._recv(self.sock, "the client", up=True, most=HEAD_READ, timed=False)
             if not data:
                 self.client_eof = True
             buf += data
             self.inbuf = buf
 
     async def _recv(
-        self, sock: socket.socket, who: str, *, up: bool = False, most: int = 0
+        self, sock: socket.socket, who: str, *, up: bool = False, most: int = 0, timed: bool = True
     ) -> bytes:
         """What `sock` has (`most` bytes, else buffers.read_size at most), within
-        `timeouts.idle`; no faster than the user's rate."""
+        `timeouts.idle` (unless the caller bounds the wait itself: `timed` False); no
+        faster than the user's rate."""
         size = most or self.read_size
         rate = gate.rate_for(self.ctx, self.conn.user)
         bucket = None if rate is None else rate[0 if up else 1]
         if bucket is not None:
             size = await bucket.reserve(size)
-        try:
-            async with asyncio.timeout(self.idle):
-                data = await self.loop.sock_recv(sock, size)
-        except TimeoutError:
-            raise UpstreamTimeout(f"{who} sent nothing for {self.idle:g} s") from None
+        if not timed:
+            data = await self.loop.sock_recv(sock, size)
+        else:
+            try:
+                async with asyncio.timeout(self.idle):
+                    data = await self.loop.sock_recv(sock, size)
+            except TimeoutError:
+                raise UpstreamTimeout(f"{who} sent nothing for {self.idle:g} s") from None
         if bucket is not None:
             bucket.take(len(data))
         return data
