@@ -89,6 +89,54 @@ LINGER_QUIET: Final = 0.5  # ... or until it has sent nothing for this long
 T = TypeVar("T")
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class _Readable:
+    """Waits until a socket has bytes (or its end) to read. Its reader stays on the
+    loop between waits: adding and removing it around every read cost the loop two
+    epoll_ctl calls and more per read, most of a small request's system calls. A
+    socket found readable with no one waiting is let go (the poll is
+    level-triggered) and taken up again by the next wait."""
+
+    __slots__ = ("armed", "fd", "loop", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.fd = sock.fileno()
+        self.waiter: asyncio.Future[None] | None = None
+        self.armed = False
+
+    def _ready(self) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            self.release()
+        else:
+            waiter.set_result(None)
+
+    async def wait(self, deadline: float) -> None:
+        """Until the socket is readable; TimeoutError at `deadline` (loop time)."""
+        loop = self.loop
+        if not self.armed:
+            loop.add_reader(self.fd, self._ready)
+            self.armed = True
+        waiter = self.waiter = loop.create_future()
+        timer = loop.call_at(deadline, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    def release(self) -> None:
+        """Off the loop (before anything else watches the socket, and before it closes)."""
+        if self.armed:
+            self.armed = False
+            self.loop.remove_reader(self.fd)
+
+
 class _Origin:
     """One upstream connection and what it sent beyond the answer read so far: to the
     origin itself, or through a parent proxy (`lease`); `proxy` is an HTTP parent that
@@ -104,6 +152,7 @@ class _Origin:
     ) -> None:
         self.key = key
         self.sock = sock
+        self.readable = _Readable(asyncio.get_running_loop(), sock)
         self.inbuf = b""  # read from the origin, not yet passed on
         self.eof = False  # the origin closed its side
         self.lease = lease
@@ -116,6 +165,10 @@ class _Origin:
         origin closes idle connections when it likes (or says 408 first)."""
         if self.inbuf or self.eof:
             return False
+        if self.readable.armed:
+            # still watched since the last answer was read, and not found readable
+            # (a close or unasked bytes would have let the watch go): no peek needed
+            return True
         try:
             self.sock.recv(1, socket.MSG_PEEK)  # b"": closed; bytes: an unasked answer
         except (BlockingIOError, InterruptedError):
@@ -130,6 +183,7 @@ class _Origin:
         return state is None or not state.retired
 
     def close(self) -> None:
+        self.readable.release()
         self.sock.close()
         if self.lease is not None:
             self.lease.release()
@@ -151,6 +205,7 @@ class Forwarder:
         self.conn = conn
         self.loop = asyncio.get_running_loop()
         self.sock = sock
+        self.readable = _Readable(self.loop, sock)
         self.parser = parser
         # the first request came through the handshake's parser (h11); what the
         # client sent behind its head is ours from here on
@@ -236,6 +291,7 @@ class Forwarder:
             if not self.cut and not self.body_done:
                 await self._linger()  # answered (or refused) before its whole body came
         finally:
+            self.readable.release()  # (the session closes the socket)
             if self.origin is not None:
                 self.origin.close()
 
@@ -245,6 +301,7 @@ class Forwarder:
         say we are done, then take (and drop) what it sends for a while. Closed with
         its bytes unread, the socket would be reset, and the reset can overtake the
         answer on its way to the client (nginx's lingering close does the same)."""
+        self.readable.release()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
         deadline = self.loop.time() + LINGER
@@ -481,13 +538,16 @@ class Forwarder:
                     else "the origin closed the connection"
                 )
             await self._flush_client()  # before waiting: the client has all there is
-            data = await self._origin_recv(origin)
+            # (the first read of an answer just asked for: nothing is likely there yet)
+            data = await self._origin_recv(origin, fresh=not buf)
             buf += data
             origin.inbuf = buf
 
-    async def _origin_recv(self, origin: _Origin, most: int = 0) -> bytes:
+    async def _origin_recv(self, origin: _Origin, most: int = 0, *, fresh: bool = False) -> bytes:
         try:
-            data = await self._recv(origin.sock, "the origin", most=most)
+            data = await self._recv(
+                origin.sock, "the origin", most=most, readable=origin.readable, fresh=fresh
+            )
         except OSError as exc:
             raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
         if not data:
@@ -683,6 +743,7 @@ class Forwarder:
         a pipelined request) end the watch, as its end cannot show behind them."""
         task = asyncio.current_task()
         assert task is not None
+        self.readable.release()  # (the watch is the socket's reader meanwhile)
         sock, fd = self.sock, self.sock.fileno()
         gone: list[str] = []
 
@@ -716,12 +777,11 @@ class Forwarder:
         request has passed the credentials check), not each piece of it."""
         wait = self.idle if self.trusted else self.ctx.config.timeouts.handshake
         try:
-            async with asyncio.timeout(wait):
-                return await self._request_head()
+            return await self._request_head(self.loop.time() + wait)
         except TimeoutError:
             return None
 
-    async def _request_head(self) -> RequestHead | None:
+    async def _request_head(self, deadline: float) -> RequestHead | None:
         buf = self.inbuf
         searched = 0
         while True:
@@ -743,31 +803,53 @@ class Forwarder:
                 if buf:
                     raise ProtocolError("malformed HTTP request")
                 return None
-            # (no timeout of its own: the whole head has one, in _next_request)
-            data = await self._recv(self.sock, "the client", up=True, most=HEAD_READ, timed=False)
+            # (the whole head has one deadline, not each read)
+            # (with nothing read, an answer was just sent: the next request is not
+            # likely there yet)
+            data = await self._recv(
+                self.sock, "the client", up=True, most=HEAD_READ, deadline=deadline, fresh=not buf
+            )
             if not data:
                 self.client_eof = True
             buf += data
             self.inbuf = buf
 
     async def _recv(
-        self, sock: socket.socket, who: str, *, up: bool = False, most: int = 0, timed: bool = True
+        self,
+        sock: socket.socket,
+        who: str,
+        *,
+        up: bool = False,
+        most: int = 0,
+        deadline: float = 0.0,
+        readable: _Readable | None = None,
+        fresh: bool = False,
     ) -> bytes:
         """What `sock` has (`most` bytes, else buffers.read_size at most), within
-        `timeouts.idle` (unless the caller bounds the wait itself: `timed` False); no
-        faster than the user's rate."""
+        `timeouts.idle` (or by `deadline`, loop time); no faster than the user's rate.
+        `fresh`: nothing is likely there yet (an answer just asked for), so the first
+        read waits for the socket to be readable rather than trying first."""
         size = most or self.read_size
         rate = gate.rate_for(self.ctx, self.conn.user)
         bucket = None if rate is None else rate[0 if up else 1]
         if bucket is not None:
             size = await bucket.reserve(size)
-        if not timed:
-            data = await self.loop.sock_recv(sock, size)
-        else:
+        if readable is None:
+            readable = self.readable
+        while True:
+            if fresh:
+                fresh = False
+            else:
+                try:
+                    data = sock.recv(size)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    pass
             try:
-                async with asyncio.timeout(self.idle):
-                    data = await self.loop.sock_recv(sock, size)
+                await readable.wait(deadline or self.loop.time() + self.idle)
             except TimeoutError:
+                if deadline:
+                    raise
                 raise UpstreamTimeout(f"{who} sent nothing for {self.idle:g} s") from None
         if bucket is not None:
             bucket.take(len(data))
