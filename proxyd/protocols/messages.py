@@ -19,7 +19,7 @@ is unknown, the connection closed after it for an HTTP/1.0 one).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import h11
@@ -58,7 +58,8 @@ class ResponseHead:
     reason: bytes
     version: bytes
     headers: list[tuple[bytes, bytes]]  # names in lower case
-    raw_headers: list[tuple[bytes, bytes]]  # names as the origin wrote them
+    # the fields with their names as the origin wrote them (for a 1xx passed on)
+    raw: list[tuple[bytes, bytes]] = field(compare=False)
 
 
 # -- where a head ends ---------------------------------------------------------------
@@ -165,30 +166,31 @@ class _Collect:
         self.complete = True
 
 
+# the fields that the fast path takes only once (h11 refuses or merges a second)
+_SINGLE: Final = frozenset({b"host", b"content-length", b"transfer-encoding"})
+
+
 def _fields(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]] | None:
     """The fields with names in lower case and values without OWS, as h11 gives them;
     None when h11 would change or refuse them (a second Host or Content-Length, a
     Content-Length not all digits, a Transfer-Encoding other than one "chunked")."""
     out = []
-    hosts = lengths = encodings = 0
+    seen: set[bytes] = set()
     for name, value in fields:
         name = name.lower()
-        if value[-1:] in (b" ", b"\t") or value[:1] in (b" ", b"\t"):
-            value = value.strip(b" \t")
-        if name == b"host":
-            hosts += 1
-        elif name == b"content-length":
-            lengths += 1
-            if not value.isdigit():
+        value = value.strip(b" \t")
+        if name in _SINGLE:
+            if name in seen:
                 return None
-        elif name == b"transfer-encoding":
-            encodings += 1
-            value = value.lower()
-            if value != b"chunked":
-                return None
+            seen.add(name)
+            if name == b"content-length":
+                if not value.isdigit():
+                    return None
+            elif name == b"transfer-encoding":
+                value = value.lower()
+                if value != b"chunked":
+                    return None
         out.append((name, value))
-    if hosts > 1 or lengths > 1 or encodings > 1:
-        return None
     return out
 
 
@@ -226,9 +228,8 @@ def _httptools_response(head: bytes) -> ResponseHead:
     fields = _fields(collect.fields)
     if not collect.complete or fields is None:
         return _h11_response(head)
-    raw = [(raw, value) for (raw, _), (_, value) in zip(collect.fields, fields, strict=True)]
     version = parser.get_http_version().encode()
-    return ResponseHead(parser.get_status_code(), collect.status, version, fields, raw)
+    return ResponseHead(parser.get_status_code(), collect.status, version, fields, collect.fields)
 
 
 class HttptoolsHeads:
@@ -314,7 +315,10 @@ def request_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes
 def informational_bytes(head: ResponseHead) -> bytes:
     """A 1xx answer passed on as it came (h11 writes it so)."""
     lines = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason)]
-    lines += [b"%s: %s\r\n" % (n, v) for n, v in head.raw_headers]
+    # (the names as written, the values as read: without OWS)
+    lines += [
+        b"%s: %s\r\n" % (raw[0], v) for raw, (_, v) in zip(head.raw, head.headers, strict=True)
+    ]
     lines.append(b"\r\n")
     return b"".join(lines)
 

@@ -427,3 +427,17 @@ def test_h11_reads_the_same_chunked_body() -> None:
     while isinstance(event := server.next_event(), h11.Data):
         theirs += event.data
     assert b"".join(ChunkedDecoder().feed(wire)) == theirs == BODY[:5000]
+
+
+@pytest.mark.parametrize("head", [GOOD_RESPONSES["continue"], GOOD_RESPONSES["early-hints"]])
+def test_an_interim_answer_is_passed_on_as_h11_writes_it(heads, head: bytes) -> None:
+    """The names as the origin wrote them, the values without OWS, HTTP/1.1."""
+    parsed = heads.response(head.replace(b": ", b":  "))
+    expected = h11.Connection(h11.SERVER)
+    expected.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    expected.next_event()
+    event = H11Heads.response(head)
+    reference = expected.send(
+        h11.InformationalResponse(status_code=event.status, headers=event.raw, reason=event.reason)
+    )
+    assert messages.informational_bytes(parsed) == reference
