@@ -14,7 +14,9 @@ Unlike a tunnel, these bytes cannot go through the relay: every message is
 parsed both ways (each request may go to another origin, and bodies are framed),
 so this is a second byte mover. It keeps to the same rules as the relay:
 the user's rate through the same bucket, `timeouts.idle` on every wait, a reset
-passed on as a reset.
+passed on as a reset. A small request costs two reads and two sends: each socket's
+reader stays on the loop between reads (`_Readable`), and a read that follows a
+request or an answer just sent waits for the socket before it tries.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ from proxyd.protocols.messages import (
     response_framing,
 )
 
-# Reads while a request head is awaited: small, as the first request's are, so that
-# h11's limit on an incomplete head (16 KiB) also bounds a head that comes whole
+# Reads while a request head is awaited: small, as the first request's are (a head
+# is bounded by DEFAULT_MAX_HEAD whether it comes in pieces or whole)
 HEAD_READ: Final = 4096
 # How long to wait for an origin's "100 Continue" before sending the body anyway
 # (an HTTP/1.0 origin never answers one), as curl does.
