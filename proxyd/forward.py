@@ -118,19 +118,16 @@ class _Readable:
         else:
             waiter.set_result(None)
 
-    async def wait(self, deadline: float) -> None:
-        """Until the socket is readable; TimeoutError at `deadline` (loop time)."""
+    def arm(self, deadline: float) -> tuple[asyncio.Future[None], asyncio.TimerHandle]:
+        """A future done once the socket is readable (TimeoutError at `deadline`, loop
+        time), and its timer: the caller awaits the one, then cancels the other and
+        clears `waiter` (not a coroutine of its own: one level less on every wait)."""
         loop = self.loop
         if not self.armed:
             loop.add_reader(self.fd, self._ready)
             self.armed = True
         waiter = self.waiter = loop.create_future()
-        timer = loop.call_at(deadline, _expire, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self.waiter = None
+        return waiter, loop.call_at(deadline, _expire, waiter)
 
     def release(self) -> None:
         """Off the loop (before anything else watches the socket, and before it closes)."""
@@ -414,13 +411,20 @@ class Forwarder:
         expects_continue = any(
             n == b"expect" and v.lower() == b"100-continue" for n, v in request.headers
         )
-        await self._origin_send(origin, request_bytes(request.method, path.encode(), headers))
+        data = request_bytes(request.method, path.encode(), headers)
+        sent = self._origin_sent(origin, data)
+        if sent < len(data):
+            await self._origin_send(origin, data[sent:])
         early: ResponseHead | None = None
         if expects_continue:
             early = await self._await_continue(origin)
         if early is None:
             early = await self._send_body(origin)
-        await self._relay_response(origin, early or await self._final_answer(origin))
+        if early is None:
+            early = await self._origin_head(origin)
+            if early.status < 200:
+                early = await self._final_answer(origin, early)
+        await self._relay_response(origin, early)
 
     async def _await_continue(self, origin: _Origin) -> ResponseHead | None:
         """Wait briefly for the origin's 100 (passed on); a final answer instead is returned."""
@@ -506,16 +510,21 @@ class Forwarder:
                     await self._origin_send(origin, out)
             data = await self._client_body_data(self.read_size)
 
-    async def _final_answer(self, origin: _Origin) -> ResponseHead:
-        """The origin's answer, once its head is here (interim 1xx answers passed on)."""
+    async def _final_answer(
+        self, origin: _Origin, head: ResponseHead | None = None
+    ) -> ResponseHead:
+        """The origin's answer, once its head is here (interim 1xx answers passed on;
+        `head`: the first, read already)."""
         while True:
-            head = await self._origin_head(origin)
+            if head is None:
+                head = await self._origin_head(origin)
             if head.status >= 200:
                 return head
             if head.status == 101:
                 raise UpstreamBroken("the origin switched protocols; not supported")
             self._client_queue(informational_bytes(head))
             await self._flush_client()
+            head = None
 
     async def _origin_head(self, origin: _Origin) -> ResponseHead:
         """The next answer head from the origin (1xx ones included)."""
@@ -539,9 +548,17 @@ class Forwarder:
                     if buf
                     else "the origin closed the connection"
                 )
-            await self._flush_client()  # before waiting: the client has all there is
+            if self._to_client:
+                await self._flush_client()  # before waiting: the client has all there is
             # (the first read of an answer just asked for: nothing is likely there yet)
-            data = await self._origin_recv(origin, fresh=not buf)
+            try:
+                data = await self._recv(
+                    origin.sock, "the origin", readable=origin.readable, fresh=not buf
+                )
+            except OSError as exc:
+                raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
+            if not data:
+                origin.eof = True
             buf += data
             origin.inbuf = buf
 
@@ -585,7 +602,8 @@ class Forwarder:
         else:
             reusable = False
             await self._move_to_end(origin, out_framing == CHUNKED)
-        await self._flush_client()
+        if rest := self._flush_now():
+            await self._sendall(self.sock, rest, "the client")
         self.answer_done = True
         self._keep_or_drop(origin, reusable)
 
@@ -847,12 +865,16 @@ class Forwarder:
                     break
                 except (BlockingIOError, InterruptedError):
                     pass
+            waiter, timer = readable.arm(deadline or self.loop.time() + self.idle)
             try:
-                await readable.wait(deadline or self.loop.time() + self.idle)
+                await waiter
             except TimeoutError:
                 if deadline:
                     raise
                 raise UpstreamTimeout(f"{who} sent nothing for {self.idle:g} s") from None
+            finally:
+                timer.cancel()
+                readable.waiter = None
         if bucket is not None:
             bucket.take(len(data))
         return data
@@ -874,6 +896,15 @@ class Forwarder:
         except TimeoutError:
             raise UpstreamTimeout(f"{who} read nothing for {self.idle:g} s") from None
 
+    def _origin_sent(self, origin: _Origin, data: bytes) -> int:
+        """What the origin's socket takes of `data` now, without waiting."""
+        try:
+            return origin.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
+
     async def _origin_send(self, origin: _Origin, data: bytes) -> None:
         try:
             await self._sendall(origin.sock, data, "the origin")
@@ -893,11 +924,23 @@ class Forwarder:
             await self._flush_client()
 
     async def _flush_client(self) -> None:
-        if self._to_client:
-            data = b"".join(self._to_client)
-            self._to_client.clear()
-            self._queued = 0
-            await self._sendall(self.sock, data, "the client")
+        if rest := self._flush_now():
+            await self._sendall(self.sock, rest, "the client")
+
+    def _flush_now(self) -> bytes:
+        """Send what is queued for the client as far as its socket takes it now; what
+        is left (b"" once all went)."""
+        queued = self._to_client
+        if not queued:
+            return b""
+        data = queued[0] if len(queued) == 1 else b"".join(queued)
+        queued.clear()
+        self._queued = 0
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        return data[sent:] if sent < len(data) else b""
 
     def _send_client(self, data: bytes) -> None:
         """An error page before the connection closes: into an idle socket, best effort."""
