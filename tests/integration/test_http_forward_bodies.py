@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -377,3 +378,47 @@ def test_an_answer_without_a_length_runs_to_the_origins_close(start_daemon, tcp_
             assert head.endswith(b"\r\nConnection: close")
             assert sha(body) == sha(payload)
     assert daemon.access()["bytes_down"] == len(payload)
+
+
+SMUGGLING = {
+    "both-lengths": (b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", 400),
+    "two-lengths": (b"Content-Length: 5\r\nContent-Length: 6\r\n", 400),
+    "length-list": (b"Content-Length: 5, 6\r\n", 400),
+    "signed-length": (b"Content-Length: +5\r\n", 400),
+    "gzip-then-chunked": (b"Transfer-Encoding: gzip, chunked\r\n", 501),
+    "two-encodings": (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", 501),
+    "space-before-colon": (b"Transfer-Encoding : chunked\r\n", 400),
+    "encoding-with-ctl": (b"Transfer-Encoding: \x0bchunked\r\n", 400),
+}
+
+
+@pytest.mark.parametrize(("fields", "status"), SMUGGLING.values(), ids=SMUGGLING.keys())
+def test_a_smuggling_shape_behind_a_first_request_is_refused(
+    start_daemon, tcp_server, fields: bytes, status: int
+):
+    """The framing defences hold for every request of a kept-alive connection (read
+    by forwarding's own parser, not the first request's): refused with its status,
+    and nothing of it reaches the origin."""
+    origin = Origin(tcp_server, lambda r, b, t: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    daemon = start_daemon()
+    base = origin.base.encode()
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(b"GET %s/first HTTP/1.1\r\nHost: x\r\n\r\n" % base)
+        assert read_answer(sock, h11_client())[1] == b"ok"
+        sock.sendall(
+            b"POST %s/second HTTP/1.1\r\nHost: x\r\n%s\r\n5\r\nhello\r\n0\r\n\r\n" % (base, fields)
+        )
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    assert answer.startswith(b"HTTP/1.1 %d " % status)
+    assert [s["request"].target for s in origin.seen] == [b"/first"]
+    lines = access_lines(daemon)
+    assert [line["status"] for line in lines] == ["ok", "bad_request"]
+
+
+def access_lines(daemon, count: int = 2) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    while len(lines := daemon.access_events()) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return lines
