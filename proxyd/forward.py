@@ -1,18 +1,22 @@
 """Plain HTTP forwarding: absolute-form requests (`GET http://host/path`) sent on to
-their origin, with h11 on both sides.
+their origin.
 
 A client connection that sends such a request gets one task for as long as it
 keeps the connection alive (unlike a tunnel, where the task would cost more than
-the bytes). Bodies stream both ways chunk by chunk, never held whole; the
-upstream connection is kept for the client's next request to the same origin;
-hop-by-hop headers are dropped and `Via` added. Every request gets its own
-access line, under the connection's `conn_id`.
+the bytes). Heads are parsed whole on both sides (proxyd.protocols.messages:
+httptools, or h11 without it) and checked; bodies are then moved by their framing,
+never held whole: a Content-Length body is counted through in big reads, a chunked
+one goes through a small chunk scanner. The upstream connection is kept for the
+client's next request to the same origin; hop-by-hop headers are dropped and `Via`
+added. Every request gets its own access line, under the connection's `conn_id`.
 
 Unlike a tunnel, these bytes cannot go through the relay: every message is
-parsed both ways (h11 frames the bodies and each request may go to another
-origin), so this is a second byte mover. It keeps to the same rules as the relay:
+parsed both ways (each request may go to another origin, and bodies are framed),
+so this is a second byte mover. It keeps to the same rules as the relay:
 the user's rate through the same bucket, `timeouts.idle` on every wait, a reset
-passed on as a reset.
+passed on as a reset. A small request costs two reads and two sends: each socket's
+reader stays on the loop between reads (`_Readable`), and a read that follows a
+request or an answer just sent waits for the socket before it tries.
 """
 
 from __future__ import annotations
@@ -24,8 +28,6 @@ import time
 import urllib.parse
 from collections.abc import Awaitable
 from typing import Any, Final, TypeVar
-
-import h11
 
 from proxyd import access, gate
 from proxyd.chain import ChainConnector, Lease, Pool
@@ -52,15 +54,32 @@ from proxyd.protocols.http import (
     ambiguous_framing,
     basic_authorization,
     check_host_header,
-    client_event,
     end_to_end,
-    head_size,
     pac_file,
     parse_basic_credentials,
 )
+from proxyd.protocols.messages import (
+    CHUNKED,
+    HEADS,
+    LAST_CHUNK,
+    LENGTH,
+    ChunkedDecoder,
+    MalformedResponse,
+    RequestHead,
+    ResponseHead,
+    chunk,
+    head_end,
+    informational_bytes,
+    keep_alive,
+    last_chunk,
+    request_bytes,
+    request_framing,
+    response_bytes,
+    response_framing,
+)
 
-# Reads while a request head is awaited: small, as the first request's are, so that
-# h11's limit on an incomplete head (16 KiB) also bounds a head that comes whole
+# Reads while a request head is awaited: small, as the first request's are (a head
+# is bounded by DEFAULT_MAX_HEAD whether it comes in pieces or whole)
 HEAD_READ: Final = 4096
 # How long to wait for an origin's "100 Continue" before sending the body anyway
 # (an HTTP/1.0 origin never answers one), as curl does.
@@ -72,10 +91,55 @@ LINGER_QUIET: Final = 0.5  # ... or until it has sent nothing for this long
 T = TypeVar("T")
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class _Readable:
+    """Waits until a socket has bytes (or its end) to read. Its reader stays on the
+    loop between waits: adding and removing it around every read cost the loop two
+    epoll_ctl calls and more per read, most of a small request's system calls. A
+    socket found readable with no one waiting is let go (the poll is
+    level-triggered) and taken up again by the next wait."""
+
+    __slots__ = ("armed", "fd", "loop", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.fd = sock.fileno()
+        self.waiter: asyncio.Future[None] | None = None
+        self.armed = False
+
+    def _ready(self) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            self.release()
+        else:
+            waiter.set_result(None)
+
+    def arm(self, deadline: float) -> tuple[asyncio.Future[None], asyncio.TimerHandle]:
+        """A future done once the socket is readable (TimeoutError at `deadline`, loop
+        time), and its timer: the caller awaits the one, then cancels the other and
+        clears `waiter` (not a coroutine of its own: one level less on every wait)."""
+        loop = self.loop
+        if not self.armed:
+            loop.add_reader(self.fd, self._ready)
+            self.armed = True
+        waiter = self.waiter = loop.create_future()
+        return waiter, loop.call_at(deadline, _expire, waiter)
+
+    def release(self) -> None:
+        """Off the loop (before anything else watches the socket, and before it closes)."""
+        if self.armed:
+            self.armed = False
+            self.loop.remove_reader(self.fd)
+
+
 class _Origin:
-    """One upstream connection and its h11 client state: to the origin itself, or
-    through a parent proxy (`lease`); `proxy` is an HTTP parent that is sent the
-    requests themselves, in absolute form."""
+    """One upstream connection and what it sent beyond the answer read so far: to the
+    origin itself, or through a parent proxy (`lease`); `proxy` is an HTTP parent that
+    is sent the requests themselves, in absolute form."""
 
     def __init__(
         self,
@@ -87,7 +151,9 @@ class _Origin:
     ) -> None:
         self.key = key
         self.sock = sock
-        self.conn = h11.Connection(h11.CLIENT)
+        self.readable = _Readable(asyncio.get_running_loop(), sock)
+        self.inbuf = b""  # read from the origin, not yet passed on
+        self.eof = False  # the origin closed its side
         self.lease = lease
         self.proxy = proxy
         self.pool = pool  # the group of the parent, which its failures count against
@@ -96,6 +162,12 @@ class _Origin:
     def quiet(self) -> bool:
         """Still open with nothing unasked-for to read: fit for the next request. An
         origin closes idle connections when it likes (or says 408 first)."""
+        if self.inbuf or self.eof:
+            return False
+        if self.readable.armed:
+            # still watched since the last answer was read, and not found readable
+            # (a close or unasked bytes would have let the watch go): no peek needed
+            return True
         try:
             self.sock.recv(1, socket.MSG_PEEK)  # b"": closed; bytes: an unasked answer
         except (BlockingIOError, InterruptedError):
@@ -110,6 +182,7 @@ class _Origin:
         return state is None or not state.retired
 
     def close(self) -> None:
+        self.readable.release()
         self.sock.close()
         if self.lease is not None:
             self.lease.release()
@@ -131,8 +204,17 @@ class Forwarder:
         self.conn = conn
         self.loop = asyncio.get_running_loop()
         self.sock = sock
-        self.client = parser.connection
+        self.readable = _Readable(self.loop, sock)
         self.parser = parser
+        # the first request came through the handshake's parser (h11); what the
+        # client sent behind its head is ours from here on
+        first = parser.request
+        self.first = RequestHead(
+            first.method, first.target, first.http_version, list(first.headers)
+        )
+        data, closed = parser.connection.trailing_data
+        self.inbuf = bytes(data)  # read from the client, not yet taken
+        self.client_eof = closed
         self.admission = admission
         self.origin: _Origin | None = None
         cfg = ctx.config
@@ -147,6 +229,16 @@ class Forwarder:
         # timeouts.handshake, so that no client holds a slot without credentials
         self.trusted = False
         self.cut = False  # an answer was broken off: the client's connection is reset
+        # per request: its body still to read, and how far its answer went
+        self.request = self.first
+        self.keep = True  # the client lets its connection carry another request
+        self.body_kind = LENGTH
+        self.body_left = 0
+        self.body_done = True  # the request's whole body was read
+        self.decoder: ChunkedDecoder | None = None
+        self.answering = False  # an answer's head went (or is queued) to the client
+        self.answer_done = False  # ... and its whole body
+        self.close_after = False  # the answer says the connection closes after it
         # per request, for its access line
         self.command: str | None = None
         self.target: str | None = None
@@ -170,20 +262,19 @@ class Forwarder:
     async def run(self) -> Status:
         """Serve requests until the client or an answer ends the connection (each wrote
         its own access line)."""
-        await self._serve(self.parser.request)
+        await self._serve(self.first)
         return Status.OK
 
-    async def _serve(self, request: h11.Request) -> None:
+    async def _serve(self, request: RequestHead) -> None:
         try:
             while await self._exchange(request):
                 if self.ctx.draining:
                     return  # the daemon is stopping: this answer was the last
-                self.client.start_next_cycle()
                 self.between_requests = True
                 try:
                     next_request = await self._next_request()
                 except ProtocolError as exc:
-                    self._send_client(self.parser.error_response(exc.http_status, str(exc)))
+                    self._send_client(self._error_page(exc.http_status, str(exc)))
                     self.command = self.target = self.conn.user = None
                     self.bytes_up = self.bytes_down = 0
                     self._log(exc.status, str(exc), time.monotonic())
@@ -196,21 +287,12 @@ class Forwarder:
                 if next_request is None:
                     return
                 request = next_request
-            if not self.cut and self._body_unread():
+            if not self.cut and not self.body_done:
                 await self._linger()  # answered (or refused) before its whole body came
         finally:
+            self.readable.release()  # (the session closes the socket)
             if self.origin is not None:
                 self.origin.close()
-
-    def _body_unread(self) -> bool:
-        """Whether the client may still be sending the request's body (a GET's empty
-        one, already here, is not: its end is taken now)."""
-        if self.client.their_state is not h11.SEND_BODY:
-            return False
-        try:
-            return not isinstance(client_event(self.client), h11.EndOfMessage)
-        except ProtocolError:
-            return True
 
     async def _linger(self) -> None:
         """Close gently after an answer (an early one, or an error page such as a 407)
@@ -218,6 +300,7 @@ class Forwarder:
         say we are done, then take (and drop) what it sends for a while. Closed with
         its bytes unread, the socket would be reset, and the reset can overtake the
         answer on its way to the client (nginx's lingering close does the same)."""
+        self.readable.release()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
         deadline = self.loop.time() + LINGER
@@ -227,9 +310,23 @@ class Forwarder:
                     if not await self.loop.sock_recv(self.sock, self.read_size):
                         return  # the client's end: nothing is left unread
 
+    @staticmethod
+    def _error_page(status: int, message: str, retry_after: int | None = None) -> bytes:
+        return HttpProxyServer().error_response(status, message, retry_after=retry_after)
+
     # -- one request and its answer -------------------------------------------------
 
-    async def _exchange(self, request: h11.Request) -> bool:
+    def _begin(self, request: RequestHead) -> None:
+        """This request's state: its body to read, no answer yet."""
+        self.request = request
+        self.keep = keep_alive(request.version, request.headers)
+        kind, length = request_framing(request)
+        self.body_kind, self.body_left = kind, length
+        self.body_done = kind == LENGTH and length == 0
+        self.decoder = ChunkedDecoder() if kind == CHUNKED else None
+        self.answering = self.answer_done = self.close_after = False
+
+    async def _exchange(self, request: RequestHead) -> bool:
         """Forward one request; True when the client connection can carry another."""
         started = time.monotonic()
         self.bytes_up = self.bytes_down = 0
@@ -241,6 +338,7 @@ class Forwarder:
         status, error = Status.OK, None
         extra: dict[str, Any] = {}
         try:
+            self._begin(request)
             origin = absolute_origin(target)
             if origin is None:
                 await self._answer_local(method, target)
@@ -248,7 +346,7 @@ class Forwarder:
             self.target = format_hostport(*origin)
             if target[:8].lower() == "https://":
                 raise ProtocolError("https:// requests go through CONNECT", http_status=400)
-            if ambiguous_framing(list(request.headers)):
+            if ambiguous_framing(request.headers):
                 raise ProtocolError("request has both Content-Length and Transfer-Encoding")
             check_host_header(request.headers)
             values = [v for k, v in request.headers if k == b"proxy-authorization"]
@@ -256,7 +354,7 @@ class Forwarder:
             # every request carries its own Proxy-Authorization (a browser repeats it)
             await gate.verify(self.ctx, self.conn, self.admission, credentials)
             self.trusted = True
-            route = await self._watched(gate.route(self.ctx, self.conn, method, *origin))
+            route = await self._route(method, *origin)
             if route.via is not None:
                 extra["via"] = route.via
             await self._forward(request, origin, target, route, extra)
@@ -264,10 +362,8 @@ class Forwarder:
             status, error = exc.status, str(exc)
             if isinstance(exc, Denied):
                 extra.update(exc.fields())
-            if self.client.our_state is h11.SEND_RESPONSE:
-                answer = self.parser.error_response(
-                    exc.http_status, str(exc), retry_after=exc.retry_after
-                )
+            if not self.answering:
+                answer = self._error_page(exc.http_status, str(exc), exc.retry_after)
                 self._send_client(answer)
             else:  # mid-answer: a reset, so that no client takes it for a whole one
                 self.cut = True
@@ -275,18 +371,9 @@ class Forwarder:
         except OSError as exc:  # the client's socket
             status, error = Status.CLIENT_CLOSED, exc.strerror or type(exc).__name__
             return False
-        except h11.LocalProtocolError as exc:  # a message h11 will not send on as it came
-            # (h11's text may quote a header value: it stays out of the log)
-            status = Status.BAD_REQUEST
-            error = f"cannot forward this message ({type(exc).__name__})"
-            if self.client.our_state is h11.SEND_RESPONSE:
-                self._send_client(self.parser.error_response(502, "cannot forward this message"))
-            else:
-                self.cut = True
-            return False
         except asyncio.CancelledError:
             status = Status.SHUTDOWN
-            if self.client.our_state is h11.SEND_BODY:
+            if self.answering and not self.answer_done:
                 self.cut = True  # stopped mid-answer: it must not look whole either
             raise
         finally:
@@ -294,11 +381,11 @@ class Forwarder:
         return self._reusable()
 
     def _reusable(self) -> bool:
-        return self.client.our_state is h11.DONE and self.client.their_state is h11.DONE
+        return self.answer_done and self.body_done and self.keep and not self.close_after
 
     async def _forward(
         self,
-        request: h11.Request,
+        request: RequestHead,
         key: tuple[str, int],
         target: str,
         route: Route,
@@ -313,7 +400,7 @@ class Forwarder:
         host = name if key[1] == 80 else f"{name}:{key[1]}"
         host_value = host.encode("ascii")  # (absolute_origin gave the canonical, ASCII form)
         headers = [(b"host", host_value)]
-        headers += [(n, v) for n, v in end_to_end(list(request.headers)) if n != b"host"]
+        headers += [(n, v) for n, v in end_to_end(request.headers) if n != b"host"]
         headers.append((b"via", VIA))
         if origin.proxy is not None:  # an HTTP parent is asked in absolute form, as we were
             path = "http://" + host_value.decode("ascii") + path
@@ -324,40 +411,43 @@ class Forwarder:
         expects_continue = any(
             n == b"expect" and v.lower() == b"100-continue" for n, v in request.headers
         )
-        head = h11.Request(method=request.method, target=path.encode(), headers=headers)
-        await self._origin_send(origin, origin.conn.send(head) or b"")
-        early: h11.Response | None = None
+        data = request_bytes(request.method, path.encode(), headers)
+        sent = self._origin_sent(origin, data)
+        if sent < len(data):
+            await self._origin_send(origin, data[sent:])
+        early: ResponseHead | None = None
         if expects_continue:
             early = await self._await_continue(origin)
         if early is None:
             early = await self._send_body(origin)
-        await self._relay_response(origin, early or await self._final_answer(origin))
+        if early is None:
+            early = await self._origin_head(origin)
+            if early.status < 200:
+                early = await self._final_answer(origin, early)
+        await self._relay_response(origin, early)
 
-    async def _await_continue(self, origin: _Origin) -> h11.Response | None:
+    async def _await_continue(self, origin: _Origin) -> ResponseHead | None:
         """Wait briefly for the origin's 100 (passed on); a final answer instead is returned."""
         try:
             async with asyncio.timeout(CONTINUE_WAIT):
-                event = await self._origin_event(origin)
+                head = await self._origin_head(origin)
         except TimeoutError:
             return None
-        if isinstance(event, h11.InformationalResponse):
-            await self._client_send(event)
+        if head.status < 200:
+            self._client_queue(informational_bytes(head))
             await self._flush_client()
             return None
-        assert isinstance(event, h11.Response)
-        return event
+        return head
 
-    async def _send_body(self, origin: _Origin) -> h11.Response | None:
+    async def _send_body(self, origin: _Origin) -> ResponseHead | None:
         """Send the request's body on; with one, the origin's answer (None: it is yet
         to be read). An origin may answer before it has taken the whole body (a 413,
         a 401, a redirect): the rest is then not sent, and the answer goes to the
         client, whose connection closes after it (its body was not all read)."""
-        event = client_event(self.client)
-        if isinstance(event, h11.EndOfMessage):  # no body (a GET): nothing to watch for
-            await self._origin_send(origin, origin.conn.send(event) or b"")
+        if self.body_done:  # no body (a GET): nothing to watch for
             return None
         # (the answer is watched for from the start: a client may pause after its head)
-        sending = self.loop.create_task(self._send_rest(origin, event))
+        sending = self.loop.create_task(self._send_rest(origin))
         answering = self.loop.create_task(self._final_answer(origin))
         try:
             await asyncio.wait((sending, answering), return_when=asyncio.FIRST_COMPLETED)
@@ -372,63 +462,214 @@ class Forwarder:
                 task.cancel()
             await asyncio.gather(sending, answering, return_exceptions=True)
             if sending.cancelled() or sending.exception() is not None:
-                # h11 counts the body's end as sent once it made the bytes, which may
-                # not all have left: this connection carries no other request
+                # the body's end may not all have left: this connection carries no
+                # other request
                 origin.whole = False
 
-    async def _send_rest(self, origin: _Origin, event: h11.Event | type[h11.NEED_DATA]) -> None:
-        while True:
-            if event is h11.NEED_DATA:
-                pass
-            elif isinstance(event, h11.Data):
-                self.bytes_up += len(event.data)
-                await self._origin_send(origin, origin.conn.send(event) or b"")
-            elif isinstance(event, h11.EndOfMessage):
-                await self._origin_send(origin, origin.conn.send(event) or b"")
-                return
-            else:
-                raise ProtocolError("connection closed in the middle of a request body")
-            event = await self._client_event()
+    async def _client_body_data(self, most: int) -> bytes:
+        """The next bytes of the client's body (what came behind the head first)."""
+        data = self.inbuf
+        if data:
+            if len(data) > most:
+                self.inbuf = data[most:]
+                return data[:most]
+            self.inbuf = b""
+            return data
+        if not self.client_eof:
+            data = await self._recv(self.sock, "the client", up=True, most=most)
+            if data:
+                return data
+            self.client_eof = True
+        raise ProtocolError("connection closed in the middle of a request body")
 
-    async def _final_answer(self, origin: _Origin) -> h11.Response:
-        """The origin's answer, once its head is here (interim 1xx answers passed on)."""
+    async def _send_rest(self, origin: _Origin) -> None:
+        """Move the request's body to the origin: counted through by its length, or
+        its chunks read and written anew (as h11 would: extensions dropped)."""
+        if self.decoder is None:
+            while self.body_left:
+                data = await self._client_body_data(min(self.body_left, self.read_size))
+                self.body_left -= len(data)
+                self.bytes_up += len(data)
+                await self._origin_send(origin, data)
+            self.body_done = True
+            return
+        decoder = self.decoder
+        data = self.inbuf
+        self.inbuf = b""
         while True:
-            event = await self._origin_event(origin)
-            if isinstance(event, h11.Response):
-                return event
-            assert isinstance(event, h11.InformationalResponse)
-            if event.status_code == 101:
+            if data:
+                pieces = decoder.feed(data)
+                out = b"".join([chunk(piece) for piece in pieces])
+                self.bytes_up += sum(map(len, pieces))
+                if decoder.done:
+                    self.inbuf = decoder.rest  # (a request pipelined behind the body)
+                    self.body_done = True
+                    await self._origin_send(origin, out + last_chunk(decoder.trailer))
+                    return
+                if out:
+                    await self._origin_send(origin, out)
+            data = await self._client_body_data(self.read_size)
+
+    async def _final_answer(
+        self, origin: _Origin, head: ResponseHead | None = None
+    ) -> ResponseHead:
+        """The origin's answer, once its head is here (interim 1xx answers passed on;
+        `head`: the first, read already)."""
+        while True:
+            if head is None:
+                head = await self._origin_head(origin)
+            if head.status >= 200:
+                return head
+            if head.status == 101:
                 raise UpstreamBroken("the origin switched protocols; not supported")
-            await self._client_send(event)
+            self._client_queue(informational_bytes(head))
             await self._flush_client()
+            head = None
 
-    async def _relay_response(self, origin: _Origin, head: h11.Response) -> None:
-        """Pass the origin's answer on, from its head (1xx ones are already passed)."""
-        event: h11.Event = head
+    async def _origin_head(self, origin: _Origin) -> ResponseHead:
+        """The next answer head from the origin (1xx ones included)."""
+        buf = origin.inbuf
+        searched = 0
         while True:
-            if isinstance(event, h11.Response):
-                if event.status_code == 407 and origin.proxy is not None:
-                    # the HTTP parent refused our credentials: its failure, not the
-                    # client's to answer (it would ask the user for the parent's)
-                    raise self._parent_failed(origin, "refused our credentials (407)")
-                headers = [*end_to_end(list(event.headers)), (b"via", VIA)]
-                if self.client.their_state is h11.SEND_BODY:
-                    # an early answer: the client is told to stop, as we close after it
-                    headers.append((b"connection", b"close"))
-                await self._client_send(
-                    h11.Response(
-                        status_code=event.status_code, headers=headers, reason=event.reason
-                    )
+            if buf:
+                end = head_end(buf, searched)
+                if end > 0:
+                    origin.inbuf = buf[end:]
+                    try:
+                        return HEADS.response(buf[:end])
+                    except MalformedResponse as exc:
+                        raise UpstreamBroken(str(exc)) from None
+                if end == 0 or len(buf) > DEFAULT_MAX_HEAD:
+                    raise UpstreamBroken("malformed response from the origin")
+                searched = len(buf)
+            if origin.eof:
+                raise UpstreamBroken(
+                    "the origin closed the connection before its answer was whole"
+                    if buf
+                    else "the origin closed the connection"
                 )
-            elif isinstance(event, h11.Data):
-                self.bytes_down += len(event.data)
-                await self._client_send(event)
-            elif isinstance(event, h11.EndOfMessage):
-                await self._client_send(h11.EndOfMessage())
-                await self._flush_client()
-                self._keep_or_drop(origin)
+            if self._to_client:
+                await self._flush_client()  # before waiting: the client has all there is
+            # (the first read of an answer just asked for: nothing is likely there yet)
+            try:
+                data = await self._recv(
+                    origin.sock, "the origin", readable=origin.readable, fresh=not buf
+                )
+            except OSError as exc:
+                raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
+            if not data:
+                origin.eof = True
+            buf += data
+            origin.inbuf = buf
+
+    async def _origin_recv(self, origin: _Origin, most: int = 0, *, fresh: bool = False) -> bytes:
+        try:
+            data = await self._recv(
+                origin.sock, "the origin", most=most, readable=origin.readable, fresh=fresh
+            )
+        except OSError as exc:
+            raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
+        if not data:
+            origin.eof = True
+        return data
+
+    async def _relay_response(self, origin: _Origin, head: ResponseHead) -> None:
+        """Pass the origin's answer on, from its head (1xx ones are already passed)."""
+        if head.status == 407 and origin.proxy is not None:
+            # the HTTP parent refused our credentials: its failure, not the
+            # client's to answer (it would ask the user for the parent's)
+            raise self._parent_failed(origin, "refused our credentials (407)")
+        request = self.request
+        headers = [*end_to_end(head.headers), (b"via", VIA)]
+        # an early answer (the body not all read): the client is told to stop, as we
+        # close after it
+        out_head, out_framing, self.close_after = response_bytes(
+            head.status,
+            head.reason,
+            headers,
+            request.method,
+            request.version,
+            self.keep and self.body_done,
+        )
+        self.answering = True
+        self._client_queue(out_head)
+        kind, length = response_framing(request.method, head.status, head.headers)
+        reusable = keep_alive(head.version, head.headers)
+        if kind == LENGTH:
+            await self._move_length(origin, length)
+        elif kind == CHUNKED:
+            await self._move_chunked(origin, out_framing == CHUNKED)
+        else:
+            reusable = False
+            await self._move_to_end(origin, out_framing == CHUNKED)
+        if rest := self._flush_now():
+            await self._sendall(self.sock, rest, "the client")
+        self.answer_done = True
+        self._keep_or_drop(origin, reusable)
+
+    async def _move_length(self, origin: _Origin, left: int) -> None:
+        """A body of known length, counted through: what came with the head, then
+        reads of at most what is left (nothing of a next answer is read)."""
+        data = origin.inbuf
+        if data:
+            if len(data) > left:
+                origin.inbuf = data[left:]
+                data = data[:left]
+            else:
+                origin.inbuf = b""
+            left -= len(data)
+            self.bytes_down += len(data)
+            await self._client_send(data)
+        while left:
+            await self._flush_client()  # before waiting: the client has all there is
+            data = await self._origin_recv(origin, min(left, self.read_size))
+            if not data:
+                raise UpstreamBroken("the origin closed the connection before its answer was whole")
+            left -= len(data)
+            self.bytes_down += len(data)
+            await self._client_send(data)
+
+    async def _move_chunked(self, origin: _Origin, chunked: bool) -> None:
+        """A chunked body, its chunks written anew (`chunked`), or its data alone for an
+        HTTP/1.0 client, whose connection then ends it; the trailer is dropped."""
+        decoder = ChunkedDecoder(MalformedResponse)
+        data = origin.inbuf
+        origin.inbuf = b""
+        while True:
+            if data:
+                try:
+                    pieces = decoder.feed(data)
+                except MalformedResponse as exc:
+                    raise UpstreamBroken(str(exc)) from None
+                size = sum(map(len, pieces))
+                self.bytes_down += size
+                if pieces:
+                    out = b"".join([chunk(p) for p in pieces] if chunked else pieces)
+                    await self._client_send(out)
+                if decoder.done:
+                    origin.inbuf = decoder.rest
+                    if chunked:
+                        self._client_queue(LAST_CHUNK)
+                    return
+            await self._flush_client()
+            data = await self._origin_recv(origin)
+            if not data:
+                raise UpstreamBroken("the origin closed the connection before its answer was whole")
+
+    async def _move_to_end(self, origin: _Origin, chunked: bool) -> None:
+        """A body that the origin's close ends (no length, not chunked)."""
+        data = origin.inbuf
+        origin.inbuf = b""
+        while True:
+            if data:
+                self.bytes_down += len(data)
+                await self._client_send(chunk(data) if chunked else data)
+            await self._flush_client()
+            data = await self._origin_recv(origin)
+            if not data:
+                if chunked:
+                    self._client_queue(LAST_CHUNK)
                 return
-            event = await self._origin_event(origin)
 
     def _parent_failed(self, origin: _Origin, what: str) -> ParentError:
         error = ParentError(f"the parent proxy {origin.proxy} {what}")
@@ -436,20 +677,18 @@ class Forwarder:
             origin.pool.failed(origin.lease.state, error)
         return error
 
-    def _keep_or_drop(self, origin: _Origin) -> None:
-        """Keep the origin connection for the next request when both sides allow it."""
-        conn = origin.conn
-        if origin.whole and conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        else:
+    def _keep_or_drop(self, origin: _Origin, reusable: bool) -> None:
+        """Keep the origin connection for the next request when both sides allow it
+        (and it sent nothing beyond its answer)."""
+        if not (reusable and origin.whole and not origin.inbuf and not origin.eof):
             origin.close()
-            self.origin = None
+            if self.origin is origin:
+                self.origin = None
 
     async def _answer_local(self, method: str, target: str) -> None:
         """A request in origin form is for the proxy itself: the PAC file, or 400."""
         if method in ("GET", "HEAD") and urllib.parse.urlsplit(target).path == PAC_PATH:
-            # read the (empty) rest of the request, so the connection can carry another
-            if not isinstance(await self._client_event(), h11.EndOfMessage):
+            if not self.body_done:
                 raise ProtocolError("a request for the PAC file has no body")
             host, port = self.conn.local_address()[:2]
             body = pac_file(format_hostport(host, port), tls=self.conn.tls is not None)
@@ -458,11 +697,15 @@ class Forwarder:
                 (b"content-type", b"application/x-ns-proxy-autoconfig"),
                 (b"content-length", str(len(body)).encode()),
             ]
-            data = self.client.send(h11.Response(status_code=200, headers=headers))
+            request = self.request
+            data, _, self.close_after = response_bytes(
+                200, b"", headers, request.method, request.version, self.keep
+            )
+            self.answering = True
             if method == "GET":
-                data = (data or b"") + (self.client.send(h11.Data(data=body)) or b"")
-            data = (data or b"") + (self.client.send(h11.EndOfMessage()) or b"")
+                data += body
             await self._sendall(self.sock, data, "the client")
+            self.answer_done = True
             self.bytes_down = len(body) if method == "GET" else 0
             return
         raise ProtocolError(
@@ -476,12 +719,7 @@ class Forwarder:
         it goes to the same origin the same way and is still fit, else a new one."""
         key = (*origin_key, route.via)
         if self.origin is not None:
-            if (
-                self.origin.key == key
-                and self.origin.conn.our_state is h11.IDLE
-                and self.origin.current()
-                and self.origin.quiet()
-            ):
+            if self.origin.key == key and self.origin.current() and self.origin.quiet():
                 return self.origin
             self.origin.close()
             self.origin = None
@@ -490,11 +728,33 @@ class Forwarder:
             lease = connector.lease
             proxy = lease.parent if lease is not None and connector.plain else None
             self.origin = _Origin(key, sock, lease, proxy, connector.pool)
-            if connector.trailing:  # the origin spoke first (b"" would tell h11 it closed)
-                self.origin.conn.receive_data(connector.trailing)
+            if connector.trailing:  # the origin spoke first
+                self.origin.inbuf = connector.trailing
         else:
             self.origin = _Origin(key, sock)
         return self.origin
+
+    async def _route(self, method: str, host: str, port: int) -> Route:
+        """`gate.route`, without watching the client when the gate decides at once
+        (no lookup: the common case, which then costs no reader on the loop)."""
+        decided: asyncio.Future[Route] = self.loop.create_future()
+
+        def settled(found: Route | None, error: SessionError | None) -> None:
+            if decided.done():  # cancelled as the answer came
+                return
+            if error is not None:
+                decided.set_exception(error)
+            else:
+                assert found is not None
+                decided.set_result(found)
+
+        outcome = gate.decide(self.ctx, self.conn, method, host, port, settled)
+        if isinstance(outcome, Route):
+            return outcome
+        try:
+            return await self._watched(decided)
+        finally:
+            outcome.cancel()
 
     async def _watched(self, work: Awaitable[T]) -> T:
         """`work` (the lookup, the connect) while the client is watched: a client that
@@ -503,6 +763,7 @@ class Forwarder:
         a pipelined request) end the watch, as its end cannot show behind them."""
         task = asyncio.current_task()
         assert task is not None
+        self.readable.release()  # (the watch is the socket's reader meanwhile)
         sock, fd = self.sock, self.sock.fileno()
         gone: list[str] = []
 
@@ -530,76 +791,90 @@ class Forwarder:
         finally:
             self.loop.remove_reader(fd)
 
-    async def _next_request(self) -> h11.Request | None:
+    async def _next_request(self) -> RequestHead | None:
         """The client's next request on this connection, or None once it closes. The
         whole head must come within `timeouts.idle` (`timeouts.handshake` until a
         request has passed the credentials check), not each piece of it."""
         wait = self.idle if self.trusted else self.ctx.config.timeouts.handshake
         try:
-            async with asyncio.timeout(wait):
-                event = await self._client_event(most=HEAD_READ)
+            return await self._request_head(self.loop.time() + wait)
         except TimeoutError:
             return None
-        if isinstance(event, h11.ConnectionClosed):
-            return None
-        if not isinstance(event, h11.Request):
-            raise ProtocolError("expected a request")
-        # one that came whole with a body read (pipelined) passed h11's limit
-        if head_size(event) > DEFAULT_MAX_HEAD:
-            raise ProtocolError(
-                f"request head longer than {DEFAULT_MAX_HEAD} bytes", http_status=431
+
+    async def _request_head(self, deadline: float) -> RequestHead | None:
+        buf = self.inbuf
+        searched = 0
+        while True:
+            if buf:
+                end = head_end(buf, searched)
+                if end > DEFAULT_MAX_HEAD:  # (it came whole, with what followed it)
+                    raise ProtocolError(
+                        f"request head longer than {DEFAULT_MAX_HEAD} bytes", http_status=431
+                    )
+                if end > 0:
+                    self.inbuf = buf[end:]
+                    return HEADS.request(buf[:end])
+                if end == 0:
+                    raise ProtocolError("malformed HTTP request")
+                if len(buf) > DEFAULT_MAX_HEAD:
+                    raise ProtocolError("malformed HTTP request", http_status=431)
+                searched = len(buf)
+            if self.client_eof:
+                if buf:
+                    raise ProtocolError("malformed HTTP request")
+                return None
+            # (the whole head has one deadline, not each read)
+            # (with nothing read, an answer was just sent: the next request is not
+            # likely there yet)
+            data = await self._recv(
+                self.sock, "the client", up=True, most=HEAD_READ, deadline=deadline, fresh=not buf
             )
-        return event
-
-    async def _client_event(self, most: int = 0) -> h11.Event:
-        conn = self.client
-        while True:
-            event = client_event(conn)
-            if event is not h11.NEED_DATA:
-                assert isinstance(event, h11.Event)
-                return event
-            conn.receive_data(await self._recv(self.sock, "the client", up=True, most=most))
-
-    async def _origin_event(self, origin: _Origin) -> h11.Event:
-        conn = origin.conn
-        ended = False
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                if ended:  # h11's word for an end before the answer was whole
-                    raise UpstreamBroken(
-                        "the origin closed the connection before its answer was whole"
-                    ) from exc
-                raise UpstreamBroken("malformed response from the origin") from exc
-            if isinstance(event, h11.ConnectionClosed):
-                raise UpstreamBroken("the origin closed the connection")
-            if event is not h11.NEED_DATA:
-                assert isinstance(event, h11.Event)
-                return event
-            await self._flush_client()  # before waiting: the client has all there is
-            try:
-                data = await self._recv(origin.sock, "the origin")
-            except OSError as exc:
-                raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
-            ended = not data
-            conn.receive_data(data)
+            if not data:
+                self.client_eof = True
+            buf += data
+            self.inbuf = buf
 
     async def _recv(
-        self, sock: socket.socket, who: str, *, up: bool = False, most: int = 0
+        self,
+        sock: socket.socket,
+        who: str,
+        *,
+        up: bool = False,
+        most: int = 0,
+        deadline: float = 0.0,
+        readable: _Readable | None = None,
+        fresh: bool = False,
     ) -> bytes:
         """What `sock` has (`most` bytes, else buffers.read_size at most), within
-        `timeouts.idle`; no faster than the user's rate."""
+        `timeouts.idle` (or by `deadline`, loop time); no faster than the user's rate.
+        `fresh`: nothing is likely there yet (an answer just asked for), so the first
+        read waits for the socket to be readable rather than trying first."""
         size = most or self.read_size
         rate = gate.rate_for(self.ctx, self.conn.user)
         bucket = None if rate is None else rate[0 if up else 1]
         if bucket is not None:
             size = await bucket.reserve(size)
-        try:
-            async with asyncio.timeout(self.idle):
-                data = await self.loop.sock_recv(sock, size)
-        except TimeoutError:
-            raise UpstreamTimeout(f"{who} sent nothing for {self.idle:g} s") from None
+        if readable is None:
+            readable = self.readable
+        while True:
+            if fresh:
+                fresh = False
+            else:
+                try:
+                    data = sock.recv(size)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    pass
+            waiter, timer = readable.arm(deadline or self.loop.time() + self.idle)
+            try:
+                await waiter
+            except TimeoutError:
+                if deadline:
+                    raise
+                raise UpstreamTimeout(f"{who} sent nothing for {self.idle:g} s") from None
+            finally:
+                timer.cancel()
+                readable.waiter = None
         if bucket is not None:
             bucket.take(len(data))
         return data
@@ -621,28 +896,51 @@ class Forwarder:
         except TimeoutError:
             raise UpstreamTimeout(f"{who} read nothing for {self.idle:g} s") from None
 
+    def _origin_sent(self, origin: _Origin, data: bytes) -> int:
+        """What the origin's socket takes of `data` now, without waiting."""
+        try:
+            return origin.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
+
     async def _origin_send(self, origin: _Origin, data: bytes) -> None:
         try:
             await self._sendall(origin.sock, data, "the origin")
         except OSError as exc:
             raise UpstreamBroken(f"the origin's connection failed: {exc.strerror}") from None
 
-    async def _client_send(self, event: h11.Event) -> None:
+    def _client_queue(self, data: bytes) -> None:
+        self._to_client.append(data)
+        self._queued += len(data)
+
+    async def _client_send(self, data: bytes) -> None:
         """Queue an answer's part; it goes out when the origin has nothing more at
-        hand (so a small answer leaves in one send, not head, body and end apart)."""
-        data = self.client.send(event)
-        if data:
-            self._to_client.append(data)
-            self._queued += len(data)
-            if self._queued >= self.read_size:
-                await self._flush_client()
+        hand (so a small answer leaves in one send, not head and body apart)."""
+        self._to_client.append(data)
+        self._queued += len(data)
+        if self._queued >= self.read_size:
+            await self._flush_client()
 
     async def _flush_client(self) -> None:
-        if self._to_client:
-            data = b"".join(self._to_client)
-            self._to_client.clear()
-            self._queued = 0
-            await self._sendall(self.sock, data, "the client")
+        if rest := self._flush_now():
+            await self._sendall(self.sock, rest, "the client")
+
+    def _flush_now(self) -> bytes:
+        """Send what is queued for the client as far as its socket takes it now; what
+        is left (b"" once all went)."""
+        queued = self._to_client
+        if not queued:
+            return b""
+        data = queued[0] if len(queued) == 1 else b"".join(queued)
+        queued.clear()
+        self._queued = 0
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        return data[sent:] if sent < len(data) else b""
 
     def _send_client(self, data: bytes) -> None:
         """An error page before the connection closes: into an idle socket, best effort."""

@@ -25,6 +25,7 @@ from proxyd.dns import Resolver
 from proxyd.errors import ConfigError, Status
 from proxyd.metrics import AdminServer, Metrics
 from proxyd.poller import poller
+from proxyd.protocols import messages
 from proxyd.rules import Rules
 from proxyd.session import Session
 from proxyd.settings import Settings, keep_fixed
@@ -166,6 +167,7 @@ class Server:
             pid=os.getpid(),
             worker=self.worker,
             loop=type(loop).__module__,
+            http_parser=messages.PARSER,
             socket_activated=bool(self._activated),
         )
         self.watcher.ready(len(self.sessions))

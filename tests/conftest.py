@@ -21,10 +21,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 15.0
-# PROXYD_TEST_LOOP=asyncio runs every daemon on the stock event loop by hiding uvloop.
+# PROXYD_TEST_LOOP=asyncio runs every daemon without accelerators: the stock event
+# loop (uvloop hidden) and h11 for forwarding's heads (httptools hidden).
 STOCK_LOOP = os.environ.get("PROXYD_TEST_LOOP") == "asyncio"
 _STOCK_LOOP_MAIN = (
-    "import sys; sys.modules['uvloop'] = None; from proxyd.cli import main; sys.exit(main())"
+    "import sys; sys.modules['uvloop'] = None; sys.modules['httptools'] = None; "
+    "from proxyd.cli import main; sys.exit(main())"
 )
 
 
