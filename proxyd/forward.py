@@ -206,15 +206,11 @@ class Forwarder:
         self.sock = sock
         self.readable = _Readable(self.loop, sock)
         self.parser = parser
-        # the first request came through the handshake's parser (h11); what the
-        # client sent behind its head is ours from here on
-        first = parser.request
-        self.first = RequestHead(
-            first.method, first.target, first.http_version, list(first.headers)
-        )
-        data, closed = parser.connection.trailing_data
-        self.inbuf = bytes(data)  # read from the client, not yet taken
-        self.client_eof = closed
+        # the first request came through the handshake's parser; what the client
+        # sent behind its head is ours from here on
+        self.first = parser.request
+        self.inbuf = parser.rest  # read from the client, not yet taken
+        self.client_eof = False
         self.admission = admission
         self.origin: _Origin | None = None
         cfg = ctx.config

@@ -1,9 +1,9 @@
-"""The first HTTP request of a proxy connection, sans-I/O on top of h11.
+"""The first HTTP request of a proxy connection, sans-I/O.
 
 Feed bytes with `receive_data` and pull a ConnectRequest or ForwardRequest with
 `next_event`. A CONNECT is answered with `established()` (200, the tunnel
 begins) or `error_response(status)`, which closes the connection; a forwarding
-connection is handed, with its h11 connection, to proxyd.forward.
+connection is handed, with its head and what followed it, to proxyd.forward.
 proxyd.protocols.clients.ConnectClient is the other side: our CONNECT through
 a parent HTTP proxy.
 """
@@ -21,6 +21,7 @@ from typing import Any, Final
 import h11
 
 from proxyd.errors import LocalProtocolError, ProtocolError
+from proxyd.protocols import messages
 from proxyd.protocols.common import (
     NEED_DATA,
     Credentials,
@@ -229,34 +230,61 @@ def client_event(conn: h11.Connection) -> Any:
 
 
 class HttpProxyServer:
-    """One client connection's request head, and our answer to it."""
+    """One client connection's request head, and our answer to it.
+
+    The head is read by proxyd.protocols.messages (httptools when installed, h11
+    otherwise: the same head or the same refusal either way), whole once its blank
+    line has come; an h11 connection per client cost a CONNECT a sixth of its
+    handshake."""
+
+    __slots__ = (
+        "_buffer",
+        "_closed",
+        "_established",
+        "_head_end",
+        "_max_head",
+        "_refused",
+        "_request",
+        "_scanned",
+    )
 
     def __init__(self, max_head: int = DEFAULT_MAX_HEAD) -> None:
-        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
-        self._request: h11.Request | None = None
+        self._max_head = max_head
+        self._buffer = bytearray()  # what the client sent: the head, then what followed it
+        self._scanned = 0  # searched for the head's end up to here (a trickled head)
+        self._head_end = -1
+        self._request: messages.RequestHead | None = None
         self._established = False
+        self._refused = False
+        self._closed = False
 
     def receive_data(self, data: bytes) -> None:
-        self._conn.receive_data(data)
+        """Bytes the client sent; b"" when it closed its side."""
+        if not data:
+            self._closed = True
+        self._buffer += data
 
     @property
-    def connection(self) -> h11.Connection:
-        """The h11 server state, for forwarding the request's body and those after it."""
-        return self._conn
-
-    @property
-    def request(self) -> h11.Request:
+    def request(self) -> messages.RequestHead:
         """The request head `next_event` reported."""
         if self._request is None:
             raise LocalProtocolError("no request has been read yet")
         return self._request
 
+    @property
+    def rest(self) -> bytes:
+        """What the client sent behind its request head (a forwarded request's body
+        and those after it; the first bytes of a tunnel)."""
+        return bytes(self._buffer[self._head_end :]) if self._request is not None else b""
+
     def next_event(self) -> Event:
-        event = self._next_h11_event()
-        if event is NEED_DATA:
+        if self._request is not None:
+            raise LocalProtocolError("the request was read already: one per connection")
+        request = self._read_head()
+        if request is None:
+            if self._closed:
+                raise ProtocolError("connection closed before the request was complete")
             return NEED_DATA
-        request = self._request
-        assert request is not None
         credentials = self._credentials(request)
         method = request.method.decode("ascii")
         target = request.target.decode("ascii", "replace")
@@ -265,41 +293,34 @@ class HttpProxyServer:
             return ConnectRequest(host, port, credentials)
         return ForwardRequest(method, target, credentials)
 
-    def _next_h11_event(self) -> NeedData | None:
-        """Read up to the end of the request head (and CONNECT's empty body)."""
-        while True:
-            event = client_event(self._conn)
-            if event is h11.NEED_DATA:
-                return NEED_DATA
-            if isinstance(event, h11.Request):
-                self._request = event
-                if event.method == b"CONNECT":
-                    headers = dict(event.headers)
-                    if headers.get(b"content-length", b"0") != b"0" or (
-                        b"transfer-encoding" in headers
-                    ):
-                        raise ProtocolError("CONNECT request with a body")
-                    continue
-                return None
-            if isinstance(event, h11.EndOfMessage):
-                return None
-            if isinstance(event, h11.ConnectionClosed):
-                raise ProtocolError("connection closed before the request was complete")
-            raise LocalProtocolError(f"unexpected h11 event {type(event).__name__}")
+    def _read_head(self) -> messages.RequestHead | None:
+        """The request head once it is whole (and CONNECT's empty body checked)."""
+        buffer = self._buffer
+        end = messages.head_end(buffer, self._scanned)
+        self._scanned = len(buffer)
+        if end < 0 or end > self._max_head:
+            if len(buffer) > self._max_head or end > self._max_head:
+                raise ProtocolError("malformed HTTP request", http_status=431)
+            return None
+        request = messages.HEADS.request(bytes(buffer[:end]))  # ProtocolError, its status
+        if request.method == b"CONNECT":
+            lengths = [v for n, v in request.headers if n == b"content-length"]
+            if any(v != b"0" for v in lengths) or any(
+                n == b"transfer-encoding" for n, _ in request.headers
+            ):
+                raise ProtocolError("CONNECT request with a body")
+        self._request, self._head_end = request, end
+        return request
 
     @staticmethod
-    def _credentials(request: h11.Request) -> Credentials | None:
+    def _credentials(request: messages.RequestHead) -> Credentials | None:
         values = [v for k, v in request.headers if k == b"proxy-authorization"]
         if len(values) != 1:
             return None
         return parse_basic_credentials(values[0])
 
     def established(self) -> bytes:
-        """The 200 answer to CONNECT; bytes after it belong to the tunnel.
-
-        The same bytes h11 would send, kept ready: producing them through h11
-        cost a third of a CONNECT's whole handshake.
-        """
+        """The 200 answer to CONNECT; bytes after it belong to the tunnel."""
         request = self._request
         if request is None or request.method != b"CONNECT" or self._established:
             raise LocalProtocolError("only a CONNECT request is answered with 200 once")
@@ -309,34 +330,34 @@ class HttpProxyServer:
     @property
     def said_more(self) -> bool:
         """Whether the client sent bytes after its CONNECT head (read with it)."""
-        return self._request is not None and bool(self._conn.trailing_data[0])
+        return self._request is not None and len(self._buffer) > self._head_end
 
     @property
     def trailing_data(self) -> bytes:
         """Bytes the client sent after its CONNECT head: the first bytes of the tunnel."""
-        if not self._established:
+        if not self._established or self._refused:
             raise LocalProtocolError("trailing data exists only once the tunnel is established")
-        data, _closed = self._conn.trailing_data
-        return bytes(data)
+        return self.rest
 
     def error_response(
         self, status: int, message: str = "", *, retry_after: int | None = None
     ) -> bytes:
         """A short text/plain answer that closes the connection; `retry_after`: the
         seconds a client should wait before it asks again (a 429's, a 503's)."""
+        self._refused = True
         phrase = http.HTTPStatus(status).phrase
         body = f"{status} {phrase}{': ' if message else ''}{message}\n".encode()
-        headers = [
-            ("Content-Type", "text/plain; charset=utf-8"),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ]
+        head = (
+            f"HTTP/1.1 {status} {phrase}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n"
+        )
         if status == 407:
-            headers.append(("Proxy-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"'))
+            head += f'Proxy-Authenticate: Basic realm="{REALM}", charset="UTF-8"\r\n'
         if retry_after is not None:
-            headers.append(("Retry-After", str(retry_after)))
-        head = h11.Response(status_code=status, headers=headers, reason=phrase.encode())
-        return self._conn.send(head) + self._conn.send(h11.Data(data=body))
+            head += f"Retry-After: {retry_after}\r\n"
+        return (head + "\r\n").encode("ascii") + body
 
 
 # --- our credentials for a parent HTTP proxy (forwarding, and ConnectClient) --------

@@ -67,7 +67,7 @@ class ResponseHead:
 _BLANK_LINE: Final = re.compile(rb"\n\r?\n")  # h11's: a bare LF ends a line too
 
 
-def head_end(buf: bytes, start: int = 0) -> int:
+def head_end(buf: bytes | bytearray, start: int = 0) -> int:
     """The index just past the blank line that ends the head at the start of `buf`
     (searching from `start`), or -1 while it has not come. A head may not begin with a
     blank line (h11 refuses it): 0 then."""

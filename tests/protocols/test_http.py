@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import h11
 import pytest
@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxyd.errors import LocalProtocolError, ProtocolError
+from proxyd.protocols import messages
 from proxyd.protocols.common import NEED_DATA, Credentials, canonical_host
 from proxyd.protocols.http import (
     DEFAULT_MAX_HEAD,
@@ -27,6 +28,24 @@ from proxyd.protocols.http import (
     parse_authority,
     parse_basic_credentials,
 )
+
+# Every test here runs on both of the head parsers HttpProxyServer may use.
+PARSERS = [
+    pytest.param(messages.H11Heads(), id="h11"),
+    pytest.param(
+        messages.HttptoolsHeads(),
+        id="httptools",
+        marks=pytest.mark.skipif(messages.httptools is None, reason="httptools not installed"),
+    ),
+]
+
+
+@pytest.fixture(scope="module", autouse=True, params=PARSERS)
+def head_parser(request: pytest.FixtureRequest) -> Iterator[None]:
+    saved = messages.HEADS
+    messages.HEADS = request.param  # type: ignore[misc]
+    yield
+    messages.HEADS = saved  # type: ignore[misc]
 
 
 def basic(userpass: bytes) -> bytes:
