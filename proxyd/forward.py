@@ -731,26 +731,9 @@ class Forwarder:
         return self.origin
 
     async def _route(self, method: str, host: str, port: int) -> Route:
-        """`gate.route`, without watching the client when the gate decides at once
-        (no lookup: the common case, which then costs no reader on the loop)."""
-        decided: asyncio.Future[Route] = self.loop.create_future()
-
-        def settled(found: Route | None, error: SessionError | None) -> None:
-            if decided.done():  # cancelled as the answer came
-                return
-            if error is not None:
-                decided.set_exception(error)
-            else:
-                assert found is not None
-                decided.set_result(found)
-
-        outcome = gate.decide(self.ctx, self.conn, method, host, port, settled)
-        if isinstance(outcome, Route):
-            return outcome
-        try:
-            return await self._watched(decided)
-        finally:
-            outcome.cancel()
+        """`gate.route`, the client watched only while a lookup is awaited (the gate
+        mostly decides at once: then no reader on the loop)."""
+        return await gate.route(self.ctx, self.conn, method, host, port, watch=self._watched)
 
     async def _watched(self, work: Awaitable[T]) -> T:
         """`work` (the lookup, the connect) while the client is watched: a client that

@@ -15,7 +15,7 @@ handshake (which runs without a task), and an awaitable face, for forwarding.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 from proxyd.context import Conn, Context, Rate
@@ -308,9 +308,17 @@ def _settled(command: str, route: Route) -> Route:
 
 
 async def route(
-    ctx: Context, conn: Conn, command: str, host: str, port: int, *, need_addresses: bool = False
+    ctx: Context,
+    conn: Conn,
+    command: str,
+    host: str,
+    port: int,
+    *,
+    need_addresses: bool = False,
+    watch: Callable[[Awaitable[Route]], Awaitable[Route]] | None = None,
 ) -> Route:
-    """`decide`, awaited: the route, or the error raised."""
+    """`decide`, awaited: the route, or the error raised. `watch` wraps the wait when
+    there is one (a lookup): forwarding watches its client meanwhile."""
     decided: asyncio.Future[Route] = asyncio.get_running_loop().create_future()
 
     def settled(found: Route | None, error: SessionError | None) -> None:
@@ -326,7 +334,7 @@ async def route(
     if isinstance(outcome, Route):
         return outcome
     try:
-        return await decided
+        return await (decided if watch is None else watch(decided))
     finally:
         outcome.cancel()
 
