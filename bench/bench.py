@@ -113,6 +113,30 @@ def measure_proxy(bench: Bench, proxy: Proxy) -> dict[str, Any]:
     return result
 
 
+# Loopback's ephemeral ports (28,232 by default) held in TIME_WAIT by earlier runs:
+# above this many, a run waits (at most PORTS_WAIT seconds) for them to clear, or
+# connects and binds fail with EADDRNOTAVAIL / EADDRINUSE.
+PORTS_BUSY = 15000
+PORTS_WAIT = 65.0
+
+
+def time_wait_sockets() -> int:
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("tw") + 1])
+    return 0
+
+
+def settle_ports() -> None:
+    deadline = time.monotonic() + PORTS_WAIT
+    if time_wait_sockets() > PORTS_BUSY:
+        print(f"  (waiting for TIME_WAIT sockets to clear: {time_wait_sockets()})", flush=True)
+    while time_wait_sockets() > PORTS_BUSY and time.monotonic() < deadline:
+        time.sleep(1)
+
+
 def measure_workers(bench: Bench) -> dict[str, Any]:
     """proxyd SOCKS5 handshakes at c=64, two comparisons.
 
@@ -241,16 +265,19 @@ def main(argv: list[str] | None = None) -> int:
                 )
             bench.start_servers()
             report["direct"] = measure_direct(bench)
+            # (the workers first: after every peer's run, loopback's ports may be
+            # short for a while, TIME_WAIT holding them)
+            if wanted is None or "proxyd" in wanted:
+                report["workers"] = measure_workers(bench)
             for proxy in [PROXYD, *PEERS]:
                 if wanted is not None and proxy.name not in wanted:
                     continue
                 if not proxy.installed():
                     bench.note(f"{proxy.name} is not installed: skipped")
                     continue
+                settle_ports()
                 report["proxies"][proxy.name] = measure_proxy(bench, proxy)
                 report["versions"][proxy.name] = report["proxies"][proxy.name]["version"]
-            if wanted is None or "proxyd" in wanted:
-                report["workers"] = measure_workers(bench)
         finally:
             procs.stop_all()
         report["busy_after"] = busy_processes()
