@@ -76,6 +76,7 @@ from proxyd.protocols.messages import (
     request_framing,
     response_bytes,
     response_framing,
+    take_request_head,
 )
 
 # Reads while a request head is awaited: small, as the first request's are (a head
@@ -785,18 +786,11 @@ class Forwarder:
         searched = 0
         while True:
             if buf:
-                end = head_end(buf, searched)
-                if end > DEFAULT_MAX_HEAD:  # (it came whole, with what followed it)
-                    raise ProtocolError(
-                        f"request head longer than {DEFAULT_MAX_HEAD} bytes", http_status=431
-                    )
-                if end > 0:
+                taken = take_request_head(buf, searched, DEFAULT_MAX_HEAD)
+                if taken is not None:
+                    head, end = taken
                     self.inbuf = buf[end:]
-                    return HEADS.request(buf[:end])
-                if end == 0:
-                    raise ProtocolError("malformed HTTP request")
-                if len(buf) > DEFAULT_MAX_HEAD:
-                    raise ProtocolError("malformed HTTP request", http_status=431)
+                    return head
                 searched = len(buf)
             if self.client_eof:
                 if buf:

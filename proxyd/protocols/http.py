@@ -295,14 +295,11 @@ class HttpProxyServer:
 
     def _read_head(self) -> messages.RequestHead | None:
         """The request head once it is whole (and CONNECT's empty body checked)."""
-        buffer = self._buffer
-        end = messages.head_end(buffer, self._scanned)
-        self._scanned = len(buffer)
-        if end < 0 or end > self._max_head:
-            if len(buffer) > self._max_head or end > self._max_head:
-                raise ProtocolError("malformed HTTP request", http_status=431)
+        taken = messages.take_request_head(self._buffer, self._scanned, self._max_head)
+        self._scanned = len(self._buffer)
+        if taken is None:
             return None
-        request = messages.HEADS.request(bytes(buffer[:end]))  # ProtocolError, its status
+        request, end = taken
         if request.method == b"CONNECT":
             lengths = [v for n, v in request.headers if n == b"content-length"]
             if any(v != b"0" for v in lengths) or any(

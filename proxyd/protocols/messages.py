@@ -77,6 +77,23 @@ def head_end(buf: bytes | bytearray, start: int = 0) -> int:
     return -1 if match is None else match.end()
 
 
+def take_request_head(
+    buf: bytes | bytearray, searched: int, max_head: int
+) -> tuple[RequestHead, int] | None:
+    """The request head at the start of `buf` and where it ends, once its blank line
+    has come (searching from `searched`: what was searched before holds none); None
+    while it has not. ProtocolError for a head longer than `max_head` (431) or one
+    that starts with a blank line (400), and as HEADS.request refuses one."""
+    end = head_end(buf, searched)
+    if end > max_head or (end < 0 and len(buf) > max_head):
+        raise ProtocolError(f"request head longer than {max_head} bytes", http_status=431)
+    if end == 0:
+        raise ProtocolError("malformed HTTP request")
+    if end < 0:
+        return None
+    return HEADS.request(bytes(buf[:end])), end
+
+
 # -- the heads: h11, the reference ----------------------------------------------------
 
 
