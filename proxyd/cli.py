@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from proxyd import __version__, auth, config, log, metrics, settings, systemd, tls
-from proxyd.errors import ConfigError
+from proxyd.errors import ConfigError, ListenFailed
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -142,8 +142,11 @@ def run(args: argparse.Namespace) -> int:
     def serve(server: Server) -> int:
         try:
             _run_loop(server.serve())
-        except OSError as exc:
-            logger.error("listen_failed", error=str(exc))
+        except ListenFailed as exc:
+            logger.error("listen_failed", address=exc.address, error=str(exc))
+            return EXIT_PROBLEM
+        except OSError as exc:  # not a listener's: the system refused something else
+            logger.error("start_failed", error=str(exc))
             return EXIT_PROBLEM
         return EXIT_OK
 
@@ -171,8 +174,11 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             return Supervisor(current, source, run_worker, logger, activated=bool(activated)).run()
-        except OSError as exc:
-            logger.error("listen_failed", error=str(exc))
+        except ListenFailed as exc:
+            logger.error("listen_failed", address=exc.address, error=str(exc))
+            return EXIT_PROBLEM
+        except OSError as exc:  # not a listener's: the system refused something else
+            logger.error("start_failed", error=str(exc))
             return EXIT_PROBLEM
     finally:
         _detach_broken_stdout()

@@ -286,6 +286,8 @@ class LogConfig:
     format: str = _key("json", _choice(LOG_FORMATS))
     level: str = _key("info", _choice(LOG_LEVELS))
     access: bool = _key(True, _boolean)
+    # a forwarded request's `url` keeps its query (which may carry tokens) only when asked
+    http_query: bool = _key(False, _boolean)
 
 
 @dataclass(frozen=True, slots=True)

@@ -239,3 +239,11 @@ class AddressNotSupported(UpstreamError):
 
     status = Status.UNSUPPORTED
     socks_reply = REP_ADDRESS_TYPE_NOT_SUPPORTED
+
+
+class ListenFailed(OSError):
+    """A listener could not be bound: which one (its config key and address), and why."""
+
+    def __init__(self, role: str, address: object, cause: OSError) -> None:
+        super().__init__(cause.errno, f"{role}: {address}: {cause.strerror}")
+        self.address = str(address)

@@ -78,6 +78,7 @@ from proxyd.protocols.messages import (
     response_framing,
     take_request_head,
 )
+from proxyd.relay import Relay, abort
 
 # Reads while a request head is awaited: small, as the first request's are (a head
 # is bounded by DEFAULT_MAX_HEAD whether it comes in pieces or whole)
@@ -90,6 +91,33 @@ LINGER: Final = 2.0
 LINGER_QUIET: Final = 0.5  # ... or until it has sent nothing for this long
 
 T = TypeVar("T")
+
+
+def _url(target: str, hostport: str, query: bool) -> str:
+    """The access line's `url`: scheme, the canonical host and port, the path (never
+    the userinfo; the query only when `log.http_query` keeps it)."""
+    parts = urllib.parse.urlsplit(target)
+    tail = parts.path or "/"
+    if query and parts.query:
+        tail += "?" + parts.query
+    return f"{parts.scheme.lower()}://{hostport}{tail}"
+
+
+def _has_token(values: list[bytes], token: bytes) -> bool:
+    return any(t.strip().lower() == token for v in values for t in v.split(b","))
+
+
+def websocket_upgrade(request: RequestHead) -> bytes | None:
+    """The Upgrade value of a request for a WebSocket (a GET in HTTP/1.1 whose
+    `Connection` names `upgrade` and whose `Upgrade` names `websocket`), to be passed
+    on; None for any other request (other upgrades are dropped as hop-by-hop)."""
+    if request.method != b"GET" or request.version != b"1.1":
+        return None
+    upgrade = [v for n, v in request.headers if n == b"upgrade"]
+    connection = [v for n, v in request.headers if n == b"connection"]
+    if len(upgrade) != 1 or not _has_token(connection, b"upgrade"):
+        return None
+    return upgrade[0] if _has_token(upgrade, b"websocket") else None
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -236,9 +264,13 @@ class Forwarder:
         self.answering = False  # an answer's head went (or is queued) to the client
         self.answer_done = False  # ... and its whole body
         self.close_after = False  # the answer says the connection closes after it
+        self.upgrade: bytes | None = None  # the request asks for a WebSocket (its Upgrade value)
         # per request, for its access line
         self.command: str | None = None
         self.target: str | None = None
+        self.url: str | None = None
+        self.http_status: int | None = None  # the answer the client got (its head went out)
+        self.ended: tuple[Status, str | None] | None = None  # how a WebSocket tunnel ended
         self.bytes_up = 0
         self.bytes_down = 0
 
@@ -272,7 +304,8 @@ class Forwarder:
                     next_request = await self._next_request()
                 except ProtocolError as exc:
                     self._send_client(self._error_page(exc.http_status, str(exc)))
-                    self.command = self.target = self.conn.user = None
+                    self.command = self.target = self.url = self.conn.user = None
+                    self.http_status = exc.http_status
                     self.bytes_up = self.bytes_down = 0
                     self._log(exc.status, str(exc), time.monotonic())
                     await self._linger()  # the rest of a refused head may still come
@@ -322,6 +355,9 @@ class Forwarder:
         self.body_done = kind == LENGTH and length == 0
         self.decoder = ChunkedDecoder() if kind == CHUNKED else None
         self.answering = self.answer_done = self.close_after = False
+        self.upgrade = websocket_upgrade(request)
+        self.http_status = None
+        self.ended = None
 
     async def _exchange(self, request: RequestHead) -> bool:
         """Forward one request; True when the client connection can carry another."""
@@ -330,7 +366,7 @@ class Forwarder:
         method = request.method.decode("ascii")
         target = request.target.decode("ascii", "replace")
         self.command = method
-        self.target = None
+        self.target = self.url = None
         self.conn.user = None  # this request's own, not the connection's last one
         status, error = Status.OK, None
         extra: dict[str, Any] = {}
@@ -341,6 +377,7 @@ class Forwarder:
                 await self._answer_local(method, target)
                 return self._reusable()
             self.target = format_hostport(*origin)
+            self.url = _url(target, self.target, self.ctx.config.log.http_query)
             if target[:8].lower() == "https://":
                 raise ProtocolError("https:// requests go through CONNECT", http_status=400)
             if ambiguous_framing(request.headers):
@@ -355,6 +392,9 @@ class Forwarder:
             if route.via is not None:
                 extra["via"] = route.via
             await self._forward(request, origin, target, route, extra)
+            if self.ended is not None:  # a WebSocket tunnel, ended by itself
+                status, error = self.ended
+                return False
         except SessionError as exc:
             status, error = exc.status, str(exc)
             if isinstance(exc, Denied):
@@ -362,6 +402,7 @@ class Forwarder:
             if not self.answering:
                 answer = self._error_page(exc.http_status, str(exc), exc.retry_after)
                 self._send_client(answer)
+                self.http_status = exc.http_status
             else:  # mid-answer: a reset, so that no client takes it for a whole one
                 self.cut = True
             return False
@@ -399,6 +440,8 @@ class Forwarder:
         headers = [(b"host", host_value)]
         headers += [(n, v) for n, v in end_to_end(request.headers) if n != b"host"]
         headers.append((b"via", VIA))
+        if self.upgrade is not None:  # the one upgrade passed on: hop-by-hop, asked anew
+            headers += [(b"connection", b"upgrade"), (b"upgrade", self.upgrade)]
         if origin.proxy is not None:  # an HTTP parent is asked in absolute form, as we were
             path = "http://" + host_value.decode("ascii") + path
             if origin.proxy.credentials is not None:
@@ -518,7 +561,9 @@ class Forwarder:
             if head.status >= 200:
                 return head
             if head.status == 101:
-                raise UpstreamBroken("the origin switched protocols; not supported")
+                if self.upgrade is not None:
+                    return head  # the WebSocket it was asked for: the answer, and a tunnel
+                raise UpstreamBroken("the origin switched protocols unasked")
             self._client_queue(informational_bytes(head))
             await self._flush_client()
             head = None
@@ -578,6 +623,11 @@ class Forwarder:
             raise self._parent_failed(origin, "refused our credentials (407)")
         request = self.request
         headers = [*end_to_end(head.headers), (b"via", VIA)]
+        if head.status == 101:
+            upgrade = [v for n, v in head.headers if n == b"upgrade"]
+            if not (self.upgrade is not None and _has_token(upgrade, b"websocket")):
+                raise UpstreamBroken("the origin switched to a protocol not asked for")
+            headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade[0])]
         # an early answer (the body not all read): the client is told to stop, as we
         # close after it
         out_head, out_framing, self.close_after = response_bytes(
@@ -589,7 +639,11 @@ class Forwarder:
             self.keep and self.body_done,
         )
         self.answering = True
+        self.http_status = head.status
         self._client_queue(out_head)
+        if head.status == 101:
+            await self._tunnel(origin)
+            return
         kind, length = response_framing(request.method, head.status, head.headers)
         reusable = keep_alive(head.version, head.headers)
         if kind == LENGTH:
@@ -603,6 +657,46 @@ class Forwarder:
             await self._sendall(self.sock, rest, "the client")
         self.answer_done = True
         self._keep_or_drop(origin, reusable)
+
+    async def _tunnel(self, origin: _Origin) -> None:
+        """After a 101 the connection speaks the protocol it switched to (WebSocket):
+        the relay moves its bytes both ways, as in any tunnel, until it ends (`ended`);
+        then the connection closes, whatever it was."""
+        if rest := self._flush_now():
+            await self._sendall(self.sock, rest, "the client")
+        self.readable.release()  # the relay's pumps watch both sockets from here on
+        origin.readable.release()
+        origin.whole = False  # the origin's connection ends with the tunnel
+        self.close_after = True
+        ended: asyncio.Future[tuple[Status, str | None]] = self.loop.create_future()
+
+        def on_end(status: Status, error: str | None) -> None:
+            if not ended.done():
+                ended.set_result((status, error))
+
+        cfg = self.ctx.config
+        relay = Relay(
+            self.sock,
+            origin.sock,
+            read_size=cfg.buffers.read_size,
+            idle=self.idle,
+            splice=cfg.buffers.splice,
+            on_end=on_end,
+            rate=gate.rate_for(self.ctx, self.conn.user),
+        )
+        first_up, self.inbuf = self.inbuf, b""
+        first_down, origin.inbuf = origin.inbuf, b""
+        relay.start(first_up, first_down)
+        try:
+            self.ended = await ended
+        finally:
+            relay.stop()
+            self.bytes_up += relay.bytes_up
+            self.bytes_down += relay.bytes_down
+        self.answer_done = True
+        if self.ended[0] is Status.RESET:  # a reset on one side is one on the other
+            self.cut = True
+            abort(origin.sock)
 
     async def _move_length(self, origin: _Origin, left: int) -> None:
         """A body of known length, counted through: what came with the head, then
@@ -627,8 +721,8 @@ class Forwarder:
             await self._client_send(data)
 
     async def _move_chunked(self, origin: _Origin, chunked: bool) -> None:
-        """A chunked body, its chunks written anew (`chunked`), or its data alone for an
-        HTTP/1.0 client, whose connection then ends it; the trailer is dropped."""
+        """A chunked body, its chunks written anew with its trailer fields (`chunked`),
+        or its data alone for an HTTP/1.0 client, whose connection then ends it."""
         decoder = ChunkedDecoder(MalformedResponse)
         data = origin.inbuf
         origin.inbuf = b""
@@ -646,7 +740,7 @@ class Forwarder:
                 if decoder.done:
                     origin.inbuf = decoder.rest
                     if chunked:
-                        self._client_queue(LAST_CHUNK)
+                        self._client_queue(last_chunk(decoder.trailer))
                     return
             await self._flush_client()
             data = await self._origin_recv(origin)
@@ -696,9 +790,10 @@ class Forwarder:
             ]
             request = self.request
             data, _, self.close_after = response_bytes(
-                200, b"", headers, request.method, request.version, self.keep
+                200, b"OK", headers, request.method, request.version, self.keep
             )
             self.answering = True
+            self.http_status = 200
             if method == "GET":
                 data += body
             await self._sendall(self.sock, data, "the client")
@@ -940,5 +1035,7 @@ class Forwarder:
                 bytes_down=self.bytes_down,
                 started=started,
                 error=error,
+                http_status=self.http_status,
+                url=self.url,
                 **(extra or {}),
             )

@@ -22,7 +22,7 @@ from proxyd.config import Config, ListenAddress
 from proxyd.context import Conn, Context
 from proxyd.direct import tune_socket
 from proxyd.dns import Resolver
-from proxyd.errors import ConfigError, Status
+from proxyd.errors import ConfigError, ListenFailed, Status
 from proxyd.metrics import AdminServer, Metrics
 from proxyd.poller import poller
 from proxyd.protocols import messages
@@ -141,18 +141,21 @@ class Server:
         # existed waits for it instead of being lost (workers.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         admin = None
+        role, address = "", None
         try:
             if self._activated:  # socket activation: systemd's sockets instead of server.listen
                 for sock in self._activated:
                     self._bound[ListenAddress(*sock.getsockname()[:2])] = sock
             else:
+                role = "server.listen"
                 for address in self.config.server.listen:
                     self._bound[address] = bind(address, self.config)
-            if self.config.metrics.listen is not None:
-                admin = bind(self.config.metrics.listen, self.config)
-        except OSError:
+            if (address := self.config.metrics.listen) is not None:
+                role = "metrics.listen"
+                admin = bind(address, self.config)
+        except OSError as exc:
             self._close_listeners()
-            raise
+            raise ListenFailed(role, address, exc) from None
         if admin is not None:
             await self._replace_admin(admin)
         # What exists now (modules, config) lives as long as the daemon: keep it out

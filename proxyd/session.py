@@ -351,11 +351,14 @@ class Session:
 
     def _refuse(self, error: SessionError) -> None:
         answer = self._handler.refusal(error) if self._handler is not None else None
+        extra = error.fields() if isinstance(error, Denied) else {}
         if answer:
             # a few bytes into an idle socket: one send, never a wait
             with contextlib.suppress(OSError):
                 self.sock.send(answer)
-        self._end(error.status, str(error), error.fields() if isinstance(error, Denied) else {})
+            if self.conn.protocol == "http":
+                extra["http_status"] = error.http_status
+        self._end(error.status, str(error), extra)
 
     def ended(self, status: Status, error: str | None) -> None:
         self._end(status, error)
@@ -390,6 +393,9 @@ class Session:
             fields = {**(worker.fields() if worker is not None else {}), **(extra or {})}
             if self._tls is not None and self.conn.tls is None:
                 fields["tls"] = None  # (it started TLS, but the handshake never finished)
+            if self.conn.protocol == "http":  # our answer: a CONNECT's 200, or a refusal's
+                answered = worker is not None and worker.answered
+                fields.setdefault("http_status", 200 if answered else None)
             command, target = self.command, self.target
             access.record(self.conn, status, command=command, target=target, error=error, **fields)
         self._on_close(self)

@@ -36,7 +36,7 @@ from typing import Any, Final
 
 from proxyd import metrics, settings, systemd, tls
 from proxyd.config import Config, ListenAddress
-from proxyd.errors import ConfigError
+from proxyd.errors import ConfigError, ListenFailed
 from proxyd.server import bind
 from proxyd.settings import Settings, Source
 
@@ -198,7 +198,7 @@ class Supervisor:
             for sock in new.values():
                 sock.close()
             role = "server.listen" if key[0] == "listen" else "metrics.listen"
-            raise OSError(exc.errno, f"{role}: {key[1]}: {exc.strerror}") from None
+            raise ListenFailed(role, key[1], exc) from None
         for key in [k for k in self._reserved if k not in wanted]:
             self._reserved.pop(key).close()
         self._reserved.update(new)

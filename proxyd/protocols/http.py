@@ -372,14 +372,14 @@ def basic_authorization(credentials: Credentials) -> str:
 
 VIA: Final = b"1.1 proxyd"
 # RFC 9110 section 7.6.1, plus the proxy's own credentials. Transfer-Encoding is
-# hop-by-hop as well, but h11 frames each side's body itself from it.
+# hop-by-hop as well, but each side's body is framed anew from it. (`Trailer`, which
+# names the trailer fields, is end to end: the trailers are passed on both ways.)
 HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"proxy-connection",
         b"keep-alive",
         b"te",
-        b"trailer",
         b"upgrade",
         b"proxy-authorization",
         b"proxy-authenticate",
