@@ -148,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:  # not a listener's: the system refused something else
             logger.error("start_failed", error=str(exc))
             return EXIT_PROBLEM
+        if server.lookups_left:
+            # a resolver thread still waits for a DNS server that never answers: the
+            # interpreter's exit would join it, for as long as resolv.conf lets it wait
+            _detach_broken_stdout()
+            os._exit(EXIT_OK)
         return EXIT_OK
 
     try:

@@ -90,8 +90,11 @@ class Resolver:
         self._in_flight: dict[str, int] = {}  # client address: names it has queued or running
         self._hosts = HostsFile(hosts) if hosts is not None else None
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop looking up; True when a lookup still runs in a thread (a DNS server
+        that never answers), which the interpreter's exit would wait for."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        return any(query.work.running() for query in self._pending.values())
 
     def configure(
         self, *, size: int, ttl: float, negative_ttl: float, per_client: int | None = None

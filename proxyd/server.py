@@ -126,6 +126,7 @@ class Server:
         self.metrics: Metrics | None = None
         self._admin: AdminServer | None = None
         self._admin_port: int | None = None
+        self.lookups_left = False  # at the end: a resolver thread still waits for its DNS server
         # connections refused at accept since the last warning, and when that was
         self._refused = 0
         self._refusal_warned = -REFUSAL_WARNING_INTERVAL
@@ -202,7 +203,7 @@ class Server:
             if self._admin is not None:
                 await self._admin.close()
             self.ctx.auth.close()
-            self.ctx.resolver.close()
+            self.lookups_left = self.ctx.resolver.close()
             self.ctx.upstreams.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)

@@ -11,6 +11,7 @@ asserted here."""
 from __future__ import annotations
 
 import select
+import signal
 import socket
 import struct
 import time
@@ -238,3 +239,22 @@ def resolves_again(daemon, port: int) -> bool:
         if try_connect(daemon, "fast.test", port, "127.0.0.1") == 0:
             return True
     return False
+
+
+def test_a_lookup_that_never_ends_does_not_hold_the_daemon_s_exit(start_daemon, tmp_path):
+    """SIGTERM while a resolver thread waits for a DNS server that never answers: the
+    daemon stops (exit 0, its last lines written) without waiting STALL s for it."""
+    with dns_server(stall_unknown=True, names={}) as nameserver:
+        prefix = names_prefix(tmp_path / "names", nameserver)
+        daemon = start_daemon(CONFIG + "[server]\nshutdown_grace = 0\n", prefix=prefix)
+        with socket.create_connection(daemon.address, timeout=PROMPT) as sock:
+            sock.sendall(b"\x05\x01\x00\x05\x01\x00" + socks5client.address("never.test", 80))
+            assert recv_exact(sock, 2) == b"\x05\x00"
+            time.sleep(0.3)  # the lookup is under way in its thread
+            stopping = time.monotonic()
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert daemon.proc.wait(timeout=STALL) == 0
+        assert time.monotonic() - stopping < STALL / 2
+        daemon.wait_for(lambda e: e.get("event") == "stopped")
+        line = daemon.access()
+        assert (line["status"], line["target"]) == ("shutdown", "never.test:80")
