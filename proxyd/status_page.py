@@ -17,6 +17,7 @@ CHART_HEIGHT: Final = 80
 _STYLE: Final = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.05em;margin:1.4em 0 .4em}
+h3{font-size:1em;margin:.6em 0 .2em}
 table{border-collapse:collapse}td,th{padding:.15em .8em .15em 0;text-align:left}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 .muted{color:#777}.up{color:#17702a}.down{color:#b3261e;font-weight:bold}
@@ -63,9 +64,7 @@ def _chart(title: str, lines: list[tuple[str, str, list[int]]]) -> str:
             for i, v in enumerate(values)
         )
         polylines.append(f'<polyline class="{css}" points="{points}"/>')
-    legend = ", ".join(
-        f'<span class="{css}">{_e(name)}</span>' for css, name, _ in lines
-    )
+    legend = ", ".join(f'<span class="{css}">{_e(name)}</span>' for css, name, _ in lines)
     return (
         f"<div>{_e(title)}: {legend} <span class=muted>(peak {peak:,} per second)</span>"
         f'<svg width="{CHART_WIDTH}" height="{CHART_HEIGHT}" '
