@@ -285,11 +285,11 @@ class AdminServer:
         self,
         metrics: Metrics,
         healthy: Callable[[], bool],
-        about: Callable[[], status.About] | None = None,
+        about: Callable[[], status.About],
     ) -> None:
         self.metrics = metrics
         self.healthy = healthy
-        self.about = about or (lambda: status.About(workers=1, listeners=[], enabled=True))
+        self.about = about  # the daemon's facts for the status page, as they are now
         self._server: asyncio.Server | None = None
         self._publishing: asyncio.Future[None] | None = None  # a snapshot being written
         # open connections, oldest first: a new one beyond the cap closes the oldest,
@@ -372,7 +372,7 @@ class AdminServer:
         if path == b"/" or path == b"/status.json":
             about = self.about()
             if not about.enabled:
-                return 404, USAGE, text
+                return 404, b"the status page is off ([metrics] status_page = false)\n", text
             # this worker's share now; the other workers' files are read off the loop
             live = RECORDER.snapshot()
             if path == b"/":

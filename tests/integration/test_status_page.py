@@ -234,3 +234,7 @@ def test_status_page_off(start_daemon):
     assert get(daemon, "/")[0] == 404
     assert get(daemon, "/status.json")[0] == 404
     assert get(daemon, "/metrics")[0] == 200
+    # a reload turns it on (the listener stays where it is)
+    outcome = daemon.reload('[metrics]\nlisten = "127.0.0.1:0"\n')[0]
+    assert outcome["event"] == "reloaded", outcome
+    assert get(daemon, "/")[0] == 200
