@@ -26,11 +26,16 @@ HOSTILE_PASSWORD = "hostile-pass-1"
 
 
 def get(daemon, path: str) -> tuple[int, str, bytes]:
+    code, headers, body = get_with_headers(daemon, path)
+    return code, headers["Content-Type"], body
+
+
+def get_with_headers(daemon, path: str) -> tuple[int, http.client.HTTPMessage, bytes]:
     conn = http.client.HTTPConnection(*metrics_address(daemon), timeout=10)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
-        return response.status, response.getheader("Content-Type"), response.read()
+        return response.status, response.headers, response.read()
     finally:
         conn.close()
 
@@ -170,8 +175,9 @@ def test_status_page_shows_the_traffic(start_daemon, two_users, tcp_server, orig
         assert report["workers"] == report["workers_reporting"] == 1
         assert report["listeners"] == [f"127.0.0.1:{daemon.port}"]
 
-        code, kind, body = get(daemon, "/")
-        assert code == 200 and kind == "text/html; charset=utf-8"
+        code, headers, body = get_with_headers(daemon, "/")
+        assert code == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+        assert headers["Content-Security-Policy"].startswith("default-src 'none';")
         page = body.decode()
         assert f"{closed + 14_000:,} B" in page
         assert "alice" in page and "127.0.0.1" in page and "denied" in page
