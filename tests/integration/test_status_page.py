@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -209,9 +210,14 @@ def assert_equal(a, b) -> None:
     assert a == b, (a, b)
 
 
-def test_workers_page_sums_every_worker(start_daemon, tcp_server):
-    daemon = start_daemon('[server]\nworkers = 2\n[metrics]\nlisten = "127.0.0.1:0"\n')
-    workers_started(daemon, 2)
+def test_workers_page_sums_every_worker(start_daemon, tcp_server, tmp_path):
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    daemon = start_daemon(
+        '[server]\nworkers = 2\n[metrics]\nlisten = "127.0.0.1:0"\n',
+        env={"RUNTIME_DIRECTORY": str(runtime)},
+    )
+    pids = workers_started(daemon, 2)
     server = tcp_server()
     for _ in range(20):
         tunnel(daemon, server.port, b"w" * 1000)
@@ -233,6 +239,22 @@ def test_workers_page_sums_every_worker(start_daemon, tcp_server):
         assert code == 200
         assert '<span id="connections">20</span>' in body.decode()
         assert '<span id="workers">2 of 2</span>' in body.decode()
+
+    # a worker that ends takes its share along: the supervisor removes its file
+    (files,) = [path / "status" for path in runtime.iterdir()]
+    assert {path.name for path in files.iterdir()} == {f"{pid}.json" for pid in pids.values()}
+    os.kill(pids[0], signal.SIGKILL)
+    daemon.wait_for(lambda e: e.get("event") == "worker_restarted")
+    workers_started(daemon, 3)
+    # worker 0 numbered its connections 1, 3, 5, ...: what is left is worker 1's
+    left = sum(e["conn_id"] % 2 == 0 for e in daemon.access_events())
+
+    def without_the_dead() -> None:
+        report = status_json(daemon)
+        assert report["workers_reporting"] == 2 and report["connections"] == left, report
+        assert f"{pids[0]}.json" not in {path.name for path in files.iterdir()}
+
+    until(without_the_dead)
 
 
 def test_status_page_off(start_daemon):
