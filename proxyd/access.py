@@ -10,6 +10,7 @@ from typing import Any
 from proxyd.context import Conn
 from proxyd.errors import Status
 from proxyd.log import write_access
+from proxyd.status import RECORDER
 
 _CONN_USER: Any = object()  # `user` not given: the connection's
 
@@ -56,3 +57,4 @@ def record(
     if conn.proxied_by is not None:
         event["proxied_by"] = conn.proxied_by
     write_access(event)
+    RECORDER.logged(conn, status, event["user"], bytes_up, bytes_down)  # the status page

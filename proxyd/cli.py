@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxyd import __version__, auth, config, log, metrics, settings, systemd, tls
+from proxyd import __version__, auth, config, log, metrics, settings, status, systemd, tls
 from proxyd.errors import ConfigError, ListenFailed
 
 EXIT_OK = 0
@@ -159,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         if cfg.server.workers == 1:
             # metrics of one process live in it; no multiprocess files of someone else's
             os.environ.pop(metrics.MULTIPROC_ENV, None)
+            os.environ.pop(status.DIR_ENV, None)
             watcher = systemd.Notifier()
             return serve(
                 Server(current, logger, activated=activated, watcher=watcher, reread=source.read)

@@ -279,6 +279,8 @@ class TlsConfig:
 class MetricsConfig:
     # the admin listener for /metrics (Prometheus) and /healthz; unset = none
     listen: ListenAddress | None = _key(None, _one_listen)
+    # the live status page on it (GET / and /status.json): user names, client addresses
+    status_page: bool = _key(True, _boolean)
 
 
 @dataclass(frozen=True, slots=True)

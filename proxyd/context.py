@@ -87,6 +87,7 @@ class Conn:
         "_sock",
         "client",
         "conn_id",
+        "metered",
         "peer_ip",
         "protocol",
         "proxied_by",
@@ -108,6 +109,8 @@ class Conn:
         self.user: str | None = None  # as the credentials name it (forwarding: this request's)
         self.tls: str | None = None  # "TLSv1.3" and the like, for a client in TLS
         self.proxied_by: str | None = None  # the trusted balancer it came through
+        # bytes up and down, datagrams up and down, the metrics were told (proxyd.metrics.Meter)
+        self.metered: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def local_address(self) -> tuple[Any, ...]:
         """The listener address the client connected to."""

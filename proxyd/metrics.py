@@ -1,7 +1,9 @@
 """Prometheus metrics (prometheus-client) and the admin listener that serves them.
 
 `[metrics] listen` turns them on: `GET /metrics` in the Prometheus text format
-and `GET /healthz` (200 while serving, 503 while draining). With several workers
+and `GET /healthz` (200 while serving, 503 while draining), and unless
+`[metrics] status_page = false` the live status page, `GET /` and
+`GET /status.json` (proxyd.status, proxyd.status_page). With several workers
 every worker records into prometheus-client's multiprocess files (the supervisor
 sets PROMETHEUS_MULTIPROC_DIR before forking), and whichever worker the kernel
 hands a scrape to answers with the sum over all of them, dead workers' counters
@@ -15,14 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import h11
 
+from proxyd import status, status_page
+from proxyd.status import RECORDER
+
 if TYPE_CHECKING:
     import socket
+
+    from proxyd.status import Metered
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 # seconds: a handshake is mostly sub-millisecond on loopback, a password derivation
@@ -150,6 +158,7 @@ class Metrics:
 
     def opened(self, protocol: str) -> None:
         self._child(self.active, protocol).inc()
+        RECORDER.opened(protocol)
 
     def handshake_done(self, protocol: str, seconds: float) -> None:
         self._child(self.handshake, protocol).observe(seconds)
@@ -162,6 +171,7 @@ class Metrics:
         if active and protocol is not None:
             self._child(self.active, protocol).dec()
         self._child(self.connections, protocol or "unknown", status).inc()
+        RECORDER.closed(protocol, active=active)
 
     def request_done(self, status: str, bytes_up: int, bytes_down: int) -> None:
         self._child(self.requests, status).inc()
@@ -179,6 +189,7 @@ class Metrics:
 
     def parent_state(self, group: str, server: str, up: bool) -> None:
         self._child(self.parent_up, group, server).set(1 if up else 0)
+        RECORDER.parents[group, server] = up
 
     def parent_failed(self, group: str, server: str) -> None:
         self._child(self.parent_failures, group, server).inc()
@@ -186,6 +197,7 @@ class Metrics:
     def parent_gone(self, group: str, server: str) -> None:
         """A reload removed the parent: its up/down series goes (with workers, the
         value already written stays in the files until a restart)."""
+        RECORDER.parents.pop((group, server), None)
         child = self._children.pop((id(self.parent_up), group, server), None)
         if child is not None:
             self.parent_up.remove(group, server)
@@ -219,14 +231,17 @@ class Metrics:
 
 class Meter:
     """One connection in the metrics: counted open from its protocol's detection, its
-    traffic told as it grows (`update`, every few seconds and at the end)."""
+    traffic told as it grows (`update`, every few seconds and at the end), to the
+    metrics and to the status page's recorder, by the connection's user and client
+    address. What was told is kept on the connection (`metered`), so that its
+    access line adds only what was not."""
 
-    __slots__ = ("_metrics", "_protocol", "_told")
+    __slots__ = ("_conn", "_metrics", "_protocol")
 
-    def __init__(self, metrics: Metrics, protocol: str) -> None:
+    def __init__(self, metrics: Metrics, protocol: str, conn: Metered) -> None:
         self._metrics = metrics
         self._protocol = protocol
-        self._told: tuple[int, ...] = (0, 0, 0, 0)
+        self._conn = conn
         metrics.opened(protocol)
 
     def handshake_done(self, seconds: float) -> None:
@@ -234,9 +249,14 @@ class Meter:
 
     def update(self, usage: tuple[int, int, int, int]) -> None:
         """Bytes up and down, datagrams up and down so far: what is new is recorded."""
-        if usage != self._told:
-            self._metrics.relayed(*(n - b for n, b in zip(usage, self._told, strict=True)))
-            self._told = usage
+        conn = self._conn
+        told = conn.metered
+        if usage != told:
+            self._metrics.relayed(*(n - b for n, b in zip(usage, told, strict=True)))
+            up, down = usage[0] - told[0], usage[1] - told[1]
+            if up or down:
+                RECORDER.traffic(conn.user, conn.peer_ip, up, down)
+            conn.metered = usage
 
 
 def reload_counter() -> Any:
@@ -258,18 +278,38 @@ def forget_process(pid: int) -> None:
 
 
 class AdminServer:
-    """The admin listener: GET /metrics and GET /healthz over HTTP/1.1 (h11)."""
+    """The admin listener: GET /metrics, /healthz, and the status page (/ and
+    /status.json) over HTTP/1.1 (h11)."""
 
-    def __init__(self, metrics: Metrics, healthy: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        healthy: Callable[[], bool],
+        about: Callable[[], status.About],
+    ) -> None:
         self.metrics = metrics
         self.healthy = healthy
+        self.about = about  # the daemon's facts for the status page, as they are now
         self._server: asyncio.Server | None = None
+        self._publishing: asyncio.Future[None] | None = None  # a snapshot being written
         # open connections, oldest first: a new one beyond the cap closes the oldest,
         # so clients that connect and stall cannot lock the scrapers out
         self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def start(self, sock: socket.socket) -> None:
         self._server = await asyncio.start_server(self._serve, sock=sock)
+
+    def publish(self) -> None:
+        """With workers: leave this worker's status snapshot where the others read it
+        (every few seconds, from the server's tick); written in a thread."""
+        directory = status.shared_dir()
+        if directory is None or not self.about().enabled:
+            return
+        if self._publishing is not None and not self._publishing.done():
+            return  # the last one is still being written: skip one
+        snapshot = RECORDER.snapshot()
+        loop = asyncio.get_running_loop()
+        self._publishing = loop.run_in_executor(None, status.write, directory, snapshot)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -311,6 +351,8 @@ class AdminServer:
                 elif isinstance(event, h11.Request):
                     status, body, kind = await self._answer(event)
                     headers = [("Content-Type", kind), ("Content-Length", str(len(body)))]
+                    if kind.startswith("text/html"):
+                        headers += PAGE_HEADERS
                     writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
                     if event.method != b"HEAD":
                         writer.write(conn.send(h11.Data(data=body)))
@@ -327,8 +369,18 @@ class AdminServer:
     async def _answer(self, request: h11.Request) -> tuple[int, bytes, str]:
         text = "text/plain; charset=utf-8"
         if request.method not in (b"GET", b"HEAD"):
-            return 405, b"GET /metrics or /healthz\n", text
+            return 405, USAGE, text
         path = request.target.split(b"?", 1)[0]
+        if path == b"/" or path == b"/status.json":
+            about = self.about()
+            if not about.enabled:
+                return 404, b"the status page is off ([metrics] status_page = false)\n", text
+            # this worker's share now; the other workers' files are read off the loop
+            live = RECORDER.snapshot()
+            if path == b"/":
+                page = await asyncio.to_thread(_status_page, live, about)
+                return 200, page, "text/html; charset=utf-8"
+            return 200, await asyncio.to_thread(_status_json, live, about), "application/json"
         if path == b"/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -340,4 +392,30 @@ class AdminServer:
             if self.healthy():
                 return 200, b"ok\n", text
             return 503, b"draining\n", text
-        return 404, b"GET /metrics or /healthz\n", text
+        return 404, USAGE, text
+
+
+USAGE: Final = b"GET /metrics, /healthz, / (status page) or /status.json\n"
+# the status page loads nothing and runs nothing: should a name ever slip through
+# unescaped, the browser still runs no script from it
+PAGE_HEADERS: Final = [
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+        "form-action 'none'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Cache-Control", "no-store"),
+]
+
+
+def _status_report(live: dict[str, Any], about: status.About) -> dict[str, Any]:
+    return status.report(status.gather(live, status.shared_dir()), about)
+
+
+def _status_page(live: dict[str, Any], about: status.About) -> bytes:
+    return status_page.render(_status_report(live, about))
+
+
+def _status_json(live: dict[str, Any], about: status.About) -> bytes:
+    return json.dumps(_status_report(live, about), separators=(",", ":")).encode() + b"\n"

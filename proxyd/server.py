@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from proxyd import __version__, access, gate, systemd
+from proxyd import __version__, access, gate, status, systemd
 from proxyd.auth import Authenticator, Throttle
 from proxyd.chain import Upstreams
 from proxyd.config import Config, ListenAddress
@@ -401,7 +401,7 @@ class Server:
                 self.ctx.auth.on_failure = self.metrics.auth_failed
             self.ctx.metrics = self.metrics
             self.ctx.upstreams.watch(self.metrics)
-            admin = AdminServer(self.metrics, lambda: not self._stop.is_set())
+            admin = AdminServer(self.metrics, lambda: not self._stop.is_set(), self._about)
             await admin.start(sock)
         except BaseException:
             sock.close()
@@ -410,6 +410,14 @@ class Server:
         self.log.info("metrics_listening", address=_name(sock))
 
     # -- status -----------------------------------------------------------------------
+
+    def _about(self) -> status.About:
+        """What the status page says of this daemon besides its counts."""
+        return status.About(
+            workers=self.config.server.workers,
+            listeners=[_name(sock) for sock in self._bound.values() if sock.fileno() >= 0],
+            enabled=self.config.metrics.status_page,
+        )
 
     def _schedule_tick(self) -> None:
         if self._tick is None and (self.watcher.interval or self.ctx.metrics is not None):
@@ -434,6 +442,8 @@ class Server:
                     session.meter()
             with contextlib.suppress(OSError):
                 metrics.count_tasks()
+            if self._admin is not None:
+                self._admin.publish()  # with workers: this one's share of the status page
 
     # -- accepting --------------------------------------------------------------------
 

@@ -153,7 +153,7 @@ class Session:
         self._handler = handler
         self.conn.protocol = handler.protocol
         if (metrics := self.ctx.metrics) is not None:
-            self._meter = Meter(metrics, handler.protocol)
+            self._meter = Meter(metrics, handler.protocol, self.conn)
 
     def send(self, data: bytes) -> None:
         send_reply(self.sock, data)

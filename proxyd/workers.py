@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from proxyd import metrics, settings, systemd, tls
+from proxyd import metrics, settings, status, systemd, tls
 from proxyd.config import Config, ListenAddress
 from proxyd.errors import ConfigError, ListenFailed
 from proxyd.server import bind
@@ -148,6 +148,9 @@ class Supervisor:
         # each worker's metrics go to files here, summed by whichever worker is scraped
         (self.runtime / "metrics").mkdir()
         os.environ[metrics.MULTIPROC_ENV] = str(self.runtime / "metrics")
+        # and their status page snapshots here, merged by whichever worker answers
+        (self.runtime / "status").mkdir()
+        os.environ[status.DIR_ENV] = str(self.runtime / "status")
         try:
             config = self._reserve(self.config)  # OSError (address in use) reaches the CLI
             self.settings = dataclasses.replace(self.settings, config=config)
@@ -393,7 +396,7 @@ class Supervisor:
 
     def _reap(self) -> None:
         while self.children:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
             index = self.children.pop(pid, None)
@@ -401,9 +404,10 @@ class Supervisor:
             self.active.pop(pid, None)
             self.unready.discard(pid)
             metrics.forget_process(pid)
+            status.forget_process(pid)
             if index is None or self.stopping:
                 continue
-            code = os.waitstatus_to_exitcode(status)
+            code = os.waitstatus_to_exitcode(wait_status)
             young = time.monotonic() - self.started[index] < RESTART_PAUSE
             self.log.warning("worker_exited", worker=index, pid=pid, exit_code=code)
             self.restarts[index] = time.monotonic() + (RESTART_PAUSE if young else 0.0)

@@ -133,7 +133,7 @@ def test_every_key_set() -> None:
                 "tcp_nodelay": False,
             },
             "log": {"format": "console", "level": "debug", "access": False},
-            "metrics": {"listen": "[::1]:9180"},
+            "metrics": {"listen": "[::1]:9180", "status_page": False},
         }
     )
     assert cfg == Config(
@@ -157,7 +157,7 @@ def test_every_key_set() -> None:
         timeouts=TimeoutsConfig(handshake=2.5, connect=3.0, idle=600.0, udp_idle=0.5),
         buffers=BuffersConfig(read_size=1024, so_rcvbuf=4096, so_sndbuf=8192, tcp_nodelay=False),
         log=LogConfig(format="console", level="debug", access=False),
-        metrics=MetricsConfig(listen=ListenAddress("::1", 9180)),
+        metrics=MetricsConfig(listen=ListenAddress("::1", 9180), status_page=False),
     )
     assert isinstance(cfg.auth.users_file, Path)
     assert type(cfg.timeouts.connect) is float
@@ -247,6 +247,7 @@ BAD = [
     ({"metrics": {"listen": "localhost:9180"}}, "metrics.listen"),
     ({"metrics": {"listen": "127.0.0.1:99999"}}, "metrics.listen"),
     ({"metrics": {"port": 9180}}, "metrics.port"),
+    ({"metrics": {"status_page": "yes"}}, "metrics.status_page"),
     # Unknown keys and sections are errors, so a typo is never silently ignored.
     ({"server": {"listn": ["127.0.0.1:1080"]}}, "server.listn"),
     ({"timeouts": {"conect": 10}}, "timeouts.conect"),
