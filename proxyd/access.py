@@ -26,11 +26,17 @@ def record(
     bytes_down: int = 0,
     started: float | None = None,
     error: str | None = None,
+    write: bool = True,
     **extra: Any,
 ) -> None:
-    """Write one access line for `conn`. `started` (time.monotonic) defaults to the
+    """Write one access line for `conn` (unless `write` is False: `log.access` is off),
+    and tell the status page. `started` (time.monotonic) defaults to the
     connection's accept; `extra` adds fields (`rule`, `via`, datagram counts, ...)
     after the contract's own, and the connection's TLS version and balancer last."""
+    if not write:
+        user = conn.user if user is _CONN_USER else user
+        RECORDER.logged(conn, status, user, bytes_up, bytes_down)
+        return
     event: dict[str, Any] = {
         "ts": None,
         "level": "info",

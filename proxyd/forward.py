@@ -1025,17 +1025,17 @@ class Forwarder:
         self.lines += 1
         if (metrics := self.ctx.metrics) is not None:
             metrics.request_done(status, self.bytes_up, self.bytes_down)
-        if self.ctx.config.log.access:
-            access.record(
-                self.conn,
-                status,
-                command=self.command,
-                target=self.target,
-                bytes_up=self.bytes_up,
-                bytes_down=self.bytes_down,
-                started=started,
-                error=error,
-                http_status=self.http_status,
-                url=self.url,
-                **(extra or {}),
-            )
+        access.record(
+            self.conn,
+            status,
+            command=self.command,
+            target=self.target,
+            bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down,
+            started=started,
+            error=error,
+            write=self.ctx.config.log.access,
+            http_status=self.http_status,
+            url=self.url,
+            **(extra or {}),
+        )

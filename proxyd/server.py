@@ -507,8 +507,8 @@ class Server:
             sock.close()
             if self.ctx.metrics is not None:
                 self.ctx.metrics.closed(None, Status.LIMIT, active=False)
-            if self.config.log.access:
-                access.record(Conn(conn_id, peer), Status.LIMIT, error=refusal)
+            write = self.config.log.access
+            access.record(Conn(conn_id, peer), Status.LIMIT, error=refusal, write=write)
             return
         try:
             sock.setblocking(False)

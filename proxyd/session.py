@@ -389,7 +389,7 @@ class Session:
                 self.meter()
                 metrics.closed(self.conn.protocol, status, active=self._meter is not None)
         self._admission.release()
-        if self.ctx.config.log.access and not (worker is not None and worker.logged):
+        if not (worker is not None and worker.logged):
             fields = {**(worker.fields() if worker is not None else {}), **(extra or {})}
             if self._tls is not None and self.conn.tls is None:
                 fields["tls"] = None  # (it started TLS, but the handshake never finished)
@@ -397,7 +397,16 @@ class Session:
                 answered = worker is not None and worker.answered
                 fields.setdefault("http_status", 200 if answered else None)
             command, target = self.command, self.target
-            access.record(self.conn, status, command=command, target=target, error=error, **fields)
+            write = self.ctx.config.log.access
+            access.record(
+                self.conn,
+                status,
+                command=command,
+                target=target,
+                error=error,
+                write=write,
+                **fields,
+            )
         self._on_close(self)
         # no links back to this session are left: it is freed at once, without a gc pass
         self._handler = self._worker = self._auth = self.task = self._tls = None

@@ -266,3 +266,31 @@ def test_status_page_off(start_daemon):
     outcome = daemon.reload('[metrics]\nlisten = "127.0.0.1:0"\n')[0]
     assert outcome["event"] == "reloaded", outcome
     assert get(daemon, "/")[0] == 200
+
+
+def test_the_page_counts_what_log_access_does_not_print(start_daemon, tcp_server, origin):
+    """With `log.access = false` no access line is printed, yet a forwarded request's
+    bytes and a refusal still reach the page."""
+    refused = free_port()
+    daemon = start_daemon(
+        '[metrics]\nlisten = "127.0.0.1:0"\n[log]\naccess = false\n'
+        f'[[rules]]\naction = "deny"\ndestinations = ["127.0.0.1/32"]\nports = [{refused}]\n'
+    )
+    conn = http.client.HTTPConnection(*daemon.address, timeout=10)
+    conn.request("GET", f"{origin.url}")
+    response = conn.getresponse()
+    body = response.read()
+    assert response.status == 200
+    conn.close()
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", refused)
+    sock.close()
+    assert rep == 0x02
+
+    def shown() -> dict:
+        report = status_json(daemon)
+        assert report["refusals"] == {"denied": 1}
+        assert report["bytes_down"] == len(body)
+        return report
+
+    until(shown)
+    assert not daemon.access_events()
