@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 from collections.abc import Callable
@@ -375,6 +376,8 @@ class AdminServer:
             about = self.about()
             if not about.enabled:
                 return 404, b"the status page is off ([metrics] status_page = false)\n", text
+            if not _asked_by_address(request):
+                return 421, NOT_BY_NAME, text
             # this worker's share now; the other workers' files are read off the loop
             live = RECORDER.snapshot()
             if path == b"/":
@@ -407,6 +410,34 @@ PAGE_HEADERS: Final = [
     ("X-Content-Type-Options", "nosniff"),
     ("Cache-Control", "no-store"),
 ]
+
+
+NOT_BY_NAME: Final = (
+    b"the status page answers requests for an IP address or localhost, not a name: "
+    b"a page another site's name points at us could read it (DNS rebinding)\n"
+)
+
+
+def _asked_by_address(request: h11.Request) -> bool:
+    """Whether the request's Host is an IP literal or `localhost` (or it has none): a
+    browser sent here by a name could have been sent by a site whose name was made
+    to resolve to this address, and would let that site's script read user names
+    and client addresses (Syncthing's GUI guards the same way)."""
+    host = next((value for name, value in request.headers if name == b"host"), None)
+    if host is None:
+        return True  # (a browser always sends one)
+    text = host.decode("ascii", "replace")
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif ":" in text:
+        text = text.rpartition(":")[0]
+    if text.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _status_report(live: dict[str, Any], about: status.About) -> dict[str, Any]:

@@ -294,3 +294,31 @@ def test_the_page_counts_what_log_access_does_not_print(start_daemon, tcp_server
 
     until(shown)
     assert not daemon.access_events()
+
+
+def test_the_page_answers_an_address_not_a_name(start_daemon):
+    """DNS rebinding: a browser sent to the admin listener by a name (which another
+    site may have pointed at it) gets 421, and no user name or address; asked by
+    IP address or localhost, it gets the page. /metrics is not concerned."""
+    daemon = start_daemon('[metrics]\nlisten = "127.0.0.1:0"\n')
+    host, port = metrics_address(daemon)
+    for name, code in [
+        (f"evil.example:{port}", 421),
+        ("evil.example", 421),
+        (f"{host}:{port}", 200),
+        (f"localhost:{port}", 200),
+        (f"[::1]:{port}", 200),
+    ]:
+        for path in ("/", "/status.json"):
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            conn.request("GET", path, headers={"Host": name})
+            response = conn.getresponse()
+            body = response.read()
+            conn.close()
+            assert response.status == code, (name, path, body)
+            if code == 421:
+                assert b"DNS rebinding" in body
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", "/metrics", headers={"Host": "evil.example"})
+    assert conn.getresponse().status == 200
+    conn.close()
