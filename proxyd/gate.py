@@ -276,9 +276,7 @@ def decide(
                 if (denied := guard.own(addr[0], port)) is not None:
                     raise denied  # a parent on this host would come back to us
             checked = guard.own if screen else refuse  # (a BIND for any peer: each peer)
-            route = Route(
-                host, port, addresses, via, checked, deadline, decided_by, conn.peer_ip
-            )
+            route = Route(host, port, addresses, via, checked, deadline, decided_by, conn.peer_ip)
             outcome = _settled(command, route)
         except SessionError as exc:
             outcome = exc
