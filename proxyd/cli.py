@@ -59,13 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     why = sub.add_parser(
         "explain", help="say whether a request would be allowed, and why (exit 0, 3 if refused)"
     )
-    why.add_argument("--config", type=Path, dest="explain_path", default=None)
-    why.add_argument("--client", type=_ip, default="127.0.0.1", help="(default: 127.0.0.1)")
-    why.add_argument("--user", help="the user the credentials name")
+    why.set_defaults(explain_parser=why)
+    why.add_argument("--config", type=Path, dest="explain_path", metavar="PATH", default=None)
+    why.add_argument(
+        "--client", type=_ip, default="127.0.0.1", metavar="IP", help="(default: 127.0.0.1)"
+    )
+    why.add_argument("--user", metavar="NAME", help="the user the credentials name")
     why.add_argument("--protocol", choices=tuple(explain.COMMANDS), default="socks5")
     why.add_argument(
         "--command",
         dest="request_command",  # (`command` is the subcommand's name)
+        metavar="COMMAND",
         default="connect",
         help="connect, bind, udp_associate, or an HTTP method for forwarding (default: connect)",
     )
@@ -107,11 +111,11 @@ def check_config(path: Path | None) -> int:
     return EXIT_OK
 
 
-def explain_request(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def explain_request(args: argparse.Namespace) -> int:
     try:
         command = explain.command_of(args.protocol, args.request_command)
     except ValueError as exc:
-        parser.error(f"--command: {exc}")  # exits 2, as argparse does
+        args.explain_parser.error(f"--command: {exc}")  # exits 2, as argparse does
     source = settings.Source(args.explain_path or args.config, args.listen)
     try:
         current = source.read()
@@ -253,10 +257,9 @@ def _detach_broken_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     if args.command == "explain":
-        return explain_request(args, parser)
+        return explain_request(args)
     if args.command == "check-config":
         return check_config(args.check_path or args.config)
     if args.command == "passwd":
