@@ -23,7 +23,7 @@ from proxyd import context, gate
 from proxyd.context import Conn, Context
 from proxyd.dial import Route
 from proxyd.errors import AuthFailed, Denied, SessionError, UpstreamError
-from proxyd.protocols.common import canonical_host, format_hostport
+from proxyd.protocols.common import canonical_host, format_hostport, ipv6_text
 from proxyd.settings import Settings
 
 COMMANDS: Final = {
@@ -63,7 +63,7 @@ def parse_target(text: str) -> tuple[str, int]:
         raise ValueError(f"{text!r}: port {port} is out of range")
     if host.startswith("[") and host.endswith("]"):
         try:
-            return str(ipaddress.IPv6Address(host[1:-1])), port
+            return ipv6_text(ipaddress.IPv6Address(host[1:-1]).packed), port  # as SOCKS5's
         except ValueError:
             raise ValueError(f"{text!r}: {host} is not an IPv6 address") from None
     try:
@@ -106,9 +106,10 @@ def rule_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def rule_source(path: Path | None, rule: int) -> dict[str, Any] | None:
-    """`rules[rule]` as written in the config file, or None when its lines cannot be
-    told (rules written as an inline array, the file gone since)."""
+def rule_source(path: Path | None, rule: int, count: int) -> dict[str, Any] | None:
+    """`rules[rule]` (of `count` rules) as written in the config file, or None when
+    its lines cannot be told: the `[[rules]]` headers are not one a rule (rules
+    written as an inline array), the file changed or is gone since."""
     if path is None:
         return None
     try:
@@ -116,7 +117,7 @@ def rule_source(path: Path | None, rule: int) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError):
         return None
     spans = rule_spans(text)
-    if rule >= len(spans):
+    if len(spans) != count:
         return None
     first, last = spans[rule]
     lines = text.splitlines()[first - 1 : last]
@@ -166,7 +167,9 @@ async def _explain(settings: Settings, path: Path | None, query: Query, log: Any
     finally:
         ctx.upstreams.close()
         ctx.resolver.close()
-    return _result(ctx, settings, path, query, route, error, addresses, lookup_error, dialable)
+    return _result(
+        ctx, settings, path, query, conn, route, error, addresses, lookup_error, dialable
+    )
 
 
 def _credentials(ctx: Context, conn: Conn, settings: Settings) -> None:
@@ -238,6 +241,7 @@ def _result(
     settings: Settings,
     path: Path | None,
     query: Query,
+    conn: Conn,
     route: Route | None,
     error: SessionError | None,
     addresses: list[str],
@@ -264,7 +268,7 @@ def _result(
         "rule": rule,
         "reason": reason,
         "error": str(error) if error is not None else None,
-        "rule_source": rule_source(path, rule) if rule is not None else None,
+        "rule_source": rule_source(path, rule, len(config.rules)) if rule is not None else None,
         "default_action": config.server.default_action,
         "private_destinations": "denied" if ctx.destinations.deny_private else "allowed",
         "own_ports": sorted(ctx.destinations.own_ports),
@@ -279,6 +283,7 @@ def _result(
         "credentials": {
             "required": ctx.auth.required,
             "users_file": str(users_file) if users_file is not None else None,
+            "user": conn.user,  # the user the rules see
             "user_exists": (query.user in settings.users) if query.user is not None else None,
             "allow_socks4": auth.allow_socks4,
         },
@@ -360,7 +365,8 @@ def _decider(result: dict[str, Any]) -> str:
 
 def _credentials_text(found: dict[str, Any]) -> str:
     if not found["required"]:
-        return "not required (no auth.users_file)"
+        ignored = "; no user is asked for, so the rules see none" if found["user"] else ""
+        return "not required (no auth.users_file)" + ignored
     text = f"required (auth.users_file {found['users_file']})"
     if found["user_exists"] is not None:
         text += "; the user exists" if found["user_exists"] else "; no such user"
