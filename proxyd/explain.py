@@ -297,6 +297,7 @@ def _result(
             "auth.failure_window": auth.failure_window,
             "auth.lockout": auth.lockout,
             "auth.max_user_failures": auth.max_user_failures,
+            "auth.ipv6_prefix": auth.ipv6_prefix,
         },
     }
 
@@ -339,8 +340,9 @@ def human(result: dict[str, Any]) -> str:
     rows.append(("limits", _pairs(limits, ("server.max_connections", "limits.per_client"))))
     rows.append(("user limits", _pairs(limits, ("limits.per_user", "limits.per_user_rate"))))
     rows.append(("dns", _pairs(limits, ("dns.per_client",))))
-    lockout = ("auth.max_failures", "auth.failure_window", "auth.lockout", "auth.max_user_failures")
-    rows.append(("lockout", _pairs(limits, lockout)))
+    rows.append(("lockout", _pairs(limits, ("auth.max_failures", "auth.failure_window"))))
+    more = ("auth.lockout", "auth.max_user_failures", "auth.ipv6_prefix")
+    rows.append(("", _pairs(limits, more)))
     width = max(len(key) for key, _ in rows) + 2
     return "\n".join(
         (f"{key}:".ljust(width) if key else " " * width) + value for key, value in rows
