@@ -59,7 +59,7 @@ def parse_target(text: str) -> tuple[str, int]:
     if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"{text!r} is not HOST:PORT")
     port = int(port_text)
-    if not 1 <= port <= 65535:
+    if port > 65535:  # (0: a BIND's port, any)
         raise ValueError(f"{text!r}: port {port} is out of range")
     if host.startswith("[") and host.endswith("]"):
         try:
@@ -163,7 +163,7 @@ async def _explain(settings: Settings, path: Path | None, query: Query, log: Any
             lookup_error = exc
         dialable: list[str] | None = None
         if route is not None:
-            dialable, error = _dialable(route, addresses, lookup_error)
+            dialable, error = _dialable(route, query.command, addresses, lookup_error)
     finally:
         ctx.upstreams.close()
         ctx.resolver.close()
@@ -193,13 +193,16 @@ async def _route(ctx: Context, conn: Conn, query: Query) -> Route:
 
 
 def _dialable(
-    route: Route, resolved: list[str], lookup_error: UpstreamError | None
+    route: Route, command: str, resolved: list[str], lookup_error: UpstreamError | None
 ) -> tuple[list[str] | None, SessionError | None]:
-    """The addresses a direct dial of `route` would try (None: a parent's choice), and
-    the error the dial would end with when there is none: the route's own check on
-    each address, as proxyd.direct applies it."""
+    """The addresses a direct dial of `route` would try (a BIND's peer: may come from),
+    and the error the dial would end with when there is none: the route's own check
+    on each address, as proxyd.direct applies it. None: a parent's choice, or any
+    BIND peer (each is checked as it connects)."""
     if route.via is not None:
         return ([a[1][0] for a in route.addresses] if route.addresses else None), None
+    if command == "bind" and route.host in ("0.0.0.0", "::"):
+        return None, None
     if route.addresses is not None:
         candidates = [a[1][0] for a in route.addresses]
     elif lookup_error is not None:
@@ -326,9 +329,11 @@ def human(result: dict[str, Any]) -> str:
     else:
         rows.append(("resolves to", ", ".join(result["addresses"]) or "-"))
     dialable = result["dialable"]
-    rows.append(
-        ("may dial", "the parent's choice" if dialable is None else ", ".join(dialable) or "none")
-    )
+    if dialable is None:
+        anyone = "any peer, each checked as it connects"
+        rows.append(("may dial", "the parent's choice" if result["route"]["via"] else anyone))
+    else:
+        rows.append(("may dial", ", ".join(dialable) or "none"))
     route = result["route"]
     if route["via"] is None:
         rows.append(("route", "direct" if result["allowed"] else "-"))

@@ -63,7 +63,7 @@ def test_targets_are_canonical(text: str, target: tuple[str, int]) -> None:
     assert parse_target(text) == target
 
 
-@pytest.mark.parametrize("text", ["example.com", ":80", "a:0", "a:65536", "[nope]:1", "a b:1"])
+@pytest.mark.parametrize("text", ["example.com", ":80", "a:-1", "a:65536", "[nope]:1", "a b:1"])
 def test_bad_targets(text: str) -> None:
     with pytest.raises(ValueError):
         parse_target(text)
