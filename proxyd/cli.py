@@ -9,18 +9,21 @@ import argparse
 import asyncio
 import dataclasses
 import getpass
+import ipaddress
+import json
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxyd import __version__, auth, config, log, metrics, settings, status, systemd, tls
+from proxyd import __version__, auth, config, explain, log, metrics, settings, status, systemd, tls
 from proxyd.errors import ConfigError, ListenFailed
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
 EXIT_USAGE = 2
+EXIT_REFUSED = 3  # proxyd explain: the daemon would refuse the request
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +56,40 @@ def _parser() -> argparse.ArgumentParser:
     gen_cert.add_argument(
         "--name", required=True, help="the host name or IP address clients will use"
     )
+    why = sub.add_parser(
+        "explain", help="say whether a request would be allowed, and why (exit 0, 3 if refused)"
+    )
+    why.set_defaults(explain_parser=why)
+    why.add_argument("--config", type=Path, dest="explain_path", metavar="PATH", default=None)
+    why.add_argument(
+        "--client", type=_ip, default="127.0.0.1", metavar="IP", help="(default: 127.0.0.1)"
+    )
+    why.add_argument("--user", metavar="NAME", help="the user the credentials name")
+    why.add_argument("--protocol", choices=tuple(explain.COMMANDS), default="socks5")
+    why.add_argument(
+        "--command",
+        dest="request_command",  # (`command` is the subcommand's name)
+        metavar="COMMAND",
+        default="connect",
+        help="connect, bind, udp_associate, or an HTTP method for forwarding (default: connect)",
+    )
+    why.add_argument("--json", action="store_true", help="one JSON object")
+    why.add_argument("target", type=_target, metavar="HOST:PORT")
     return parser
+
+
+def _ip(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
+
+
+def _target(text: str) -> tuple[str, int]:
+    try:
+        return explain.parse_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _report(name: str, problems: list[str]) -> None:
@@ -73,6 +109,24 @@ def check_config(path: Path | None) -> int:
         print(f"{source.name}: warning: {event} ({details})", file=sys.stderr)
     print(f"{source.name}: OK")
     return EXIT_OK
+
+
+def explain_request(args: argparse.Namespace) -> int:
+    try:
+        command = explain.command_of(args.protocol, args.request_command)
+    except ValueError as exc:
+        args.explain_parser.error(f"--command: {exc}")  # exits 2, as argparse does
+    source = settings.Source(args.explain_path or args.config, args.listen)
+    try:
+        current = source.read()
+    except ConfigError as exc:
+        _report(source.name, exc.problems)
+        return EXIT_PROBLEM
+    host, port = args.target
+    query = explain.Query(args.client, args.user, args.protocol, command, host, port)
+    result = explain.explain(current, source.resolved_path(), query, log.stderr_logger())
+    print(json.dumps(result) if args.json else explain.human(result))
+    return EXIT_OK if result["allowed"] else EXIT_REFUSED
 
 
 def passwd(path: Path, user: str) -> int:
@@ -216,6 +270,8 @@ def _detach_broken_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "explain":
+        return explain_request(args)
     if args.command == "check-config":
         return check_config(args.check_path or args.config)
     if args.command == "passwd":

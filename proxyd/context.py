@@ -11,10 +11,11 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxyd.auth import Authenticator, PasswordHash
+from proxyd.auth import Authenticator, PasswordHash, Throttle
 from proxyd.chain import Upstreams
 from proxyd.config import Config
 from proxyd.destinations import Destinations
@@ -23,6 +24,7 @@ from proxyd.metrics import Metrics
 from proxyd.protocols.common import format_hostport
 from proxyd.relay import Bucket
 from proxyd.rules import Rules
+from proxyd.settings import Settings
 
 Rate = tuple[Bucket, Bucket]  # one user's limits.per_user_rate: (up, down)
 
@@ -76,6 +78,45 @@ class Context:
         )
         self.config, self.rules, self.tls = config, rules, tls
         self.upstreams.configure(config)
+
+
+def build(settings: Settings, log: Any) -> Context:
+    """The Context a daemon judges and serves with, from its settings: the daemon's
+    own at its start, and `proxyd explain`'s, so that both decide alike."""
+    config = settings.config
+    dns, limits = config.dns, config.auth
+    resolver = Resolver(
+        size=dns.cache_size,
+        ttl=dns.cache_ttl,
+        negative_ttl=dns.negative_ttl,
+        per_client=dns.per_client,
+    )
+    authenticator = Authenticator(
+        settings.users,
+        throttle=Throttle(limits.max_failures, limits.failure_window, limits.lockout),
+        user_throttle=Throttle(limits.max_user_failures, limits.failure_window, limits.lockout),
+        ipv6_prefix=limits.ipv6_prefix,
+        log=log,
+    )
+    upstreams = Upstreams(resolver, log)
+    return Context(
+        config, authenticator, resolver, log, upstreams, rules_of(config), tls=settings.tls
+    )
+
+
+def rules_of(config: Config) -> Rules:
+    return Rules(config.rules, default_allow=config.server.default_action == "allow")
+
+
+def guard(ctx: Context, own_ports: Iterable[int], exposed: bool) -> None:
+    """Tell the gate what no client may reach through us (proxyd.destinations): the
+    ports this daemon listens on (the metrics listener's included), and the private
+    networks when `server.private_destinations` says so: "auto" denies them whenever
+    clients from beyond this host reach the daemon (`exposed`)."""
+    mode = ctx.config.server.private_destinations
+    destinations = ctx.destinations
+    destinations.own_ports = frozenset(own_ports)
+    destinations.deny_private = mode == "deny" or (mode == "auto" and exposed)
 
 
 class Conn:

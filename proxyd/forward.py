@@ -389,6 +389,8 @@ class Forwarder:
             await gate.verify(self.ctx, self.conn, self.admission, credentials)
             self.trusted = True
             route = await self._route(method, *origin)
+            if route.rule is not None:
+                extra["rule"] = route.rule
             if route.via is not None:
                 extra["via"] = route.via
             await self._forward(request, origin, target, route, extra)

@@ -231,11 +231,13 @@ def decide(
     screened = guard.deny_private
     refuse = guard.private if screened else guard.own
     request: Request | None = None
+    rule: int | None = None  # the deciding rule, for the route (None: the default action)
     if not rules.trivial:
         request = Request(conn.peer_ip, conn.user, conn.protocol or "", command, host, port)
         decision = rules.check_before_lookup(request)  # Denied raises
         if decision is not None:
             request = None  # decided: a lookup below only finds the addresses
+            rule = decision.rule
             if decision.explicit:  # a rule names this destination
                 screened, refuse = False, guard.own
             if decision.via is not None and (denied := refuse(host, port)) is not None:
@@ -260,10 +262,10 @@ def decide(
                 if request is not None:  # a denial stands whether the name exists or not
                     rules.check_unresolved(request)
                 raise error
-            via = None
+            via, decided_by = None, rule
             addresses = addresses or []
             if request is not None:  # address rules: each address on its own
-                addresses, via = allowed_addresses(
+                addresses, via, decided_by = allowed_addresses(
                     rules, request, addresses, guard.screens if screen else None
                 )
             elif screen:
@@ -274,7 +276,7 @@ def decide(
                 if (denied := guard.own(addr[0], port)) is not None:
                     raise denied  # a parent on this host would come back to us
             checked = guard.own if screen else refuse  # (a BIND for any peer: each peer)
-            route = Route(host, port, addresses, via, checked, deadline, client=conn.peer_ip)
+            route = Route(host, port, addresses, via, checked, deadline, decided_by, conn.peer_ip)
             outcome = _settled(command, route)
         except SessionError as exc:
             outcome = exc

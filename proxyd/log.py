@@ -155,3 +155,17 @@ def _utc_now() -> str:
         _utc_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     micro = int((now - second) * 1_000_000)
     return f"{_utc_text}.{micro:06d}Z" if micro else f"{_utc_text}Z"
+
+
+def stderr_logger() -> Any:
+    """A logger for a command that answers on stdout (`proxyd explain`): the daemon's
+    code it runs may warn, and that goes to stderr as JSON, warnings and errors only."""
+    return structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+    )

@@ -195,10 +195,11 @@ def allowed_addresses(
     request: Request,
     addresses: list[AddrInfo],
     screen: Callable[[str], bool] | None = None,
-) -> tuple[list[AddrInfo], str | None]:
+) -> tuple[list[AddrInfo], str | None, int | None]:
     """The addresses of a resolved name that the rules allow, each judged on its own,
-    and the route (`via`) of the first allowed one, which the others must share to be
-    used; Denied (with the first address's rule) when none is allowed.
+    the route (`via`) of the first allowed one, which the others must share to be
+    used, and the rule that allowed that one (None: the default action); Denied (with
+    the first address's rule) when none is allowed.
 
     `screen(ip)`: addresses that only an allow rule naming them (`Decision.explicit`)
     lets through, directly or through a parent; when they were all that was
@@ -220,9 +221,9 @@ def allowed_addresses(
             allowed.append((family, addr))
     if route is None:
         if screened:
-            return [], None
+            return [], None, None
         raise Denied(first.rule if first is not None else None)
-    return allowed, route.via
+    return allowed, route.via, route.rule
 
 
 def in_networks(ip: str, networks: tuple[IPNetwork, ...]) -> bool:

@@ -15,18 +15,14 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from proxyd import __version__, access, gate, status, systemd
-from proxyd.auth import Authenticator, Throttle
-from proxyd.chain import Upstreams
+from proxyd import __version__, access, context, gate, status, systemd
 from proxyd.config import Config, ListenAddress
-from proxyd.context import Conn, Context
+from proxyd.context import Conn
 from proxyd.direct import tune_socket
-from proxyd.dns import Resolver
 from proxyd.errors import ConfigError, ListenFailed, Status
 from proxyd.metrics import AdminServer, Metrics
 from proxyd.poller import poller
 from proxyd.protocols import messages
-from proxyd.rules import Rules
 from proxyd.session import Session
 from proxyd.settings import Settings, keep_fixed
 
@@ -68,10 +64,6 @@ def _name(sock: socket.socket) -> str:
     return str(ListenAddress(*sock.getsockname()[:2]))
 
 
-def _rules(config: Config) -> Rules:
-    return Rules(config.rules, default_allow=config.server.default_action == "allow")
-
-
 class Server:
     """One event loop's daemon: its listeners, its sessions, its reloads and its end."""
 
@@ -88,24 +80,7 @@ class Server:
         config = self.config = settings.config
         self.log = log
         self.worker = worker
-        dns, limits = config.dns, config.auth
-        resolver = Resolver(
-            size=dns.cache_size,
-            ttl=dns.cache_ttl,
-            negative_ttl=dns.negative_ttl,
-            per_client=dns.per_client,
-        )
-        authenticator = Authenticator(
-            settings.users,
-            throttle=Throttle(limits.max_failures, limits.failure_window, limits.lockout),
-            user_throttle=Throttle(limits.max_user_failures, limits.failure_window, limits.lockout),
-            ipv6_prefix=limits.ipv6_prefix,
-            log=log,
-        )
-        upstreams = Upstreams(resolver, log)
-        self.ctx = Context(
-            config, authenticator, resolver, log, upstreams, _rules(config), tls=settings.tls
-        )
+        self.ctx = context.build(settings, log)
         self.sessions: set[Session] = set()
         # connection ids stay unique across workers: worker w of n counts w+1, w+1+n, ...
         self._ids = itertools.count(worker + 1, config.server.workers)
@@ -329,7 +304,7 @@ class Server:
                 tune_socket(sock, new.buffers, nodelay=False)
         self.config = new
         self._buffers = new.buffers
-        self.ctx.reconfigure(new, settings.users, _rules(new), settings.tls)
+        self.ctx.reconfigure(new, settings.users, context.rules_of(new), settings.tls)
         self._guard()
         if move_admin:
             await self._replace_admin(admin)
@@ -351,21 +326,16 @@ class Server:
         self.log.info("listening", address=_name(sock))
 
     def _guard(self) -> None:
-        """Tell the gate what no client may reach through us (proxyd.destinations):
-        every port this daemon listens on, the metrics listener's included, and the
-        private networks when `server.private_destinations` says so: "auto" denies them
-        whenever clients from beyond this host reach the daemon (the config says so,
-        or systemd passed a socket off loopback)."""
+        """Tell the gate what no client may reach through us (context.guard): every port
+        this daemon listens on, the metrics listener's included; the daemon is exposed
+        when the config says so, or systemd passed a socket off loopback."""
         ports = {sock.getsockname()[1] for sock in self._bound.values() if sock.fileno() >= 0}
         if self._admin_port is not None:
             ports.add(self._admin_port)
-        mode = self.config.server.private_destinations
         exposed = self.config.exposed or any(
             not ipaddress.ip_address(sock.getsockname()[0]).is_loopback for sock in self._activated
         )
-        guard = self.ctx.destinations
-        guard.own_ports = frozenset(ports)
-        guard.deny_private = mode == "deny" or (mode == "auto" and exposed)
+        context.guard(self.ctx, ports, exposed)
 
     def _unwatch(self, address: ListenAddress) -> str:
         """Close one listener (connections it accepted go on); the address it had."""

@@ -63,6 +63,7 @@ class Tunnel:
         "_relay",
         "_remote",
         "_said_more",
+        "rule",
         "via",
     )
 
@@ -92,6 +93,7 @@ class Tunnel:
         self._early = bytearray()  # what the client sent while the tunnel was made
         self._said_more = said_more  # it sent bytes after its request, with it
         self.via: str | None = None  # the upstream group the route goes through
+        self.rule: int | None = None  # the rule that allowed it (None: the default action)
 
     def connect(self, host: str, port: int) -> None:
         self._decide("connect", host, port, self._dial)
@@ -126,7 +128,7 @@ class Tunnel:
         then(route)
 
     def _dial(self, route: Route) -> None:
-        self.via = route.via
+        self.via, self.rule = route.via, route.rule
         connector = dial(
             self._ctx, route, lambda sock, error: self._owner.step(self._connected, sock, error)
         )
@@ -134,6 +136,7 @@ class Tunnel:
             self._pending = connector
 
     def _listen(self, route: Route, listening: Answer) -> None:
+        self.rule = route.rule
         cfg = self._ctx.config
         # a request for 0.0.0.0 or :: takes any peer; a name resolving to one of them does not
         any_peer = route.host in ("0.0.0.0", "::")
@@ -191,6 +194,8 @@ class Tunnel:
         fields: dict[str, Any] = (
             {"bytes_up": relay.bytes_up, "bytes_down": relay.bytes_down} if relay else {}
         )
+        if self.rule is not None:  # (a denial's line has its rule from Denied)
+            fields["rule"] = self.rule
         if self.via is not None:
             fields["via"] = self.via
             if self._lease is not None:

@@ -111,6 +111,28 @@ def test_address_rules_leave_only_the_allowed_addresses_of_a_name_to_dial() -> N
     assert isinstance(error, Denied) and error.rule == 0
 
 
+def test_a_route_found_by_a_lookup_names_the_rule_that_allowed_it() -> None:
+    """What the access line's `rule` and `proxyd explain` read, after address rules
+    judged a name's addresses as much as before."""
+    ctx = context(
+        {
+            "rules": [
+                {"action": "deny", "destinations": ["10.0.0.0/8"]},
+                {"action": "allow", "destinations": ["127.0.0.0/8"], "ports": [443]},
+                {"action": "allow", "destinations": ["by.name.test"]},
+            ]
+        }
+    )
+    remember(ctx, "both.test", "10.1.2.3", "127.0.0.7")
+    route, _ = decide(ctx, ("both.test", 443))
+    assert route is not None and route.rule == 1
+    route, _ = decide(ctx, ("both.test", 80))  # the default action
+    assert route is not None and route.rule is None
+    remember(ctx, "by.name.test", "127.0.0.8")
+    route, _ = decide(ctx, ("by.name.test", 80), "udp_associate", need_addresses=True)
+    assert route is not None and route.rule == 2 and route.addresses is not None
+
+
 def test_a_name_rule_decides_before_any_lookup() -> None:
     """No cache entry and no resolver answer: it must decide without asking."""
     ctx = context(

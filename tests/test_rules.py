@@ -100,6 +100,7 @@ def test_only_allowed_addresses_are_kept() -> None:
     assert allowed_addresses(r, request(host="mixed.test", port=80), resolved) == (
         [(socket.AF_INET, ("127.0.0.1", 80))],
         None,
+        None,  # the default action allowed it
     )
     with pytest.raises(Denied) as info:
         allowed_addresses(r, request(host="mixed.test", port=80), resolved[:1])
@@ -162,6 +163,7 @@ def test_resolved_addresses_keep_the_first_allowed_route() -> None:
     assert allowed_addresses(r, request(host="mixed.test", port=80), resolved) == (
         [(socket.AF_INET, ("127.0.0.3", 80))],
         "parents",
+        1,
     )
 
 
