@@ -103,16 +103,24 @@ def _url(target: str, hostport: str, query: bool) -> str:
     return f"{parts.scheme.lower()}://{hostport}{tail}"
 
 
+def _tokens(values: list[bytes]) -> list[bytes]:
+    """The comma-separated tokens of a header's values, lower case."""
+    return [t.strip().lower() for v in values for t in v.split(b",") if t.strip()]
+
+
 def _has_token(values: list[bytes], token: bytes) -> bool:
-    return any(t.strip().lower() == token for v in values for t in v.split(b","))
+    return token in _tokens(values)
 
 
 def websocket_upgrade(request: RequestHead) -> bytes | None:
     """The Upgrade value of a request for a WebSocket (a GET in HTTP/1.1 whose
     `Connection` names `upgrade` and whose `Upgrade` names `websocket`), to be passed
-    on; None for any other request (other upgrades are dropped as hop-by-hop)."""
+    on; None for any other request (other upgrades are dropped as hop-by-hop), and
+    for one with a body (the origin's 101 could come while it is sent)."""
     if request.method != b"GET" or request.version != b"1.1":
         return None
+    if request_framing(request) != (LENGTH, 0):
+        return None  # (a handshake has no body: the tunnel would start mid-body)
     upgrade = [v for n, v in request.headers if n == b"upgrade"]
     connection = [v for n, v in request.headers if n == b"connection"]
     if len(upgrade) != 1 or not _has_token(connection, b"upgrade"):
@@ -271,6 +279,7 @@ class Forwarder:
         self.url: str | None = None
         self.http_status: int | None = None  # the answer the client got (its head went out)
         self.ended: tuple[Status, str | None] | None = None  # how a WebSocket tunnel ended
+        self._relay: Relay | None = None  # the WebSocket tunnel's, while it runs
         self.bytes_up = 0
         self.bytes_down = 0
 
@@ -283,7 +292,12 @@ class Forwarder:
         return self.lines > 0
 
     def usage(self) -> tuple[int, int, int, int]:
-        return (0, 0, 0, 0)  # each request counts its own bytes, in its own line
+        """What the metrics are told as it grows: a WebSocket tunnel's bytes while it
+        runs; otherwise nothing new (each request counts its own, at its line)."""
+        relay = self._relay
+        if relay is None:
+            return self.conn.metered
+        return (relay.bytes_up, relay.bytes_down, 0, 0)
 
     def fields(self) -> dict[str, int | str]:
         return {}
@@ -475,11 +489,11 @@ class Forwarder:
                 head = await self._origin_head(origin)
         except TimeoutError:
             return None
-        if head.status < 200:
+        if head.status < 200 and head.status != 101:
             self._client_queue(informational_bytes(head))
             await self._flush_client()
             return None
-        return head
+        return head  # (a 101 too: only a WebSocket asked for becomes a tunnel)
 
     async def _send_body(self, origin: _Origin) -> ResponseHead | None:
         """Send the request's body on; with one, the origin's answer (None: it is yet
@@ -514,8 +528,10 @@ class Forwarder:
         if data:
             if len(data) > most:
                 self.inbuf = data[most:]
-                return data[:most]
-            self.inbuf = b""
+                data = data[:most]
+            else:
+                self.inbuf = b""
+            await self._charge(len(data))
             return data
         if not self.client_eof:
             data = await self._recv(self.sock, "the client", up=True, most=most)
@@ -523,6 +539,18 @@ class Forwarder:
                 return data
             self.client_eof = True
         raise ProtocolError("connection closed in the middle of a request body")
+
+    async def _charge(self, size: int) -> None:
+        """Body bytes that came in with a head (read before the user was known) pay
+        the user's rate as any others do: taken from the bucket, and, while it is in
+        debt, passed on only once it would have let them be read."""
+        rate = gate.rate_for(self.ctx, self.conn.user) if size else None
+        if rate is not None:
+            bucket = rate[0]
+            bucket.take(size)
+            bucket.available()
+            if (wait := bucket.delay(0)) > 0:
+                await asyncio.sleep(wait)
 
     async def _send_rest(self, origin: _Origin) -> None:
         """Move the request's body to the origin: counted through by its length, or
@@ -538,6 +566,7 @@ class Forwarder:
         decoder = self.decoder
         data = self.inbuf
         self.inbuf = b""
+        await self._charge(len(data))
         while True:
             if data:
                 pieces = decoder.feed(data)
@@ -627,8 +656,10 @@ class Forwarder:
         headers = [*end_to_end(head.headers), (b"via", VIA)]
         if head.status == 101:
             upgrade = [v for n, v in head.headers if n == b"upgrade"]
-            if not (self.upgrade is not None and _has_token(upgrade, b"websocket")):
+            if self.upgrade is None or len(upgrade) != 1 or _tokens(upgrade) != [b"websocket"]:
                 raise UpstreamBroken("the origin switched to a protocol not asked for")
+            # a tunnel from here on: it counts for the user as one does (limits.per_user)
+            self.admission.count_user(self.conn.user)
             headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade[0])]
         # an early answer (the body not all read): the client is told to stop, as we
         # close after it
@@ -688,11 +719,13 @@ class Forwarder:
         )
         first_up, self.inbuf = self.inbuf, b""
         first_down, origin.inbuf = origin.inbuf, b""
-        relay.start(first_up, first_down)
+        relay.start(first_up, first_down)  # (the first bytes pay the user's rate there)
+        self._relay = relay  # (its bytes are metered as they go, as a tunnel's)
         try:
             self.ended = await ended
         finally:
             relay.stop()
+            self._relay = None
             self.bytes_up += relay.bytes_up
             self.bytes_down += relay.bytes_down
         self.answer_done = True
@@ -1026,7 +1059,8 @@ class Forwarder:
     ) -> None:
         self.lines += 1
         if (metrics := self.ctx.metrics) is not None:
-            metrics.request_done(status, self.bytes_up, self.bytes_down)
+            told = self.conn.metered  # (a WebSocket tunnel's bytes told while it ran)
+            metrics.request_done(status, self.bytes_up - told[0], self.bytes_down - told[1])
         access.record(
             self.conn,
             status,

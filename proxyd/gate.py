@@ -105,8 +105,13 @@ class Admission:
         """The request is whole: refuse it if over a limit, else count its user."""
         if self.refusal:
             raise OverLimit(self.refusal)
+        self.count_user(user)
+
+    def count_user(self, user: str | None) -> None:
+        """Count the connection for `user` (OverLimit past `limits.per_user`): at its
+        request, or when a forwarded request turns it into a tunnel (a WebSocket)."""
         per_user = self._ctx.config.limits.per_user
-        if per_user and user is not None:
+        if per_user and user is not None and self._user is None:
             count = self._ctx.per_user.get(user, 0)
             if count >= per_user:
                 raise OverLimit(f"limits.per_user ({per_user}) reached for {user}")

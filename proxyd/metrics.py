@@ -20,6 +20,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -293,6 +294,9 @@ class AdminServer:
         self.about = about  # the daemon's facts for the status page, as they are now
         self._server: asyncio.Server | None = None
         self._publishing: asyncio.Future[None] | None = None  # a snapshot being written
+        # the status page's answers, by path: made at most once a second, and shared by
+        # every request that asks meanwhile (a snapshot costs the loop milliseconds)
+        self._answers: dict[bytes, tuple[float, asyncio.Future[bytes]]] = {}
         # open connections, oldest first: a new one beyond the cap closes the oldest,
         # so clients that connect and stall cannot lock the scrapers out
         self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
@@ -378,12 +382,8 @@ class AdminServer:
                 return 404, b"the status page is off ([metrics] status_page = false)\n", text
             if not _asked_by_address(request):
                 return 421, NOT_BY_NAME, text
-            # this worker's share now; the other workers' files are read off the loop
-            live = RECORDER.snapshot()
-            if path == b"/":
-                page = await asyncio.to_thread(_status_page, live, about)
-                return 200, page, "text/html; charset=utf-8"
-            return 200, await asyncio.to_thread(_status_json, live, about), "application/json"
+            body = await self._status_answer(path, about)
+            return 200, body, "text/html; charset=utf-8" if path == b"/" else "application/json"
         if path == b"/metrics":
             from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -397,6 +397,22 @@ class AdminServer:
             return 503, b"draining\n", text
         return 404, USAGE, text
 
+    def _status_answer(self, path: bytes, about: status.About) -> asyncio.Future[bytes]:
+        """The page or its JSON: the one made within the last STATUS_FRESH seconds (or
+        being made), else a new one: this worker's share now, then, off the loop, the
+        other workers' files read and the answer rendered."""
+        loop = asyncio.get_running_loop()
+        made = self._answers.get(path)
+        if made is not None and loop.time() - made[0] < STATUS_FRESH:
+            return asyncio.shield(made[1])
+        live = RECORDER.snapshot()
+        render = _status_page if path == b"/" else _status_json
+        answer = asyncio.ensure_future(asyncio.to_thread(render, live, about))
+        self._answers[path] = (loop.time(), answer)
+        return asyncio.shield(answer)
+
+
+STATUS_FRESH: Final = 1.0  # seconds a status answer is served again
 
 USAGE: Final = b"GET /metrics, /healthz, / (status page) or /status.json\n"
 # the status page loads nothing and runs nothing: should a name ever slip through
@@ -426,18 +442,21 @@ def _asked_by_address(request: h11.Request) -> bool:
     host = next((value for name, value in request.headers if name == b"host"), None)
     if host is None:
         return True  # (a browser always sends one)
-    text = host.decode("ascii", "replace")
-    if text.startswith("["):
-        text = text[1:].partition("]")[0]
-    elif ":" in text:
-        text = text.rpartition(":")[0]
-    if text.lower() == "localhost":
+    match = _HOST.fullmatch(host.decode("ascii", "replace"))
+    if match is None:
+        return False
+    name = match["v6"] or match["name"]
+    if name.lower() == "localhost":
         return True
     try:
-        ipaddress.ip_address(text)
+        ipaddress.ip_address(name)
     except ValueError:
         return False
     return True
+
+
+# host[:port] with a digits-only port; an IPv6 literal in brackets, no zone
+_HOST: Final = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[^:\[\]]+))(?::[0-9]{1,5})?")
 
 
 def _status_report(live: dict[str, Any], about: status.About) -> dict[str, Any]:

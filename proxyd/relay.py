@@ -201,6 +201,14 @@ class _Pump:
             # (not read on till they are out: the session's watch, which a pump
             # takes over by watching the same socket, stops)
             self._poller.remove_reader(self.src_fd)
+            if (bucket := self.bucket) is not None:
+                # read before the user was known, they pay the user's rate now: they
+                # wait while the bucket is in debt, as a read would have waited
+                bucket.take(len(first))
+                bucket.available()
+                if (wait := bucket.delay(0)) > 0:
+                    self._refill = self._loop.call_later(wait, self._on_refilled)
+                    return
             self._watch("write")
         else:
             self._watch("read")
@@ -283,7 +291,7 @@ class _Pump:
     def _on_refilled(self) -> None:
         self._refill = None
         if not (self.stopped or self.done):
-            self._watch("read")
+            self._watch("write" if self.head else "read")
 
     def _on_writable(self) -> None:
         if self.stopped:

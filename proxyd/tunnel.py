@@ -168,6 +168,7 @@ class Tunnel:
         first_up = self._owner.established(bound[:2]) + self._early
         self._early = bytearray()
         cfg = self._ctx.config
+        rate = gate.rate_for(self._ctx, self._conn.user)  # (the first bytes pay it too)
         self._relay = Relay(
             self._client,
             remote,
@@ -175,7 +176,7 @@ class Tunnel:
             idle=cfg.timeouts.idle,
             splice=cfg.buffers.splice,
             on_end=self._owner.ended,
-            rate=gate.rate_for(self._ctx, self._conn.user),
+            rate=rate,
         )
         self._relay.start(first_up, first_down)
 

@@ -468,3 +468,19 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ws_echo(ws: Any) -> None:
+    for message in ws:
+        ws.send(message)
+
+
+@pytest.fixture
+def ws_server() -> Iterator[int]:
+    """An echoing WebSocket server on loopback (the websockets package's); its port."""
+    from websockets.sync.server import serve
+
+    with serve(_ws_echo, "127.0.0.1", 0, max_size=None) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield server.socket.getsockname()[1]
+        server.shutdown()

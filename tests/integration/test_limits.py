@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import PASSWORD, USER
+from conftest import PASSWORD, USER, basic_token
 from integration import socks5client
 from integration.socks5client import recv_exact
 
@@ -235,3 +235,59 @@ def test_a_datagram_larger_than_the_rate_passes_now_and_then(start_daemon, users
         assert line["datagrams_down"] == 1
     finally:
         echo.close()
+
+
+def test_bytes_sent_with_the_request_pay_the_users_rate(start_daemon, tcp_server, users_file):
+    """Bytes a client sends in the same packet as its request (read before the user is
+    known) count toward `limits.per_user_rate` like any others: four short
+    connections each carrying 4,000 bytes with their request, CONNECT and a
+    forwarded POST alike, take at least (16,000 - 8,000 of burst) / 8,000 B/s = 1 s,
+    where uncharged they would pass at once."""
+    rate, size, count = 8000, 4000, 4
+    daemon = start_daemon(
+        f'[auth]\nusers_file = "{users_file}"\n[limits]\nper_user_rate = {rate}\n'
+    )
+    auth = f"Proxy-Authorization: Basic {basic_token()}\r\n"
+    received: list[int] = []
+
+    def sink(conn: socket.socket) -> None:
+        total = 0
+        while data := conn.recv(65536):
+            total += len(data)
+        received.append(total)
+
+    def origin(conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += conn.recv(65536)
+        body = head.partition(b"\r\n\r\n")[2]
+        while len(body) < size:
+            body += conn.recv(65536)
+        received.append(len(body))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    target = tcp_server(sink)
+    started = time.monotonic()
+    for _ in range(count):
+        with socket.create_connection(daemon.address, timeout=30) as sock:
+            head = f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\nHost: a\r\n{auth}\r\n"
+            sock.sendall(head.encode() + b"c" * size)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(4096)  # the target's end: everything went through
+    connect_elapsed = time.monotonic() - started
+    web = tcp_server(origin)
+    started = time.monotonic()
+    for _ in range(count):
+        with socket.create_connection(daemon.address, timeout=30) as sock:
+            head = (
+                f"POST http://127.0.0.1:{web.port}/ HTTP/1.1\r\nHost: a\r\n{auth}"
+                f"Content-Length: {size}\r\nConnection: close\r\n\r\n"
+            )
+            sock.sendall(head.encode() + b"p" * size)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+    forward_elapsed = time.monotonic() - started
+    assert received == [size] * (2 * count)
+    least = (count * size - rate) / rate * 0.8
+    assert connect_elapsed >= least, connect_elapsed
+    assert forward_elapsed >= least, forward_elapsed

@@ -16,6 +16,7 @@ from conftest import PASSWORD, USER, basic_token
 from integration import socks5client
 from integration.socks5client import recv_exact
 from integration.test_udp import UDP_ASSOCIATE, UdpEcho, associate, header, udp_client
+from integration.test_websocket import Client as WebSocketClient
 from integration.test_workers import alive, workers_started
 
 ALICE = (USER, PASSWORD)
@@ -226,20 +227,26 @@ def test_failed_move_of_the_metrics_listener_keeps_the_old_one(start_daemon):
     assert value(samples, "proxyd_config_reloads_total", result="failed") == 1
 
 
-def test_open_tunnels_bytes_show_before_they_close(start_daemon, tcp_server):
+def test_open_tunnels_bytes_show_before_they_close(start_daemon, tcp_server, ws_server):
+    """A tunnel's bytes, and a WebSocket's through forwarding, count while they are
+    open (every 5 s), and once only when they close."""
     daemon = start_daemon('[metrics]\nlisten = "127.0.0.1:0"\n')
     server = tcp_server()
+    websocket = WebSocketClient(daemon.address, ws_server)
+    assert websocket.exchange(b"y" * 30_000) == b"y" * 30_000
     with socks5client.open_tunnel(daemon.address, "127.0.0.1", server.port) as sock:
         sock.sendall(b"z" * 50_000)
         recv_exact(sock, 50_000)
         deadline = time.monotonic() + 15  # metered every 5 s
-        while value(scrape(daemon), "proxyd_bytes_total", direction="up") < 50_000:
-            assert time.monotonic() < deadline, "open tunnel's bytes never metered"
+        while value(scrape(daemon), "proxyd_bytes_total", direction="up") < 50_000 + 30_000:
+            assert time.monotonic() < deadline, "open tunnels' bytes never metered"
             time.sleep(0.5)
-    settled(daemon, 1)
+    websocket.close()
+    settled(daemon, 2)
     samples = scrape(daemon)
-    assert value(samples, "proxyd_bytes_total", direction="up") == 50_000  # not twice
-    assert value(samples, "proxyd_bytes_total", direction="down") == 50_000
+    up, down = 50_000 + websocket.sent, 50_000 + websocket.received
+    assert value(samples, "proxyd_bytes_total", direction="up") == up  # not twice
+    assert value(samples, "proxyd_bytes_total", direction="down") == down
 
 
 def test_metrics_turned_on_and_off_by_reload(start_daemon, tcp_server):

@@ -233,6 +233,7 @@ def test_workers_page_sums_every_worker(start_daemon, tcp_server, tmp_path):
 
     # each worker's share reaches the other at its next tick (every 5 s)
     until(summed, timeout=10)
+    time.sleep(1.1)  # an answer made before is served again for a second (STATUS_FRESH)
     for _ in range(6):  # whichever worker answers, it answers for both
         summed()
         code, _, body = get(daemon, "/")
@@ -305,6 +306,12 @@ def test_the_page_answers_an_address_not_a_name(start_daemon):
     for name, code in [
         (f"evil.example:{port}", 421),
         ("evil.example", 421),
+        ("[::1]evil.example", 421),
+        ("[::1]:evil.example", 421),
+        ("127.0.0.1:evil.example", 421),
+        ("localhost:evil.example", 421),
+        ("[fe80::1%25evil.example]", 421),
+        ("127.0.0.1.evil.example", 421),
         (f"{host}:{port}", 200),
         (f"localhost:{port}", 200),
         (f"[::1]:{port}", 200),

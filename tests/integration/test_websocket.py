@@ -12,38 +12,25 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-from collections.abc import Iterator
+import time
 
 import pytest
 from websockets.client import ClientProtocol
 from websockets.frames import Opcode
 from websockets.protocol import State
-from websockets.sync.server import ServerConnection, serve
 from websockets.uri import parse_uri
 
+from conftest import basic_token
 from integration.test_http_forward import read_head, read_to_end
-
-
-def _echo(ws: ServerConnection) -> None:
-    for message in ws:
-        ws.send(message)
-
-
-@pytest.fixture
-def ws_server() -> Iterator[int]:
-    """An echoing WebSocket server on loopback; its port."""
-    with serve(_echo, "127.0.0.1", 0, max_size=None) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        yield server.socket.getsockname()[1]
-        server.shutdown()
 
 
 class Client:
     """websockets' client protocol over a connection to the proxy; counts the bytes it
     moves after the handshake (what the access line must count)."""
 
-    def __init__(self, proxy: tuple[str, int], port: int, path: str = "/chat") -> None:
+    def __init__(
+        self, proxy: tuple[str, int], port: int, path: str = "/chat", headers: tuple[str, ...] = ()
+    ) -> None:
         self.sock = socket.create_connection(proxy, timeout=10)
         self.protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{path}"), max_size=None)
         self.protocol.send_request(self.protocol.connect())
@@ -51,11 +38,14 @@ class Client:
         line, rest = request.split(b"\r\n", 1)
         method, target, version = line.split(b" ")
         absolute = b"http://127.0.0.1:%d%s" % (port, target)
-        self.sock.sendall(b" ".join((method, absolute, version)) + b"\r\n" + rest)
+        extra = "".join(f"{h}\r\n" for h in headers).encode()
+        self.sock.sendall(b" ".join((method, absolute, version)) + b"\r\n" + extra + rest)
         self.sent = self.received = 0
         self.head = b""
         while self.protocol.state is State.CONNECTING:
             data = self.sock.recv(65536)
+            if not data:
+                break
             if not self.head:
                 end = (self.head + data).find(b"\r\n\r\n")
                 self.head = data[: end + 4]
@@ -185,3 +175,91 @@ def test_other_upgrades_are_dropped_as_before(start_daemon, tcp_server):
     assert len(heads) == 3
     for head in heads:
         assert b"upgrade" not in head.lower().replace(b"upgrade-insecure", b"")
+
+
+def test_a_websocket_asked_with_expect_100_continue_is_one_too(start_daemon, ws_server):
+    """`Expect: 100-continue` on the handshake: the origin's 101 is the answer (the
+    tunnel), not an interim one passed on as such."""
+    daemon = start_daemon()
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(
+            f"GET http://127.0.0.1:{ws_server}/chat HTTP/1.1\r\nHost: a\r\n"
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        head = read_head(sock)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=" in head.lower()
+    assert daemon.access()["http_status"] == 101
+
+
+@pytest.mark.parametrize(
+    ("request_head", "answer"),
+    [
+        # a 101 to a request that asked for none, behind Expect: not passed on
+        (
+            "GET {url} HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
+        ),
+        # a WebSocket asked for, but the 101 names another protocol beside it
+        (
+            "GET {url} HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c, websocket\r\n"
+            b"Connection: upgrade\r\n\r\n",
+        ),
+    ],
+)
+def test_a_101_not_for_a_websocket_asked_for_is_502(start_daemon, tcp_server, request_head, answer):
+    def switch(conn: socket.socket) -> None:
+        read_head(conn)
+        conn.sendall(answer + b"raw bytes of another protocol")
+        time.sleep(0.5)
+
+    origin = tcp_server(switch)
+    daemon = start_daemon()
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(request_head.format(url=f"http://127.0.0.1:{origin.port}/").encode())
+        got = read_to_end(sock)
+    assert got.startswith(b"HTTP/1.1 502 "), got[:200]
+    assert b"raw bytes" not in got
+    line = daemon.access()
+    assert (line["status"], line["http_status"]) == ("upstream_closed", 502)
+
+
+def test_an_upgrade_with_a_body_is_not_one(start_daemon, tcp_server):
+    """A handshake has no body: one that has is forwarded as a plain request, its
+    upgrade dropped (the origin's 101 could come while the body is still sent)."""
+    heads: list[bytes] = []
+
+    def record(conn: socket.socket) -> None:
+        heads.append(read_head(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    origin = tcp_server(record)
+    daemon = start_daemon()
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(
+            f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: a\r\n"
+            "Connection: Upgrade, close\r\nUpgrade: websocket\r\nContent-Length: 4\r\n\r\nbody".encode()
+        )
+        assert read_to_end(sock).startswith(b"HTTP/1.1 200 ")
+    assert b"upgrade" not in heads[0].lower()
+
+
+def test_a_websocket_counts_for_its_user(start_daemon, ws_server, users_file):
+    """`limits.per_user = 1`: a user's open WebSocket is their one connection, so a
+    second (or a CONNECT) is refused with 503 while it lasts."""
+    daemon = start_daemon(f'[auth]\nusers_file = "{users_file}"\n[limits]\nper_user = 1\n')
+    auth = f"Proxy-Authorization: Basic {basic_token()}"
+    first = Client(daemon.address, ws_server, headers=(auth,))
+    assert first.head.startswith(b"HTTP/1.1 101 ")
+    second = Client(daemon.address, ws_server, headers=(auth,))
+    assert second.head.startswith(b"HTTP/1.1 503 "), second.head
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        target = f"127.0.0.1:{ws_server}"
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 503 ")
+    assert first.exchange(b"still here") == b"still here"
+    first.close()
+    refused = daemon.access(lambda e: e["http_status"] == 503 and e["command"] == "GET")
+    assert refused["status"] == "limit"
