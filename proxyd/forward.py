@@ -278,6 +278,7 @@ class Forwarder:
         self.target: str | None = None
         self.url: str | None = None
         self.http_status: int | None = None  # the answer the client got (its head went out)
+        self.answer_out = False  # a byte of this request's answer reached the client's socket
         self.ended: tuple[Status, str | None] | None = None  # how a WebSocket tunnel ended
         self._relay: Relay | None = None  # the WebSocket tunnel's, while it runs
         self.bytes_up = 0
@@ -317,9 +318,9 @@ class Forwarder:
                 try:
                     next_request = await self._next_request()
                 except ProtocolError as exc:
-                    self._send_client(self._error_page(exc.http_status, str(exc)))
+                    sent = self._send_client(self._error_page(exc.http_status, str(exc)))
                     self.command = self.target = self.url = self.conn.user = None
-                    self.http_status = exc.http_status
+                    self.http_status = exc.http_status if sent else None
                     self.bytes_up = self.bytes_down = 0
                     self._log(exc.status, str(exc), time.monotonic())
                     await self._linger()  # the rest of a refused head may still come
@@ -371,6 +372,7 @@ class Forwarder:
         self.answering = self.answer_done = self.close_after = False
         self.upgrade = websocket_upgrade(request)
         self.http_status = None
+        self.answer_out = False
         self.ended = None
 
     async def _exchange(self, request: RequestHead) -> bool:
@@ -417,13 +419,15 @@ class Forwarder:
                 extra.update(exc.fields())
             if not self.answering:
                 answer = self._error_page(exc.http_status, str(exc), exc.retry_after)
-                self._send_client(answer)
-                self.http_status = exc.http_status
+                if self._send_client(answer):
+                    self.http_status = exc.http_status
             else:  # mid-answer: a reset, so that no client takes it for a whole one
                 self.cut = True
             return False
         except OSError as exc:  # the client's socket
             status, error = Status.CLIENT_CLOSED, exc.strerror or type(exc).__name__
+            if not self.answer_out:
+                self.http_status = None  # (the answer never reached it)
             return False
         except asyncio.CancelledError:
             status = Status.SHUTDOWN
@@ -991,11 +995,15 @@ class Forwarder:
             sent = sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
+        if sent and sock is self.sock:
+            self.answer_out = True
         if sent == len(data):
             return
         try:
             async with asyncio.timeout(self.idle):
                 await self.loop.sock_sendall(sock, memoryview(data)[sent:])
+            if sock is self.sock:
+                self.answer_out = True
         except TimeoutError:
             raise UpstreamTimeout(f"{who} read nothing for {self.idle:g} s") from None
 
@@ -1043,12 +1051,17 @@ class Forwarder:
             sent = self.sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
+        if sent:
+            self.answer_out = True
         return data[sent:] if sent < len(data) else b""
 
-    def _send_client(self, data: bytes) -> None:
-        """An error page before the connection closes: into an idle socket, best effort."""
-        with contextlib.suppress(OSError):
-            self.sock.send(data)
+    def _send_client(self, data: bytes) -> bool:
+        """An error page before the connection closes: into an idle socket, best
+        effort; whether it went."""
+        try:
+            return self.sock.send(data) > 0
+        except OSError:
+            return False
 
     def _log(
         self,

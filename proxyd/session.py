@@ -354,10 +354,12 @@ class Session:
         extra = error.fields() if isinstance(error, Denied) else {}
         if answer:
             # a few bytes into an idle socket: one send, never a wait
-            with contextlib.suppress(OSError):
-                self.sock.send(answer)
-            if self.conn.protocol == "http":
-                extra["http_status"] = error.http_status
+            try:
+                sent = self.sock.send(answer)
+            except OSError:
+                sent = 0
+            if self.conn.protocol == "http":  # (None: the client was gone)
+                extra["http_status"] = error.http_status if sent else None
         self._end(error.status, str(error), extra)
 
     def ended(self, status: Status, error: str | None) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import http.client
 import socket
+import struct
+import time
 
 import pytest
 
@@ -186,3 +188,23 @@ def test_credentials_in_a_forwarded_url_never_reach_the_log(start_daemon, tcp_se
         assert read_to_end(sock).startswith(b"HTTP/1.1 200 ")
     assert daemon.access()["url"] == f"http://127.0.0.1:{origin.port}/p"
     assert PASSWORD not in daemon.output()
+
+
+def test_an_answer_that_never_reached_the_client_has_no_status(start_daemon, tcp_server):
+    """The client resets its connection while the origin takes its time: the answer
+    cannot be sent, and the line says so (client_closed, http_status null)."""
+
+    def slow(conn: socket.socket) -> None:
+        read_head(conn)
+        time.sleep(0.5)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+
+    origin = tcp_server(slow)
+    daemon = start_daemon()
+    sock = socket.create_connection(daemon.address, timeout=10)
+    sock.sendall(f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    time.sleep(0.2)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    line = daemon.access()
+    assert (line["status"], line["http_status"]) == ("client_closed", None), line
