@@ -484,3 +484,29 @@ def ws_server() -> Iterator[int]:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         yield server.socket.getsockname()[1]
         server.shutdown()
+
+
+def chromium(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Headless Chromium loading `url` with `args` (a proxy, --dump-dom, a screenshot),
+    its name lookups confined to a hosts file of the test's own (only localhost):
+    whatever it tries in the background fails inside the machine."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    browser = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",  # as root
+        "--disable-gpu",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--disable-extensions",
+        "--no-first-run",
+        *args,
+        url,
+    ]
+    return subprocess.run(
+        [*local_names(tmp_path / "names", hosts), *browser], capture_output=True, timeout=60
+    )

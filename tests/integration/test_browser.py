@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import http.server
 import secrets
-import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from conftest import local_names
+from conftest import chromium
 
 
 class _Page(http.server.BaseHTTPRequestHandler):
@@ -53,25 +52,12 @@ def test_chromium_loads_a_page_through_the_proxy(start_daemon, tmp_path, page, s
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n")
     daemon = start_daemon(hosts=hosts)
-    browser = [
-        "chromium",
-        "--headless",
-        "--no-sandbox",  # as root
-        "--disable-gpu",
-        f"--user-data-dir={tmp_path / 'profile'}",
+    result = chromium(
+        tmp_path,
+        url,
         f"--proxy-server={scheme}://127.0.0.1:{daemon.port}",
         "--proxy-bypass-list=<-loopback>",  # proxy loopback URLs too
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-default-apps",
-        "--disable-extensions",
-        "--no-first-run",
         "--dump-dom",
-        url,
-    ]
-    result = subprocess.run(
-        [*local_names(tmp_path / "names", hosts), *browser], capture_output=True, timeout=60
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert text.encode() in result.stdout

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PASSWORD, USER, basic_token, local_names
+from conftest import PASSWORD, USER, basic_token, chromium
 from integration import socks5client
 from integration.socks5client import recv_exact
 from integration.test_metrics import metrics_address
@@ -91,29 +91,6 @@ def two_users(users_file: Path, tmp_path: Path) -> Path:
         capture_output=True,
     )
     return path
-
-
-def chromium(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1 localhost\n")
-    browser = [
-        "chromium",
-        "--headless",
-        "--no-sandbox",  # as root
-        "--disable-gpu",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-default-apps",
-        "--disable-extensions",
-        "--no-first-run",
-        *args,
-        url,
-    ]
-    return subprocess.run(
-        [*local_names(tmp_path / "names", hosts), *browser], capture_output=True, timeout=60
-    )
 
 
 def test_status_page_shows_the_traffic(start_daemon, two_users, tcp_server, origin, tmp_path):
