@@ -115,20 +115,8 @@ class Recorder:
         bucket.up += up
         bucket.down += down
         both = up + down
-        users, key = bucket.users, user or ""
-        if key in users:
-            users[key] += both
-        elif len(users) < KEEP:
-            users[key] = both
-        else:
-            bucket.users_other += both
-        clients = bucket.clients
-        if client in clients:
-            clients[client] += both
-        elif len(clients) < KEEP:
-            clients[client] = both
-        else:
-            bucket.clients_other += both
+        bucket.users_other += _count(bucket.users, user or "", both)
+        bucket.clients_other += _count(bucket.clients, client, both)
 
     def logged(self, conn: Metered, status: str, user: str | None, up: int, down: int) -> None:
         """An access line: a refusal counts; bytes the metrics were not told count too
@@ -176,6 +164,18 @@ class Recorder:
             "clients_other": clients_other + more_clients,
             "parents": [[g, s, up] for (g, s), up in sorted(self.parents.items())],
         }
+
+
+def _count(counts: dict[str, int], key: str, n: int) -> int:
+    """Add `n` to `key`'s count when it has one or there is room for it (KEEP);
+    what did not fit, for "other"."""
+    if key in counts:
+        counts[key] += n
+    elif len(counts) < KEEP:
+        counts[key] = n
+    else:
+        return n
+    return 0
 
 
 def _add(into: dict[str, int], counts: dict[str, int]) -> None:
