@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar, get_type_hints
 
+from proxyd.egress import PICKS as EGRESS_PICKS
+from proxyd.egress import parse as parse_egress
+from proxyd.egress import parse_interface
 from proxyd.errors import ConfigError
 from proxyd.parents import UpstreamGroup, parse_upstreams
 from proxyd.protocols.common import format_hostport
@@ -154,6 +157,22 @@ def _listen(value: Any, path: str, problems: list[str]) -> Any:
     return tuple(addresses)
 
 
+def _egress(value: Any, path: str, problems: list[str]) -> Any:
+    try:
+        return parse_egress(value)
+    except ValueError as exc:
+        problems.append(f"{path}: {exc}")
+        return _INVALID
+
+
+def _egress_interface(value: Any, path: str, problems: list[str]) -> Any:
+    try:
+        return parse_interface(value)
+    except ValueError as exc:
+        problems.append(f"{path}: {exc}")
+        return _INVALID
+
+
 def _networks(value: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(value, list):
         problems.append(f'{path}: must be a list of CIDRs like "10.0.0.0/8"')
@@ -213,6 +232,11 @@ class ServerConfig:
     # the host's own and private networks as destinations: "auto" denies them whenever the
     # daemon is reachable beyond this host (see Config.exposed), "deny" always, "allow" never
     private_destinations: str = _key("auto", _choice(("auto", "deny", "allow")))
+    # where connections to targets leave from (proxyd.egress): addresses and CIDRs, a
+    # device, and how an address is picked; an allow rule may set its own
+    egress: tuple[IPNetwork, ...] = _key((), _egress)
+    egress_interface: str | None = _key(None, _egress_interface)
+    egress_pick: str = _key("random", _choice(EGRESS_PICKS))
 
 
 @dataclass(frozen=True, slots=True)

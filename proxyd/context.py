@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxyd import egress
 from proxyd.auth import Authenticator, PasswordHash, Throttle
 from proxyd.chain import Upstreams
 from proxyd.config import Config
@@ -105,7 +106,9 @@ def build(settings: Settings, log: Any) -> Context:
 
 
 def rules_of(config: Config) -> Rules:
-    return Rules(config.rules, default_allow=config.server.default_action == "allow")
+    server = config.server
+    way_out = egress.make(server.egress, server.egress_interface, server.egress_pick)
+    return Rules(config.rules, server.default_action == "allow", way_out)
 
 
 def guard(ctx: Context, own_ports: Iterable[int], exposed: bool) -> None:

@@ -17,6 +17,7 @@ from proxyd.chain import ChainConnector
 from proxyd.context import Context
 from proxyd.direct import Connector, Refuse
 from proxyd.dns import AddrInfo
+from proxyd.egress import Egress
 from proxyd.errors import SessionError
 from proxyd.metrics import Metrics
 from proxyd.protocols import socks5
@@ -32,9 +33,22 @@ class Route:
     address about to be dialled directly whether it must not be (the daemon itself,
     a private destination), and the upstream group to go through (None: direct).
     `client`: the address whose request it is, which a lookup the dial makes counts
-    against (dns.per_client)."""
+    against (dns.per_client); `user`: whose request it is (with `client`, what a
+    sticky egress keeps one address for). `egress`: where a direct connection leaves
+    from, as the deciding rule or the server says (`dial` sets it)."""
 
-    __slots__ = ("addresses", "client", "deadline", "host", "port", "refuse", "rule", "via")
+    __slots__ = (
+        "addresses",
+        "client",
+        "deadline",
+        "egress",
+        "host",
+        "port",
+        "refuse",
+        "rule",
+        "user",
+        "via",
+    )
 
     def __init__(
         self,
@@ -46,6 +60,7 @@ class Route:
         deadline: float | None = None,
         rule: int | None = None,
         client: str | None = None,
+        user: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -57,6 +72,19 @@ class Route:
         self.deadline = deadline
         self.rule = rule  # the deciding rule's index, if a rule decided
         self.client = client
+        self.user = user
+        self.egress: Egress | None = None
+
+    @property
+    def sticky_key(self) -> str:
+        """What a sticky egress keeps one address for: the user, else the client."""
+        return self.user or self.client or ""
+
+
+def egress_for(ctx: Context, route: Route) -> Egress | None:
+    """Where `route` leaves from: the deciding rule's egress, else the server's."""
+    rules = ctx.rules
+    return rules.default_egress if route.rule is None else rules.egresses[route.rule]
 
 
 def dial(
@@ -101,8 +129,16 @@ def dial(
         return chained
     if route.deadline is not None:
         timeout = max(route.deadline - asyncio.get_running_loop().time(), 0.0)
+    route.egress = egress = egress_for(ctx, route)
     direct = Connector(
-        ctx.resolver, ctx.config.buffers, timeout, done, refuse=route.refuse, client=route.client
+        ctx.resolver,
+        ctx.config.buffers,
+        timeout,
+        done,
+        refuse=route.refuse,
+        client=route.client,
+        egress=egress,
+        sticky_key=route.sticky_key if egress is not None else "",
     )
     direct.start(route.host, route.port, route.addresses)
     return direct

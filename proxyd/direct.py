@@ -16,6 +16,7 @@ from typing import Final
 
 from proxyd.config import BuffersConfig
 from proxyd.dns import AddrInfo, Lookup, Resolver, literal_addresses
+from proxyd.egress import Egress, NoEgress
 from proxyd.errors import Denied, HostUnreachable, SessionError, UpstreamError, classify
 from proxyd.poller import poller
 from proxyd.protocols.common import format_hostport
@@ -77,9 +78,12 @@ class Connector:
         "_deadline",
         "_delay",
         "_done",
+        "_egress",
+        "_key",
         "_last",
         "_lookup",
         "_loop",
+        "_no_egress",
         "_poller",
         "_refuse",
         "_refused",
@@ -97,10 +101,17 @@ class Connector:
         done: ConnectDone,
         refuse: Refuse | None = None,
         client: str | None = None,
+        egress: Egress | None = None,
+        sticky_key: str = "",
     ) -> None:
         """`refuse(ip, port)`: addresses never to connect to, and why (the proxy itself,
         a private destination); `client`: whose request it is, which a lookup counts
-        against (dns.per_client)."""
+        against (dns.per_client); `egress`: where the connection leaves from (an
+        address of the family of each attempt; one with none is not attempted),
+        `sticky_key` what a sticky one keeps an address for."""
+        self._egress = egress
+        self._key = sticky_key
+        self._no_egress: NoEgress | None = None
         self._refuse = refuse
         self._client = client
         self._refused: Denied | None = None
@@ -176,9 +187,15 @@ class Connector:
                 self._last = exc
                 continue
             try:
+                if self._egress is not None:
+                    self._egress.bind(sock, family, self._key)
                 sock.setblocking(False)
                 tune_socket(sock, self._buffers)
                 err = sock.connect_ex(addr)
+            except NoEgress as exc:  # never from an address the operator did not name
+                sock.close()
+                self._no_egress = exc
+                continue
             except OSError as exc:
                 sock.close()
                 self._last = exc
@@ -204,6 +221,9 @@ class Connector:
         if not self._attempts:
             if self._last is None and self._refused is not None:
                 self._finish(None, self._refused)
+            elif self._last is None and self._no_egress is not None:
+                why = f"{self._target}: {self._no_egress} (egress)"
+                self._finish(None, HostUnreachable(why))
             elif self._last is None:
                 self._finish(None, HostUnreachable(f"{self._target} has no address"))
             else:

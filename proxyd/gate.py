@@ -249,11 +249,19 @@ def decide(
                 raise denied  # an address given through a parent: judged here, as direct
             if decision.via is not None or not need_addresses:
                 route = Route(
-                    host, port, None, decision.via, refuse, None, decision.rule, conn.peer_ip
+                    host,
+                    port,
+                    None,
+                    decision.via,
+                    refuse,
+                    None,
+                    decision.rule,
+                    conn.peer_ip,
+                    conn.user,
                 )
                 return _settled(command, route)
     elif not need_addresses:
-        return Route(host, port, None, None, refuse, client=conn.peer_ip)
+        return Route(host, port, None, None, refuse, client=conn.peer_ip, user=conn.user)
     # for BIND, 0.0.0.0 or :: asks for any peer, each then screened as it connects
     screen = screened and not (command == "bind" and host in ("0.0.0.0", "::"))
     timeout = ctx.config.timeouts.connect
@@ -281,7 +289,9 @@ def decide(
                 if (denied := guard.own(addr[0], port)) is not None:
                     raise denied  # a parent on this host would come back to us
             checked = guard.own if screen else refuse  # (a BIND for any peer: each peer)
-            route = Route(host, port, addresses, via, checked, deadline, decided_by, conn.peer_ip)
+            route = Route(
+                host, port, addresses, via, checked, deadline, decided_by, conn.peer_ip, conn.user
+            )
             outcome = _settled(command, route)
         except SessionError as exc:
             outcome = exc

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from proxyd import egress
 from proxyd.destinations import PRIVATE_NETWORKS
 from proxyd.errors import Denied
 from proxyd.protocols.common import canonical_host
@@ -33,6 +34,9 @@ KEYS: Final = (
     "destinations",
     "ports",
     "via",
+    "egress",
+    "egress_interface",
+    "egress_pick",
 )
 DIRECT: Final = "direct"  # `via = "direct"`: connect to the target ourselves (the default)
 
@@ -65,6 +69,10 @@ class Rule:
     naming: tuple[IPNetwork, ...] = ()
     ports: tuple[tuple[int, int], ...] | None = None
     via: str | None = None  # the [[upstreams]] group an allowed request goes through; None: direct
+    # where what it allows leaves from (proxyd.egress); None: the server's egress
+    egress: tuple[IPNetwork, ...] | None = None
+    egress_interface: str | None = None
+    egress_pick: str | None = None  # None: server.egress_pick
 
     @property
     def has_destinations(self) -> bool:
@@ -123,9 +131,24 @@ class Decision:
 
 
 class Rules:
-    def __init__(self, rules: Sequence[Rule] = (), default_allow: bool = True) -> None:
+    def __init__(
+        self,
+        rules: Sequence[Rule] = (),
+        default_allow: bool = True,
+        default_egress: egress.Egress | None = None,
+    ) -> None:
         self.rules = tuple(rules)
         self.default_allow = default_allow
+        # where each rule's requests leave from: its own egress, else the server's;
+        # a rule's egress_pick defaults to the server's
+        pick = default_egress.pick if default_egress is not None else "random"
+        self.default_egress = default_egress
+        self.egresses = tuple(
+            egress.make(r.egress or (), r.egress_interface, r.egress_pick or pick)
+            if r.egress is not None or r.egress_interface is not None
+            else default_egress
+            for r in self.rules
+        )
         # only address rules need a name resolved before the decision
         self.need_addresses = any(r.networks is not None for r in self.rules)
 
@@ -284,6 +307,9 @@ def _parse_rule(table: Any, path: str, problems: list[str]) -> Rule | None:
         problems.append(f'{path}.via: must be an [[upstreams]] name or "direct", not {via!r}')
     elif via is not None and action == "deny" and via != DIRECT:
         problems.append(f"{path}.via: only an allow rule routes; a denied request goes nowhere")
+    ways_out = _egress_keys(table, path, problems)
+    if action == "deny" and any(key in table for key in ("egress", "egress_interface")):
+        problems.append(f"{path}.egress: only an allow rule says where a request leaves from")
     if len(problems) > before:
         return None
     names = suffixes = networks = None
@@ -306,7 +332,32 @@ def _parse_rule(table: Any, path: str, problems: list[str]) -> Rule | None:
         naming=tuple(n for n in networks or () if naming(n)),
         ports=tuple(ports) if ports is not None else None,
         via=None if via in (None, DIRECT) else via,
+        egress=ways_out[0],
+        egress_interface=ways_out[1],
+        egress_pick=ways_out[2],
     )
+
+
+def _egress_keys(
+    table: Mapping[str, Any], path: str, problems: list[str]
+) -> tuple[tuple[IPNetwork, ...] | None, str | None, str | None]:
+    """A rule's `egress`, `egress_interface` and `egress_pick` (None where unset)."""
+    found: list[Any] = [None, None, None]
+    for index, (key, parse) in enumerate(
+        (("egress", egress.parse), ("egress_interface", egress.parse_interface))
+    ):
+        if key in table:
+            try:
+                found[index] = parse(table[key])
+            except ValueError as exc:
+                problems.append(f"{path}.{key}: {exc}")
+    pick = table.get("egress_pick")
+    if pick is not None:
+        if isinstance(pick, str) and pick.lower() in egress.PICKS:
+            found[2] = pick.lower()
+        else:
+            problems.append(f"{path}.egress_pick: must be one of {', '.join(egress.PICKS)}")
+    return found[0], found[1], found[2]
 
 
 def _list(

@@ -19,7 +19,7 @@ from proxyd import gate
 from proxyd.bind import Binder
 from proxyd.chain import ChainConnector, Lease
 from proxyd.context import Conn, Context
-from proxyd.dial import Connecting, Route, dial
+from proxyd.dial import Connecting, Route, dial, egress_for
 from proxyd.dns import Lookup
 from proxyd.errors import SessionError, Status
 from proxyd.poller import poller
@@ -63,6 +63,7 @@ class Tunnel:
         "_relay",
         "_remote",
         "_said_more",
+        "egress",
         "rule",
         "via",
     )
@@ -93,6 +94,8 @@ class Tunnel:
         self._early = bytearray()  # what the client sent while the tunnel was made
         self._said_more = said_more  # it sent bytes after its request, with it
         self.via: str | None = None  # the upstream group the route goes through
+        # where the connection left from, when an egress says (True until connected)
+        self.egress: str | bool | None = None
         self.rule: int | None = None  # the rule that allowed it (None: the default action)
 
     def connect(self, host: str, port: int) -> None:
@@ -129,6 +132,8 @@ class Tunnel:
 
     def _dial(self, route: Route) -> None:
         self.via, self.rule = route.via, route.rule
+        if route.via is None and egress_for(self._ctx, route) is not None:
+            self.egress = True
         connector = dial(
             self._ctx, route, lambda sock, error: self._owner.step(self._connected, sock, error)
         )
@@ -160,6 +165,8 @@ class Tunnel:
             raise error
         assert remote is not None
         self._remote = remote
+        if self.egress is True:
+            self.egress = remote.getsockname()[0]
         first_down = b""
         if isinstance(pending, ChainConnector):  # (through a parent: never at once)
             self._lease, first_down = pending.lease, pending.trailing
@@ -197,6 +204,8 @@ class Tunnel:
         )
         if self.rule is not None:  # (a denial's line has its rule from Denied)
             fields["rule"] = self.rule
+        if isinstance(self.egress, str):
+            fields["egress"] = self.egress
         if self.via is not None:
             fields["via"] = self.via
             if self._lease is not None:
