@@ -12,7 +12,8 @@ from proxyd.config import BuffersConfig
 from proxyd.destinations import parse
 from proxyd.direct import ConnectDone, Refuse, tune_socket
 from proxyd.dns import AddrInfo
-from proxyd.errors import UpstreamError, UpstreamTimeout
+from proxyd.egress import Egress, NoEgress
+from proxyd.errors import HostUnreachable, UpstreamError, UpstreamTimeout
 
 
 class Binder:
@@ -34,16 +35,21 @@ class Binder:
         buffers: BuffersConfig,
         done: ConnectDone,
         refuse: Refuse | None = None,
+        egress: Egress | None = None,
+        sticky_key: str = "",
     ) -> None:
         """`peers`: the addresses the peer may come from (the gate's); None accepts any
         peer that `refuse` (the route's check, given the peer's address and port 0) lets
-        through. UpstreamError when no socket can listen."""
+        through. With `egress`, the socket listens on an egress address of the peer's
+        family instead of `local_host`. UpstreamError when no socket can listen."""
         self._loop = asyncio.get_running_loop()
         self._expected = None if peers is None else {parse(addr[0]) for _family, addr in peers}
         self._refuse = refuse
         self._done: ConnectDone | None = done
         self.refused = 0  # connections from other addresses, or refused ones
-        family = socket.AF_INET6 if ":" in local_host else socket.AF_INET
+        family: int = socket.AF_INET6 if ":" in local_host else socket.AF_INET
+        if egress is not None and peers:
+            family = peers[0][0]  # (the peer comes from an address of its own family)
         try:
             self._listener = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -51,8 +57,12 @@ class Binder:
         try:
             self._listener.setblocking(False)
             tune_socket(self._listener, buffers)
-            self._listener.bind((local_host, 0))
+            if egress is None or egress.bind(self._listener, family, sticky_key) is None:
+                self._listener.bind((local_host, 0))
             self._listener.listen(8)
+        except NoEgress as exc:
+            self._listener.close()
+            raise HostUnreachable(f"cannot listen for the peer: {exc} (egress)") from None
         except OSError as exc:
             self._listener.close()
             raise UpstreamError(f"cannot listen for the peer: {exc.strerror}") from None

@@ -125,6 +125,29 @@ def parse_interface(value: Any) -> str:
     return value
 
 
+def absent(networks: Sequence[IPNetwork], interface: str | None) -> list[tuple[str, str]]:
+    """What of these is not on this host now: each fixed address that cannot be
+    bound (a CIDR is bound with IP_FREEBIND, so it need not be), and the device when
+    the kernel knows no such one. They may appear later: a warning, not an error.
+    (key, what) pairs: `egress` or `egress_interface`, and what is wrong."""
+    found = []
+    for network in networks:
+        if network.num_addresses != 1:
+            continue
+        family = socket.AF_INET6 if network.version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((str(network.network_address), 0))
+            except OSError as exc:
+                found.append(("egress", f"{network.network_address}: {exc.strerror}"))
+    if interface is not None:
+        try:
+            socket.if_nametoindex(interface)
+        except OSError:
+            found.append(("egress_interface", f"{interface}: no such network device"))
+    return found
+
+
 def make(networks: Sequence[IPNetwork], interface: str | None, pick: str) -> Egress | None:
     """The Egress for these settings; None when they name nothing."""
     if not networks and interface is None:

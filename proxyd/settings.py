@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from proxyd import auth, config, tls
+from proxyd import auth, config, egress, tls
 from proxyd.errors import ConfigError
 
 
@@ -47,6 +47,17 @@ class Settings:
         if key is not None and auth.is_world_readable(key):
             hint = "chmod 600 it: it is the TLS private key"
             found.append(("tls_key_world_readable", {"path": str(key), "hint": hint}))
+        server = self.config.server
+        ways_out = [("server", server.egress, server.egress_interface)]
+        ways_out += [
+            (f"rules[{i}]", rule.egress or (), rule.egress_interface)
+            for i, rule in enumerate(self.config.rules)
+        ]
+        for where, networks, interface in ways_out:
+            for name, what in egress.absent(networks, interface):
+                hint = "connections that should leave from it fail until the host has it"
+                fields = {"key": f"{where}.{name}", "missing": what, "hint": hint}
+                found.append(("egress_missing", fields))
         return found
 
 

@@ -145,6 +145,7 @@ class Tunnel:
         cfg = self._ctx.config
         # a request for 0.0.0.0 or :: takes any peer; a name resolving to one of them does not
         any_peer = route.host in ("0.0.0.0", "::")
+        way_out = egress_for(self._ctx, route)
         binder = Binder(
             self._conn.local_address()[0],
             None if any_peer else route.addresses or [],
@@ -152,7 +153,11 @@ class Tunnel:
             cfg.buffers,
             lambda sock, error: self._owner.step(self._connected, sock, error, True),
             route.refuse,
+            way_out,
+            route.sticky_key,
         )
+        if way_out is not None:
+            self.egress = binder.address[0]
         self._pending = binder
         listening(*binder.address)
 

@@ -31,8 +31,9 @@ import asyncio_dgram
 from proxyd import gate
 from proxyd.chain import ChainConnector, Lease
 from proxyd.context import Conn, Context
-from proxyd.dial import Route, dial
+from proxyd.dial import Route, dial, egress_for
 from proxyd.dns import AddrInfo, Lookup
+from proxyd.egress import Egress, NoEgress
 from proxyd.errors import Denied, ProtocolError, SessionError, Status, UpstreamError
 from proxyd.protocols import socks5, socks5_udp
 
@@ -71,6 +72,9 @@ class Association:
         self.reply = reply
         self.relay: Any = None  # asyncio_dgram.DatagramServer on the control's local address
         self.other: Any = None  # for targets of the other address family, made when needed
+        # with an egress: the sockets datagrams leave from, by family and way out
+        self.outs: dict[tuple[int, Egress], Any] = {}
+        self.egress: str | None = None  # the first egress address datagrams left from
         self.peers: OrderedDict[Address, None] = OrderedDict()
         self.last_activity = self.loop.time()
         # Status.OK when the control connection closes
@@ -105,7 +109,7 @@ class Association:
             finally:
                 self.loop.remove_reader(sock.fileno())
         finally:
-            for endpoint in (self.relay, self.other):
+            for endpoint in (self.relay, self.other, *self.outs.values()):
                 if endpoint is not None:
                     endpoint.close()
             for parent in self.parents.values():
@@ -144,6 +148,8 @@ class Association:
             fields["datagrams_over_rate"] = self.over_rate
         if self.via:
             fields["via"] = ",".join(self.via)
+        if self.egress is not None:
+            fields["egress"] = self.egress
         return fields
 
     def _over_rate(self, direction: int, size: int) -> bool:
@@ -306,7 +312,11 @@ class Association:
         if route.refuse is not None and route.refuse(addr[0], addr[1]) is not None:
             self.denied += 1  # the daemon itself (its listener or metrics port)
             return
-        endpoint = await self._endpoint_for(family)
+        way_out = egress_for(self.ctx, route)
+        if way_out is None:
+            endpoint = await self._endpoint_for(family)
+        else:
+            endpoint = await self._egress_endpoint(family, way_out, route.sticky_key)
         if endpoint is None:
             self.dropped += 1
             return
@@ -335,6 +345,28 @@ class Association:
                 self.other = await asyncio_dgram.bind((wildcard, 0))
                 self._start_pump(self.other)
         return self.other
+
+    async def _egress_endpoint(self, family: int, way_out: Egress, key: str) -> Any:
+        """The socket datagrams to a target of `family` leave from when an egress says
+        where: one per association and way out, its address picked once (a sticky one
+        the same as the user's tunnels get); None when the family has no egress
+        address (the datagram is dropped: never sent from an address not named)."""
+        endpoint = self.outs.get((family, way_out))
+        if endpoint is not None:
+            return endpoint
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            address = way_out.bind(sock, family, key)
+            sock.setblocking(False)
+            endpoint = await asyncio_dgram.from_socket(sock)
+        except (OSError, NoEgress):
+            sock.close()
+            return None
+        self.outs[family, way_out] = endpoint
+        self._start_pump(endpoint)
+        if self.egress is None and address is not None:
+            self.egress = address
+        return endpoint
 
     def _send_via(
         self, group: str, datagram: socks5_udp.UdpDatagram, address: str | None = None

@@ -9,7 +9,10 @@ import socket
 
 from conftest import PASSWORD, USER, basic_token, proxyd
 from integration import socks5client
+from integration.socks5client import read_reply, recv_exact
+from integration.test_bind import BIND, peer_from
 from integration.test_http_forward import read_to_end
+from integration.test_udp import associate, header, no_datagram, udp_client
 
 
 def tunnel_from(daemon, port: int, auth=None) -> int:
@@ -114,3 +117,46 @@ def test_check_config_judges_egress(tmp_path):
     assert "server.egress: '127.0.5.1/24'" in result.stderr
     assert "server.egress_interface" in result.stderr
     assert "rules[0].egress: only an allow rule" in result.stderr
+
+
+def test_udp_datagrams_leave_from_the_egress_address(start_daemon):
+    """An association's datagrams reach the target from the egress address, its
+    answers come back to the client through the relay; a target of a family with
+    no egress address gets nothing (the datagram is dropped and counted)."""
+    daemon = start_daemon('[server]\negress = "127.0.0.2"\n')
+    control, relay = associate(daemon)
+    with (
+        control,
+        udp_client() as client,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as target,
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as target6,
+    ):
+        target.bind(("127.0.0.1", 0))
+        target.settimeout(5)
+        target6.bind(("::1", 0))
+        for n in range(2):
+            client.sendto(header("127.0.0.1", target.getsockname()[1]) + b"out%d" % n, relay)
+            data, sender = target.recvfrom(65535)
+            assert (data, sender[0]) == (b"out%d" % n, "127.0.0.2")
+            target.sendto(b"back", sender)
+            reply, _ = client.recvfrom(65535)
+            assert reply == header("127.0.0.1", target.getsockname()[1]) + b"back"
+        client.sendto(header("::1", target6.getsockname()[1]) + b"six", relay)
+        assert no_datagram(target6)
+    line = daemon.access()
+    assert (line["egress"], line["datagrams_up"], line["datagrams_dropped"]) == ("127.0.0.2", 2, 1)
+
+
+def test_bind_listens_on_the_egress_address(start_daemon):
+    """BIND's listening socket is on the egress address (the first reply says so),
+    and the peer reaches the client through it."""
+    daemon = start_daemon('[server]\negress = "127.0.0.4"\n')
+    control, rep, host, port = socks5client.connect(daemon.address, "127.0.0.1", 0, command=BIND)
+    with control:
+        assert (rep, host) == (0, "127.0.0.4")
+        with peer_from("127.0.0.1", (host, port)) as peer:
+            assert read_reply(control)[0] == 0
+            peer.sendall(b"hello")
+            assert recv_exact(control, 5) == b"hello"
+    line = daemon.access()
+    assert (line["command"], line["egress"]) == ("bind", "127.0.0.4")
