@@ -12,8 +12,10 @@ credentials that apply to the client and user.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,8 @@ from typing import Any, Final
 
 from proxyd import context, gate
 from proxyd.context import Conn, Context
-from proxyd.dial import Route
+from proxyd.dial import Route, egress_for
+from proxyd.egress import NoEgress
 from proxyd.errors import AuthFailed, Denied, SessionError, UpstreamError
 from proxyd.protocols.common import canonical_host, format_hostport, ipv6_text
 from proxyd.settings import Settings
@@ -225,6 +228,26 @@ def _unique(items: Any) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def _egress(ctx: Context, route: Route | None, dialable: list[str] | None) -> Any:
+    """Where a direct connection would leave from: the egress that applies (the
+    deciding rule's, else the server's), and, when sticky, the address this user or
+    client keeps for the first address that may be dialled; None without one."""
+    way_out = egress_for(ctx, route) if route is not None else None
+    if way_out is None:
+        return None
+    address = None
+    if way_out.pick == "sticky" and dialable and route is not None:
+        family = socket.AF_INET6 if ":" in dialable[0] else socket.AF_INET
+        with contextlib.suppress(NoEgress):
+            address = way_out.source(family, route.sticky_key)
+    return {
+        "networks": [str(n) for n in (*way_out.v4, *way_out.v6)],
+        "interface": way_out.interface,
+        "pick": way_out.pick,
+        "address": address,
+    }
+
+
 def _reason(route: Route | None, error: SessionError | None) -> tuple[int | None, str]:
     """The deciding rule and what kind of thing decided."""
     if isinstance(error, Denied):
@@ -282,6 +305,7 @@ def _result(
             "via": via,
             "strategy": group.strategy if group is not None else None,
             "servers": [str(s) for s in group.servers] if group is not None else [],
+            "egress": _egress(ctx, route, dialable) if via is None and error is None else None,
         },
         "credentials": {
             "required": ctx.auth.required,
@@ -337,6 +361,12 @@ def human(result: dict[str, Any]) -> str:
     route = result["route"]
     if route["via"] is None:
         rows.append(("route", "direct" if result["allowed"] else "-"))
+        if (way_out := route["egress"]) is not None:
+            where = ", ".join(way_out["networks"]) or "-"
+            if way_out["interface"] is not None:
+                where += f" on {way_out['interface']}"
+            picked = f"; kept: {way_out['address']}" if way_out["address"] else ""
+            rows.append(("egress", f"{where} ({way_out['pick']}{picked})"))
     else:
         servers = ", ".join(route["servers"])
         rows.append(("route", f"via {route['via']} ({route['strategy']}): {servers}"))

@@ -5,6 +5,7 @@ left from."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 
 from conftest import PASSWORD, USER, basic_token, proxyd
@@ -160,3 +161,45 @@ def test_bind_listens_on_the_egress_address(start_daemon):
             assert recv_exact(control, 5) == b"hello"
     line = daemon.access()
     assert (line["command"], line["egress"]) == ("bind", "127.0.0.4")
+
+
+def test_explain_names_the_address_a_sticky_egress_keeps(start_daemon, tcp_server, tmp_path):
+    """`proxyd explain` says which address of the CIDR this client keeps, and the
+    daemon then leaves from that one."""
+    origin = tcp_server()
+    config = '[server]\negress = "127.0.7.0/24"\negress_pick = "sticky"\n'
+    path = tmp_path / "sticky.toml"
+    path.write_text(config)
+    result = proxyd("explain", "--config", str(path), "--json", f"127.0.0.1:{origin.port}")
+    assert result.returncode == 0, result.stderr
+    kept = json.loads(result.stdout)["route"]["egress"]["address"]
+    daemon = start_daemon(config)
+    assert tunnel_from(daemon, origin.port) == 0
+    assert origin.peers[-1][0] == kept
+
+
+def test_egress_interface_binds_the_device(start_daemon, tcp_server):
+    """`egress_interface = "lo"` reaches a loopback origin; a device the host does not
+    have fails the connection (and check-config warns of it)."""
+    origin = tcp_server()
+    daemon = start_daemon('[server]\negress_interface = "lo"\n')
+    assert tunnel_from(daemon, origin.port) == 0
+    assert daemon.access()["egress"] == "127.0.0.1"
+    missing = start_daemon('[server]\negress_interface = "nosuch0"\n')
+    assert tunnel_from(missing, origin.port) != 0
+    line = missing.access()
+    assert (line["status"], line["error"]) == (
+        "error",
+        f"connecting to 127.0.0.1:{origin.port} failed: No such device",
+    )
+    assert "nosuch0: no such network device" in missing.output()  # (its warning at start)
+
+
+def test_a_reload_changes_the_way_out(start_daemon, tcp_server):
+    origin = tcp_server()
+    daemon = start_daemon('[server]\negress = "127.0.0.2"\n')
+    assert tunnel_from(daemon, origin.port) == 0
+    (outcome,) = daemon.reload('[server]\negress = "127.0.0.3"\n')
+    assert outcome["event"] == "reloaded", outcome
+    assert tunnel_from(daemon, origin.port) == 0
+    assert [peer[0] for peer in origin.peers] == ["127.0.0.2", "127.0.0.3"]
