@@ -338,8 +338,8 @@ class Supervisor:
         try:
             self._reload_checked()
         except Exception as exc:  # a reload must never take the supervisor down
+            self._count_reload("failed")  # (counted before it is told: a scrape after agrees)
             self.log.error("reload_failed", problems=[f"{type(exc).__name__}: {exc}"])
-            self._count_reload("failed")
             self._notify("READY=1")
 
     def _count_reload(self, result: str) -> None:
@@ -358,8 +358,8 @@ class Supervisor:
             new = dataclasses.replace(new, config=config)
             self._hand_over(new)
         except ConfigError as exc:
+            self._count_reload("failed")  # (counted before it is told: a scrape after agrees)
             self.log.error("reload_failed", problems=exc.problems)
-            self._count_reload("failed")
             self._notify("READY=1")
             return
         self._count_reload("ok")
