@@ -157,20 +157,17 @@ def _listen(value: Any, path: str, problems: list[str]) -> Any:
     return tuple(addresses)
 
 
-def _egress(value: Any, path: str, problems: list[str]) -> Any:
-    try:
-        return parse_egress(value)
-    except ValueError as exc:
-        problems.append(f"{path}: {exc}")
-        return _INVALID
+def _parsed(parse: Callable[[Any], Any]) -> Check:
+    """A check by a parser that raises ValueError saying what is wrong."""
 
+    def check(value: Any, path: str, problems: list[str]) -> Any:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            problems.append(f"{path}: {exc}")
+            return _INVALID
 
-def _egress_interface(value: Any, path: str, problems: list[str]) -> Any:
-    try:
-        return parse_interface(value)
-    except ValueError as exc:
-        problems.append(f"{path}: {exc}")
-        return _INVALID
+    return check
 
 
 def _networks(value: Any, path: str, problems: list[str]) -> Any:
@@ -234,8 +231,8 @@ class ServerConfig:
     private_destinations: str = _key("auto", _choice(("auto", "deny", "allow")))
     # where connections to targets leave from (proxyd.egress): addresses and CIDRs, a
     # device, and how an address is picked; an allow rule may set its own
-    egress: tuple[IPNetwork, ...] = _key((), _egress)
-    egress_interface: str | None = _key(None, _egress_interface)
+    egress: tuple[IPNetwork, ...] = _key((), _parsed(parse_egress))
+    egress_interface: str | None = _key(None, _parsed(parse_interface))
     egress_pick: str = _key("random", _choice(EGRESS_PICKS))
 
 
