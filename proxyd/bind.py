@@ -12,7 +12,7 @@ from proxyd.config import BuffersConfig
 from proxyd.destinations import parse
 from proxyd.direct import ConnectDone, Refuse, tune_socket
 from proxyd.dns import AddrInfo
-from proxyd.egress import Egress, NoEgress
+from proxyd.egress import Egress, EgressError
 from proxyd.errors import HostUnreachable, UpstreamError, UpstreamTimeout
 
 
@@ -49,7 +49,10 @@ class Binder:
         self.refused = 0  # connections from other addresses, or refused ones
         family: int = socket.AF_INET6 if ":" in local_host else socket.AF_INET
         if egress is not None and peers:
-            family = peers[0][0]  # (the peer comes from an address of its own family)
+            # the peer comes from an address of its own family: the first one the
+            # egress serves (a peer of no such family cannot be waited for)
+            families = [f for f, _addr in peers if egress.serves(f)]
+            family = families[0] if families else peers[0][0]
         try:
             self._listener = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -60,7 +63,7 @@ class Binder:
             if egress is None or egress.bind(self._listener, family, sticky_key) is None:
                 self._listener.bind((local_host, 0))
             self._listener.listen(8)
-        except NoEgress as exc:
+        except EgressError as exc:
             self._listener.close()
             raise HostUnreachable(f"cannot listen for the peer: {exc} (egress)") from None
         except OSError as exc:

@@ -35,7 +35,8 @@ class Route:
     `client`: the address whose request it is, which a lookup the dial makes counts
     against (dns.per_client); `user`: whose request it is (with `client`, what a
     sticky egress keeps one address for). `egress`: where a direct connection leaves
-    from, as the deciding rule or the server says (`dial` sets it)."""
+    from, as the deciding rule or the server said when the gate decided (a reload
+    since changes nothing for it); None for a route through a parent."""
 
     __slots__ = (
         "addresses",
@@ -61,6 +62,7 @@ class Route:
         rule: int | None = None,
         client: str | None = None,
         user: str | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -73,18 +75,12 @@ class Route:
         self.rule = rule  # the deciding rule's index, if a rule decided
         self.client = client
         self.user = user
-        self.egress: Egress | None = None
+        self.egress = egress if via is None else None
 
     @property
     def sticky_key(self) -> str:
         """What a sticky egress keeps one address for: the user, else the client."""
         return self.user or self.client or ""
-
-
-def egress_for(ctx: Context, route: Route) -> Egress | None:
-    """Where `route` leaves from: the deciding rule's egress, else the server's."""
-    rules = ctx.rules
-    return rules.default_egress if route.rule is None else rules.egresses[route.rule]
 
 
 def dial(
@@ -129,7 +125,7 @@ def dial(
         return chained
     if route.deadline is not None:
         timeout = max(route.deadline - asyncio.get_running_loop().time(), 0.0)
-    route.egress = egress = egress_for(ctx, route)
+    egress = route.egress
     direct = Connector(
         ctx.resolver,
         ctx.config.buffers,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import os
 import socket
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Final
 
 from proxyd.config import BuffersConfig
 from proxyd.dns import AddrInfo, Lookup, Resolver, literal_addresses
-from proxyd.egress import Egress, NoEgress
+from proxyd.egress import Egress, EgressError
 from proxyd.errors import Denied, HostUnreachable, SessionError, UpstreamError, classify
 from proxyd.poller import poller
 from proxyd.protocols.common import format_hostport
@@ -111,7 +112,7 @@ class Connector:
         `sticky_key` what a sticky one keeps an address for."""
         self._egress = egress
         self._key = sticky_key
-        self._no_egress: NoEgress | None = None
+        self._no_egress: EgressError | None = None
         self._refuse = refuse
         self._client = client
         self._refused: Denied | None = None
@@ -178,6 +179,11 @@ class Connector:
         self._delay = None
         while self._addresses:
             family, addr = self._addresses.pop(0)
+            if self._egress is not None and family == socket.AF_INET6:
+                # an IPv4-mapped target is an IPv4 one: it leaves from an IPv4 address
+                mapped = ipaddress.IPv6Address(addr[0].partition("%")[0]).ipv4_mapped
+                if mapped is not None:
+                    family, addr = socket.AF_INET, (str(mapped), addr[1])
             if self._refuse is not None and (denied := self._refuse(addr[0], addr[1])):
                 self._refused = denied
                 continue
@@ -192,7 +198,7 @@ class Connector:
                 sock.setblocking(False)
                 tune_socket(sock, self._buffers)
                 err = sock.connect_ex(addr)
-            except NoEgress as exc:  # never from an address the operator did not name
+            except EgressError as exc:  # never from an address the operator did not name
                 sock.close()
                 self._no_egress = exc
                 continue

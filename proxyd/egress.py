@@ -13,12 +13,14 @@ an address the operator did not name).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import ipaddress
+import itertools
 import random
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -39,51 +41,77 @@ class Egress:
     v6: tuple[ipaddress.IPv6Network, ...] = ()
     interface: str | None = None
     pick: str = "random"
+    # each family's usable addresses counted up network by network, for the pick
+    _sums: dict[int, list[int]] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for family, networks in ((socket.AF_INET, self.v4), (socket.AF_INET6, self.v6)):
+            self._sums[family] = list(itertools.accumulate(_usable(n) for n in networks))
+
+    def __hash__(self) -> int:
+        return hash((self.v4, self.v6, self.interface, self.pick))
 
     @property
     def addressed(self) -> bool:
         """Whether it names addresses (else only a device)."""
         return bool(self.v4 or self.v6)
 
-    def source(self, family: int, key: str) -> str | None:
-        """The address a connection of `family` leaves from (None: the kernel's
-        choice, when no address is named at all); NoEgress when the family has none."""
+    def serves(self, family: int) -> bool:
+        """Whether a connection of `family` may leave this way."""
+        return not self.addressed or bool(self.v6 if family == socket.AF_INET6 else self.v4)
+
+    def source(self, family: int, key: str) -> tuple[str, bool] | None:
+        """The address a connection of `family` leaves from, and whether it is one of
+        a CIDR (bound with FREEBIND); None: the kernel's choice (no address named at
+        all). NoEgress when the family has none."""
         networks: Sequence[IPNetwork] = self.v6 if family == socket.AF_INET6 else self.v4
         if not networks:
             if self.addressed:
                 kind = "IPv6" if family == socket.AF_INET6 else "IPv4"
                 raise NoEgress(f"no {kind} egress address")
             return None
-        total = sum(_usable(n) for n in networks)
+        sums = self._sums[family]
         if self.pick == "sticky":
             digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
-            index = int.from_bytes(digest, "big") % total
+            index = int.from_bytes(digest, "big") % sums[-1]
         else:
-            index = random.randrange(total)
-        for network in networks:
-            count = _usable(network)
-            if index < count:
-                return str(_nth(network, index))
-            index -= count
-        raise AssertionError("unreachable")  # (index < total)
+            index = random.randrange(sums[-1])
+        at = bisect.bisect_right(sums, index)
+        network = networks[at]
+        address = _nth(network, index - (sums[at - 1] if at else 0))
+        return str(address), network.num_addresses > 1
 
     def bind(self, sock: socket.socket, family: int, key: str) -> str | None:
         """Bind `sock` (not yet connected) where it leaves from; the address, or None
-        when the kernel picks it. NoEgress when the family has none."""
+        when the kernel picks it. NoEgress when the family has none, EgressError when
+        the host will not send from it (a fixed address it does not have, a device
+        it does not know)."""
         if self.interface is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode())
-        address = self.source(family, key)
-        if address is None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode())
+            except OSError as exc:
+                raise EgressError(f"egress_interface {self.interface}: {exc.strerror}") from None
+        found = self.source(family, key)
+        if found is None:
             return None
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-        else:
-            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-        sock.bind((address, 0))
+        address, free = found
+        try:
+            if free:  # an address of a CIDR: the prefix is routed here, not configured
+                level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.IPPROTO_IP
+                sock.setsockopt(
+                    level, IPV6_FREEBIND if family == socket.AF_INET6 else IP_FREEBIND, 1
+                )
+            sock.bind((address, 0))
+        except OSError as exc:
+            raise EgressError(f"egress {address}: {exc.strerror}") from None
         return address
 
 
-class NoEgress(Exception):
+class EgressError(Exception):
+    """A connection cannot leave the way the egress says."""
+
+
+class NoEgress(EgressError):
     """The target's family has no egress address."""
 
 
@@ -102,19 +130,39 @@ def _nth(network: IPNetwork, index: int) -> Any:
 
 def parse(value: Any) -> tuple[IPNetwork, ...]:
     """`egress`: an address, a CIDR, or a list of them; ValueError says what is wrong.
-    A CIDR must be well-formed: no bits set beyond its prefix."""
+    A CIDR must be well-formed (no bits set beyond its prefix), and each must be
+    something a connection can come from: not the unspecified address, a multicast
+    or broadcast one, an IPv4-mapped IPv6 one (name the IPv4 address) or a /0."""
     items = value if isinstance(value, list) else [value]
     if not items:
         raise ValueError("must name at least one address or CIDR")
-    networks = []
+    networks: list[IPNetwork] = []
     for item in items:
         if not isinstance(item, str):
             raise ValueError(f"must be an address or CIDR string, or a list of them, not {item!r}")
         try:
-            networks.append(ipaddress.ip_network(item, strict=True))
+            network = ipaddress.ip_network(item, strict=True)
         except ValueError as exc:
             raise ValueError(f"{item!r}: {exc}") from None
+        if why := _unfit(network):
+            raise ValueError(f"{item!r}: {why}")
+        if any(network.overlaps(other) for other in networks):  # (same version only)
+            raise ValueError(f"{item!r} overlaps another entry")
+        networks.append(network)
     return tuple(networks)
+
+
+def _unfit(network: IPNetwork) -> str | None:
+    first = network.network_address
+    if network.prefixlen == 0:
+        return "a /0 is every address, not a way out"
+    if first.is_unspecified:
+        return "the unspecified address is no source"
+    if first.is_multicast or str(first) == "255.255.255.255":
+        return "a multicast or broadcast address is no source"
+    if isinstance(first, ipaddress.IPv6Address) and first.ipv4_mapped is not None:
+        return "an IPv4-mapped address: name the IPv4 address itself"
+    return None
 
 
 def parse_interface(value: Any) -> str:

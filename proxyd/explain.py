@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from proxyd import context, gate
 from proxyd.context import Conn, Context
-from proxyd.dial import Route, egress_for
+from proxyd.dial import Route
 from proxyd.egress import NoEgress
 from proxyd.errors import AuthFailed, Denied, SessionError, UpstreamError
 from proxyd.protocols.common import canonical_host, format_hostport, ipv6_text
@@ -232,14 +232,15 @@ def _egress(ctx: Context, route: Route | None, dialable: list[str] | None) -> An
     """Where a direct connection would leave from: the egress that applies (the
     deciding rule's, else the server's), and, when sticky, the address this user or
     client keeps for the first address that may be dialled; None without one."""
-    way_out = egress_for(ctx, route) if route is not None else None
+    way_out = route.egress if route is not None else None
     if way_out is None:
         return None
     address = None
     if way_out.pick == "sticky" and dialable and route is not None:
         family = socket.AF_INET6 if ":" in dialable[0] else socket.AF_INET
         with contextlib.suppress(NoEgress):
-            address = way_out.source(family, route.sticky_key)
+            found = way_out.source(family, route.sticky_key)
+            address = found[0] if found is not None else None
     return {
         "networks": [str(n) for n in (*way_out.v4, *way_out.v6)],
         "interface": way_out.interface,

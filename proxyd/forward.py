@@ -32,7 +32,7 @@ from typing import Any, Final, TypeVar
 from proxyd import access, gate
 from proxyd.chain import ChainConnector, Lease, Pool
 from proxyd.context import Conn, Context
-from proxyd.dial import Route, connect, egress_for
+from proxyd.dial import Route, connect
 from proxyd.errors import (
     ClientClosed,
     Denied,
@@ -452,7 +452,7 @@ class Forwarder:
         origin = await self._origin_for(key, route)
         if origin.lease is not None:
             extra["upstream"] = str(origin.lease.parent)
-        elif route.via is None and egress_for(self.ctx, route) is not None:
+        elif route.egress is not None:
             extra["egress"] = origin.sock.getsockname()[0]
         parts = urllib.parse.urlsplit(target)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -851,7 +851,7 @@ class Forwarder:
         """The connection for this request: the one kept from the last request when
         it goes to the same origin the same way and is still fit, else a new one."""
         # a kept connection serves the next request that would leave the same way
-        way_out = egress_for(self.ctx, route) if route.via is None else None
+        way_out = route.egress
         sticky = way_out is not None and way_out.pick == "sticky"
         key = (*origin_key, route.via, way_out, route.sticky_key if sticky else None)
         if self.origin is not None:

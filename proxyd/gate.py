@@ -258,10 +258,12 @@ def decide(
                     decision.rule,
                     conn.peer_ip,
                     conn.user,
+                    rules.egress_for(decision.rule),
                 )
                 return _settled(command, route)
     elif not need_addresses:
-        return Route(host, port, None, None, refuse, client=conn.peer_ip, user=conn.user)
+        way_out = rules.default_egress
+        return Route(host, port, None, None, refuse, None, None, conn.peer_ip, conn.user, way_out)
     # for BIND, 0.0.0.0 or :: asks for any peer, each then screened as it connects
     screen = screened and not (command == "bind" and host in ("0.0.0.0", "::"))
     timeout = ctx.config.timeouts.connect
@@ -289,8 +291,18 @@ def decide(
                 if (denied := guard.own(addr[0], port)) is not None:
                     raise denied  # a parent on this host would come back to us
             checked = guard.own if screen else refuse  # (a BIND for any peer: each peer)
+            way_out = rules.egress_for(decided_by)  # (the rules decided with, if reloaded since)
             route = Route(
-                host, port, addresses, via, checked, deadline, decided_by, conn.peer_ip, conn.user
+                host,
+                port,
+                addresses,
+                via,
+                checked,
+                deadline,
+                decided_by,
+                conn.peer_ip,
+                conn.user,
+                way_out,
             )
             outcome = _settled(command, route)
         except SessionError as exc:

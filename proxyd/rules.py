@@ -139,18 +139,16 @@ class Rules:
     ) -> None:
         self.rules = tuple(rules)
         self.default_allow = default_allow
-        # where each rule's requests leave from: its own egress, else the server's;
-        # a rule's egress_pick defaults to the server's
-        pick = default_egress.pick if default_egress is not None else "random"
+        # where each rule's requests leave from: each of its egress keys it does not
+        # set is the server's
         self.default_egress = default_egress
-        self.egresses = tuple(
-            egress.make(r.egress or (), r.egress_interface, r.egress_pick or pick)
-            if r.egress is not None or r.egress_interface is not None
-            else default_egress
-            for r in self.rules
-        )
+        self.egresses = tuple(_way_out(r, default_egress) for r in self.rules)
         # only address rules need a name resolved before the decision
         self.need_addresses = any(r.networks is not None for r in self.rules)
+
+    def egress_for(self, rule: int | None) -> egress.Egress | None:
+        """Where what `rule` (None: the default action) allows leaves from."""
+        return self.default_egress if rule is None else self.egresses[rule]
 
     @property
     def trivial(self) -> bool:
@@ -308,8 +306,14 @@ def _parse_rule(table: Any, path: str, problems: list[str]) -> Rule | None:
     elif via is not None and action == "deny" and via != DIRECT:
         problems.append(f"{path}.via: only an allow rule routes; a denied request goes nowhere")
     ways_out = _egress_keys(table, path, problems)
-    if action == "deny" and any(key in table for key in ("egress", "egress_interface")):
+    ways = ("egress", "egress_interface", "egress_pick")
+    if action == "deny" and any(key in table for key in ways):
         problems.append(f"{path}.egress: only an allow rule says where a request leaves from")
+    elif via not in (None, DIRECT) and any(key in table for key in ways):
+        problems.append(
+            f"{path}.egress: egress is where a direct connection leaves from; "
+            "this rule routes through a parent proxy"
+        )
     if len(problems) > before:
         return None
     names = suffixes = networks = None
@@ -336,6 +340,19 @@ def _parse_rule(table: Any, path: str, problems: list[str]) -> Rule | None:
         egress_interface=ways_out[1],
         egress_pick=ways_out[2],
     )
+
+
+def _way_out(rule: Rule, server: egress.Egress | None) -> egress.Egress | None:
+    if rule.egress is None and rule.egress_interface is None and rule.egress_pick is None:
+        return server
+    networks = rule.egress
+    if networks is None:
+        networks = (*server.v4, *server.v6) if server is not None else ()
+    interface = rule.egress_interface
+    if interface is None and server is not None:
+        interface = server.interface
+    pick = rule.egress_pick or (server.pick if server is not None else "random")
+    return egress.make(networks, interface, pick)
 
 
 def _egress_keys(

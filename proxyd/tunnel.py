@@ -19,7 +19,7 @@ from proxyd import gate
 from proxyd.bind import Binder
 from proxyd.chain import ChainConnector, Lease
 from proxyd.context import Conn, Context
-from proxyd.dial import Connecting, Route, dial, egress_for
+from proxyd.dial import Connecting, Route, dial
 from proxyd.dns import Lookup
 from proxyd.errors import SessionError, Status
 from proxyd.poller import poller
@@ -132,7 +132,7 @@ class Tunnel:
 
     def _dial(self, route: Route) -> None:
         self.via, self.rule = route.via, route.rule
-        if route.via is None and egress_for(self._ctx, route) is not None:
+        if route.egress is not None:
             self.egress = True
         connector = dial(
             self._ctx, route, lambda sock, error: self._owner.step(self._connected, sock, error)
@@ -145,7 +145,7 @@ class Tunnel:
         cfg = self._ctx.config
         # a request for 0.0.0.0 or :: takes any peer; a name resolving to one of them does not
         any_peer = route.host in ("0.0.0.0", "::")
-        way_out = egress_for(self._ctx, route)
+        way_out = route.egress
         binder = Binder(
             self._conn.local_address()[0],
             None if any_peer else route.addresses or [],

@@ -31,9 +31,9 @@ import asyncio_dgram
 from proxyd import gate
 from proxyd.chain import ChainConnector, Lease
 from proxyd.context import Conn, Context
-from proxyd.dial import Route, dial, egress_for
+from proxyd.dial import Route, dial
 from proxyd.dns import AddrInfo, Lookup
-from proxyd.egress import Egress, NoEgress
+from proxyd.egress import Egress, EgressError
 from proxyd.errors import Denied, ProtocolError, SessionError, Status, UpstreamError
 from proxyd.protocols import socks5, socks5_udp
 
@@ -165,7 +165,7 @@ class Association:
     async def _relay(self) -> Status:
         """Pump datagrams until the control connection closes or nothing moves for
         `udp_idle`; the access status."""
-        self._start_pump(self.relay)
+        self._start_pump(self.relay, relay=True)
         try:
             while True:
                 left = self.last_activity + self.idle - self.loop.time()
@@ -182,8 +182,10 @@ class Association:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _start_pump(self, endpoint: Any) -> None:
-        task = self.loop.create_task(self._pump(endpoint))
+    def _start_pump(self, endpoint: Any, *, relay: bool = False) -> None:
+        """Read `endpoint` for the association: the relay takes the client's datagrams
+        and its targets' answers, the other sockets only the answers."""
+        task = self.loop.create_task(self._pump(endpoint, relay))
         self.pumps.append(task)
 
         def failed(task: asyncio.Task[None]) -> None:
@@ -206,7 +208,7 @@ class Association:
             self.loop.remove_reader(self.control.fileno())
             self.ended.set_result(Status.OK)
 
-    async def _pump(self, endpoint: Any) -> None:
+    async def _pump(self, endpoint: Any, relay: bool) -> None:
         while True:
             try:
                 data, sender = await endpoint.recv()
@@ -214,10 +216,10 @@ class Association:
                 return
             except OSError:  # an ICMP error for an earlier datagram: not ours to end on
                 continue
-            await self._dispatch(data, sender[:2])
+            await self._dispatch(data, sender[:2], relay)
 
-    async def _dispatch(self, data: bytes, sender: Address) -> None:
-        if self._from_client(sender):
+    async def _dispatch(self, data: bytes, sender: Address, relay: bool = True) -> None:
+        if relay and self._from_client(sender):
             try:
                 datagram = socks5_udp.parse_udp(data)
             except ProtocolError:
@@ -308,11 +310,13 @@ class Association:
         if not addresses:
             self.dropped += 1
             return
+        way_out = route.egress
+        if way_out is not None:  # the first address of a family the egress serves
+            addresses = [a for a in addresses if way_out.serves(a[0])] or addresses
         family, addr = addresses[0]
         if route.refuse is not None and route.refuse(addr[0], addr[1]) is not None:
             self.denied += 1  # the daemon itself (its listener or metrics port)
             return
-        way_out = egress_for(self.ctx, route)
         if way_out is None:
             endpoint = await self._endpoint_for(family)
         else:
@@ -359,7 +363,7 @@ class Association:
             address = way_out.bind(sock, family, key)
             sock.setblocking(False)
             endpoint = await asyncio_dgram.from_socket(sock)
-        except (OSError, NoEgress):
+        except (OSError, EgressError):
             sock.close()
             return None
         self.outs[family, way_out] = endpoint

@@ -9,12 +9,15 @@ import json
 import socket
 import time
 
+import pytest
+
 from conftest import PASSWORD, USER, basic_token, proxyd
 from integration import socks5client
 from integration.socks5client import read_reply, recv_exact
 from integration.test_bind import BIND, peer_from
 from integration.test_http_forward import read_to_end
 from integration.test_udp import associate, header, no_datagram, udp_client
+from integration.test_upstream_faults import dns_server
 
 
 def tunnel_from(daemon, port: int, auth=None) -> int:
@@ -119,17 +122,92 @@ def test_a_target_of_a_family_without_egress_is_unreachable(start_daemon, tcp_se
     assert "no IPv6 egress address" in line["error"]
 
 
-def test_check_config_judges_egress(tmp_path):
+@pytest.mark.parametrize(
+    ("toml", "problem"),
+    [
+        ('[server]\negress = "127.0.5.1/24"', "server.egress: '127.0.5.1/24'"),
+        ('[server]\negress = ["nonsense"]', "server.egress: 'nonsense'"),
+        ('[server]\negress_interface = "a/b"', "server.egress_interface"),
+        ('[server]\negress = "0.0.0.0"', "unspecified"),
+        ('[server]\negress = "::/0"', "a /0"),
+        ('[server]\negress = "224.0.0.1"', "multicast"),
+        ('[server]\negress = "::ffff:127.0.0.5"', "IPv4-mapped"),
+        ('[server]\negress = ["127.0.5.0/24", "127.0.5.9"]', "overlaps"),
+        ('[[rules]]\naction = "deny"\negress = "127.0.0.2"', "rules[0].egress: only an allow"),
+        (
+            '[[upstreams]]\nname = "p"\nservers = ["socks5://127.0.0.1:1081"]\n'
+            '[[rules]]\naction = "allow"\nvia = "p"\negress = "127.0.0.2"',
+            "this rule routes through a parent",
+        ),
+    ],
+)
+def test_check_config_judges_egress(tmp_path, toml, problem):
     bad = tmp_path / "bad.toml"
-    bad.write_text(
-        '[server]\negress = ["127.0.5.1/24", "nonsense"]\negress_interface = "a/b"\n'
-        '[[rules]]\naction = "deny"\negress = "127.0.0.2"\n'
-    )
+    bad.write_text(toml + "\n")
     result = proxyd("check-config", "--config", str(bad))
-    assert result.returncode == 1
-    assert "server.egress: '127.0.5.1/24'" in result.stderr
-    assert "server.egress_interface" in result.stderr
-    assert "rules[0].egress: only an allow rule" in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert problem in result.stderr
+
+
+def test_a_fixed_address_the_host_lacks_is_never_a_source(start_daemon, tcp_server):
+    """A fixed egress address that is not on the host is not bound anyway (no
+    FREEBIND: that is for CIDRs): the connection fails as unreachable, saying so,
+    and check-config's warning named it first."""
+    origin = tcp_server()
+    daemon = start_daemon('[server]\negress = "192.0.2.77"\n')
+    assert "egress_missing" in daemon.output()
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", origin.port)
+    sock.close()
+    assert rep == 0x04
+    line = daemon.access()
+    assert line["status"] == "unreachable"
+    assert "egress 192.0.2.77: Cannot assign requested address" in line["error"]
+
+
+def test_an_ipv4_mapped_target_leaves_from_the_ipv4_address(start_daemon, tcp_server):
+    origin = tcp_server()
+    daemon = start_daemon('[server]\negress = ["127.0.0.5", "::1"]\n')
+    sock, rep, _, _ = socks5client.connect(daemon.address, "::ffff:127.0.0.1", origin.port)
+    sock.close()
+    assert rep == 0
+    assert sources(origin, 1) == ["127.0.0.5"]
+
+
+def test_a_rule_that_sets_only_the_pick_keeps_the_servers_addresses(start_daemon, tcp_server):
+    origin = tcp_server()
+    daemon = start_daemon(
+        '[server]\negress = "127.0.8.0/24"\n[[rules]]\naction = "allow"\negress_pick = "sticky"\n'
+    )
+    for _ in range(5):
+        assert tunnel_from(daemon, origin.port) == 0
+    assert len(set(sources(origin, 5))) == 1
+
+
+def test_a_reload_while_a_name_is_looked_up_keeps_the_egress_of_the_decision(
+    start_daemon, tcp_server, tmp_path
+):
+    """The rule that allowed a request says where it leaves from, even when a reload
+    replaces the rules while its name is looked up (a slow DNS server here)."""
+    origin = tcp_server()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+    first = (
+        '[[rules]]\naction = "allow"\ndestinations = ["127.0.0.0/8"]\negress = "127.0.0.9"\n'
+        "[timeouts]\nconnect = 10\n"
+    )
+    second = '[server]\negress = "127.0.0.66"\n[timeouts]\nconnect = 10\n'
+    with dns_server({"slow.test": "127.0.0.1"}, 1.5) as nameserver:
+        daemon = start_daemon(first, hosts=hosts, nameserver=nameserver)
+        sock = socket.create_connection(daemon.address, timeout=10)
+        sock.sendall(b"\x05\x01\x00\x05\x01\x00" + socks5client.address("slow.test", origin.port))
+        assert recv_exact(sock, 2) == b"\x05\x00"
+        time.sleep(0.3)  # the lookup is under way
+        (outcome,) = daemon.reload(second)
+        assert outcome["event"] == "reloaded"
+        assert socks5client.read_reply(sock)[0] == 0
+        sock.close()
+    assert sources(origin, 1) == ["127.0.0.9"]
+    assert daemon.access()["egress"] == "127.0.0.9"
 
 
 def test_udp_datagrams_leave_from_the_egress_address(start_daemon):
@@ -201,8 +279,8 @@ def test_egress_interface_binds_the_device(start_daemon, tcp_server):
     assert tunnel_from(missing, origin.port) != 0
     line = missing.access()
     assert (line["status"], line["error"]) == (
-        "error",
-        f"connecting to 127.0.0.1:{origin.port} failed: No such device",
+        "unreachable",
+        f"127.0.0.1:{origin.port}: egress_interface nosuch0: No such device (egress)",
     )
     assert "nosuch0: no such network device" in missing.output()  # (its warning at start)
 
@@ -215,3 +293,26 @@ def test_a_reload_changes_the_way_out(start_daemon, tcp_server):
     assert outcome["event"] == "reloaded", outcome
     assert tunnel_from(daemon, origin.port) == 0
     assert sources(origin, 2) == ["127.0.0.2", "127.0.0.3"]
+
+
+def test_udp_takes_an_address_of_a_family_it_can_leave_from(start_daemon, tmp_path):
+    """A name with an IPv6 address first and an IPv4 one after, IPv4 egress only: the
+    datagram goes to the IPv4 address. The egress socket takes answers, never the
+    client's datagrams (those go to the relay)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 dual.test\n127.0.0.1 dual.test\n")
+    daemon = start_daemon('[server]\negress = "127.0.0.2"\n', hosts=hosts)
+    control, relay = associate(daemon)
+    with (
+        control,
+        udp_client() as client,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as target,
+    ):
+        target.bind(("127.0.0.1", 0))
+        target.settimeout(5)
+        port = target.getsockname()[1]
+        client.sendto(header("dual.test", port) + b"four", relay)
+        data, egress_socket = target.recvfrom(65535)
+        assert (data, egress_socket[0]) == (b"four", "127.0.0.2")
+        client.sendto(header("127.0.0.1", port) + b"around the relay", egress_socket)
+        assert no_datagram(target)
