@@ -93,10 +93,9 @@ LINGER_QUIET: Final = 0.5  # ... or until it has sent nothing for this long
 T = TypeVar("T")
 
 
-def _url(target: str, hostport: str, query: bool) -> str:
+def _url(parts: urllib.parse.SplitResult, hostport: str, query: bool) -> str:
     """The access line's `url`: scheme, the canonical host and port, the path (never
     the userinfo; the query only when `log.http_query` keeps it)."""
-    parts = urllib.parse.urlsplit(target)
     tail = parts.path or "/"
     if query and parts.query:
         tail += "?" + parts.query
@@ -119,13 +118,15 @@ def websocket_upgrade(request: RequestHead) -> bytes | None:
     for one with a body (the origin's 101 could come while it is sent)."""
     if request.method != b"GET" or request.version != b"1.1":
         return None
+    upgrade = [v for n, v in request.headers if n == b"upgrade"]
+    if len(upgrade) != 1:  # (most requests: none)
+        return None
+    connection = [v for n, v in request.headers if n == b"connection"]
+    if not _has_token(connection, b"upgrade") or not _has_token(upgrade, b"websocket"):
+        return None
     if request_framing(request) != (LENGTH, 0):
         return None  # (a handshake has no body: the tunnel would start mid-body)
-    upgrade = [v for n, v in request.headers if n == b"upgrade"]
-    connection = [v for n, v in request.headers if n == b"connection"]
-    if len(upgrade) != 1 or not _has_token(connection, b"upgrade"):
-        return None
-    return upgrade[0] if _has_token(upgrade, b"websocket") else None
+    return upgrade[0]
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -393,7 +394,8 @@ class Forwarder:
                 await self._answer_local(method, target)
                 return self._reusable()
             self.target = format_hostport(*origin)
-            self.url = _url(target, self.target, self.ctx.config.log.http_query)
+            parts = urllib.parse.urlsplit(target)  # (once: the request sent on uses it too)
+            self.url = _url(parts, self.target, self.ctx.config.log.http_query)
             if target[:8].lower() == "https://":
                 raise ProtocolError("https:// requests go through CONNECT", http_status=400)
             if ambiguous_framing(request.headers):
@@ -409,7 +411,7 @@ class Forwarder:
                 extra["rule"] = route.rule
             if route.via is not None:
                 extra["via"] = route.via
-            await self._forward(request, origin, target, route, extra)
+            await self._forward(request, origin, parts, route, extra)
             if self.ended is not None:  # a WebSocket tunnel, ended by itself
                 status, error = self.ended
                 return False
@@ -445,7 +447,7 @@ class Forwarder:
         self,
         request: RequestHead,
         key: tuple[str, int],
-        target: str,
+        parts: urllib.parse.SplitResult,
         route: Route,
         extra: dict[str, Any],
     ) -> None:
@@ -454,7 +456,6 @@ class Forwarder:
             extra["upstream"] = str(origin.lease.parent)
         elif route.egress is not None:
             extra["egress"] = origin.sock.getsockname()[0]
-        parts = urllib.parse.urlsplit(target)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         name = f"[{key[0]}]" if ":" in key[0] else key[0]
         host = name if key[1] == 80 else f"{name}:{key[1]}"
