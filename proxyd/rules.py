@@ -219,7 +219,7 @@ def allowed_addresses(
 ) -> tuple[list[AddrInfo], str | None, int | None]:
     """The addresses of a resolved name that the rules allow, each judged on its own,
     the route (`via`) of the first allowed one, which the others must share to be
-    used, and the rule that allowed that one (None: the default action); Denied (with
+    used (and its way out, `egress`), and the rule that allowed that one (None: the default action); Denied (with
     the first address's rule) when none is allowed.
 
     `screen(ip)`: addresses that only an allow rule naming them (`Decision.explicit`)
@@ -238,7 +238,10 @@ def allowed_addresses(
             screened = True
             continue
         route = route or decision
-        if decision.via == route.via:
+        # only the addresses that go the same way: through the same parent, or
+        # directly from the same egress
+        same = rules.egress_for(decision.rule) == rules.egress_for(route.rule)
+        if decision.via == route.via and same:
             allowed.append((family, addr))
     if route is None:
         if screened:

@@ -316,3 +316,25 @@ def test_udp_takes_an_address_of_a_family_it_can_leave_from(start_daemon, tmp_pa
         assert (data, egress_socket[0]) == (b"four", "127.0.0.2")
         client.sendto(header("127.0.0.1", port) + b"around the relay", egress_socket)
         assert no_datagram(target)
+
+
+def test_a_name_s_addresses_allowed_by_rules_of_other_ways_out_are_not_mixed(
+    start_daemon, tcp_server, tmp_path
+):
+    """A name resolves to 127.0.0.1 (rule 0: egress 127.0.0.5) and 127.0.0.2 (rule 1:
+    egress 127.0.0.6), and only 127.0.0.2 listens. The dial tries only the addresses
+    that go the first allowed one's way: 127.0.0.1 refuses, and 127.0.0.2 is never
+    reached from rule 0's address (it used to be, by happy eyeballs)."""
+    origin = tcp_server(host="127.0.0.2")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 two.test\n127.0.0.2 two.test\n")
+    daemon = start_daemon(
+        '[[rules]]\naction = "allow"\ndestinations = ["127.0.0.1/32"]\negress = "127.0.0.5"\n'
+        '[[rules]]\naction = "allow"\ndestinations = ["127.0.0.2/32"]\negress = "127.0.0.6"\n',
+        hosts=hosts,
+    )
+    sock, rep, _, _ = socks5client.connect(daemon.address, "two.test", origin.port)
+    sock.close()
+    assert rep == 0x05  # 127.0.0.1 refused the connection; 127.0.0.2 was not tried
+    assert not origin.peers
+    assert daemon.access()["rule"] == 0
