@@ -219,8 +219,8 @@ def allowed_addresses(
 ) -> tuple[list[AddrInfo], str | None, int | None]:
     """The addresses of a resolved name that the rules allow, each judged on its own,
     the route (`via`) of the first allowed one, which the others must share to be
-    used (and its way out, `egress`), and the rule that allowed that one (None: the default action); Denied (with
-    the first address's rule) when none is allowed.
+    used (and its way out, `egress`), and the rule that allowed that one (None: the
+    default action); Denied (with the first address's rule) when none is allowed.
 
     `screen(ip)`: addresses that only an allow rule naming them (`Decision.explicit`)
     lets through, directly or through a parent; when they were all that was
