@@ -75,6 +75,9 @@ class Association:
         # with an egress: the sockets datagrams leave from, by family and way out
         self.outs: dict[tuple[int, Egress], Any] = {}
         self.egress: str | None = None  # the first egress address datagrams left from
+        # one socket made at a time: a datagram after a lookup (a task of its own) and
+        # one from the pump may want the same new socket at once
+        self._opening = asyncio.Lock()
         self.peers: OrderedDict[Address, None] = OrderedDict()
         self.last_activity = self.loop.time()
         # Status.OK when the control connection closes
@@ -343,11 +346,12 @@ class Association:
         other one (an IPv6 target reached from an IPv4 control connection)."""
         if self.relay.socket.family == family:
             return self.relay
-        if self.other is None:
-            wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
-            with contextlib.suppress(OSError):
-                self.other = await asyncio_dgram.bind((wildcard, 0))
-                self._start_pump(self.other)
+        async with self._opening:
+            if self.other is None:
+                wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+                with contextlib.suppress(OSError):
+                    self.other = await asyncio_dgram.bind((wildcard, 0))
+                    self._start_pump(self.other)
         return self.other
 
     async def _egress_endpoint(self, family: int, way_out: Egress, key: str) -> Any:
@@ -358,6 +362,10 @@ class Association:
         endpoint = self.outs.get((family, way_out))
         if endpoint is not None:
             return endpoint
+        async with self._opening:
+            return self.outs.get((family, way_out)) or await self._open_egress(family, way_out, key)
+
+    async def _open_egress(self, family: int, way_out: Egress, key: str) -> Any:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             address = way_out.bind(sock, family, key)
