@@ -79,6 +79,7 @@ from proxyd.protocols.messages import (
     take_request_head,
 )
 from proxyd.relay import Relay, abort
+from proxyd.tunnel import relay_for
 
 # Reads while a request head is awaited: small, as the first request's are (a head
 # is bounded by DEFAULT_MAX_HEAD whether it comes in pieces or whole)
@@ -714,16 +715,7 @@ class Forwarder:
             if not ended.done():
                 ended.set_result((status, error))
 
-        cfg = self.ctx.config
-        relay = Relay(
-            self.sock,
-            origin.sock,
-            read_size=cfg.buffers.read_size,
-            idle=self.idle,
-            splice=cfg.buffers.splice,
-            on_end=on_end,
-            rate=gate.rate_for(self.ctx, self.conn.user),
-        )
+        relay = relay_for(self.ctx, self.conn, self.sock, origin.sock, on_end)
         first_up, self.inbuf = self.inbuf, b""
         first_down, origin.inbuf = origin.inbuf, b""
         relay.start(first_up, first_down)  # (the first bytes pay the user's rate there)

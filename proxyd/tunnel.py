@@ -31,6 +31,28 @@ Answer = Callable[[str, int], None]
 EARLY_MAX: Final = 16384
 
 
+def relay_for(
+    ctx: Context,
+    conn: Conn,
+    client: socket.socket,
+    remote: socket.socket,
+    on_end: Callable[[Status, str | None], object],
+) -> Relay:
+    """The relay of a tunnel (and of a WebSocket a forwarded request became): the
+    buffers and idle timeout of the settings, and the user's rate (which the first
+    bytes, read with the request, pay too)."""
+    cfg = ctx.config
+    return Relay(
+        client,
+        remote,
+        read_size=cfg.buffers.read_size,
+        idle=cfg.timeouts.idle,
+        splice=cfg.buffers.splice,
+        on_end=on_end,
+        rate=gate.rate_for(ctx, conn.user),
+    )
+
+
 class Owner(Protocol):
     """The connection a tunnel serves (the session), held as one reference: an idle
     tunnel keeps no callbacks of its own (memory per tunnel counts)."""
@@ -179,17 +201,7 @@ class Tunnel:
         bound = remote.getpeername() if bind else remote.getsockname()
         first_up = self._owner.established(bound[:2]) + self._early
         self._early = bytearray()
-        cfg = self._ctx.config
-        rate = gate.rate_for(self._ctx, self._conn.user)  # (the first bytes pay it too)
-        self._relay = Relay(
-            self._client,
-            remote,
-            read_size=cfg.buffers.read_size,
-            idle=cfg.timeouts.idle,
-            splice=cfg.buffers.splice,
-            on_end=self._owner.ended,
-            rate=rate,
-        )
+        self._relay = relay_for(self._ctx, self._conn, self._client, remote, self._owner.ended)
         self._relay.start(first_up, first_down)
 
     # -- what the session reads and asks once the request is under way -----------------
