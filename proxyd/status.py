@@ -206,12 +206,19 @@ def shared_dir() -> Path | None:
 def write(directory: Path, snapshot: dict[str, Any]) -> None:
     """Leave `snapshot` as this worker's file, replaced whole (a reader never sees
     half of one). Blocking: run in a thread. A full disk skips one update."""
-    with contextlib.suppress(OSError):
-        with tempfile.NamedTemporaryFile(
+    with (
+        contextlib.suppress(OSError),
+        tempfile.NamedTemporaryFile(
             "w", dir=directory, prefix=".", suffix=".tmp", delete=False
-        ) as f:
+        ) as f,
+    ):
+        try:
             json.dump(snapshot, f, separators=(",", ":"))
-        os.replace(f.name, directory / f"{snapshot['pid']}.json")
+            f.close()
+            os.replace(f.name, directory / f"{snapshot['pid']}.json")
+        except BaseException:
+            os.unlink(f.name)  # (a full disk: no half file left behind, every 5 s)
+            raise
 
 
 def forget_process(pid: int) -> None:
