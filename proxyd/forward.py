@@ -69,6 +69,7 @@ from proxyd.protocols.messages import (
     ResponseHead,
     chunk,
     head_end,
+    header_tokens,
     informational_bytes,
     keep_alive,
     last_chunk,
@@ -77,6 +78,7 @@ from proxyd.protocols.messages import (
     response_bytes,
     response_framing,
     take_request_head,
+    websocket_upgrade,
 )
 from proxyd.relay import Relay, abort
 from proxyd.tunnel import relay_for
@@ -101,33 +103,6 @@ def _url(parts: urllib.parse.SplitResult, hostport: str, query: bool) -> str:
     if query and parts.query:
         tail += "?" + parts.query
     return f"{parts.scheme.lower()}://{hostport}{tail}"
-
-
-def _tokens(values: list[bytes]) -> list[bytes]:
-    """The comma-separated tokens of a header's values, lower case."""
-    return [t.strip().lower() for v in values for t in v.split(b",") if t.strip()]
-
-
-def _has_token(values: list[bytes], token: bytes) -> bool:
-    return token in _tokens(values)
-
-
-def websocket_upgrade(request: RequestHead) -> bytes | None:
-    """The Upgrade value of a request for a WebSocket (a GET in HTTP/1.1 whose
-    `Connection` names `upgrade` and whose `Upgrade` names `websocket`), to be passed
-    on; None for any other request (other upgrades are dropped as hop-by-hop), and
-    for one with a body (the origin's 101 could come while it is sent)."""
-    if request.method != b"GET" or request.version != b"1.1":
-        return None
-    upgrade = [v for n, v in request.headers if n == b"upgrade"]
-    if len(upgrade) != 1:  # (most requests: none)
-        return None
-    connection = [v for n, v in request.headers if n == b"connection"]
-    if not _has_token(connection, b"upgrade") or not _has_token(upgrade, b"websocket"):
-        return None
-    if request_framing(request) != (LENGTH, 0):
-        return None  # (a handshake has no body: the tunnel would start mid-body)
-    return upgrade[0]
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -664,7 +639,8 @@ class Forwarder:
         headers = [*end_to_end(head.headers), (b"via", VIA)]
         if head.status == 101:
             upgrade = [v for n, v in head.headers if n == b"upgrade"]
-            if self.upgrade is None or len(upgrade) != 1 or _tokens(upgrade) != [b"websocket"]:
+            websocket = header_tokens(head.headers, b"upgrade") == [b"websocket"]
+            if self.upgrade is None or len(upgrade) != 1 or not websocket:
                 raise UpstreamBroken("the origin switched to a protocol not asked for")
             # a tunnel from here on: it counts for the user as one does (limits.per_user)
             self.admission.count_user(self.conn.user)

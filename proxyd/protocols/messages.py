@@ -277,7 +277,8 @@ CHUNKED: Final = "chunked"
 UNTIL_CLOSE: Final = "until-close"
 
 
-def _tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+def header_tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """The comma-separated tokens of every `name` header, lower case."""
     return [
         token.strip().lower()
         for n, value in headers
@@ -296,6 +297,27 @@ def request_framing(head: RequestHead) -> tuple[str, int]:
         if name == b"content-length":
             length = int(value)
     return LENGTH, length
+
+
+def websocket_upgrade(request: RequestHead) -> bytes | None:
+    """The Upgrade value of a request for a WebSocket (a GET in HTTP/1.1 whose
+    `Connection` names `upgrade` and whose one `Upgrade` names `websocket`), to be
+    passed on; None for any other request (other upgrades are dropped as
+    hop-by-hop), and for one with a body (the origin's 101 could come while it is
+    sent)."""
+    if request.method != b"GET" or request.version != b"1.1":
+        return None
+    upgrade = [v for n, v in request.headers if n == b"upgrade"]
+    if len(upgrade) != 1:  # (most requests: none)
+        return None
+    headers = request.headers
+    if b"upgrade" not in header_tokens(headers, b"connection"):
+        return None
+    if b"websocket" not in header_tokens(headers, b"upgrade"):
+        return None
+    if request_framing(request) != (LENGTH, 0):
+        return None  # (a handshake has no body: the tunnel would start mid-body)
+    return upgrade[0]
 
 
 def response_framing(
@@ -317,7 +339,7 @@ def response_framing(
 
 def keep_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether a message lets its connection carry another (h11's `_keep_alive`)."""
-    return version >= b"1.1" and b"close" not in _tokens(headers, b"connection")
+    return version >= b"1.1" and b"close" not in header_tokens(headers, b"connection")
 
 
 def request_bytes(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -367,7 +389,7 @@ def response_bytes(
             out_framing = CHUNKED
             headers.append((b"Transfer-Encoding", b"chunked"))
     if close:
-        tokens = set(_tokens(headers, b"connection"))
+        tokens = set(header_tokens(headers, b"connection"))
         tokens.discard(b"keep-alive")
         tokens.add(b"close")
         headers = [(n, v) for n, v in headers if n != b"connection"]
