@@ -336,12 +336,28 @@ def test_a_route_through_a_parent_is_judged_on_what_is_known_here(
     assert asked == []  # the parent was never asked
 
 
+def udp_port_free_for_tcp() -> socket.socket:
+    """A UDP socket on a loopback port whose TCP number is free too (at this moment)."""
+    for _ in range(20):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", udp.getsockname()[1]))
+            except OSError:
+                udp.close()
+                continue
+        return udp
+    raise RuntimeError("no loopback port free for both UDP and TCP")
+
+
 def test_a_datagram_to_the_daemons_own_port_is_denied(start_daemon):
     """On a loopback-only daemon private destinations are allowed, but a datagram to
     a port of the daemon's own listeners is not sent."""
-    daemon = start_daemon()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
-        own.bind(("127.0.0.1", daemon.port))  # (UDP: free, as the daemon listens on TCP)
+    # the UDP port first, then the daemon's TCP listener on the same number (the other
+    # way round, a test running alongside may hold that UDP port already)
+    with udp_port_free_for_tcp() as own:
+        daemon = start_daemon(listen=f"127.0.0.1:{own.getsockname()[1]}")
         own.settimeout(1.0)
         sock = socket.create_connection(daemon.address, timeout=10)
         with sock:
