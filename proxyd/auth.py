@@ -16,10 +16,8 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-import os
 import secrets
 import stat
-import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -29,6 +27,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any, Final
 
+from proxyd import files
 from proxyd.errors import AuthFailed, ConfigError, LockedOut, OverLimit
 from proxyd.protocols.common import Credentials
 
@@ -166,17 +165,7 @@ def set_user(path: Path, user: str, password: str) -> None:
         lines = []
     lines = [line for line in lines if line.partition(":")[0].strip() != user]
     lines.append(f"{user}:{hash_password(password)}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or Path("."))
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.replace(path, ("\n".join(lines) + "\n").encode(), durable=True)
 
 
 def _decoy(users: dict[str, PasswordHash]) -> PasswordHash:

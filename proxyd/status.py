@@ -22,13 +22,12 @@ import contextlib
 import heapq
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from proxyd import __version__
+from proxyd import __version__, files
 
 WINDOW: Final = 300  # seconds the page looks back
 KEEP: Final = 100  # distinct users (and client addresses) per second; more go to "other"
@@ -206,19 +205,9 @@ def shared_dir() -> Path | None:
 def write(directory: Path, snapshot: dict[str, Any]) -> None:
     """Leave `snapshot` as this worker's file, replaced whole (a reader never sees
     half of one). Blocking: run in a thread. A full disk skips one update."""
-    with (
-        contextlib.suppress(OSError),
-        tempfile.NamedTemporaryFile(
-            "w", dir=directory, prefix=".", suffix=".tmp", delete=False
-        ) as f,
-    ):
-        try:
-            json.dump(snapshot, f, separators=(",", ":"))
-            f.close()
-            os.replace(f.name, directory / f"{snapshot['pid']}.json")
-        except BaseException:
-            os.unlink(f.name)  # (a full disk: no half file left behind, every 5 s)
-            raise
+    with contextlib.suppress(OSError):
+        data = json.dumps(snapshot, separators=(",", ":")).encode()
+        files.replace(directory / f"{snapshot['pid']}.json", data)
 
 
 def forget_process(pid: int) -> None:

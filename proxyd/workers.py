@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from proxyd import metrics, settings, status, systemd, tls
+from proxyd import files, metrics, settings, status, systemd, tls
 from proxyd.config import Config, ListenAddress
 from proxyd.errors import ConfigError, ListenFailed
 from proxyd.server import bind
@@ -377,9 +377,8 @@ class Supervisor:
     def _hand_over(self, new: Settings) -> None:
         """Leave the checked settings where the workers read them (SupervisorLink.reread)."""
         try:
-            with tempfile.NamedTemporaryFile("wb", dir=self.runtime, delete=False) as f:
-                pickle.dump((new.config, new.users), f)
-            os.replace(f.name, self.runtime / SETTINGS_FILE)
+            data = pickle.dumps((new.config, new.users))
+            files.replace(self.runtime / SETTINGS_FILE, data)
         except OSError as exc:
             raise ConfigError([f"cannot hand the settings to the workers: {exc}"]) from None
 
