@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar, get_type_hints
 
+from proxyd.accounting import Quota, parse_quotas
 from proxyd.egress import PICKS as EGRESS_PICKS
 from proxyd.egress import parse as parse_egress
 from proxyd.egress import parse_interface
 from proxyd.errors import ConfigError
 from proxyd.parents import UpstreamGroup, parse_upstreams
+from proxyd.periods import Period, parse_period
 from proxyd.protocols.common import format_hostport
 from proxyd.rules import IPNetwork, Rule, parse_network, parse_rules
 
@@ -302,6 +304,52 @@ class MetricsConfig:
     listen: ListenAddress | None = _key(None, _one_listen)
     # the live status page on it (GET / and /status.json): user names, client addresses
     status_page: bool = _key(True, _boolean)
+    # bytes by user in /metrics (proxyd_user_bytes_total), for at most per_user_max users
+    # in each process (the rest count as user "other")
+    per_user: bool = _key(False, _boolean)
+    per_user_max: int = _key(100, _integer(1, 100_000))
+
+
+def _period(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, str):
+        problems.append(
+            f'{path}: must be "day", "week", "month" or "N days", not {_type_name(value)}'
+        )
+        return _INVALID
+    try:
+        return parse_period(value).spec
+    except ValueError as exc:
+        problems.append(f"{path}: {exc}")
+        return _INVALID
+
+
+def _anchor(value: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(value, str):
+        problems.append(
+            f'{path}: must be a time and zone ("04:00 Europe/Berlin"), not {_type_name(value)}'
+        )
+        return _INVALID
+    try:
+        return parse_period("day", value).anchor
+    except ValueError as exc:
+        problems.append(f"{path}: {exc}")
+        return _INVALID
+
+
+@dataclass(frozen=True, slots=True)
+class AccountingConfig:
+    # traffic per user per period, kept in the state file; on when the table is there
+    enabled: bool = _key(True, _boolean)
+    period: str = _key("month", _period)  # "day", "week", "month" or "N days"
+    # when periods begin: a time and zone, with a date for weeks, months and N days
+    anchor: str = _key("00:00 UTC", _anchor)
+    # unset: $STATE_DIRECTORY/accounting.json under systemd, else /var/lib/proxyd/
+    state_file: Path | None = _key(None, _path)
+    save_interval: float = _key(5.0, _seconds)  # seconds between saves (and at the end)
+
+    @property
+    def every(self) -> Period:
+        return parse_period(self.period, self.anchor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,8 +374,11 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # off unless the file has an [accounting] table
+    accounting: AccountingConfig = field(default_factory=lambda: AccountingConfig(enabled=False))
     rules: tuple[Rule, ...] = ()
     upstreams: tuple[UpstreamGroup, ...] = ()
+    quotas: tuple[Quota, ...] = ()
 
     def upstream(self, name: str) -> UpstreamGroup:
         return next(g for g in self.upstreams if g.name == name)
@@ -403,6 +454,9 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         if name == "upstreams":
             sections["upstreams"] = parse_upstreams(value, problems)
             continue
+        if name == "quotas":
+            sections["quotas"] = parse_quotas(value, problems)
+            continue
         if name not in _SECTIONS:
             known = ", ".join(f.name for f in dataclasses.fields(Config))
             problems.append(f"{name}: unknown section (known: {known})")
@@ -425,6 +479,9 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     if tls is not None and (tls.cert is None) != (tls.key is None):
         problems.append("tls: cert and key must be set together")
     problems += _unknown_groups(data)
+    accounting = sections.get("accounting")
+    if sections.get("quotas") and not (accounting is not None and accounting.enabled):
+        problems.append("quotas: need accounting on (an [accounting] table)")
     if problems:
         raise ConfigError(problems)
     return Config(**sections)

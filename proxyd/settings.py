@@ -130,6 +130,8 @@ def keep_fixed(old: config.Config, new: config.Config) -> tuple[config.Config, l
         "server.workers": (old.server.workers, new.server.workers),
         "log.format": (old.log.format, new.log.format),
         "log.level": (old.log.level, new.log.level),
+        "accounting": (old.accounting, new.accounting),
+        "metrics.per_user": (old.metrics.per_user, new.metrics.per_user),
     }
     changed = [key for key, (was, wanted) in values.items() if was != wanted]
     if changed:
@@ -137,5 +139,7 @@ def keep_fixed(old: config.Config, new: config.Config) -> tuple[config.Config, l
             new,
             server=dataclasses.replace(new.server, workers=old.server.workers),
             log=dataclasses.replace(new.log, format=old.log.format, level=old.log.level),
+            accounting=old.accounting,
+            metrics=dataclasses.replace(new.metrics, per_user=old.metrics.per_user),
         )
     return new, changed

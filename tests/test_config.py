@@ -288,18 +288,19 @@ def test_unknown_key_lists_the_known_ones() -> None:
 
 # --- each key declared once: a field of its section, carrying its check -------------------------
 
-# Config's fields but rules and upstreams (parsed by proxyd/rules.py and proxyd/parents.py).
+# Config's fields but rules, upstreams and quotas (parsed by proxyd/rules.py,
+# proxyd/parents.py and proxyd/accounting.py).
 SECTIONS = {
     f.name: get_type_hints(Config)[f.name]
     for f in dataclasses.fields(Config)
-    if f.name not in ("rules", "upstreams")
+    if f.name not in ("rules", "upstreams", "quotas")
 }
 
 
 def test_unknown_section_lists_configs_fields_in_order() -> None:
     assert problems_of({"servr": {}}) == [
         "servr: unknown section (known: server, auth, limits, dns, timeouts, buffers, tls, "
-        "metrics, log, rules, upstreams)"
+        "metrics, log, accounting, rules, upstreams, quotas)"
     ]
     assert all(dataclasses.is_dataclass(cls) for cls in SECTIONS.values()), SECTIONS
 
@@ -736,3 +737,40 @@ def test_a_trusted_balancer_without_users_is_an_open_proxy() -> None:
     )
     with_users = {"server": server, "auth": {"users_file": "/etc/proxyd/users"}}
     assert config.from_mapping(with_users).open_proxy_problem() is None
+
+
+def test_accounting_and_quotas() -> None:
+    cfg = from_mapping(
+        {
+            "accounting": {
+                "period": "7 Days",
+                "anchor": "2026-01-01T04:00 Europe/Berlin",
+                "state_file": "/srv/proxyd/accounting.json",
+                "save_interval": 2,
+            },
+            "quotas": [{"users": ["alice"], "bytes": "1GiB"}, {"users": "*", "up": 10}],
+        }
+    )
+    assert cfg.accounting.enabled and cfg.accounting.period == "7 days"
+    assert str(cfg.accounting.every) == "7 days from 2026-01-01 04:00 Europe/Berlin"
+    assert [q.total for q in cfg.quotas] == [1 << 30, None]
+    assert not Config().accounting.enabled  # (off without the table)
+    assert from_mapping({"accounting": {}}).accounting.enabled
+
+
+def test_accounting_problems() -> None:
+    problems = problems_of(
+        {"accounting": {"period": "fortnight", "anchor": "25:00", "save_interval": 0}}
+    )
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "accounting.period",
+        "accounting.anchor",
+        "accounting.save_interval",
+    ]
+    assert "'day', 'week', 'month' or 'N days'" in problems[0]
+    assert problems_of({"quotas": [{"users": "*", "bytes": 1}]}) == [
+        "quotas: need accounting on (an [accounting] table)"
+    ]
+    assert problems_of(
+        {"accounting": {"enabled": False}, "quotas": [{"users": "*", "bytes": 1}]}
+    ) == ["quotas: need accounting on (an [accounting] table)"]
