@@ -13,11 +13,24 @@ import ipaddress
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from proxyd import __version__, auth, config, explain, log, metrics, settings, status, systemd, tls
+from proxyd import (
+    __version__,
+    accounting,
+    auth,
+    config,
+    explain,
+    log,
+    metrics,
+    settings,
+    status,
+    systemd,
+    tls,
+)
 from proxyd.errors import ConfigError, ListenFailed
 
 EXIT_OK = 0
@@ -75,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     why.add_argument("--json", action="store_true", help="one JSON object")
     why.add_argument("target", type=_target, metavar="HOST:PORT")
+    quota = sub.add_parser("quota", help="users' traffic this period, and their quotas")
+    quota.set_defaults(quota_parser=quota)
+    quota.add_argument("--config", type=Path, dest="quota_path", metavar="PATH", default=None)
+    what = quota.add_subparsers(dest="quota_command", required=True)
+    show = what.add_parser("show", help="each user's use and quota, from the state file")
+    show.add_argument("--user", metavar="NAME", help="this user only")
+    show.add_argument("--json", action="store_true", help="one JSON object")
+    reset = what.add_parser(
+        "reset", help="start a user's count of this period anew (through the running daemon)"
+    )
+    reset.add_argument("user")
     return parser
 
 
@@ -209,15 +233,30 @@ def run(args: argparse.Namespace) -> int:
             os._exit(EXIT_OK)
         return EXIT_OK
 
+    books = None
+    if cfg.accounting.enabled:  # the owner of the counts: this process, or the supervisor
+        acc = cfg.accounting
+        try:
+            books = accounting.open_books(acc.state_file, acc.every, cfg.quotas, logger)
+        except (accounting.StateInUse, OSError, ConfigError) as exc:
+            path = accounting.state_path(acc.state_file)
+            logger.error("accounting_failed", path=str(path), error=str(exc))
+            return EXIT_PROBLEM
     try:
         if cfg.server.workers == 1:
             # metrics of one process live in it; no multiprocess files of someone else's
             os.environ.pop(metrics.MULTIPROC_ENV, None)
             os.environ.pop(status.DIR_ENV, None)
             watcher = systemd.Notifier()
-            return serve(
-                Server(current, logger, activated=activated, watcher=watcher, reread=source.read)
+            server = Server(
+                current,
+                logger,
+                activated=activated,
+                watcher=watcher,
+                reread=source.read,
+                books=books,
             )
+            return serve(server)
         from proxyd.workers import Supervisor, SupervisorLink
 
         def run_worker(index: int, start: settings.Settings, link: SupervisorLink) -> int:
@@ -229,11 +268,15 @@ def run(args: argparse.Namespace) -> int:
                     activated=activated,
                     watcher=link,
                     reread=link.reread,
+                    accounts=link.accounts,
                 )
             )
 
         try:
-            return Supervisor(current, source, run_worker, logger, activated=bool(activated)).run()
+            supervisor = Supervisor(
+                current, source, run_worker, logger, activated=bool(activated), books=books
+            )
+            return supervisor.run()
         except ListenFailed as exc:
             logger.error("listen_failed", address=exc.address, error=str(exc))
             return EXIT_PROBLEM
@@ -241,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
             logger.error("start_failed", error=str(exc))
             return EXIT_PROBLEM
     finally:
+        if books is not None:
+            books.close()
         _detach_broken_stdout()
 
 
@@ -268,8 +313,79 @@ def _detach_broken_stdout() -> None:
         os.close(devnull)
 
 
+def quota(args: argparse.Namespace) -> int:
+    source = settings.Source(args.quota_path or args.config)
+    try:
+        cfg = source.read().config
+    except ConfigError as exc:
+        _report(source.name, exc.problems)
+        return EXIT_PROBLEM
+    if not cfg.accounting.enabled:
+        print(f"proxyd quota: {source.name}: accounting is off (no [accounting])", file=sys.stderr)
+        return EXIT_PROBLEM
+    path = accounting.state_path(cfg.accounting.state_file)
+    if args.quota_command == "reset":
+        log.configure("console", "warning")
+        try:
+            owner = accounting.reset_user(
+                path, cfg.accounting.every, cfg.quotas, args.user, log.get_logger()
+            )
+        except (accounting.StateInUse, TimeoutError, OSError, ConfigError) as exc:
+            print(f"proxyd quota reset: {exc}", file=sys.stderr)
+            return EXIT_PROBLEM
+        how = f"by the daemon (pid {owner})" if owner else f"in {path}"
+        print(f"{args.user}: count of this period reset {how}")
+        return EXIT_OK
+    try:
+        state = accounting.read_state(path)
+    except FileNotFoundError:
+        print(f"proxyd quota: {path}: no state file yet (nothing counted)", file=sys.stderr)
+        return EXIT_PROBLEM
+    except ConfigError as exc:
+        print(f"proxyd quota: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    rows = accounting.usage(state, cfg.quotas, args.user)
+    owner = accounting.lock_owner(path)
+    ended = state["end"] <= time.time()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "state_file": str(path),
+                    "period": state["period"],
+                    "start": state["start_iso"],
+                    "end": state["end_iso"],
+                    "ended": ended,
+                    "saved": state["saved"],
+                    "daemon_pid": owner,
+                    "users": rows,
+                },
+                indent=1,
+            )
+        )
+        return EXIT_OK
+    saved = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state["saved"]))
+    daemon = f"the daemon of pid {owner} counts on" if owner else "no daemon is running"
+    print(f"{path}: {state['period']}, {state['start_iso']} to {state['end_iso']}")
+    print(f"saved {saved}; {daemon}" + ("; that period has ended" if ended else ""))
+    print(f"{'user':<20} {'up':>12} {'down':>12} {'total':>12}  quota")
+    for row in rows:
+        size = accounting.format_size
+        limit = "-"
+        if "limit" in row:
+            mark = " EXCEEDED" if row["exceeded"] else ""
+            limit = f"{row['limit']} ({row['used']:.0%}){mark}"
+        print(
+            f"{row['user']:<20} {size(row['up']):>12} {size(row['down']):>12} "
+            f"{size(row['bytes']):>12}  {limit}"
+        )
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "quota":
+        return quota(args)
     if args.command == "explain":
         return explain_request(args)
     if args.command == "check-config":

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxyd import egress
+from proxyd.accounting import Ledger
 from proxyd.auth import Authenticator, PasswordHash, Throttle
 from proxyd.chain import Upstreams
 from proxyd.config import Config
@@ -50,6 +51,8 @@ class Context:
     per_user: dict[str, int] = field(default_factory=dict)
     # each user's rate limit (limits.per_user_rate), shared by all of their traffic
     rates: dict[str, Rate] = field(default_factory=dict)
+    # each user's traffic this period (`[accounting]`, `[metrics] per_user`), else None
+    ledger: Ledger | None = None
     draining: bool = False  # the daemon is stopping: no new request on a kept-alive connection
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class Context:
             per_client=dns.per_client,
         )
         self.config, self.rules, self.tls = config, rules, tls
+        if self.ledger is not None:
+            self.ledger.configure(config.quotas)
         self.upstreams.configure(config)
 
 
@@ -100,8 +105,16 @@ def build(settings: Settings, log: Any) -> Context:
         log=log,
     )
     upstreams = Upstreams(resolver, log)
+    counted = config.accounting.enabled or config.metrics.per_user
     return Context(
-        config, authenticator, resolver, log, upstreams, rules_of(config), tls=settings.tls
+        config,
+        authenticator,
+        resolver,
+        log,
+        upstreams,
+        rules_of(config),
+        tls=settings.tls,
+        ledger=Ledger(config.accounting.every, config.quotas) if counted else None,
     )
 
 

@@ -11,6 +11,7 @@ import enum
 import errno
 import math
 import socket
+from typing import Final
 
 # SOCKS5 reply codes (RFC 1928 section 6), shared by every module that answers.
 REP_SUCCEEDED = 0x00
@@ -40,11 +41,17 @@ class Status(enum.StrEnum):
     BAD_REQUEST = "bad_request"
     UNSUPPORTED = "unsupported"
     LIMIT = "limit"
+    QUOTA_EXCEEDED = "quota_exceeded"
     CLIENT_CLOSED = "client_closed"
     UPSTREAM_CLOSED = "upstream_closed"
     PARENT_FAILED = "parent_failed"
     SHUTDOWN = "shutdown"
     ERROR = "error"
+
+
+# How a relay that ends so is closed: cut off, with a reset on both sides, so that
+# neither takes the stream for a whole one.
+CUT_OFF: Final = frozenset({Status.RESET, Status.QUOTA_EXCEEDED})
 
 
 class ProxydError(Exception):
@@ -141,6 +148,14 @@ class OverLimit(SessionError):
     status = Status.LIMIT
     socks_reply = REP_GENERAL_FAILURE
     http_status = 503
+
+
+class QuotaExceeded(SessionError):
+    """The user has used up its traffic quota for this period (`[[quotas]]`)."""
+
+    status = Status.QUOTA_EXCEEDED
+    socks_reply = REP_NOT_ALLOWED
+    http_status = 403
 
 
 class ClientClosed(SessionError):

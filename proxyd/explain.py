@@ -16,16 +16,17 @@ import contextlib
 import ipaddress
 import re
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from proxyd import context, gate
+from proxyd import accounting, context, gate
 from proxyd.context import Conn, Context
 from proxyd.dial import Route
 from proxyd.egress import NoEgress
-from proxyd.errors import AuthFailed, Denied, SessionError, UpstreamError
+from proxyd.errors import AuthFailed, ConfigError, Denied, SessionError, UpstreamError
 from proxyd.protocols.common import canonical_host, format_hostport, ipv6_text
 from proxyd.settings import Settings
 
@@ -143,6 +144,7 @@ async def _explain(settings: Settings, path: Path | None, query: Query, log: Any
     context.guard(ctx, [p for p in own if p], config.exposed)
     conn = Conn(0, (query.client, 0))
     conn.protocol = query.protocol
+    state = _counted(ctx, config)
     # a user counts only where credentials are asked for, and SOCKS4 carries none
     required = ctx.auth.required
     if required and query.protocol != "socks4":
@@ -170,9 +172,47 @@ async def _explain(settings: Settings, path: Path | None, query: Query, log: Any
     finally:
         ctx.upstreams.close()
         ctx.resolver.close()
-    return _result(
+    result = _result(
         ctx, settings, path, query, conn, route, error, addresses, lookup_error, dialable
     )
+    result["quota"] = _quota(ctx, conn, state)
+    return result
+
+
+def _counted(ctx: Context, config: Any) -> str | None:
+    """What the state file says users used this period, in the ledger the gate reads
+    (as a daemon's workers learn it from the books); the state file's path, or None
+    when traffic is not counted."""
+    if ctx.ledger is None or not config.accounting.enabled:
+        return None
+    path = accounting.state_path(config.accounting.state_file)
+    try:
+        state = accounting.read_state(path)
+    except (FileNotFoundError, ConfigError):
+        return str(path)
+    if state["start"] == ctx.ledger.start:
+        users = {user: (up, down) for user, (up, down) in state["users"].items()}
+        ctx.ledger.learn(accounting.Totals(0, ctx.ledger.start, users))
+    return str(path)
+
+
+def _quota(ctx: Context, conn: Conn, state: str | None) -> dict[str, Any] | None:
+    """The user's quota and its use this period, as last saved."""
+    account = gate.account_for(ctx, conn.user) if state is not None else None
+    if account is None or account.limit is None or ctx.ledger is None:
+        return None
+    limit = account.limit
+    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ctx.ledger.end))
+    return {
+        "quota": limit.index,
+        "limit": limit.describe(),
+        "bytes_up": account.used[0],
+        "bytes_down": account.used[1],
+        "exceeded": account.exhausted,
+        "period": ctx.ledger.period.spec,
+        "until": until,
+        "state_file": state,
+    }
 
 
 def _credentials(ctx: Context, conn: Conn, settings: Settings) -> None:
@@ -372,6 +412,16 @@ def human(result: dict[str, Any]) -> str:
         servers = ", ".join(route["servers"])
         rows.append(("route", f"via {route['via']} ({route['strategy']}): {servers}"))
     rows.append(("credentials", _credentials_text(result["credentials"])))
+    if (quota := result["quota"]) is not None:
+        use = accounting.format_size(quota["bytes_up"] + quota["bytes_down"])
+        state = "used up" if quota["exceeded"] else "used"
+        rows.append(
+            (
+                "quota",
+                f"quotas[{quota['quota']}]: {use} of {quota['limit']} {state} this "
+                f"{quota['period']}, until {quota['until']}",
+            )
+        )
     limits = result["limits"]
     rows.append(("limits", _pairs(limits, ("server.max_connections", "limits.per_client"))))
     rows.append(("user limits", _pairs(limits, ("limits.per_user", "limits.per_user_rate"))))
@@ -398,6 +448,8 @@ def _decider(result: dict[str, Any]) -> str:
         return f"the daemon's own listener (ports {ports})"
     if reason == "credentials":
         return "credentials (auth.users_file)"
+    if reason == "quota_exceeded":
+        return f"quotas[{result['quota']['quota']}] (used up)" if result["quota"] else reason
     return str(reason)
 
 

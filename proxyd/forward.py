@@ -30,14 +30,17 @@ from collections.abc import Awaitable
 from typing import Any, Final, TypeVar
 
 from proxyd import access, gate
+from proxyd.accounting import DOWN, UP
 from proxyd.chain import ChainConnector, Lease, Pool
 from proxyd.context import Conn, Context
 from proxyd.dial import Route, connect
 from proxyd.errors import (
+    CUT_OFF,
     ClientClosed,
     Denied,
     ParentError,
     ProtocolError,
+    QuotaExceeded,
     SessionError,
     Status,
     UpstreamBroken,
@@ -535,6 +538,19 @@ class Forwarder:
             if (wait := bucket.delay(0)) > 0:
                 await asyncio.sleep(wait)
 
+    def _moved(self, side: int, n: int) -> None:
+        """Body bytes about to pass on: counted (the access line's bytes_up/down) and
+        charged to the user's account; none beyond its quota pass (QuotaExceeded)."""
+        account = gate.account_for(self.ctx, self.conn.user)
+        if account is not None:
+            if account.room(side) < n:
+                raise QuotaExceeded("the user's traffic quota is used up")
+            account.charge(side, n)
+        if side == UP:
+            self.bytes_up += n
+        else:
+            self.bytes_down += n
+
     async def _send_rest(self, origin: _Origin) -> None:
         """Move the request's body to the origin: counted through by its length, or
         its chunks read and written anew (as h11 would: extensions dropped)."""
@@ -542,7 +558,7 @@ class Forwarder:
             while self.body_left:
                 data = await self._client_body_data(min(self.body_left, self.read_size))
                 self.body_left -= len(data)
-                self.bytes_up += len(data)
+                self._moved(UP, len(data))
                 await self._origin_send(origin, data)
             self.body_done = True
             return
@@ -554,7 +570,7 @@ class Forwarder:
             if data:
                 pieces = decoder.feed(data)
                 out = b"".join([chunk(piece) for piece in pieces])
-                self.bytes_up += sum(map(len, pieces))
+                self._moved(UP, sum(map(len, pieces)))
                 if decoder.done:
                     self.inbuf = decoder.rest  # (a request pipelined behind the body)
                     self.body_done = True
@@ -704,7 +720,7 @@ class Forwarder:
             self.bytes_up += relay.bytes_up
             self.bytes_down += relay.bytes_down
         self.answer_done = True
-        if self.ended[0] is Status.RESET:  # a reset on one side is one on the other
+        if self.ended[0] in CUT_OFF:  # a reset on one side is one on the other
             self.cut = True
             abort(origin.sock)
 
@@ -719,7 +735,7 @@ class Forwarder:
             else:
                 origin.inbuf = b""
             left -= len(data)
-            self.bytes_down += len(data)
+            self._moved(DOWN, len(data))
             await self._client_send(data)
         while left:
             await self._flush_client()  # before waiting: the client has all there is
@@ -727,7 +743,7 @@ class Forwarder:
             if not data:
                 raise UpstreamBroken("the origin closed the connection before its answer was whole")
             left -= len(data)
-            self.bytes_down += len(data)
+            self._moved(DOWN, len(data))
             await self._client_send(data)
 
     async def _move_chunked(self, origin: _Origin, chunked: bool) -> None:
@@ -743,7 +759,7 @@ class Forwarder:
                 except MalformedResponse as exc:
                     raise UpstreamBroken(str(exc)) from None
                 size = sum(map(len, pieces))
-                self.bytes_down += size
+                self._moved(DOWN, size)
                 if pieces:
                     out = b"".join([chunk(p) for p in pieces] if chunked else pieces)
                     await self._client_send(out)
@@ -763,7 +779,7 @@ class Forwarder:
         origin.inbuf = b""
         while True:
             if data:
-                self.bytes_down += len(data)
+                self._moved(DOWN, len(data))
                 await self._client_send(chunk(data) if chunked else data)
             await self._flush_client()
             data = await self._origin_recv(origin)

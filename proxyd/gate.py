@@ -15,9 +15,11 @@ handshake (which runs without a task), and an awaitable face, for forwarding.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
+from proxyd.accounting import Account
 from proxyd.context import Conn, Context, Rate
 from proxyd.destinations import private_denial
 from proxyd.dial import Route
@@ -27,6 +29,7 @@ from proxyd.errors import (
     AuthFailed,
     OverLimit,
     ProtocolError,
+    QuotaExceeded,
     SessionError,
     Status,
     UpstreamError,
@@ -154,6 +157,25 @@ def rate_for(ctx: Context, user: str | None) -> Rate | None:
     return buckets
 
 
+def account_for(ctx: Context, user: str | None) -> Account | None:
+    """The user's traffic this period, which every transfer of theirs is charged to,
+    when traffic is counted (`[accounting]`, `[metrics] per_user`)."""
+    ledger = ctx.ledger
+    return None if ledger is None or user is None else ledger.account(user)
+
+
+def check_quota(ctx: Context, conn: Conn) -> None:
+    """A user whose quota is used up (`[[quotas]]`) gets nothing more this period."""
+    account = account_for(ctx, conn.user)
+    if account is not None and account.exhausted:
+        assert ctx.ledger is not None and account.limit is not None
+        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ctx.ledger.end))
+        raise QuotaExceeded(
+            f"the traffic quota of user {conn.user} ({account.limit.describe()} a "
+            f"{ctx.ledger.period.spec}) is used up until {until}"
+        )
+
+
 # -- the credentials ---------------------------------------------------------------
 
 
@@ -229,6 +251,7 @@ def decide(
     given in the request, or those a name resolved to for address rules (a name the
     parent resolves, it judges).
     """
+    check_quota(ctx, conn)
     rules = ctx.rules
     guard = ctx.destinations
     # what the dial must refuse: the daemon itself always; private destinations too
@@ -372,6 +395,7 @@ def check_association(ctx: Context, conn: Conn, host: str, port: int) -> None:
     """Who may open a UDP association (Denied if not): it names no destination of its
     own, so only the rules without destinations and ports can refuse it; each of its
     datagrams then meets all the rules through `decide`."""
+    check_quota(ctx, conn)
     rules = ctx.rules
     if not rules.trivial:
         request = Request(conn.peer_ip, conn.user, conn.protocol or "", "udp_associate", host, port)

@@ -21,7 +21,7 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import h11
@@ -32,6 +32,7 @@ from proxyd.status import RECORDER
 if TYPE_CHECKING:
     import socket
 
+    from proxyd.accounting import Report
     from proxyd.status import Metered
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
@@ -144,6 +145,14 @@ class Metrics:
             multiprocess_mode="livesum",
             **reg,
         )
+        self.user_bytes = Counter(
+            "proxyd_user_bytes",
+            "Payload bytes by user ([metrics] per_user; past per_user_max users in a "
+            'process, the rest count as user "other")',
+            ["user", "direction"],
+            **reg,
+        )
+        self._users_labelled: set[str] = set()
         up, down = self.bytes.labels("up"), self.bytes.labels("down")
         self.bytes_up_inc, self.bytes_down_inc = up.inc, down.inc
         self._dg_up, self._dg_down = self.datagrams.labels("up"), self.datagrams.labels("down")
@@ -188,6 +197,23 @@ class Metrics:
             self._dg_up.inc(dg_up)
         if dg_down:
             self._dg_down.inc(dg_down)
+
+    def user_traffic(self, reports: Iterable[Report], most: int) -> None:
+        """What users moved lately (proxyd.accounting's reports), by user; the first
+        `most` users of this process have a series each, later ones share "other"."""
+        labelled = self._users_labelled
+        for report in reports:
+            for user, (up, down) in report.users.items():
+                label = user
+                if user not in labelled:
+                    if len(labelled) < most:
+                        labelled.add(user)
+                    else:
+                        label = "other"
+                if up:
+                    self._child(self.user_bytes, label, "up").inc(up)
+                if down:
+                    self._child(self.user_bytes, label, "down").inc(down)
 
     def parent_state(self, group: str, server: str, up: bool) -> None:
         self._child(self.parent_up, group, server).set(1 if up else 0)

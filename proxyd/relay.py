@@ -20,10 +20,13 @@ import socket
 import struct
 import weakref
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from proxyd.errors import ClientClosed, ProtocolError, Status
 from proxyd.poller import poller
+
+if TYPE_CHECKING:
+    from proxyd.accounting import Account
 
 # Reads per readiness callback before yielding to the rest of the loop, while
 # each read fills the whole buffer (a shorter one took all there was).
@@ -129,12 +132,14 @@ class _Pump:
         "_refill",
         "_relay",
         "_watching",
+        "account",
         "bucket",
         "count",
         "done",
         "dst",
         "dst_fd",
         "head",
+        "side",
         "size",
         "src",
         "src_fd",
@@ -159,6 +164,8 @@ class _Pump:
         self._pending: memoryview | None = None
         self._pending_is_shared = False
         self.bucket: Bucket | None = None  # the user's rate limit, if there is one
+        self.account: Account | None = None  # the user's traffic this period (a quota)
+        self.side = 0  # which way, in the account: 0 up (from the client), 1 down
         self._refill: asyncio.TimerHandle | None = None  # waiting for the bucket
 
     # -- the two steps a pump kind defines ---------------------------------------
@@ -201,6 +208,8 @@ class _Pump:
             # (not read on till they are out: the session's watch, which a pump
             # takes over by watching the same socket, stops)
             self._poller.remove_reader(self.src_fd)
+            if self.account is not None:
+                self.account.charge(self.side, len(first))
             if (bucket := self.bucket) is not None:
                 # read before the user was known, they pay the user's rate now: they
                 # wait while the bucket is in debt, as a read would have waited
@@ -255,6 +264,14 @@ class _Pump:
             if self.stopped or self.done or self.staged:
                 return
             size = self.size
+            if (account := self.account) is not None:
+                room = account.room(self.side)
+                if room < size:
+                    if room <= 0:  # the user's quota is used up: the tunnel ends here
+                        self._watch(None)
+                        self._relay.exceeded()
+                        return
+                    size = room
             if self.bucket is not None:
                 size, wait = self.bucket.allowance(size)
                 if not size:  # over the user's rate: read again once it allows
@@ -270,6 +287,8 @@ class _Pump:
                 return
             if self.bucket is not None:
                 self.bucket.take(n)
+            if account is not None:
+                account.charge(self.side, n)
             if n == 0:
                 self._watch(None)
                 self._finish()
@@ -435,6 +454,7 @@ class Relay:
         on_end: Callable[[Status, str | None], object],
         splice: bool = SPLICE_AVAILABLE,
         rate: tuple[Bucket, Bucket] | None = None,
+        account: Account | None = None,
     ) -> None:
         self.loop = loop = asyncio.get_running_loop()
         self.poller = poller(loop)
@@ -452,6 +472,9 @@ class Relay:
             raise
         if rate is not None:
             self._up.bucket, self._down.bucket = rate
+        if account is not None:
+            self._up.account = self._down.account = account
+            self._down.side = 1
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -491,6 +514,10 @@ class Relay:
 
     def fail(self, exc: OSError) -> None:
         self._end(Status.RESET, exc.strerror or type(exc).__name__)
+
+    def exceeded(self) -> None:
+        """The user's quota is used up: cut off (the owner resets both sides)."""
+        self._end(Status.QUOTA_EXCEEDED, "the user's traffic quota is used up")
 
     def _check_idle(self) -> None:
         deadline = self.last_activity + self.idle

@@ -12,10 +12,12 @@ import itertools
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from proxyd import __version__, access, context, gate, status, systemd
+from proxyd.accounting import REPORT_INTERVAL, Books, Channel, Owned, Supervised
 from proxyd.config import Config, ListenAddress
 from proxyd.context import Conn
 from proxyd.direct import tune_socket
@@ -76,6 +78,8 @@ class Server:
         activated: list[socket.socket] | None = None,
         watcher: systemd.Watcher | None = None,
         reread: Callable[[], Settings] | None = None,
+        books: Books | None = None,
+        accounts: Channel | None = None,
     ) -> None:
         config = self.config = settings.config
         self.log = log
@@ -105,6 +109,18 @@ class Server:
         # connections refused at accept since the last warning, and when that was
         self._refused = 0
         self._refusal_warned = -REFUSAL_WARNING_INTERVAL
+        # each user's traffic: reported to the books, kept here (`books`) or by the
+        # supervisor (through `accounts`), and the totals learnt back
+        self._books = books
+        self._keeper: Owned | Supervised | None = None
+        if (ledger := self.ctx.ledger) is not None:
+            if books is not None:
+                self._keeper = Owned(ledger, books)
+            elif accounts is not None:
+                self._keeper = Supervised(ledger, accounts)
+        self._accounts_timer: asyncio.TimerHandle | None = None
+        self._saving: asyncio.Future[None] | None = None
+        self._next_save = 0.0
 
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then close every listener and tunnel."""
@@ -113,6 +129,8 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        # `proxyd quota reset` (from a worker's supervisor's pid it is never sent here)
+        loop.add_signal_handler(signal.SIGUSR2, self._on_reset)
         # a worker is forked with SIGHUP blocked, so that one sent before this handler
         # existed waits for it instead of being lost (workers.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
@@ -152,6 +170,7 @@ class Server:
         self.watcher.ready(len(self.sessions))
         self._serving = True
         self._schedule_tick()
+        self._start_accounts()
         if self._hangup_pending:
             self._on_hangup()
         try:
@@ -180,7 +199,8 @@ class Server:
             self.ctx.auth.close()
             self.lookups_left = self.ctx.resolver.close()
             self.ctx.upstreams.close()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            await self._close_accounts()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
         self.log.info("stopped")
 
@@ -305,6 +325,8 @@ class Server:
         self.config = new
         self._buffers = new.buffers
         self.ctx.reconfigure(new, settings.users, context.rules_of(new), settings.tls)
+        if self._books is not None:
+            self._books.configure(new.quotas)
         self._guard()
         if move_admin:
             await self._replace_admin(admin)
@@ -387,7 +409,17 @@ class Server:
             workers=self.config.server.workers,
             listeners=[_name(sock) for sock in self._bound.values() if sock.fileno() >= 0],
             enabled=self.config.metrics.status_page,
+            quotas=self._quota_use(),
         )
+
+    def _quota_use(self) -> dict[str, Any] | None:
+        """What users under a quota used of it (as this process knows: within a second)."""
+        ledger = self.ctx.ledger
+        if ledger is None or not self.config.quotas:
+            return None
+        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ledger.end))
+        rows = ledger.quota_use()[: status.TOP * 5]
+        return {"period": ledger.period.spec, "period_end": until, "users": rows}
 
     def _schedule_tick(self) -> None:
         if self._tick is None and (self.watcher.interval or self.ctx.metrics is not None):
@@ -414,6 +446,71 @@ class Server:
                 metrics.count_tasks()
             if self._admin is not None:
                 self._admin.publish()  # with workers: this one's share of the status page
+
+    # -- accounting -------------------------------------------------------------------
+
+    def _start_accounts(self) -> None:
+        if self.ctx.ledger is None:
+            return
+        if isinstance(self._keeper, Supervised):  # the totals, as soon as they come
+            channel = self._keeper.channel
+            asyncio.get_running_loop().add_reader(channel.sock.fileno(), self._keeper.learn)
+        self._next_save = asyncio.get_running_loop().time() + self.config.accounting.save_interval
+        self._on_accounts()
+
+    def _on_accounts(self) -> None:
+        """What each user moved since last time: to the books and the per-user metrics;
+        the totals learnt back; the books saved when it is time."""
+        loop = asyncio.get_running_loop()
+        self._accounts_timer = loop.call_later(REPORT_INTERVAL, self._on_accounts)
+        ledger = self.ctx.ledger
+        assert ledger is not None
+        reports = ledger.report()
+        metrics_cfg = self.config.metrics
+        if metrics_cfg.per_user and self.metrics is not None:
+            with contextlib.suppress(OSError):  # metrics files on a full disk
+                self.metrics.user_traffic(reports, metrics_cfg.per_user_max)
+        if self._keeper is not None:
+            self._keeper.exchange(reports)
+        books = self._books
+        saving = self._saving is not None and not self._saving.done()
+        if books is not None and books.changed and loop.time() >= self._next_save and not saving:
+            self._next_save = loop.time() + self.config.accounting.save_interval
+            self._saving = loop.run_in_executor(None, self._write_books, books.encode())
+
+    def _write_books(self, data: bytes) -> None:
+        """The state file, in a thread; a failure is logged, and the next save tries again."""
+        assert self._books is not None
+        try:
+            self._books.write(data)
+        except OSError as exc:
+            self._books.changed = True
+            self.log.error("accounting_save_failed", path=str(self._books.path), error=str(exc))
+
+    def _on_reset(self) -> None:
+        """SIGUSR2: the resets `proxyd quota reset` left beside the state file."""
+        if self._books is None or not isinstance(self._keeper, Owned):
+            return
+        try:
+            self._books.take_resets()
+        except OSError as exc:
+            self.log.error("accounting_save_failed", path=str(self._books.path), error=str(exc))
+        self._keeper.learn()
+
+    async def _close_accounts(self) -> None:
+        """The last counts to the books; the daemon that keeps them saves them."""
+        if self._accounts_timer is None:
+            return
+        self._accounts_timer.cancel()
+        if isinstance(self._keeper, Supervised):
+            asyncio.get_running_loop().remove_reader(self._keeper.channel.sock.fileno())
+        if self._saving is not None:
+            await asyncio.gather(self._saving, return_exceptions=True)
+        ledger, keeper = self.ctx.ledger, self._keeper
+        if ledger is not None and keeper is not None:
+            keeper.exchange(ledger.report())
+        if self._books is not None:
+            self._write_books(self._books.encode())
 
     # -- accepting --------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import Any, Final
 from proxyd import access, gate
 from proxyd.context import Conn, Context
 from proxyd.errors import (
+    CUT_OFF,
     ClientClosed,
     Denied,
     HandshakeTimeout,
@@ -378,7 +379,7 @@ class Session:
         worker = self._worker
         # a stream cut off on one side (a reset, an answer broken off) is reset on the
         # other: it must not look whole
-        cut = status is Status.RESET or (worker is not None and worker.cut)
+        cut = status in CUT_OFF or (worker is not None and worker.cut)
         if isinstance(worker, Tunnel):
             worker.close(cut)
         if self._tls is not None:

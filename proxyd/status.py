@@ -251,6 +251,8 @@ class About:
     workers: int
     listeners: list[str]
     enabled: bool  # `[metrics] status_page`
+    # `[[quotas]]` and what the users under one used of it this period (None: no quotas)
+    quotas: dict[str, Any] | None = None
 
 
 def report(snapshots: list[dict[str, Any]], about: About) -> dict[str, Any]:
@@ -316,4 +318,5 @@ def report(snapshots: list[dict[str, Any]], about: About) -> dict[str, Any]:
         "other_clients_bytes": clients_other + more_clients,
         "refusals": dict(sorted(refusals.items(), key=lambda item: (-item[1], item[0]))),
         "upstreams": [{"group": g, "servers": servers} for g, servers in groups.items()],
+        "quotas": about.quotas,
     }

@@ -107,6 +107,25 @@ def render(report: dict[str, Any]) -> bytes:
             for s in group["servers"]
         )
         groups.append(f"<h3>{_e(group['group'])}</h3><table>{rows}</table>")
+    quotas = []
+    if (q := report.get("quotas")) is not None:
+        for row in q["users"]:
+            limits = [
+                f"{_bytes(n)}{what}"
+                for n, what in (
+                    (row["bytes"], ""),
+                    (row["up_limit"], " up"),
+                    (row["down_limit"], " down"),
+                )
+                if n is not None
+            ]
+            used = f"{_bytes(row['up'] + row['down'])} ({_bytes(row['up'])} up)"
+            share = f"{row['used']:.0%}"
+            over = ' class="down"' if row["used"] >= 1 else ""
+            quotas.append(
+                f"<tr><td>{_e(row['user'])}</td><td>{used}</td><td>{', '.join(limits)}</td>"
+                f"<td{over}>{share}</td></tr>"
+            )
     rate = report["connections"] / window
     bandwidth = (report["bytes_up"] + report["bytes_down"]) / window
     parts = [
@@ -145,6 +164,18 @@ def render(report: dict[str, Any]) -> bytes:
         "</section></div>",
         "<h2>Upstream groups</h2>",
         "".join(groups) or "<p class=muted>none configured</p>",
+        *(
+            []
+            if q is None
+            else [
+                f"<h2>Quotas, this {_e(q['period'])} (until {_e(q['period_end'])})</h2>",
+                "<table><tr><th>user</th><th>used</th><th>quota</th><th>share</th></tr>"
+                + "".join(quotas)
+                + "</table>"
+                if quotas
+                else "<p class=muted>no user under a quota has used any yet</p>",
+            ]
+        ),
         f'<p class="muted">Reloads every {REFRESH} s. The same data as JSON: '
         '<a href="/status.json">/status.json</a>; Prometheus: <a href="/metrics">/metrics</a>.</p>',
         "</body></html>\n",

@@ -39,8 +39,8 @@ def relay_for(
     on_end: Callable[[Status, str | None], object],
 ) -> Relay:
     """The relay of a tunnel (and of a WebSocket a forwarded request became): the
-    buffers and idle timeout of the settings, and the user's rate (which the first
-    bytes, read with the request, pay too)."""
+    buffers and idle timeout of the settings, the user's rate (which the first
+    bytes, read with the request, pay too) and the user's account (its quota)."""
     cfg = ctx.config
     return Relay(
         client,
@@ -50,6 +50,7 @@ def relay_for(
         splice=cfg.buffers.splice,
         on_end=on_end,
         rate=gate.rate_for(ctx, conn.user),
+        account=gate.account_for(ctx, conn.user),
     )
 
 

@@ -90,6 +90,8 @@ class Association:
         self.denied = 0  # datagrams to destinations the rules deny
         self.over_rate = 0  # datagrams beyond the user's rate (limits.per_user_rate)
         self.rate = gate.rate_for(ctx, conn.user)
+        self.over_quota = 0  # datagrams beyond the user's quota ([[quotas]])
+        self.account = gate.account_for(ctx, conn.user)
         self.established = False  # the reply went out
         self.parents: dict[str, ParentRelay] = {}  # upstream group -> its parent's relay
         self.via: list[str] = []  # the groups datagrams went through, for the access line
@@ -149,21 +151,27 @@ class Association:
             fields["datagrams_denied"] = self.denied
         if self.over_rate:
             fields["datagrams_over_rate"] = self.over_rate
+        if self.over_quota:
+            fields["datagrams_over_quota"] = self.over_quota
         if self.via:
             fields["via"] = ",".join(self.via)
         if self.egress is not None:
             fields["egress"] = self.egress
         return fields
 
-    def _over_rate(self, direction: int, size: int) -> bool:
-        """Whether a datagram exceeds the user's rate (then it is dropped: UDP is
-        policed, not queued); else it is counted against the rate."""
-        if self.rate is None:
-            return False
-        if self.rate[direction].try_take(size):
-            return False
-        self.over_rate += 1
-        return True
+    def _over_limit(self, direction: int, size: int) -> bool:
+        """Whether a datagram is beyond the user's quota or rate (then it is dropped:
+        UDP is policed, not queued); else it is charged to both."""
+        account = self.account
+        if account is not None and account.room(direction) < size:
+            self.over_quota += 1
+            return True
+        if self.rate is not None and not self.rate[direction].try_take(size):
+            self.over_rate += 1
+            return True
+        if account is not None:
+            account.charge(direction, size)
+        return False
 
     async def _relay(self) -> Status:
         """Pump datagrams until the control connection closes or nothing moves for
@@ -228,10 +236,10 @@ class Association:
             except ProtocolError:
                 self.dropped += 1
                 return
-            if not self._over_rate(0, len(datagram.payload)):
+            if not self._over_limit(0, len(datagram.payload)):
                 await self._send_out(datagram)
         elif sender in self.peers and self.client is not None:
-            if self._over_rate(1, len(data)):
+            if self._over_limit(1, len(data)):
                 return
             self.peers.move_to_end(sender)
             header = socks5_udp.udp_header(*sender)
@@ -401,7 +409,7 @@ class Association:
     async def reply_from_parent(self, data: bytes, payload: int) -> None:
         """A parent relay's datagram (already in SOCKS5 UDP form, with the target as
         sender) for the client; awaited, so a slow client slows the parent's pump."""
-        if self.client is None or self._over_rate(1, payload):
+        if self.client is None or self._over_limit(1, payload):
             return
         try:
             await self.relay.send(data, self.client)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from proxyd import files, metrics, settings, status, systemd, tls
+from proxyd import accounting, files, metrics, settings, status, systemd, tls
 from proxyd.config import Config, ListenAddress
 from proxyd.errors import ConfigError, ListenFailed
 from proxyd.server import bind
@@ -53,6 +53,7 @@ _SIGNALS: Final[set[int]] = {
     SIG_READY,
     SIG_ALIVE,
     SIG_FAILED,
+    signal.SIGUSR2,
 }
 SETTINGS_FILE: Final = "settings.pickle"
 
@@ -61,11 +62,19 @@ class SupervisorLink:
     """A worker's systemd.Watcher: readiness and liveness go to the supervisor; the
     settings of a reload come from it."""
 
-    def __init__(self, supervisor: int, interval: float, runtime: Path, reports: int) -> None:
+    def __init__(
+        self,
+        supervisor: int,
+        interval: float,
+        runtime: Path,
+        reports: int,
+        accounts: accounting.Channel | None,
+    ) -> None:
         self._supervisor = supervisor
         self._interval = interval
         self._runtime = runtime
         self._reports = reports  # the pipe's write end (non-blocking)
+        self.accounts = accounts  # to the books (proxyd.accounting), when traffic is counted
 
     @property
     def interval(self) -> float | None:
@@ -115,6 +124,7 @@ class Supervisor:
         log: Any,
         *,
         activated: bool = False,
+        books: accounting.Books | None = None,
     ) -> None:
         self.settings = current
         self.source = source
@@ -138,6 +148,11 @@ class Supervisor:
             tempfile.mkdtemp(prefix="proxyd-", dir=os.environ.get("RUNTIME_DIRECTORY"))
         )
         self._reports_in, self._reports_out = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # the workers' traffic by user, summed here (proxyd.accounting)
+        self.books = books
+        self.channels: dict[int, tuple[accounting.Channel, int]] = {}  # pid -> its, last report
+        self._next_accounts = 0.0
+        self._next_save = 0.0
 
     @property
     def config(self) -> Config:
@@ -162,6 +177,8 @@ class Supervisor:
                 self.log.info("supervising", workers=config.server.workers, pid=os.getpid())
                 while self.children or (self.restarts and not self.stopping):
                     self._wait()
+                self._count()  # the workers' last reports
+                self._save()
             finally:
                 # A worker's last report, queued as it exited, would end the supervisor
                 # by the default action of a real-time signal once unblocked (seen as
@@ -237,6 +254,7 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         supervisor, interval = os.getpid(), self._interval()
+        ours, theirs = accounting.channel_pair() if self.books is not None else (None, None)
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             code = EXIT_WORKER_FAILED
@@ -248,11 +266,22 @@ class Supervisor:
                     sock.close()
                 self.notifier.close()
                 os.close(self._reports_in)
-                link = SupervisorLink(supervisor, interval, self.runtime, self._reports_out)
+                if self.books is not None:  # (the lock stays the supervisor's alone)
+                    self.books.close()
+                for channel, _ in self.channels.values():
+                    channel.close()
+                if ours is not None:
+                    ours.close()
+                link = SupervisorLink(supervisor, interval, self.runtime, self._reports_out, theirs)
                 code = self.run_worker(index, self.settings, link)
             finally:
                 sys.stdout.flush()
                 os._exit(code)
+        if ours is not None and theirs is not None and self.books is not None:
+            theirs.close()
+            self.channels[pid] = (ours, 0)
+            for part in self.books.totals_for(0):  # what it finds when it starts
+                ours.send(part)
         self.children[pid] = index
         self.started[index] = self.alive[pid] = time.monotonic()
         self.unready.add(pid)
@@ -279,6 +308,8 @@ class Supervisor:
         deadlines = [*self.restarts.values()]
         if self.notifier.enabled:
             deadlines.append(self._next_tick)
+        if self.books is not None:
+            deadlines.append(self._next_accounts)
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 3600.0
         info = signal.sigtimedwait(_SIGNALS, timeout)
         if info is not None:
@@ -296,6 +327,8 @@ class Supervisor:
             elif info.si_signo == SIG_FAILED and info.si_pid in self.children:
                 worker = self.children[info.si_pid]
                 self.log.warning("reload_incomplete", worker=worker, pid=info.si_pid)
+            elif info.si_signo == signal.SIGUSR2:
+                self._reset()
         self._reap()
         if self.announce and not self.unready and not self.stopping:
             self.announce = False
@@ -308,6 +341,45 @@ class Supervisor:
                 self.log.info("worker_restarted", worker=index)
         if self.notifier.enabled and now >= self._next_tick:
             self._tick(now)
+        if self.books is not None and now >= self._next_accounts:
+            self._next_accounts = now + accounting.REPORT_INTERVAL
+            self._count()
+            if now >= self._next_save:
+                self._next_save = now + self.config.accounting.save_interval
+                self._save()
+
+    # -- the workers' traffic ----------------------------------------------------------
+
+    def _count(self) -> None:
+        """Add what the workers reported to the books; each learns the totals back."""
+        if self.books is None:
+            return
+        pids = list(self.channels)
+        seen = accounting.serve_workers(self.books, [self.channels[pid] for pid in pids])
+        for index, pid in enumerate(pids):
+            self.channels[pid] = (self.channels[pid][0], seen[index])
+
+    def _save(self) -> None:
+        if self.books is not None and self.books.changed:
+            try:
+                self.books.save()
+            except OSError as exc:
+                path = str(self.books.path)
+                self.log.error("accounting_save_failed", path=path, error=str(exc))
+
+    def _reset(self) -> None:
+        """SIGUSR2: `proxyd quota reset` left its request beside the state file; every
+        worker learns the new totals at once."""
+        if self.books is None:
+            return
+        self._count()  # (what was counted before the reset is reset too)
+        try:
+            self.books.take_resets()
+        except OSError as exc:
+            self.log.error("accounting_save_failed", path=str(self.books.path), error=str(exc))
+        for channel, last in self.channels.values():
+            for part in self.books.totals_for(last):
+                channel.send(part)
 
     def _tick(self, now: float) -> None:
         """The status for systemd, and with a watchdog a ping for the supervisor; a
@@ -363,6 +435,8 @@ class Supervisor:
             self._notify("READY=1")
             return
         self._count_reload("ok")
+        if self.books is not None:
+            self.books.configure(new.config.quotas)
         if fixed:
             self.log.warning("reload_needs_restart", keys=fixed, hint="restart to change these")
         with contextlib.suppress(OSError):  # a file gone since: no warning to give
@@ -404,6 +478,9 @@ class Supervisor:
             self.unready.discard(pid)
             metrics.forget_process(pid)
             status.forget_process(pid)
+            if pid in self.channels:  # its last reports first
+                self._count()
+                self.channels.pop(pid)[0].close()
             if index is None or self.stopping:
                 continue
             code = os.waitstatus_to_exitcode(wait_status)

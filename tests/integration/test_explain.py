@@ -57,6 +57,7 @@ JSON_KEYS = {
     "route",
     "credentials",
     "limits",
+    "quota",
 }
 
 

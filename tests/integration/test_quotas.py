@@ -1,0 +1,386 @@
+"""[accounting] and [[quotas]] against the real daemon: each user's bytes counted per
+period into the state file, with one process and with workers; a quota crossed cuts
+the tunnel that crosses it and refuses what comes after, for every protocol; the
+counts survive a reload, a restart and a kill -9; `proxyd quota` shows and resets."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PASSWORD, USER, basic_token, proxyd, request_head
+from integration import socks5client
+from integration.socks5client import recv_exact
+from integration.test_metrics import metrics_address, scrape, value
+from integration.test_status_page import status_json, until
+from integration.test_udp import UdpEcho, header, udp_client
+from integration.test_workers import workers_started
+
+ALICE = (USER, PASSWORD)
+UDP_ASSOCIATE = 3
+
+
+def setup(
+    tmp_path: Path, users_file: Path, tail: str = "", *, workers: int = 1
+) -> tuple[str, Path]:
+    """A config counting into a state file under tmp_path, and that file's path."""
+    state = tmp_path / "state" / "accounting.json"
+    text = (
+        f"[server]\nworkers = {workers}\n"
+        f'[auth]\nusers_file = "{users_file}"\n'
+        f'[accounting]\nperiod = "day"\nstate_file = "{state}"\nsave_interval = 0.5\n'
+        f"{tail}"
+    )
+    return text, state
+
+
+def quota(total: int) -> str:
+    return f'[[quotas]]\nusers = ["{USER}"]\nbytes = {total}\n'
+
+
+def streamer(conn: socket.socket) -> None:
+    """Sends what the client asks for (an 8-byte count), 16 KiB every 5 ms."""
+    want = int.from_bytes(recv_exact(conn, 8), "big")
+    block = b"q" * 16384
+    while want > 0:
+        conn.sendall(block[: min(want, len(block))])
+        want -= len(block)
+        time.sleep(0.005)
+
+
+def fetch(daemon, port: int, size: int) -> tuple[int, BaseException | None, float]:
+    """Ask the streamer for `size` bytes through a SOCKS5 tunnel as alice: the bytes
+    that came, how it ended (None: a whole answer), and when the last byte came."""
+    with socks5client.open_tunnel(daemon.address, "127.0.0.1", port, auth=ALICE) as sock:
+        sock.sendall(size.to_bytes(8, "big"))
+        got, last = 0, time.monotonic()
+        try:
+            while got < size:
+                data = sock.recv(65536)
+                if not data:
+                    return got, EOFError(), last
+                got += len(data)
+                last = time.monotonic()
+        except OSError as exc:
+            return got, exc, last
+        return got, None, last
+
+
+def state_of(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def used(path: Path, user: str = USER) -> int:
+    if not path.exists():
+        return 0  # (not saved yet)
+    counts = state_of(path)["users"].get(user, {"up": 0, "down": 0})
+    return counts["up"] + counts["down"]
+
+
+def access_total(daemons, user: str = USER) -> int:
+    return sum(
+        e.get("bytes_up", 0) + e.get("bytes_down", 0)
+        for d in daemons
+        for e in d.access_events()
+        if e.get("user") == user
+    )
+
+
+def test_a_tunnel_crossing_the_quota_is_cut_there(start_daemon, tcp_server, tmp_path, users_file):
+    """The tunnel moves exactly up to the quota, then is reset at once; the user is
+    refused from then on, by SOCKS5, HTTP CONNECT, forwarding and UDP ASSOCIATE alike,
+    and quota_exceeded is logged once."""
+    text, state = setup(tmp_path, users_file, quota(1_000_000))
+    daemon = start_daemon(text)
+    server = tcp_server(streamer)
+    got, ended, last = fetch(daemon, server.port, 4_000_000)
+    cut_after = time.monotonic() - last
+    assert isinstance(ended, ConnectionResetError), ended
+    assert cut_after < 1.0
+    assert got == 1_000_000 - 8  # the 8 bytes sent up count too
+    line = daemon.access()
+    assert line["status"] == "quota_exceeded"
+    assert (line["bytes_up"], line["bytes_down"]) == (8, 1_000_000 - 8)
+
+    # refused now, whatever the protocol
+    sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port, auth=ALICE)
+    sock.close()
+    assert rep == 0x02
+    target = f"127.0.0.1:{server.port}"
+    for head in (
+        request_head("CONNECT", target, password=PASSWORD),
+        request_head("GET", f"http://{target}/", host=target, password=PASSWORD),
+    ):
+        with socket.create_connection(daemon.address, timeout=5) as conn:
+            conn.sendall(head)
+            answer = conn.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 403 "), answer
+        assert b"quota of user alice" in answer and b"is used up until" in answer
+    control, rep, _, _ = socks5client.connect(
+        daemon.address, "0.0.0.0", 0, auth=ALICE, command=UDP_ASSOCIATE
+    )
+    control.close()
+    assert rep == 0x02
+    daemon.wait_for(lambda _e: len(daemon.access_events()) >= 5)
+    assert [e["status"] for e in daemon.access_events()] == ["quota_exceeded"] * 5
+    told = daemon.wait_for(lambda e: e.get("event") == "quota_exceeded")
+    assert (told["user"], told["quota"]) == (USER, 0)
+    assert told["bytes_up"] + told["bytes_down"] == 1_000_000
+    time.sleep(0.6)  # (the books learn each report within REPORT_INTERVAL)
+    assert len(daemon.named("quota_exceeded")) == 1
+    daemon.stop()
+    assert used(state) == 1_000_000 == access_total([daemon])
+    # explain reads the state file: the same answer, and why
+    said = proxyd("explain", "--config", str(daemon.config_path), "--user", USER, "--json", target)
+    assert said.returncode == 3, said.stderr
+    answer = json.loads(said.stdout)
+    assert (answer["status"], answer["reason"]) == ("quota_exceeded", "quota_exceeded")
+    assert answer["quota"]["exceeded"] and answer["quota"]["bytes_down"] == 1_000_000 - 8
+    human = proxyd("explain", "--config", str(daemon.config_path), "--user", USER, target)
+    assert "decided by:  quotas[0] (used up)" in human.stdout, human.stdout
+
+
+def test_udp_datagrams_beyond_the_quota_are_dropped_and_counted(start_daemon, tmp_path, users_file):
+    text, state = setup(tmp_path, users_file, quota(5_000))
+    daemon = start_daemon(text)
+    control, rep, host, port = socks5client.connect(
+        daemon.address, "0.0.0.0", 0, auth=ALICE, command=UDP_ASSOCIATE
+    )
+    assert rep == 0
+    payload = b"u" * 1000
+    answered = 0
+    echo = UdpEcho()
+    with control, udp_client() as client, contextlib.closing(echo):
+        client.settimeout(1.0)
+        for _ in range(5):
+            client.sendto(header("127.0.0.1", echo.port) + payload, (host, port))
+            try:
+                client.recvfrom(65535)
+                answered += 1
+            except TimeoutError:
+                pass
+    line = daemon.access()
+    assert answered == 2  # 2 x (1000 up + 1005 down); the third does not fit
+    assert line["datagrams_over_quota"] >= 3
+    assert line["bytes_up"] + line["bytes_down"] == 4010
+    daemon.stop()
+    assert used(state) == 4010
+
+
+def test_counts_survive_a_reload_and_a_restart(start_daemon, tcp_server, tmp_path, users_file):
+    text, state = setup(tmp_path, users_file)
+    server = tcp_server(streamer)
+    first = start_daemon(text)
+    assert fetch(first, server.port, 300_000)[1] is None
+    # a reload (with a quota now) keeps counting where it was
+    first.reload(text + quota(10_000_000))
+    assert fetch(first, server.port, 200_000)[1] is None
+    first.access(lambda e: e["bytes_down"] == 200_000)
+    assert first.stop() == 0
+    assert used(state) == 500_016 == access_total([first])
+    second = start_daemon(text + quota(10_000_000))
+    assert fetch(second, server.port, 100_000)[1] is None
+    second.access()
+    assert second.stop() == 0
+    assert used(state) == 600_024 == access_total([first, second])
+    shown = proxyd("quota", "--config", str(second.config_path), "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["daemon_pid"] is None
+    (alice,) = report["users"]
+    assert (alice["user"], alice["bytes"], alice["exceeded"]) == (USER, 600_024, False)
+    assert alice["used"] == pytest.approx(0.06, abs=0.001)
+
+
+def test_two_workers_count_into_one_total_and_refuse_together(
+    start_daemon, tcp_server, tmp_path, users_file
+):
+    """Tunnels spread over both workers add up in the supervisor's books; once the
+    quota is used up, every worker refuses within a second; `proxyd quota reset`
+    lets the user in again everywhere."""
+    text, state = setup(tmp_path, users_file, quota(2_000_000), workers=2)
+    daemon = start_daemon(text)
+    workers_started(daemon, 2)
+    server = tcp_server(streamer)
+    for _ in range(12):
+        assert fetch(daemon, server.port, 100_000)[1] is None
+    daemon.wait_for(lambda _e: len(daemon.access_events()) >= 12)
+    served_by = {e["conn_id"] % 2 for e in daemon.access_events()}  # (ids alternate by worker)
+    assert served_by == {0, 1}
+    until(lambda: _equal(used(state), 12 * 100_008))
+    # the rest of the quota, through whichever worker; the others learn it
+    fetch(daemon, server.port, 2_000_000)
+    time.sleep(1.0)
+    reps = []
+    for _ in range(10):
+        sock, rep, _, _ = socks5client.connect(daemon.address, "127.0.0.1", server.port, auth=ALICE)
+        sock.close()
+        reps.append(rep)
+    assert reps == [0x02] * 10
+    done = proxyd("quota", "--config", str(daemon.config_path), "reset", USER)
+    assert done.returncode == 0, done.stderr
+    assert f"by the daemon (pid {daemon.proc.pid})" in done.stdout
+    for _ in range(10):
+        assert fetch(daemon, server.port, 1_000)[1] is None
+    assert daemon.wait_for(lambda e: e.get("event") == "quota_reset")["user"] == USER
+    assert daemon.stop() == 0
+    assert used(state) == 10 * 1_008
+
+
+def test_reset_without_a_daemon_edits_the_state_file(
+    tmp_path, users_file, start_daemon, tcp_server
+):
+    text, state = setup(tmp_path, users_file, quota(50_000))
+    daemon = start_daemon(text)
+    fetch(daemon, tcp_server(streamer).port, 100_000)
+    daemon.stop()
+    assert used(state) == 50_000
+    shown = proxyd("quota", "--config", str(daemon.config_path), "show", "--user", USER)
+    assert "EXCEEDED" in shown.stdout and "no daemon is running" in shown.stdout
+    done = proxyd("quota", "--config", str(daemon.config_path), "reset", USER)
+    assert done.returncode == 0, done.stderr
+    assert f"in {state}" in done.stdout
+    assert used(state) == 0
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_state_file_outlives_a_kill_9_whole(start_daemon, tcp_server, tmp_path, users_file):
+    """Saved every save_interval: a kill -9 loses at most the last interval, and a
+    reader never finds the file half-written."""
+    text, state = setup(tmp_path, users_file)
+    daemon = start_daemon(text)
+    server = tcp_server(streamer)
+    assert fetch(daemon, server.port, 200_000)[1] is None
+    until(lambda: _equal(used(state), 200_008))
+    bad: list[str] = []
+    reading = True
+
+    def read_all_along() -> None:
+        while reading:
+            try:
+                state_of(state)
+            except ValueError as exc:
+                bad.append(str(exc))
+
+    reader = threading.Thread(target=read_all_along)
+    reader.start()
+    try:
+        for _ in range(5):
+            assert fetch(daemon, server.port, 100_000)[1] is None
+        time.sleep(1.2)  # (at least one save of these)
+        assert fetch(daemon, server.port, 100_000)[1] is None
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(5)
+    finally:
+        reading = False
+        reader.join()
+    assert not bad
+    saved = used(state)
+    assert 700_048 <= saved <= 800_056  # (200_008 + 5 x 100_008, and one more maybe)
+    again = start_daemon(text)  # the lock died with the killed daemon
+    assert fetch(again, server.port, 1_000)[1] is None
+    again.access()
+    again.stop()
+    assert used(state) == saved + 1_008
+
+
+def test_a_second_daemon_on_the_same_state_file_will_not_start(start_daemon, tmp_path, users_file):
+    text, _ = setup(tmp_path, users_file)
+    first = start_daemon(text)
+    second = start_daemon(text, wait=False)
+    assert second.proc.wait(15) == 1
+    failed = second.wait_for(lambda e: e.get("event") == "accounting_failed")
+    assert f"in use by the daemon of pid {first.proc.pid}" in failed["error"]
+    assert first.proc.poll() is None
+
+
+def test_per_user_metrics_are_capped(start_daemon, tcp_server, tmp_path, users_file):
+    users = tmp_path / "users"
+    users.write_text(users_file.read_text())
+    made = proxyd("passwd", "--file", str(users), "bob", stdin=b"bob-secret-7\n")
+    assert made.returncode == 0, made.stderr
+    daemon = start_daemon(
+        f'[auth]\nusers_file = "{users}"\n'
+        '[metrics]\nlisten = "127.0.0.1:0"\nper_user = true\nper_user_max = 1\n'
+    )
+    metrics_address(daemon)
+    server = tcp_server(streamer)
+    assert fetch(daemon, server.port, 30_000)[1] is None
+    daemon.access()
+    with socks5client.open_tunnel(
+        daemon.address, "127.0.0.1", server.port, auth=("bob", "bob-secret-7")
+    ) as sock:
+        sock.sendall((5_000).to_bytes(8, "big"))
+        assert len(recv_exact(sock, 5_000)) == 5_000
+
+    def counted() -> None:
+        samples = scrape(daemon)
+        assert value(samples, "proxyd_user_bytes_total", user=USER, direction="down") == 30_000
+        assert value(samples, "proxyd_user_bytes_total", user="other", direction="down") == 5_000
+        assert value(samples, "proxyd_user_bytes_total", user="bob", direction="down") == 0
+
+    until(counted)
+
+
+def test_the_status_page_shows_quota_use(start_daemon, tcp_server, tmp_path, users_file):
+    text, _ = setup(tmp_path, users_file, quota(1_000_000) + '[metrics]\nlisten = "127.0.0.1:0"\n')
+    daemon = start_daemon(text)
+    metrics_address(daemon)
+    assert fetch(daemon, tcp_server(streamer).port, 250_000)[1] is None
+
+    def shown() -> None:
+        quotas = status_json(daemon)["quotas"]
+        assert quotas["period"] == "day"
+        (row,) = quotas["users"]
+        assert (row["user"], row["up"] + row["down"], row["bytes"]) == (USER, 250_008, 1_000_000)
+        assert row["used"] == pytest.approx(0.25, abs=0.001)
+
+    until(shown)
+    import http.client
+
+    conn = http.client.HTTPConnection(*metrics_address(daemon), timeout=5)
+    conn.request("GET", "/")
+    page = conn.getresponse().read().decode()
+    conn.close()
+    assert "Quotas, this day" in page and "25%" in page
+
+
+def _equal(a: object, b: object) -> None:
+    assert a == b, (a, b)
+
+
+def test_forwarded_bodies_count_and_stop_at_the_quota(start_daemon, origin, tmp_path, users_file):
+    """A forwarded answer's body is counted as its access line says, and one that would
+    cross the quota is cut (a reset: never taken for a whole answer)."""
+    text, state = setup(tmp_path, users_file, quota(300_000))
+    daemon = start_daemon(text)
+    token = basic_token()
+    proxy = f"http://{daemon.host}:{daemon.port}"
+    ok = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x", proxy,
+         "-H", f"Proxy-Authorization: Basic {token}", origin.url],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert ok.returncode == 0 and ok.stdout == "200", ok
+    cut = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-x", proxy,
+         "-H", f"Proxy-Authorization: Basic {token}", origin.url],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert cut.returncode != 0, cut  # (reset mid-body)
+    lines = [daemon.access(lambda e, i=i: e["conn_id"] == i) for i in (1, 2)]
+    assert lines[0]["status"] == "ok" and lines[0]["bytes_down"] == len(origin.body)
+    assert lines[1]["status"] == "quota_exceeded"
+    assert sum(e["bytes_down"] + e["bytes_up"] for e in lines) <= 300_000
+    daemon.stop()
+    assert used(state) == access_total([daemon])
+    assert os.path.exists(state)
