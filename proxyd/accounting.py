@@ -215,7 +215,9 @@ class Account:
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """What one process counted since its last report, for one period (`start`)."""
+    """What one process counted since its last report (number `seq`), for one
+    period (`start`); and, with `seq` the last report counted, what the books say
+    back (`Totals`): the period's totals of the users named (those with a quota)."""
 
     seq: int
     start: float
@@ -224,30 +226,19 @@ class Report:
     def encode(self) -> bytes:
         return json.dumps({"seq": self.seq, "start": self.start, "users": self.users}).encode()
 
-    @staticmethod
-    def decode(data: bytes) -> Report:
+    @classmethod
+    def decode(cls, data: bytes) -> Report:
         msg = json.loads(data)
         users = {str(u): (int(v[0]), int(v[1])) for u, v in msg["users"].items()}
-        return Report(int(msg["seq"]), float(msg["start"]), users)
+        return cls(int(msg["seq"]), float(msg["start"]), users)
+
+    @property
+    def ack(self) -> int:
+        return self.seq
 
 
-@dataclass(frozen=True, slots=True)
-class Totals:
-    """What the books say back: the reports up to `ack` are counted; the period
-    `start`'s totals of the users named (those with a quota)."""
-
-    ack: int
-    start: float
-    users: dict[str, tuple[int, int]]
-
-    def encode(self) -> bytes:
-        return json.dumps({"ack": self.ack, "start": self.start, "users": self.users}).encode()
-
-    @staticmethod
-    def decode(data: bytes) -> Totals:
-        msg = json.loads(data)
-        users = {str(u): (int(v[0]), int(v[1])) for u, v in msg["users"].items()}
-        return Totals(int(msg["ack"]), float(msg["start"]), users)
+# the books' answer has the same form: the reports up to `ack` are in its totals
+Totals = Report
 
 
 class Ledger:

@@ -310,30 +310,22 @@ class MetricsConfig:
     per_user_max: int = _key(100, _integer(1, 100_000))
 
 
-def _period(value: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(value, str):
-        problems.append(
-            f'{path}: must be "day", "week", "month" or "N days", not {_type_name(value)}'
-        )
-        return _INVALID
-    try:
-        return parse_period(value).spec
-    except ValueError as exc:
-        problems.append(f"{path}: {exc}")
-        return _INVALID
+def _text(what: str, parse: Callable[[str], Any]) -> Check:
+    """A check of a string by a parser that raises ValueError saying what is wrong."""
+
+    def check(value: Any, path: str, problems: list[str]) -> Any:
+        if not isinstance(value, str):
+            problems.append(f"{path}: must be {what}, not {_type_name(value)}")
+            return _INVALID
+        return _parsed(parse)(value, path, problems)
+
+    return check
 
 
-def _anchor(value: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(value, str):
-        problems.append(
-            f'{path}: must be a time and zone ("04:00 Europe/Berlin"), not {_type_name(value)}'
-        )
-        return _INVALID
-    try:
-        return parse_period("day", value).anchor
-    except ValueError as exc:
-        problems.append(f"{path}: {exc}")
-        return _INVALID
+_period = _text('"day", "week", "month" or "N days"', lambda text: parse_period(text).spec)
+_anchor = _text(
+    'a time and zone ("04:00 Europe/Berlin")', lambda text: parse_period("day", text).anchor
+)
 
 
 @dataclass(frozen=True, slots=True)
