@@ -185,6 +185,11 @@ def test_counts_survive_a_reload_and_a_restart(start_daemon, tcp_server, tmp_pat
     first.reload(text + quota(10_000_000))
     assert fetch(first, server.port, 200_000)[1] is None
     first.access(lambda e: e["bytes_down"] == 200_000)
+    # a quota lowered below what was used refuses at once
+    first.reload(text + quota(400_000))
+    sock, rep, _, _ = socks5client.connect(first.address, "127.0.0.1", server.port, auth=ALICE)
+    sock.close()
+    assert rep == 0x02
     assert first.stop() == 0
     assert used(state) == 500_016 == access_total([first])
     second = start_daemon(text + quota(10_000_000))
@@ -217,8 +222,12 @@ def test_two_workers_count_into_one_total_and_refuse_together(
     served_by = {e["conn_id"] % 2 for e in daemon.access_events()}  # (ids alternate by worker)
     assert served_by == {0, 1}
     until(lambda: _equal(used(state), 12 * 100_008))
+    daemon.reload(results=2)  # (the books and every worker's counts go on)
+    assert fetch(daemon, server.port, 100_000)[1] is None
+    until(lambda: _equal(used(state), 13 * 100_008))
     # the rest of the quota, through whichever worker; the others learn it
-    fetch(daemon, server.port, 2_000_000)
+    got, ended, _ = fetch(daemon, server.port, 2_000_000)
+    assert isinstance(ended, ConnectionResetError) and got == 2_000_000 - 13 * 100_008 - 8
     time.sleep(1.0)
     reps = []
     for _ in range(10):
