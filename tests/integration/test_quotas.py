@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -393,3 +394,38 @@ def test_forwarded_bodies_count_and_stop_at_the_quota(start_daemon, origin, tmp_
     daemon.stop()
     assert used(state) == access_total([daemon])
     assert os.path.exists(state)
+
+
+def test_quota_command_problems(tmp_path, users_file):
+    off = tmp_path / "off.toml"
+    off.write_text("")
+    said = proxyd("quota", "--config", str(off), "show")
+    assert said.returncode == 1 and "accounting is off" in said.stderr
+    text, state = setup(tmp_path, users_file)
+    on = tmp_path / "on.toml"
+    on.write_text(text)
+    said = proxyd("quota", "--config", str(on), "show")
+    assert said.returncode == 1 and "no state file yet" in said.stderr
+    # a process that holds the lock but never answers: the reset says so, and leaves
+    # no request behind
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time; from pathlib import Path; from proxyd import accounting; "
+            "signal.signal(signal.SIGUSR2, signal.SIG_IGN); "
+            f"accounting.take_lock(Path({str(state)!r})); print('locked', flush=True); "
+            "time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        said = proxyd("quota", "--config", str(on), "reset", USER)
+        assert said.returncode == 1
+        assert f"the daemon (pid {holder.pid}) did not answer within 5 s" in said.stderr
+        assert not list(state.parent.glob("*.reset"))
+    finally:
+        holder.kill()
+        holder.wait()
