@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -47,8 +48,13 @@ STATE_VERSION: Final = 1
 REPORT_INTERVAL: Final = 0.25
 # users per message between a worker and the supervisor (one datagram each)
 CHUNK: Final = 1000
+# With workers, what one worker may move of a user's remaining quota before it learns
+# what the others moved: its share of it, and at least this much (so that the last
+# bytes are not held back share by share).
+MIN_LEASE: Final = 65536
 # a reset asked of a running daemon: a file named so in the state file's directory
 RESET_SUFFIX: Final = ".reset"
+MAX_REQUEST: Final = 1024  # bytes a reset request may hold (a user name)
 
 _UNITS: Final = {
     "": 1,
@@ -179,15 +185,21 @@ def quota_for(quotas: Iterable[Quota], user: str) -> Quota | None:
 class Account:
     """What one user moved this period, as this process knows it: its own counts,
     and (learnt from the books) everyone else's. `used` is [up, down]; `mark` the
-    part of it the books know or were sent."""
+    part of it the books know or were sent; `known` the books' totals as last learnt.
 
-    __slots__ = ("limit", "mark", "used", "user")
+    With workers (`shares` > 1), each may move only its share of what was left of a
+    quota when it last learnt the totals (`allowance`): the others may be moving the
+    rest meanwhile. A quota is reached (`room` 0) only by what is known."""
 
-    def __init__(self, user: str, limit: Quota | None) -> None:
+    __slots__ = ("known", "limit", "mark", "shares", "used", "user")
+
+    def __init__(self, user: str, limit: Quota | None, shares: int = 1) -> None:
         self.user = user
         self.limit = limit
+        self.shares = shares
         self.used = [0, 0]
         self.mark = [0, 0]
+        self.known = [0, 0]
 
     def room(self, side: int) -> int:
         """Bytes that may still move this way before a limit is reached."""
@@ -199,6 +211,29 @@ class Account:
         one_way = limit.up if side == UP else limit.down
         if one_way is not None:
             left = min(left, one_way - used[side])
+        return max(left, 0)
+
+    def allowance(self, side: int) -> int:
+        """Bytes this process may move this way now: its share of the room (all of it
+        without workers; 0 while its share is spent, until it learns the totals)."""
+        limit = self.limit
+        if limit is None:
+            return UNLIMITED
+        if self.shares == 1:
+            return self.room(side)
+        used, known = self.used, self.known
+        left = UNLIMITED
+        one_way = limit.up if side == UP else limit.down
+        caps = [
+            (limit.total, used[UP] + used[DOWN], known[UP] + known[DOWN]),
+            (one_way, used[side], known[side]),
+        ]
+        for cap, spent, was in caps:
+            if cap is None:
+                continue
+            remaining = max(cap - was, 0)
+            lease = min(max(remaining // self.shares, MIN_LEASE), remaining)
+            left = min(left, lease - (spent - was))
         return max(left, 0)
 
     def charge(self, side: int, n: int) -> None:
@@ -244,9 +279,16 @@ Totals = Report
 class Ledger:
     """This process's accounts for the current period."""
 
-    def __init__(self, period: Period, quotas: tuple[Quota, ...], now: float | None = None) -> None:
+    def __init__(
+        self,
+        period: Period,
+        quotas: tuple[Quota, ...],
+        now: float | None = None,
+        shares: int = 1,
+    ) -> None:
         self.period = period
         self.quotas = quotas
+        self.shares = shares  # the processes counting at once (server.workers)
         self.start, self.end = period.bounds(time.time() if now is None else now)
         self.accounts: dict[str, Account] = {}
         self._pending: dict[int, dict[str, tuple[int, int]]] = {}  # reports not yet counted
@@ -258,7 +300,8 @@ class Ledger:
             return None
         account = self.accounts.get(user)
         if account is None:
-            account = self.accounts[user] = Account(user, quota_for(self.quotas, user))
+            account = Account(user, quota_for(self.quotas, user), self.shares)
+            self.accounts[user] = account
         return account
 
     def configure(self, quotas: tuple[Quota, ...]) -> None:
@@ -288,7 +331,7 @@ class Ledger:
             self.start, self.end = self.period.bounds(now)
             self._pending.clear()
             for account in self.accounts.values():  # (in place: open tunnels hold them)
-                account.used, account.mark = [0, 0], [0, 0]
+                account.used, account.mark, account.known = [0, 0], [0, 0], [0, 0]
         return reports
 
     @property
@@ -324,6 +367,7 @@ class Ledger:
             used, mark = account.used, account.mark
             account.used = [mark_up + used[UP] - mark[UP], mark_down + used[DOWN] - mark[DOWN]]
             account.mark = [mark_up, mark_down]
+            account.known = [up, down]
 
     def quota_use(self) -> list[dict[str, Any]]:
         """Users with a quota and what they used of it, most used first (the status page)."""
@@ -611,8 +655,8 @@ class Books:
         done = []
         for request in sorted(self.path.parent.glob(f"{self.path.name}.*{RESET_SUFFIX}")):
             try:
-                user = request.read_text("utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
+                user = _read_request(request)
+            except (OSError, ValueError) as exc:
                 # left in place: the CLI that wrote it says it was not answered
                 self.log.error("quota_reset_failed", request=str(request), error=str(exc))
                 continue
@@ -625,6 +669,21 @@ class Books:
         if done:
             self.save()
         return done
+
+
+def _read_request(path: Path) -> str:
+    """A reset request's user name: from a small regular file only, never waiting (a
+    FIFO put there would stop the loop) and never through a symbolic link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = os.read(fd, MAX_REQUEST + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_REQUEST:
+        raise ValueError(f"longer than {MAX_REQUEST} bytes")
+    return data.decode("utf-8").strip()
 
 
 def open_books(path: Path | None, period: Period, quotas: tuple[Quota, ...], log: Any) -> Books:

@@ -325,6 +325,11 @@ def quota(args: argparse.Namespace) -> int:
         return EXIT_PROBLEM
     path = accounting.state_path(cfg.accounting.state_file)
     if args.quota_command == "reset":
+        try:
+            auth.check_username(args.user)
+        except ValueError as exc:
+            print(f"proxyd quota reset: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         log.configure("console", "warning")
         try:
             owner = accounting.reset_user(
@@ -334,7 +339,7 @@ def quota(args: argparse.Namespace) -> int:
             print(f"proxyd quota reset: {exc}", file=sys.stderr)
             return EXIT_PROBLEM
         how = f"by the daemon (pid {owner})" if owner else f"in {path}"
-        print(f"{args.user}: count of this period reset {how}")
+        print(f"{_shown(args.user)}: count of this period reset {how}")
         return EXIT_OK
     try:
         state = accounting.read_state(path)
@@ -376,10 +381,15 @@ def quota(args: argparse.Namespace) -> int:
             mark = " EXCEEDED" if row["exceeded"] else ""
             limit = f"{row['limit']} ({row['used']:.0%}){mark}"
         print(
-            f"{row['user']:<20} {size(row['up']):>12} {size(row['down']):>12} "
+            f"{_shown(row['user']):<20} {size(row['up']):>12} {size(row['down']):>12} "
             f"{size(row['bytes']):>12}  {limit}"
         )
     return EXIT_OK
+
+
+def _shown(name: str) -> str:
+    """A user name for a terminal: as it is when printable, else quoted with escapes."""
+    return name if name.isprintable() else repr(name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -114,7 +114,11 @@ def build(settings: Settings, log: Any) -> Context:
         upstreams,
         rules_of(config),
         tls=settings.tls,
-        ledger=Ledger(config.accounting.every, config.quotas) if counted else None,
+        ledger=(
+            Ledger(config.accounting.every, config.quotas, shares=config.server.workers)
+            if counted
+            else None
+        ),
     )
 
 

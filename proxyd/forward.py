@@ -83,7 +83,7 @@ from proxyd.protocols.messages import (
     take_request_head,
     websocket_upgrade,
 )
-from proxyd.relay import Relay, abort
+from proxyd.relay import LEASE_WAIT, Relay, abort
 from proxyd.tunnel import relay_for
 
 # Reads while a request head is awaited: small, as the first request's are (a head
@@ -454,6 +454,7 @@ class Forwarder:
             n == b"expect" and v.lower() == b"100-continue" for n, v in request.headers
         )
         data = request_bytes(request.method, path.encode(), headers)
+        await self._spend(UP, len(data))  # (heads count for the quota, not the access line)
         sent = self._origin_sent(origin, data)
         if sent < len(data):
             await self._origin_send(origin, data[sent:])
@@ -476,7 +477,7 @@ class Forwarder:
         except TimeoutError:
             return None
         if head.status < 200 and head.status != 101:
-            self._client_queue(informational_bytes(head))
+            await self._pass_head(informational_bytes(head))
             await self._flush_client()
             return None
         return head  # (a 101 too: only a WebSocket asked for becomes a tunnel)
@@ -538,18 +539,32 @@ class Forwarder:
             if (wait := bucket.delay(0)) > 0:
                 await asyncio.sleep(wait)
 
-    def _moved(self, side: int, n: int) -> None:
-        """Body bytes about to pass on: counted (the access line's bytes_up/down) and
-        charged to the user's account; none beyond its quota pass (QuotaExceeded)."""
+    async def _spend(self, side: int, n: int) -> None:
+        """Bytes about to pass on (a head, a body's), charged to the user's account;
+        none beyond its quota pass (QuotaExceeded). With workers, past this worker's
+        share of it, once it has learnt what the others moved."""
         account = gate.account_for(self.ctx, self.conn.user)
-        if account is not None:
-            if account.room(side) < n:
-                raise QuotaExceeded("the user's traffic quota is used up")
-            account.charge(side, n)
+        if account is None:
+            return
+        if account.allowance(side) < n:
+            await asyncio.sleep(LEASE_WAIT)
+        if account.room(side) < n:
+            raise QuotaExceeded("the user's traffic quota is used up")
+        account.charge(side, n)
+
+    async def _moved(self, side: int, n: int) -> None:
+        """Body bytes about to pass on: charged (`_spend`), and counted for the access
+        line's bytes_up/down."""
+        await self._spend(side, n)
         if side == UP:
             self.bytes_up += n
         else:
             self.bytes_down += n
+
+    async def _pass_head(self, head: bytes) -> None:
+        """An interim answer (1xx) for the client, charged as any head."""
+        await self._spend(DOWN, len(head))
+        self._client_queue(head)
 
     async def _send_rest(self, origin: _Origin) -> None:
         """Move the request's body to the origin: counted through by its length, or
@@ -558,7 +573,7 @@ class Forwarder:
             while self.body_left:
                 data = await self._client_body_data(min(self.body_left, self.read_size))
                 self.body_left -= len(data)
-                self._moved(UP, len(data))
+                await self._moved(UP, len(data))
                 await self._origin_send(origin, data)
             self.body_done = True
             return
@@ -570,7 +585,7 @@ class Forwarder:
             if data:
                 pieces = decoder.feed(data)
                 out = b"".join([chunk(piece) for piece in pieces])
-                self._moved(UP, sum(map(len, pieces)))
+                await self._moved(UP, sum(map(len, pieces)))
                 if decoder.done:
                     self.inbuf = decoder.rest  # (a request pipelined behind the body)
                     self.body_done = True
@@ -594,7 +609,7 @@ class Forwarder:
                 if self.upgrade is not None:
                     return head  # the WebSocket it was asked for: the answer, and a tunnel
                 raise UpstreamBroken("the origin switched protocols unasked")
-            self._client_queue(informational_bytes(head))
+            await self._pass_head(informational_bytes(head))
             await self._flush_client()
             head = None
 
@@ -671,6 +686,7 @@ class Forwarder:
             request.version,
             self.keep and self.body_done,
         )
+        await self._spend(DOWN, len(out_head))
         self.answering = True
         self.http_status = head.status
         self._client_queue(out_head)
@@ -735,7 +751,7 @@ class Forwarder:
             else:
                 origin.inbuf = b""
             left -= len(data)
-            self._moved(DOWN, len(data))
+            await self._moved(DOWN, len(data))
             await self._client_send(data)
         while left:
             await self._flush_client()  # before waiting: the client has all there is
@@ -743,7 +759,7 @@ class Forwarder:
             if not data:
                 raise UpstreamBroken("the origin closed the connection before its answer was whole")
             left -= len(data)
-            self._moved(DOWN, len(data))
+            await self._moved(DOWN, len(data))
             await self._client_send(data)
 
     async def _move_chunked(self, origin: _Origin, chunked: bool) -> None:
@@ -759,7 +775,7 @@ class Forwarder:
                 except MalformedResponse as exc:
                     raise UpstreamBroken(str(exc)) from None
                 size = sum(map(len, pieces))
-                self._moved(DOWN, size)
+                await self._moved(DOWN, size)
                 if pieces:
                     out = b"".join([chunk(p) for p in pieces] if chunked else pieces)
                     await self._client_send(out)
@@ -779,7 +795,7 @@ class Forwarder:
         origin.inbuf = b""
         while True:
             if data:
-                self._moved(DOWN, len(data))
+                await self._moved(DOWN, len(data))
                 await self._client_send(chunk(data) if chunked else data)
             await self._flush_client()
             data = await self._origin_recv(origin)

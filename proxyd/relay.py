@@ -38,6 +38,10 @@ _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _LINGER_NOT: Final = struct.pack("ii", 1, 0)
 
 
+# A direction whose share of the user's quota is spent (with workers) reads again
+# after this many seconds: by then its worker has learnt what the others moved.
+LEASE_WAIT: Final = 0.25
+
 # A rate-limited direction waits for at least this many bytes of allowance (or its
 # whole read size, if smaller) before it reads again: few, larger reads.
 RATE_CHUNK: Final = 16384
@@ -208,7 +212,7 @@ class _Pump:
             # (not read on till they are out: the session's watch, which a pump
             # takes over by watching the same socket, stops)
             self._poller.remove_reader(self.src_fd)
-            if self.account is not None:
+            if self.account is not None:  # (they fit: Relay.start checked)
                 self.account.charge(self.side, len(first))
             if (bucket := self.bucket) is not None:
                 # read before the user was known, they pay the user's rate now: they
@@ -265,13 +269,16 @@ class _Pump:
                 return
             size = self.size
             if (account := self.account) is not None:
-                room = account.room(self.side)
-                if room < size:
-                    if room <= 0:  # the user's quota is used up: the tunnel ends here
+                allowed = account.allowance(self.side)
+                if allowed < size:
+                    if allowed <= 0:
                         self._watch(None)
-                        self._relay.exceeded()
+                        if account.room(self.side) <= 0:  # used up: the tunnel ends here
+                            self._relay.exceeded()
+                        else:  # this worker's share is: read again once it learns more
+                            self._refill = self._loop.call_later(LEASE_WAIT, self._on_refilled)
                         return
-                    size = room
+                    size = allowed
             if self.bucket is not None:
                 size, wait = self.bucket.allowance(size)
                 if not size:  # over the user's rate: read again once it allows
@@ -490,6 +497,12 @@ class Relay:
         """Relay until the tunnel ends; `first_up` goes to the target and `first_down`
         (what a parent proxy passed on with its answer) to the client before anything else."""
         self._timer = self.loop.call_at(self.last_activity + self.idle, self._check_idle)
+        account = self._up.account
+        if account is not None and (
+            len(first_up) > account.room(0) or len(first_down) > account.room(1)
+        ):  # what came with the request would cross the user's quota: none of it goes
+            self.loop.call_soon(self.exceeded)
+            return
         self._up.start(first_up)
         self._down.start(first_down)
 

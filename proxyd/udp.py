@@ -163,7 +163,7 @@ class Association:
         """Whether a datagram is beyond the user's quota or rate (then it is dropped:
         UDP is policed, not queued); else it is charged to both."""
         account = self.account
-        if account is not None and account.room(direction) < size:
+        if account is not None and account.allowance(direction) < size:
             self.over_quota += 1
             return True
         if self.rate is not None and not self.rate[direction].try_take(size):

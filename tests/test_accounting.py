@@ -253,11 +253,14 @@ def test_resets_left_beside_the_state_file(tmp_path):
     books.add(Report(1, books.start, {"alice": (1, 1)}), now=NOON)
     (tmp_path / "accounting.json.1-2.reset").write_text("alice\n")
     (tmp_path / "accounting.json.3-4.reset").write_bytes(b"\xff\xfe")
+    os.mkfifo(tmp_path / "accounting.json.5-6.reset")  # (reading it would wait forever)
+    (tmp_path / "accounting.json.7-8.reset").symlink_to("/dev/zero")
+    (tmp_path / "accounting.json.9-9.reset").write_text("x" * 5000)
     assert books.take_resets() == ["alice"]
     assert books.totals["alice"] == [0, 0]
     assert not (tmp_path / "accounting.json.1-2.reset").exists()
     assert (tmp_path / "accounting.json.3-4.reset").exists()  # unreadable: left, and logged
-    assert log.named("quota_reset_failed")
+    assert len(log.named("quota_reset_failed")) == 4
     assert json.loads(path.read_text())["users"]["alice"] == {"up": 0, "down": 0}
 
 
@@ -333,3 +336,19 @@ def test_a_ledger_and_the_books_agree_whatever_the_order(charges, flush_at):
     }
     for user, counts in expected.items():
         assert ledger.accounts[user].used == counts
+
+
+def test_with_workers_each_moves_its_share_of_what_is_left():
+    account = Account("alice", Quota(0, None, 1_000_000, None, None), shares=2)
+    assert account.allowance(DOWN) == 500_000
+    account.charge(DOWN, 500_000)
+    assert account.allowance(DOWN) == 0 and account.room(DOWN) == 500_000
+    assert not account.exhausted  # (spent its share: it waits to learn, it is not cut)
+    account.known = [0, 500_000]  # the books have it now
+    assert account.allowance(DOWN) == 250_000
+    account.charge(DOWN, 400_000)
+    account.known = [0, 900_000]
+    assert account.allowance(DOWN) == accounting.MIN_LEASE  # (not 50_000: at least this)
+    account.known = [0, 990_000]
+    account.used = [0, 990_000]
+    assert account.allowance(DOWN) == 10_000  # (never beyond the quota)
