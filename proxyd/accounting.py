@@ -29,7 +29,7 @@ import socket
 import stat
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -52,6 +52,7 @@ CHUNK: Final = 1000
 # what the others moved: its share of it, and at least this much (so that the last
 # bytes are not held back share by share).
 MIN_LEASE: Final = 65536
+KEPT_GRANTS: Final = 16  # grants remembered per worker until it applies them
 # a reset asked of a running daemon: a file named so in the state file's directory
 RESET_SUFFIX: Final = ".reset"
 MAX_REQUEST: Final = 1024  # bytes a reset request may hold (a user name)
@@ -182,16 +183,29 @@ def quota_for(quotas: Iterable[Quota], user: str) -> Quota | None:
 # -- one user's account, in one process -------------------------------------------------
 
 
+def first_grant(cap: int, shares: int) -> int:
+    """What each worker may move of a quota's dimension before the supervisor grants
+    it anything: the same on both sides, and no more than the quota in all."""
+    return min(MIN_LEASE, cap // shares)
+
+
+def dimensions(limit: Quota) -> tuple[int | None, int | None, int | None]:
+    """A quota's caps by dimension: both ways together, up, down."""
+    return (limit.total, limit.up, limit.down)
+
+
 class Account:
     """What one user moved this period, as this process knows it: its own counts,
     and (learnt from the books) everyone else's. `used` is [up, down]; `mark` the
-    part of it the books know or were sent; `known` the books' totals as last learnt.
+    part of it the books know or were sent.
 
-    With workers (`shares` > 1), each may move only its share of what was left of a
-    quota when it last learnt the totals (`allowance`): the others may be moving the
-    rest meanwhile. A quota is reached (`room` 0) only by what is known."""
+    With workers (`shares` > 1), a worker may move only what the supervisor granted
+    it of the quota (`allowance`: `granted`, by dimension, against `own`, what this
+    worker moved this period), so that the workers together never pass the quota
+    whatever each knows of the others; `room` 0 (the quota reached) is known only
+    from the totals."""
 
-    __slots__ = ("known", "limit", "mark", "shares", "used", "user")
+    __slots__ = ("granted", "limit", "mark", "own", "shares", "starved", "used", "user")
 
     def __init__(self, user: str, limit: Quota | None, shares: int = 1) -> None:
         self.user = user
@@ -199,7 +213,9 @@ class Account:
         self.shares = shares
         self.used = [0, 0]
         self.mark = [0, 0]
-        self.known = [0, 0]
+        self.own = [0, 0]
+        self.granted: list[int] | None = None  # by dimension; None: the first grant
+        self.starved = False  # its grant held it back since the last report: it wants more
 
     def room(self, side: int) -> int:
         """Bytes that may still move this way before a limit is reached."""
@@ -214,30 +230,28 @@ class Account:
         return max(left, 0)
 
     def allowance(self, side: int) -> int:
-        """Bytes this process may move this way now: its share of the room (all of it
-        without workers; 0 while its share is spent, until it learns the totals)."""
+        """Bytes this process may move this way now: the room without workers; with
+        them, what is left of this worker's grant (0 until the supervisor grants more)."""
         limit = self.limit
         if limit is None:
             return UNLIMITED
+        left = self.room(side)
         if self.shares == 1:
-            return self.room(side)
-        used, known = self.used, self.known
-        left = UNLIMITED
-        one_way = limit.up if side == UP else limit.down
-        caps = [
-            (limit.total, used[UP] + used[DOWN], known[UP] + known[DOWN]),
-            (one_way, used[side], known[side]),
-        ]
-        for cap, spent, was in caps:
-            if cap is None:
+            return left
+        own = self.own
+        spent = (own[UP] + own[DOWN], own[UP], own[DOWN])
+        for dim, cap in enumerate(dimensions(limit)):
+            if cap is None or dim == 1 + (1 - side):  # (the other direction's own cap)
                 continue
-            remaining = max(cap - was, 0)
-            lease = min(max(remaining // self.shares, MIN_LEASE), remaining)
-            left = min(left, lease - (spent - was))
+            granted = first_grant(cap, self.shares) if self.granted is None else self.granted[dim]
+            if granted - spent[dim] < left:
+                left = granted - spent[dim]
+                self.starved = True
         return max(left, 0)
 
     def charge(self, side: int, n: int) -> None:
         self.used[side] += n
+        self.own[side] += n
 
     @property
     def exhausted(self) -> bool:
@@ -251,21 +265,39 @@ class Account:
 @dataclass(frozen=True, slots=True)
 class Report:
     """What one process counted since its last report (number `seq`), for one
-    period (`start`); and, with `seq` the last report counted, what the books say
-    back (`Totals`): the period's totals of the users named (those with a quota)."""
+    period (`start`), and the last grants it applied (`gen`); and, with `seq` the
+    last report counted, what the supervisor says back (`Totals`, number `gen`, in
+    parts of which the last is `final`): the period's totals of the users with a
+    quota, and what the worker may move of each one's (`grants`, by dimension)."""
 
     seq: int
     start: float
     users: dict[str, tuple[int, int]]
+    grants: dict[str, list[int]] = field(default_factory=dict)
+    gen: int = 0
+    final: bool = True
+    wants: list[str] = field(default_factory=list)  # users whose grant held it back
 
     def encode(self) -> bytes:
-        return json.dumps({"seq": self.seq, "start": self.start, "users": self.users}).encode()
+        msg = {
+            "seq": self.seq,
+            "start": self.start,
+            "users": self.users,
+            "grants": self.grants,
+            "gen": self.gen,
+            "final": self.final,
+            "wants": self.wants,
+        }
+        return json.dumps(msg).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> Report:
         msg = json.loads(data)
         users = {str(u): (int(v[0]), int(v[1])) for u, v in msg["users"].items()}
-        return cls(int(msg["seq"]), float(msg["start"]), users)
+        grants = {str(u): [int(n) for n in v] for u, v in msg.get("grants", {}).items()}
+        gen, final = int(msg.get("gen", 0)), bool(msg.get("final", True))
+        wants = [str(u) for u in msg.get("wants", [])]
+        return cls(int(msg["seq"]), float(msg["start"]), users, grants, gen, final, wants)
 
     @property
     def ack(self) -> int:
@@ -293,6 +325,7 @@ class Ledger:
         self.accounts: dict[str, Account] = {}
         self._pending: dict[int, dict[str, tuple[int, int]]] = {}  # reports not yet counted
         self._seq = 0
+        self.gen = 0  # the supervisor's grants applied last (told with each report)
 
     def account(self, user: str | None) -> Account | None:
         """The user's account (None for a client without a user)."""
@@ -314,7 +347,11 @@ class Ledger:
         """What was counted since the last report, in messages of at most CHUNK users
         (none when nothing was); a period that ended is reported, then a new one begins."""
         new: dict[str, tuple[int, int]] = {}
+        wants = []
         for user, account in self.accounts.items():
+            if account.starved:
+                account.starved = False
+                wants.append(user)
             used, mark = account.used, account.mark
             if used != mark:
                 new[user] = (used[UP] - mark[UP], used[DOWN] - mark[DOWN])
@@ -325,13 +362,16 @@ class Ledger:
             self._seq += 1
             part = {user: new[user] for user in names[first : first + CHUNK] if user is not None}
             self._pending[self._seq] = part
-            reports.append(Report(self._seq, self.start, part))
+            reports.append(Report(self._seq, self.start, part, gen=self.gen, wants=wants))
+            wants = []
         now = time.time() if now is None else now
         if now >= self.end:  # a new period: everyone starts from nothing
             self.start, self.end = self.period.bounds(now)
             self._pending.clear()
             for account in self.accounts.values():  # (in place: open tunnels hold them)
-                account.used, account.mark, account.known = [0, 0], [0, 0], [0, 0]
+                account.used, account.mark, account.own = [0, 0], [0, 0], [0, 0]
+                account.granted = None
+            self.gen = 0
         return reports
 
     @property
@@ -367,7 +407,12 @@ class Ledger:
             used, mark = account.used, account.mark
             account.used = [mark_up + used[UP] - mark[UP], mark_down + used[DOWN] - mark[DOWN]]
             account.mark = [mark_up, mark_down]
-            account.known = [up, down]
+        for user, granted in totals.grants.items():
+            account = self.account(user)
+            assert account is not None
+            account.granted = granted
+        if totals.final:  # (the supervisor holds us to the older grants until we say so)
+            self.gen = max(self.gen, totals.gen)
 
     def quota_use(self) -> list[dict[str, Any]]:
         """Users with a quota and what they used of it, most used first (the status page)."""
@@ -635,19 +680,28 @@ class Books:
         self.changed = True
         return True
 
-    def totals_for(self, ack: int) -> list[Totals]:
-        """What a process learns: the totals of users with a quota, in parts of CHUNK."""
+    def totals_for(
+        self, ack: int, grants: dict[str, list[int]] | None = None, gen: int = 0
+    ) -> list[Totals]:
+        """What a process learns: the totals of users with a quota (and its grants of
+        them), in parts of CHUNK."""
+        grants = grants or {}
         users = {
             u: (v[UP], v[DOWN])
             for u, v in self.totals.items()
             if quota_for(self.quotas, u) is not None
         }
         names = list(users)
-        parts = [
-            Totals(ack, self.start, {u: users[u] for u in names[i : i + CHUNK]})
-            for i in range(0, len(names), CHUNK)
-        ]
-        return parts or [Totals(ack, self.start, {})]
+        parts = []
+        for i in range(0, len(names), CHUNK):
+            part = names[i : i + CHUNK]
+            given = {u: grants[u] for u in part if u in grants}
+            parts.append(Totals(ack, self.start, {u: users[u] for u in part}, given, gen, False))
+        if not parts:
+            return [Totals(ack, self.start, {}, {}, gen)]
+        last = parts[-1]
+        parts[-1] = Totals(last.seq, last.start, last.users, last.grants, gen, True)
+        return parts
 
     def take_resets(self) -> list[str]:
         """Apply the resets `proxyd quota reset` left beside the state file: each
@@ -785,25 +839,123 @@ class Supervised:
                 self.ledger.learn(Totals.decode(data))
 
 
-def serve_workers(books: Books, channels: Iterable[tuple[Channel, int]]) -> dict[int, int]:
-    """The supervisor's side: every worker's reports are added to the books, then each
-    worker that reported learns the totals back. `channels`: each channel with the
-    last report seen on it; returns the last report now seen on each (by index)."""
-    seen: dict[int, int] = {}
-    heard = []
-    for index, (channel, last) in enumerate(channels):
-        seen[index] = last
-        for data in channel.receive():
+class Share:
+    """One worker as the supervisor sees it: its channel, its last report, and for
+    each user with a quota what it moved this period (`spent`: [up, down], as
+    reported) and the grants sent to it (by number: each, by user, by dimension),
+    of which it is bound by the last it applied (`applied`) and any sent since."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.last = 0  # the last report's number
+        self.start = 0.0  # the period of `spent` and the grants
+        self.spent: dict[str, list[int]] = {}
+        self.active: set[str] = set()  # users it moved bytes of since the last grants
+        self.gen = 0  # the grants sent last
+        self.applied = 0  # the grants it said it applied (0: the first grants)
+        self.sent: dict[int, dict[str, list[int]]] = {0: {}}
+
+    def count(self, books: Books, report: Report) -> None:
+        books.add(report)
+        self.last = report.seq
+        self.roll(books.start)
+        if report.gen > self.applied:  # older grants bind it no more
+            self.applied = report.gen
+            self.sent = {g: v for g, v in self.sent.items() if g >= report.gen}
+        if report.start == books.start:
+            for user, (up, down) in report.users.items():
+                spent = self.spent.setdefault(user, [0, 0])
+                spent[UP] += up
+                spent[DOWN] += down
+                if up or down:
+                    self.active.add(user)
+            self.active.update(report.wants)
+
+    def remember(self, grants: dict[str, list[int]]) -> dict[str, list[int]]:
+        """The grants to send now, in force (with every one sent since the last it
+        applied) until it says it applied a later one. A worker that has not said so
+        for KEPT_GRANTS rounds gets the last ones again, not new ones."""
+        if len(self.sent) >= KEPT_GRANTS:
+            return self.sent[self.gen]
+        self.gen += 1
+        self.sent[self.gen] = grants
+        return grants
+
+    def roll(self, start: float) -> None:
+        """A new period: nothing spent, only the first grants (as the worker starts over)."""
+        if self.start != start:
+            self.start = start
+            self.spent.clear()
+            self.active.clear()
+            self.gen = self.applied = 0
+            self.sent = {0: {}}
+
+    def bound(self, user: str, firsts: list[int]) -> list[int]:
+        """The most it may move of the user's quota, by dimension: the largest grant
+        that may still be in force."""
+        bounds = [self.sent[g].get(user, firsts) for g in self.sent]
+        return [max(b[dim] for b in bounds) for dim in range(3)]
+
+    def spent_by_dimension(self, user: str) -> list[int]:
+        up, down = self.spent.get(user, [0, 0])
+        return [up + down, up, down]
+
+
+def grant(books: Books, shares: list[Share], workers: int) -> dict[int, dict[str, list[int]]]:
+    """Each worker's next grants (by index in `shares`): for every user with a quota,
+    what it may move, over what it moved, by dimension. What is left of the quota is
+    split between the workers that moved the user's bytes lately (the others keep a
+    quarter share, for a client that comes to them), and a grant sent counts as taken
+    until the worker says it applied a lower one: whatever each worker knows of the
+    others, together they never pass the quota."""
+    grants: dict[int, dict[str, list[int]]] = {i: {} for i in range(len(shares))}
+    for user, (up, down) in books.totals.items():
+        quota = quota_for(books.quotas, user)
+        if quota is None:
+            continue
+        counted = (up + down, up, down)
+        caps = dimensions(quota)
+        firsts = [0 if cap is None else first_grant(cap, workers) for cap in caps]
+        given = [list(firsts) for _ in shares]
+        active = [user in share.active for share in shares]
+        for dim, cap in enumerate(caps):
+            if cap is None:
+                continue
+            left = max(cap - counted[dim], 0)
+            bounds = [share.bound(user, firsts)[dim] for share in shares]
+            spent = [share.spent_by_dimension(user)[dim] for share in shares]
+            free = left - sum(max(b - sp, 0) for b, sp in zip(bounds, spent, strict=True))
+            idle = left // (4 * workers)
+            if idle < MIN_LEASE:  # (near the end: all of it to those that want it)
+                idle = 0
+            busy = sum(active) or 1
+            wanted = [(left - idle * (len(shares) - busy)) // busy if on else idle for on in active]
+            for index, want in enumerate(wanted):
+                new = spent[index] + max(want, 0)
+                if new > bounds[index]:  # more than it may have now: from what is free
+                    more = min(new - bounds[index], max(free, 0))
+                    free -= more
+                    new = bounds[index] + more
+                given[index][dim] = new
+        for index in grants:
+            grants[index][user] = given[index]
+    return grants
+
+
+def serve_workers(books: Books, shares: list[Share], workers: int) -> None:
+    """The supervisor's side: every worker's reports are added to the books, the
+    grants worked out, and every worker learns the totals and its grants at once."""
+    for share in shares:
+        for data in share.channel.receive():
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                report = Report.decode(data)
-                books.add(report)
-                seen[index] = report.seq
-        if seen[index] != last:
-            heard.append((index, channel))
-    for index, channel in heard:
-        for part in books.totals_for(seen[index]):
-            channel.send(part)
-    return seen
+                share.count(books, Report.decode(data))
+        share.roll(books.start)
+    grants = grant(books, shares, workers)
+    for index, share in enumerate(shares):
+        sent = share.remember(grants[index])
+        share.active.clear()
+        for part in books.totals_for(share.last, sent, share.gen):
+            share.channel.send(part)
 
 
 # -- `proxyd quota` --------------------------------------------------------------------

@@ -546,10 +546,13 @@ class Forwarder:
         account = gate.account_for(self.ctx, self.conn.user)
         if account is None:
             return
-        if account.allowance(side) < n:
+        deadline = self.loop.time() + self.idle
+        while account.allowance(side) < n:
+            if account.room(side) < n:
+                raise QuotaExceeded("the user's traffic quota is used up")
+            if self.loop.time() > deadline:
+                raise UpstreamTimeout(f"no share of the user's quota for {self.idle:g} s")
             await asyncio.sleep(LEASE_WAIT)
-        if account.room(side) < n:
-            raise QuotaExceeded("the user's traffic quota is used up")
         account.charge(side, n)
 
     async def _moved(self, side: int, n: int) -> None:

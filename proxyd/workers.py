@@ -150,7 +150,7 @@ class Supervisor:
         self._reports_in, self._reports_out = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # the workers' traffic by user, summed here (proxyd.accounting)
         self.books = books
-        self.channels: dict[int, tuple[accounting.Channel, int]] = {}  # pid -> its, last report
+        self.shares: dict[int, accounting.Share] = {}  # pid -> its channel, counts, grants
         self._next_accounts = 0.0
         self._next_save = 0.0
 
@@ -268,8 +268,8 @@ class Supervisor:
                 os.close(self._reports_in)
                 if self.books is not None:  # (the lock stays the supervisor's alone)
                     self.books.close()
-                for channel, _ in self.channels.values():
-                    channel.close()
+                for share in self.shares.values():
+                    share.channel.close()
                 if ours is not None:
                     ours.close()
                 link = SupervisorLink(supervisor, interval, self.runtime, self._reports_out, theirs)
@@ -279,7 +279,7 @@ class Supervisor:
                 os._exit(code)
         if ours is not None and theirs is not None and self.books is not None:
             theirs.close()
-            self.channels[pid] = (ours, 0)
+            self.shares[pid] = accounting.Share(ours)
             for part in self.books.totals_for(0):  # what it finds when it starts
                 ours.send(part)
         self.children[pid] = index
@@ -354,10 +354,8 @@ class Supervisor:
         """Add what the workers reported to the books; each learns the totals back."""
         if self.books is None:
             return
-        pids = list(self.channels)
-        seen = accounting.serve_workers(self.books, [self.channels[pid] for pid in pids])
-        for index, pid in enumerate(pids):
-            self.channels[pid] = (self.channels[pid][0], seen[index])
+        shares = list(self.shares.values())
+        accounting.serve_workers(self.books, shares, self.config.server.workers)
 
     def _save(self) -> None:
         if self.books is not None and self.books.changed:
@@ -377,9 +375,7 @@ class Supervisor:
             self.books.take_resets()
         except OSError as exc:
             self.log.error("accounting_save_failed", path=str(self.books.path), error=str(exc))
-        for channel, last in self.channels.values():
-            for part in self.books.totals_for(last):
-                channel.send(part)
+        self._count()  # (every worker learns it, and its grants anew)
 
     def _tick(self, now: float) -> None:
         """The status for systemd, and with a watchdog a ping for the supervisor; a
@@ -478,9 +474,9 @@ class Supervisor:
             self.unready.discard(pid)
             metrics.forget_process(pid)
             status.forget_process(pid)
-            if pid in self.channels:  # its last reports first
+            if pid in self.shares:  # its last reports first; what it was granted goes
                 self._count()
-                self.channels.pop(pid)[0].close()
+                self.shares.pop(pid).channel.close()
             if index is None or self.stopping:
                 continue
             code = os.waitstatus_to_exitcode(wait_status)

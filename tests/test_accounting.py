@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from proxyd.accounting import (
     Owned,
     Quota,
     Report,
+    Share,
     StateInUse,
     Supervised,
     Totals,
@@ -265,23 +267,27 @@ def test_resets_left_beside_the_state_file(tmp_path):
 
 
 def test_workers_report_through_their_channels_into_one_total():
-    quotas = (Quota(0, None, 10_000, None, None),)
+    quotas = (Quota(0, None, 10_000_000, None, None),)
     books = Books(Path("/nonexistent/state.json"), DAY, quotas, Log(), now=NOON)
-    ledgers = [Ledger(DAY, quotas, now=NOON) for _ in range(2)]
+    ledgers = [Ledger(DAY, quotas, now=NOON, shares=2) for _ in range(2)]
     pairs = [channel_pair() for _ in ledgers]
     sides = [Supervised(ledger, theirs) for ledger, (_, theirs) in zip(ledgers, pairs, strict=True)]
+    shares = [Share(ours) for ours, _ in pairs]
     try:
         for n, (ledger, side) in enumerate(zip(ledgers, sides, strict=True)):
             account = ledger.account("alice")
             assert account is not None
             account.charge(DOWN, 1000 * (n + 1))
             side.exchange(ledger.report(now=NOON))
-        seen = serve_workers(books, [(ours, 0) for ours, _ in pairs])
-        assert seen == {0: 1, 1: 1}
+        serve_workers(books, shares, 2)
+        assert [share.last for share in shares] == [1, 1]
         assert books.totals == {"alice": [0, 3000]}
         for side in sides:
             side.learn()
         assert [ledger.accounts["alice"].used for ledger in ledgers] == [[0, 3000]] * 2
+        # each may now move half of what is left
+        for ledger in ledgers:
+            assert ledger.accounts["alice"].allowance(DOWN) == (10_000_000 - 3000) // 2
     finally:
         for ours, theirs in pairs:
             ours.close()
@@ -338,17 +344,58 @@ def test_a_ledger_and_the_books_agree_whatever_the_order(charges, flush_at):
         assert ledger.accounts[user].used == counts
 
 
-def test_with_workers_each_moves_its_share_of_what_is_left():
-    account = Account("alice", Quota(0, None, 1_000_000, None, None), shares=2)
-    assert account.allowance(DOWN) == 500_000
-    account.charge(DOWN, 500_000)
-    assert account.allowance(DOWN) == 0 and account.room(DOWN) == 500_000
-    assert not account.exhausted  # (spent its share: it waits to learn, it is not cut)
-    account.known = [0, 500_000]  # the books have it now
-    assert account.allowance(DOWN) == 250_000
-    account.charge(DOWN, 400_000)
-    account.known = [0, 900_000]
-    assert account.allowance(DOWN) == accounting.MIN_LEASE  # (not 50_000: at least this)
-    account.known = [0, 990_000]
-    account.used = [0, 990_000]
-    assert account.allowance(DOWN) == 10_000  # (never beyond the quota)
+@pytest.mark.parametrize("seed", range(12))
+def test_workers_together_never_pass_the_quota(seed):
+    """Three workers and the supervisor, their messages delivered in any order the
+    dice say: each moves what it may, and together they never pass the quota (both
+    ways, and up); then, with everyone talking, they get all of it."""
+    rng = random.Random(seed)
+    quota = Quota(0, None, 1_000_000, 300_000, None)
+    books = Books(Path("/nonexistent/state.json"), DAY, (quota,), Log(), now=NOON)
+    ledgers = [Ledger(DAY, (quota,), now=NOON, shares=3) for _ in range(3)]
+    pairs = [channel_pair() for _ in ledgers]
+    sides = [Supervised(ledger, theirs) for ledger, (_, theirs) in zip(ledgers, pairs, strict=True)]
+    shares = [Share(ours) for ours, _ in pairs]
+    moved = [0, 0]
+
+    def move(w: int, fraction: float) -> None:
+        account = ledgers[w].account("alice")
+        assert account is not None
+        side = rng.choice((UP, DOWN))
+        n = int(account.allowance(side) * fraction)
+        account.charge(side, n)
+        moved[side] += n
+
+    try:
+        for _ in range(400):
+            w, dice = rng.randrange(3), rng.random()
+            if dice < 0.5:
+                move(w, rng.random())
+            elif dice < 0.7:
+                sides[w].exchange(ledgers[w].report(now=NOON))
+            elif dice < 0.85:
+                sides[w].learn()
+            else:
+                serve_workers(books, shares, 3)
+            assert moved[UP] <= 300_000 and sum(moved) <= 1_000_000
+        for _ in range(60):  # everyone talks: the rest of the quota is theirs
+            for w in range(3):
+                move(w, 1.0)
+                sides[w].exchange(ledgers[w].report(now=NOON))
+            serve_workers(books, shares, 3)
+            for side in sides:
+                side.learn()
+        assert moved[UP] <= 300_000 and sum(moved) <= 1_000_000
+        assert sum(moved) >= 1_000_000 - 3 * 1000  # (all but crumbs)
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
+def test_a_worker_that_stops_applying_grants_is_held_to_them():
+    share = Share(None)  # type: ignore[arg-type]
+    for n in range(40):
+        share.remember({"alice": [n, n, n]})
+    assert len(share.sent) == accounting.KEPT_GRANTS
+    assert share.bound("alice", [0, 0, 0]) == [accounting.KEPT_GRANTS - 2] * 3
