@@ -47,7 +47,7 @@ STATE_VERSION: Final = 1
 # how often a process reports its counts and learns the totals back (seconds)
 REPORT_INTERVAL: Final = 0.25
 # users per message between a worker and the supervisor (one datagram each)
-CHUNK: Final = 1000
+CHUNK: Final = 200  # (a name is at most 255 bytes: a message stays well within 200 KB)
 # With workers, what one worker may move of a user's remaining quota before it learns
 # what the others moved: its share of it, and at least this much (so that the last
 # bytes are not held back share by share).
@@ -703,7 +703,7 @@ class Books:
         parts[-1] = Totals(last.seq, last.start, last.users, last.grants, gen, True)
         return parts
 
-    def take_resets(self) -> list[str]:
+    def take_resets(self, save: bool = True) -> list[str]:
         """Apply the resets `proxyd quota reset` left beside the state file: each
         request file is removed once applied (the CLI waits for that)."""
         done = []
@@ -720,7 +720,7 @@ class Books:
                 done.append(user)
             with contextlib.suppress(OSError):
                 request.unlink()
-        if done:
+        if done and save:
             self.save()
         return done
 
@@ -859,17 +859,18 @@ class Share:
         books.add(report)
         self.last = report.seq
         self.roll(books.start)
+        if report.start != books.start:
+            return  # (the last period's: its grants are gone, its counts in the books)
         if report.gen > self.applied:  # older grants bind it no more
             self.applied = report.gen
             self.sent = {g: v for g, v in self.sent.items() if g >= report.gen}
-        if report.start == books.start:
-            for user, (up, down) in report.users.items():
-                spent = self.spent.setdefault(user, [0, 0])
-                spent[UP] += up
-                spent[DOWN] += down
-                if up or down:
-                    self.active.add(user)
-            self.active.update(report.wants)
+        for user, (up, down) in report.users.items():
+            spent = self.spent.setdefault(user, [0, 0])
+            spent[UP] += up
+            spent[DOWN] += down
+            if up or down:
+                self.active.add(user)
+        self.active.update(report.wants)
 
     def remember(self, grants: dict[str, list[int]]) -> dict[str, list[int]]:
         """The grants to send now, in force (with every one sent since the last it
@@ -893,7 +894,7 @@ class Share:
     def bound(self, user: str, firsts: list[int]) -> list[int]:
         """The most it may move of the user's quota, by dimension: the largest grant
         that may still be in force."""
-        bounds = [self.sent[g].get(user, firsts) for g in self.sent]
+        bounds = [self.sent[g].get(user, firsts) for g in self.sent] or [firsts]
         return [max(b[dim] for b in bounds) for dim in range(3)]
 
     def spent_by_dimension(self, user: str) -> list[int]:

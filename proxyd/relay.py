@@ -18,6 +18,7 @@ import fcntl
 import os
 import socket
 import struct
+import termios
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -317,7 +318,7 @@ class _Pump:
     def _on_refilled(self) -> None:
         self._refill = None
         if not (self.stopped or self.done):
-            self._watch("write" if self.head else "read")
+            self._watch("write" if self.head else self._after_write())
 
     def _on_writable(self) -> None:
         if self.stopped:
@@ -329,7 +330,20 @@ class _Pump:
             return
         self._relay.last_activity = self._loop.time()
         if flushed:
-            self._watch("read")
+            self._watch(self._after_write())
+
+    def _after_write(self) -> str | None:
+        """What to wait for once staged bytes are out: the source, unless the tunnel
+        is being cut (then nothing more is read)."""
+        return None if self._relay.cutting else "read"
+
+    # the relay's view of the watch, to stop reading when a quota cuts the tunnel
+    @property
+    def watching(self) -> str | None:
+        return self._watching
+
+    def watch(self, what: str | None) -> None:
+        self._watch(what)
 
     def _finish(self) -> None:
         """The source sent EOF and everything read has been written: half-close dst.
@@ -439,8 +453,10 @@ class Relay:
 
     __slots__ = (
         "__weakref__",
+        "_cut_deadline",
         "_down",
         "_on_end",
+        "_quota_timer",
         "_timer",
         "_up",
         "error",
@@ -450,6 +466,9 @@ class Relay:
         "poller",
         "status",
     )
+
+    # seconds a tunnel cut at its user's quota has to hand what it read on
+    DRAIN_BEFORE_CUT: Final = 2.0
 
     def __init__(
         self,
@@ -483,6 +502,9 @@ class Relay:
             self._up.account = self._down.account = account
             self._down.side = 1
         self._timer: asyncio.TimerHandle | None = None
+        # waiting for a grant of the user's quota, or for the last bytes to go out
+        self._quota_timer: asyncio.Handle | None = None
+        self._cut_deadline = 0.0  # cut at its user's quota: when it ends at the latest
 
     @property
     def bytes_up(self) -> int:
@@ -497,18 +519,32 @@ class Relay:
         """Relay until the tunnel ends; `first_up` goes to the target and `first_down`
         (what a parent proxy passed on with its answer) to the client before anything else."""
         self._timer = self.loop.call_at(self.last_activity + self.idle, self._check_idle)
+        self._begin(first_up, first_down)
+
+    def _begin(self, first_up: bytes, first_down: bytes) -> None:
+        """Start both pumps, once what came with the request fits the user's quota
+        (with workers: this worker's grant of it); if it cannot, none of it goes."""
+        self._quota_timer = None
         account = self._up.account
-        if account is not None and (
-            len(first_up) > account.room(0) or len(first_down) > account.room(1)
-        ):  # what came with the request would cross the user's quota: none of it goes
-            self.loop.call_soon(self.exceeded)
-            return
+        if account is not None and (first_up or first_down):
+            need = len(first_up) + len(first_down)
+            if need > min(account.room(0), account.room(1)):
+                self._quota_timer = self.loop.call_soon(self._end, *_QUOTA_USED_UP)
+                return
+            if need > min(account.allowance(0), account.allowance(1)):
+                self._quota_timer = self.loop.call_later(
+                    LEASE_WAIT, self._begin, first_up, first_down
+                )
+                return
         self._up.start(first_up)
         self._down.start(first_down)
 
     def stop(self) -> None:
         """Stop relaying now; `on_end` is not called."""
         self._on_end = None
+        if self._quota_timer is not None:
+            self._quota_timer.cancel()
+            self._quota_timer = None
         if self._up.stopped:
             return
         if self._timer is not None:
@@ -528,9 +564,30 @@ class Relay:
     def fail(self, exc: OSError) -> None:
         self._end(Status.RESET, exc.strerror or type(exc).__name__)
 
+    @property
+    def cutting(self) -> bool:
+        """The user's quota is used up: nothing more is read, what was read goes out."""
+        return self._cut_deadline > 0
+
     def exceeded(self) -> None:
-        """The user's quota is used up: cut off (the owner resets both sides)."""
-        self._end(Status.QUOTA_EXCEEDED, "the user's traffic quota is used up")
+        """The user's quota is used up: nothing more is read, what was read and
+        counted is handed on (for up to DRAIN_BEFORE_CUT seconds), then the tunnel is
+        cut off (its owner resets both sides: the reset would drop what is unsent)."""
+        if self._on_end is None or self._cut_deadline:
+            return
+        self._cut_deadline = self.loop.time() + self.DRAIN_BEFORE_CUT
+        for pump in (self._up, self._down):
+            if pump.watching == "read":
+                pump.watch(None)
+        self._drain()
+
+    def _drain(self) -> None:
+        self._quota_timer = None
+        pumps = (self._up, self._down)
+        if self.loop.time() < self._cut_deadline and any(p.staged or _unsent(p.dst) for p in pumps):
+            self._quota_timer = self.loop.call_later(0.05, self._drain)
+            return
+        self._end(*_QUOTA_USED_UP)
 
     def _check_idle(self) -> None:
         deadline = self.last_activity + self.idle
@@ -546,6 +603,18 @@ class Relay:
         self.status, self.error = status, error
         self.stop()
         on_end(status, error)
+
+
+_QUOTA_USED_UP: Final = (Status.QUOTA_EXCEEDED, "the user's traffic quota is used up")
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue, not yet taken by the peer (0 when not known)."""
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", buf)[0])
 
 
 def send_reply(sock: socket.socket, data: bytes) -> None:

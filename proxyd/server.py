@@ -491,10 +491,10 @@ class Server:
         """SIGUSR2: the resets `proxyd quota reset` left beside the state file."""
         if self._books is None or not isinstance(self._keeper, Owned):
             return
-        try:
-            self._books.take_resets()
-        except OSError as exc:
-            self.log.error("accounting_save_failed", path=str(self._books.path), error=str(exc))
+        if self._books.take_resets(save=False):
+            # saved by the writer thread, after a save under way (which holds the
+            # counts from before): at the next report, not on the loop
+            self._next_save = 0.0
         self._keeper.learn()
 
     async def _close_accounts(self) -> None:

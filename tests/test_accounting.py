@@ -399,3 +399,51 @@ def test_a_worker_that_stops_applying_grants_is_held_to_them():
         share.remember({"alice": [n, n, n]})
     assert len(share.sent) == accounting.KEPT_GRANTS
     assert share.bound("alice", [0, 0, 0]) == [accounting.KEPT_GRANTS - 2] * 3
+
+
+def test_a_new_period_with_workers_grants_anew():
+    """The last report of a period (its grants applied, numbered) reaching the
+    supervisor after the period ended neither stops it nor freezes the new grants."""
+    quota = Quota(0, None, 10_000_000, None, None)
+    books = Books(Path("/nonexistent/state.json"), DAY, (quota,), Log(), now=NOON)
+    ledgers = [Ledger(DAY, (quota,), now=NOON, shares=2) for _ in range(2)]
+    pairs = [channel_pair() for _ in ledgers]
+    sides = [Supervised(ledger, theirs) for ledger, (_, theirs) in zip(ledgers, pairs, strict=True)]
+    shares = [Share(ours) for ours, _ in pairs]
+
+    def round_at(now: float, moving: int) -> None:
+        for ledger, side in zip(ledgers, sides, strict=True):
+            account = ledger.account("alice")
+            assert account is not None
+            account.charge(DOWN, min(moving, account.allowance(DOWN)))
+            side.exchange(ledger.report(now=now))
+        serve_workers(books, shares, 2)
+        for side in sides:
+            side.learn()
+
+    try:
+        for _ in range(5):
+            round_at(NOON, 100_000)
+        assert all(share.applied > 0 for share in shares)
+        # the first worker goes on into the new period and moves bytes there; the
+        # other's last report of the old one (with its grants' number) comes after
+        first = ledgers[0].account("alice")
+        assert first is not None
+        sides[0].exchange(ledgers[0].report(now=TOMORROW))
+        first.charge(DOWN, first.allowance(DOWN))
+        sides[0].exchange(ledgers[0].report(now=TOMORROW))
+        serve_workers(books, shares, 2)
+        sides[1].exchange(ledgers[1].report(now=TOMORROW))
+        serve_workers(books, shares, 2)
+        for side in sides:
+            side.learn()
+        assert books.start == ledgers[0].start == NOON + 12 * 3600
+        for _ in range(30):
+            round_at(TOMORROW, 1_000_000)
+        moved = books.totals["alice"][DOWN]
+        assert 9_000_000 <= moved <= 10_000_000  # (granted all along: no freeze)
+        assert all(len(share.sent) < accounting.KEPT_GRANTS for share in shares)
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
