@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,14 +50,24 @@ def quota(total: int) -> str:
     return f'[[quotas]]\nusers = ["{USER}"]\nbytes = {total}\n'
 
 
-def streamer(conn: socket.socket) -> None:
-    """Sends what the client asks for (an 8-byte count), 16 KiB every 5 ms."""
-    want = int.from_bytes(recv_exact(conn, 8), "big")
-    block = b"q" * 16384
-    while want > 0:
-        conn.sendall(block[: min(want, len(block))])
-        want -= len(block)
-        time.sleep(0.005)
+def sender(pause: float) -> Callable[[socket.socket], None]:
+    """A server that sends what the client asks for (an 8-byte count), 16 KiB at a
+    time, `pause` seconds apart."""
+
+    def send(conn: socket.socket) -> None:
+        want = int.from_bytes(recv_exact(conn, 8), "big")
+        block = b"q" * 16384
+        while want > 0:
+            conn.sendall(block[: min(want, len(block))])
+            want -= len(block)
+            if pause:
+                time.sleep(pause)
+
+    return send
+
+
+streamer = sender(0.005)
+blaster = sender(0.0)  # as fast as it is taken
 
 
 def fetch(daemon, port: int, size: int) -> tuple[int, BaseException | None, float]:
@@ -457,15 +468,6 @@ def test_quota_command_problems(tmp_path, users_file):
     finally:
         holder.kill()
         holder.wait()
-
-
-def blaster(conn: socket.socket) -> None:
-    """Sends what the client asks for (an 8-byte count), as fast as it is taken."""
-    want = int.from_bytes(recv_exact(conn, 8), "big")
-    block = b"b" * 65536
-    while want > 0:
-        conn.sendall(block[: min(want, len(block))])
-        want -= len(block)
 
 
 def test_workers_together_keep_to_the_quota(start_daemon, tcp_server, tmp_path, users_file):
