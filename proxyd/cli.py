@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     reset = what.add_parser(
         "reset", help="start a user's count of this period anew (through the running daemon)"
     )
+    reset.add_argument(
+        "--wait", type=float, default=5.0, metavar="SECONDS", help="for the daemon (default: 5)"
+    )
     reset.add_argument("user")
     return parser
 
@@ -333,7 +336,7 @@ def quota(args: argparse.Namespace) -> int:
         log.configure("console", "warning")
         try:
             owner = accounting.reset_user(
-                path, cfg.accounting.every, cfg.quotas, args.user, log.get_logger()
+                path, cfg.accounting.every, cfg.quotas, args.user, log.get_logger(), args.wait
             )
         except (accounting.StateInUse, TimeoutError, OSError, ConfigError) as exc:
             print(f"proxyd quota reset: {exc}", file=sys.stderr)

@@ -461,9 +461,9 @@ def test_quota_command_problems(tmp_path, users_file):
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
-        said = proxyd("quota", "--config", str(on), "reset", USER)
+        said = proxyd("quota", "--config", str(on), "reset", "--wait", "0.5", USER)
         assert said.returncode == 1
-        assert f"the daemon (pid {holder.pid}) did not answer within 5 s" in said.stderr
+        assert f"the daemon (pid {holder.pid}) did not answer within 0.5 s" in said.stderr
         assert not list(state.parent.glob("*.reset"))
     finally:
         holder.kill()
