@@ -174,7 +174,7 @@ def test_udp_datagrams_beyond_the_quota_are_dropped_and_counted(start_daemon, tm
     echo = UdpEcho()
     with control, udp_client() as client, contextlib.closing(echo):
         client.settimeout(1.0)
-        for _ in range(5):
+        for _ in range(3):
             client.sendto(header("127.0.0.1", echo.port) + payload, (host, port))
             try:
                 client.recvfrom(65535)
@@ -183,7 +183,7 @@ def test_udp_datagrams_beyond_the_quota_are_dropped_and_counted(start_daemon, tm
                 pass
     line = daemon.access()
     assert answered == 2  # 2 x (1000 up + 1005 down); the third does not fit
-    assert line["datagrams_over_quota"] >= 3
+    assert line["datagrams_over_quota"] == 1
     assert line["bytes_up"] + line["bytes_down"] == 4010
     daemon.stop()
     assert used(state) == 4010
