@@ -119,6 +119,19 @@ class Quota:
     def applies(self, user: str) -> bool:
         return self.users is None or user in self.users
 
+    def reached(self, up: int, down: int) -> bool:
+        """Whether a limit is reached by these counts."""
+        return (
+            (self.total is not None and up + down >= self.total)
+            or (self.up is not None and up >= self.up)
+            or (self.down is not None and down >= self.down)
+        )
+
+    def share(self, up: int, down: int) -> float:
+        """How much of the tightest limit these counts use (1.0: reached), to 4 places."""
+        caps = ((up + down, self.total), (up, self.up), (down, self.down))
+        return round(max((used / cap for used, cap in caps if cap), default=0.0), 4)
+
     def describe(self) -> str:
         parts = [
             f"{format_size(n)}{what}"
@@ -421,11 +434,6 @@ class Ledger:
             if (limit := account.limit) is None:
                 continue
             up, down = account.used
-            shares = [
-                used / cap
-                for used, cap in ((up + down, limit.total), (up, limit.up), (down, limit.down))
-                if cap
-            ]
             rows.append(
                 {
                     "user": account.user,
@@ -434,7 +442,7 @@ class Ledger:
                     "bytes": limit.total,
                     "up_limit": limit.up,
                     "down_limit": limit.down,
-                    "used": round(max(shares, default=0.0), 4),
+                    "used": limit.share(up, down),
                 }
             )
         rows.sort(key=lambda row: (-row["used"], row["user"]))
@@ -493,6 +501,11 @@ def lock_owner(state: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def until(ts: float) -> str:
+    """The end of a period, for people: "2027-01-01 00:00 UTC"."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
 def _iso(ts: float) -> str:
@@ -572,7 +585,7 @@ class Books:
             )
         for user, (up, down) in self.totals.items():
             quota = quota_for(self.quotas, user)
-            if quota is not None and _over(quota, up, down):
+            if quota is not None and quota.reached(up, down):
                 self.told.add(user)  # logged in the run that counted it
 
     def save(self) -> None:
@@ -638,7 +651,7 @@ class Books:
         if user in self.told:
             return
         quota = quota_for(self.quotas, user)
-        if quota is not None and _over(quota, *counts):
+        if quota is not None and quota.reached(*counts):
             self.told.add(user)
             self.log.warning(
                 "quota_exceeded",
@@ -666,7 +679,7 @@ class Books:
         still = set()
         for user in self.told:
             quota = quota_for(quotas, user)
-            if quota is not None and _over(quota, *self.totals.get(user, [0, 0])):
+            if quota is not None and quota.reached(*self.totals.get(user, [0, 0])):
                 still.add(user)
         self.told = still
 
@@ -745,14 +758,6 @@ def open_books(path: Path | None, period: Period, quotas: tuple[Quota, ...], log
     books = Books(state_path(path), period, quotas, log)
     books.open()
     return books
-
-
-def _over(quota: Quota, up: int, down: int) -> bool:
-    return (
-        (quota.total is not None and up + down >= quota.total)
-        or (quota.up is not None and up >= quota.up)
-        or (quota.down is not None and down >= quota.down)
-    )
 
 
 # -- between a process's ledger and the books -----------------------------------------
@@ -978,12 +983,11 @@ def usage(
         limit = quota_for(quotas, name)
         row: dict[str, Any] = {"user": name, "up": up, "down": down, "bytes": up + down}
         if limit is not None:
-            caps = ((up + down, limit.total), (up, limit.up), (down, limit.down))
             row.update(
                 quota=limit.index,
                 limit=limit.describe(),
-                used=round(max((used / cap for used, cap in caps if cap), default=0.0), 4),
-                exceeded=_over(limit, up, down),
+                used=limit.share(up, down),
+                exceeded=limit.reached(up, down),
             )
         rows.append(row)
     return rows

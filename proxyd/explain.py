@@ -16,7 +16,6 @@ import contextlib
 import ipaddress
 import re
 import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +201,7 @@ def _quota(ctx: Context, conn: Conn, state: str | None) -> dict[str, Any] | None
     if account is None or account.limit is None or ctx.ledger is None:
         return None
     limit = account.limit
-    until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ctx.ledger.end))
+    until = accounting.until(ctx.ledger.end)
     return {
         "quota": limit.index,
         "limit": limit.describe(),

@@ -15,11 +15,10 @@ handshake (which runs without a task), and an awaitable face, for forwarding.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
-from proxyd.accounting import Account
+from proxyd.accounting import Account, until
 from proxyd.context import Conn, Context, Rate
 from proxyd.destinations import private_denial
 from proxyd.dial import Route
@@ -169,10 +168,10 @@ def check_quota(ctx: Context, conn: Conn) -> None:
     account = account_for(ctx, conn.user)
     if account is not None and account.exhausted:
         assert ctx.ledger is not None and account.limit is not None
-        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ctx.ledger.end))
+        ends = until(ctx.ledger.end)
         raise QuotaExceeded(
             f"the traffic quota of user {conn.user} ({account.limit.describe()} a "
-            f"{ctx.ledger.period.spec}) is used up until {until}"
+            f"{ctx.ledger.period.spec}) is used up until {ends}"
         )
 
 

@@ -12,12 +12,11 @@ import itertools
 import os
 import signal
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 from proxyd import __version__, access, context, gate, status, systemd
-from proxyd.accounting import REPORT_INTERVAL, Books, Channel, Owned, Supervised
+from proxyd.accounting import REPORT_INTERVAL, Books, Channel, Owned, Supervised, until
 from proxyd.config import Config, ListenAddress
 from proxyd.context import Conn
 from proxyd.direct import tune_socket
@@ -417,9 +416,9 @@ class Server:
         ledger = self.ctx.ledger
         if ledger is None or not self.config.quotas:
             return None
-        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ledger.end))
+        ends = until(ledger.end)
         rows = ledger.quota_use()[: status.TOP * 5]
-        return {"period": ledger.period.spec, "period_end": until, "users": rows}
+        return {"period": ledger.period.spec, "period_end": ends, "users": rows}
 
     def _schedule_tick(self) -> None:
         if self._tick is None and (self.watcher.interval or self.ctx.metrics is not None):
