@@ -545,3 +545,39 @@ def test_bytes_sent_with_the_request_keep_to_the_quota(
     assert statuses == ["ok", "quota_exceeded", "quota_exceeded"]
     daemon.stop()
     assert used(state) == 16384 == access_total([daemon])
+
+
+def test_a_slow_client_gets_every_counted_byte_before_the_cut(
+    start_daemon, tcp_server, tmp_path, users_file
+):
+    """A client that reads slowly still gets all the tunnel read up to the quota: the
+    reset comes once what is queued for it has gone (the reset would drop it)."""
+    text, _ = setup(tmp_path, users_file, quota(1_000_000))
+    daemon = start_daemon(text)
+    server = tcp_server(blaster)
+    user, password = (s.encode() for s in ALICE)
+    with socket.socket() as sock:
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 8192
+        )  # (before connect: a small window)
+        sock.settimeout(10)
+        sock.connect(daemon.address)
+        sock.sendall(
+            b"\x05\x01\x02\x01"
+            + bytes([len(user)])
+            + user
+            + bytes([len(password)])
+            + password
+            + b"\x05\x01\x00"
+            + socks5client.address("127.0.0.1", server.port)
+        )
+        assert recv_exact(sock, 4) == b"\x05\x02\x01\x00"
+        assert socks5client.read_reply(sock)[0] == 0
+        sock.sendall((4_000_000).to_bytes(8, "big"))
+        got = 0
+        with pytest.raises(ConnectionResetError):
+            while data := sock.recv(4096):
+                got += len(data)
+                time.sleep(0.002)  # (about 2 MB/s at most)
+    assert got == 1_000_000 - 8
+    assert daemon.access()["status"] == "quota_exceeded"
