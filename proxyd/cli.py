@@ -22,6 +22,7 @@ from proxyd import (
     __version__,
     accounting,
     auth,
+    books,
     config,
     explain,
     log,
@@ -236,13 +237,13 @@ def run(args: argparse.Namespace) -> int:
             os._exit(EXIT_OK)
         return EXIT_OK
 
-    books = None
+    owned_books = None
     if cfg.accounting.enabled:  # the owner of the counts: this process, or the supervisor
         acc = cfg.accounting
         try:
-            books = accounting.open_books(acc.state_file, acc.every, cfg.quotas, logger)
-        except (accounting.StateInUse, OSError, ConfigError) as exc:
-            path = accounting.state_path(acc.state_file)
+            owned_books = books.open_books(acc.state_file, acc.every, cfg.quotas, logger)
+        except (books.StateInUse, OSError, ConfigError) as exc:
+            path = books.state_path(acc.state_file)
             logger.error("accounting_failed", path=str(path), error=str(exc))
             return EXIT_PROBLEM
     try:
@@ -257,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
                 activated=activated,
                 watcher=watcher,
                 reread=source.read,
-                books=books,
+                books=owned_books,
             )
             return serve(server)
         from proxyd.workers import Supervisor, SupervisorLink
@@ -277,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             supervisor = Supervisor(
-                current, source, run_worker, logger, activated=bool(activated), books=books
+                current, source, run_worker, logger, activated=bool(activated), books=owned_books
             )
             return supervisor.run()
         except ListenFailed as exc:
@@ -287,8 +288,8 @@ def run(args: argparse.Namespace) -> int:
             logger.error("start_failed", error=str(exc))
             return EXIT_PROBLEM
     finally:
-        if books is not None:
-            books.close()
+        if owned_books is not None:
+            owned_books.close()
         _detach_broken_stdout()
 
 
@@ -326,7 +327,7 @@ def quota(args: argparse.Namespace) -> int:
     if not cfg.accounting.enabled:
         print(f"proxyd quota: {source.name}: accounting is off (no [accounting])", file=sys.stderr)
         return EXIT_PROBLEM
-    path = accounting.state_path(cfg.accounting.state_file)
+    path = books.state_path(cfg.accounting.state_file)
     if args.quota_command == "reset":
         try:
             auth.check_username(args.user)
@@ -335,25 +336,25 @@ def quota(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         log.configure("console", "warning")
         try:
-            owner = accounting.reset_user(
+            owner = books.reset_user(
                 path, cfg.accounting.every, cfg.quotas, args.user, log.get_logger(), args.wait
             )
-        except (accounting.StateInUse, TimeoutError, OSError, ConfigError) as exc:
+        except (books.StateInUse, TimeoutError, OSError, ConfigError) as exc:
             print(f"proxyd quota reset: {exc}", file=sys.stderr)
             return EXIT_PROBLEM
         how = f"by the daemon (pid {owner})" if owner else f"in {path}"
         print(f"{_shown(args.user)}: count of this period reset {how}")
         return EXIT_OK
     try:
-        state = accounting.read_state(path)
+        state = books.read_state(path)
     except FileNotFoundError:
         print(f"proxyd quota: {path}: no state file yet (nothing counted)", file=sys.stderr)
         return EXIT_PROBLEM
     except ConfigError as exc:
         print(f"proxyd quota: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
-    rows = accounting.usage(state, cfg.quotas, args.user)
-    owner = accounting.lock_owner(path)
+    rows = books.usage(state, cfg.quotas, args.user)
+    owner = books.lock_owner(path)
     ended = state["end"] <= time.time()
     if args.json:
         print(

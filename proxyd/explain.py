@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from proxyd import accounting, context, gate
+from proxyd import accounting, books, context, gate
 from proxyd.context import Conn, Context
 from proxyd.dial import Route
 from proxyd.egress import NoEgress
@@ -184,9 +184,9 @@ def _counted(ctx: Context, config: Any) -> str | None:
     when traffic is not counted."""
     if ctx.ledger is None or not config.accounting.enabled:
         return None
-    path = accounting.state_path(config.accounting.state_file)
+    path = books.state_path(config.accounting.state_file)
     try:
-        state = accounting.read_state(path)
+        state = books.read_state(path)
     except (FileNotFoundError, ConfigError):
         return str(path)
     if state["start"] == ctx.ledger.start:
@@ -201,7 +201,7 @@ def _quota(ctx: Context, conn: Conn, state: str | None) -> dict[str, Any] | None
     if account is None or account.limit is None or ctx.ledger is None:
         return None
     limit = account.limit
-    until = accounting.until(ctx.ledger.end)
+    until = books.until(ctx.ledger.end)
     return {
         "quota": limit.index,
         "limit": limit.describe(),

@@ -18,7 +18,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
-from proxyd.accounting import Account, until
+from proxyd.accounting import Account
+from proxyd.books import until
 from proxyd.context import Conn, Context, Rate
 from proxyd.destinations import private_denial
 from proxyd.dial import Route

@@ -16,11 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 from proxyd import __version__, access, context, gate, status, systemd
-from proxyd.accounting import REPORT_INTERVAL, Books, Channel, Owned, Supervised, until
+from proxyd.accounting import REPORT_INTERVAL
+from proxyd.books import Books, until
 from proxyd.config import Config, ListenAddress
 from proxyd.context import Conn
 from proxyd.direct import tune_socket
 from proxyd.errors import ConfigError, ListenFailed, Status
+from proxyd.keepers import Channel, Owned, Supervised
 from proxyd.metrics import AdminServer, Metrics
 from proxyd.poller import poller
 from proxyd.protocols import messages

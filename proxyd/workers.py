@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from proxyd import accounting, files, metrics, settings, status, systemd, tls
+from proxyd import accounting, books, files, keepers, metrics, settings, status, systemd, tls
 from proxyd.config import Config, ListenAddress
 from proxyd.errors import ConfigError, ListenFailed
 from proxyd.server import bind
@@ -68,13 +68,13 @@ class SupervisorLink:
         interval: float,
         runtime: Path,
         reports: int,
-        accounts: accounting.Channel | None,
+        accounts: keepers.Channel | None,
     ) -> None:
         self._supervisor = supervisor
         self._interval = interval
         self._runtime = runtime
         self._reports = reports  # the pipe's write end (non-blocking)
-        self.accounts = accounts  # to the books (proxyd.accounting), when traffic is counted
+        self.accounts = accounts  # to the books (proxyd.keepers), when traffic is counted
 
     @property
     def interval(self) -> float | None:
@@ -124,7 +124,7 @@ class Supervisor:
         log: Any,
         *,
         activated: bool = False,
-        books: accounting.Books | None = None,
+        books: books.Books | None = None,
     ) -> None:
         self.settings = current
         self.source = source
@@ -150,7 +150,7 @@ class Supervisor:
         self._reports_in, self._reports_out = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # the workers' traffic by user, summed here (proxyd.accounting)
         self.books = books
-        self.shares: dict[int, accounting.Share] = {}  # pid -> its channel, counts, grants
+        self.shares: dict[int, keepers.Share] = {}  # pid -> its channel, counts, grants
         self._next_accounts = 0.0
         self._next_save = 0.0
 
@@ -254,7 +254,7 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         supervisor, interval = os.getpid(), self._interval()
-        ours, theirs = accounting.channel_pair() if self.books is not None else (None, None)
+        ours, theirs = keepers.channel_pair() if self.books is not None else (None, None)
         pid = os.fork()
         if pid == 0:  # the worker: never returns into the supervisor's code
             code = EXIT_WORKER_FAILED
@@ -279,7 +279,7 @@ class Supervisor:
                 os._exit(code)
         if ours is not None and theirs is not None and self.books is not None:
             theirs.close()
-            self.shares[pid] = accounting.Share(ours)
+            self.shares[pid] = keepers.Share(ours)
             for part in self.books.totals_for(0):  # what it finds when it starts
                 ours.send(part)
         self.children[pid] = index
@@ -355,7 +355,7 @@ class Supervisor:
         if self.books is None:
             return
         shares = list(self.shares.values())
-        accounting.serve_workers(self.books, shares, self.config.server.workers)
+        keepers.serve_workers(self.books, shares, self.config.server.workers)
 
     def _save(self) -> None:
         if self.books is not None and self.books.changed:

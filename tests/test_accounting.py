@@ -1,6 +1,7 @@
-"""proxyd.accounting without a daemon: sizes and [[quotas]] tables, an account's room,
-a ledger's reports and what it learns back, the books (periods, resets, the state
-file and its lock), and a worker's channel to the supervisor's books."""
+"""proxyd.accounting, proxyd.books and proxyd.keepers without a daemon: sizes and
+[[quotas]] tables, an account's room, a ledger's reports and what it learns back,
+the books (periods, resets, the state file and its lock), and a worker's channel
+to the supervisor's books, with its grants."""
 
 from __future__ import annotations
 
@@ -14,26 +15,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxyd import accounting
+from proxyd import accounting, books
 from proxyd.accounting import (
     CHUNK,
     DOWN,
     UP,
     Account,
-    Books,
     Ledger,
-    Owned,
     Quota,
     Report,
-    Share,
-    StateInUse,
-    Supervised,
     Totals,
-    channel_pair,
     parse_quotas,
     parse_size,
-    serve_workers,
 )
+from proxyd.books import Books, StateInUse
+from proxyd.keepers import Owned, Share, Supervised, channel_pair, serve_workers
 from proxyd.periods import parse_period
 
 DAY = parse_period("day")
@@ -199,16 +195,16 @@ def test_books_add_roll_over_and_log_a_crossing_once(tmp_path):
 
 def test_books_are_saved_and_resumed_and_reset(tmp_path):
     path = tmp_path / "deep" / "accounting.json"
-    books = Books(path, DAY, (), Log(), now=NOON)
-    books.open()
-    books.add(Report(1, books.start, {"alice": (1, 2), "bob": (3, 4)}), now=NOON)
-    books.save()
+    kept = Books(path, DAY, (), Log(), now=NOON)
+    kept.open()
+    kept.add(Report(1, kept.start, {"alice": (1, 2), "bob": (3, 4)}), now=NOON)
+    kept.save()
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     with pytest.raises(StateInUse, match=f"pid {os.getpid()}"):
         Books(path, DAY, (), Log(), now=NOON).open()
-    assert accounting.lock_owner(path) == os.getpid()
-    books.close()
-    assert accounting.lock_owner(path) is None
+    assert books.lock_owner(path) == os.getpid()
+    kept.close()
+    assert books.lock_owner(path) is None
     again = Books(path, DAY, (), Log(), now=NOON + 60)
     again.open()
     assert again.totals == {"alice": [1, 2], "bob": [3, 4]}
@@ -244,8 +240,8 @@ def test_a_state_file_not_ours_is_an_error(tmp_path):
     path = tmp_path / "accounting.json"
     for text in ("{", '{"version": 9}', '{"version": 1, "users": {"a": 5}}'):
         path.write_text(text)
-        with pytest.raises(accounting.ConfigError, match="not a proxyd accounting state file"):
-            accounting.read_state(path)
+        with pytest.raises(books.ConfigError, match="not a proxyd accounting state file"):
+            books.read_state(path)
 
 
 def test_resets_left_beside_the_state_file(tmp_path):

@@ -451,9 +451,9 @@ def test_quota_command_problems(tmp_path, users_file):
         [
             sys.executable,
             "-c",
-            "import signal, sys, time; from pathlib import Path; from proxyd import accounting; "
+            "import signal, sys, time; from pathlib import Path; from proxyd import books; "
             "signal.signal(signal.SIGUSR2, signal.SIG_IGN); "
-            f"accounting.take_lock(Path({str(state)!r})); print('locked', flush=True); "
+            f"books.take_lock(Path({str(state)!r})); print('locked', flush=True); "
             "time.sleep(30)",
         ],
         stdout=subprocess.PIPE,
