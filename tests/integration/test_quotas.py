@@ -581,3 +581,29 @@ def test_a_slow_client_gets_every_counted_byte_before_the_cut(
                 time.sleep(0.002)  # (about 2 MB/s at most)
     assert got == 1_000_000 - 8
     assert daemon.access()["status"] == "quota_exceeded"
+
+
+def test_accounting_itself_waits_for_a_restart_and_a_lost_state_dir_is_told(
+    start_daemon, tcp_server, tmp_path, users_file
+):
+    """A reload that changes [accounting] keeps the running period and state file
+    (reload_needs_restart). A state file that cannot be written is logged, serving
+    goes on, and the next save after the directory is back has every count."""
+    text, state = setup(tmp_path, users_file)
+    daemon = start_daemon(text)
+    server = tcp_server(streamer)
+    daemon.reload(text.replace('period = "day"', 'period = "week"'))
+    warning = daemon.wait_for(lambda e: e.get("event") == "reload_needs_restart")
+    assert "accounting" in warning["keys"]
+    assert fetch(daemon, server.port, 50_000)[1] is None
+    until(lambda: _equal(used(state), 50_008))
+    assert state_of(state)["period"] == "day from 00:00 UTC"
+    for left in state.parent.iterdir():
+        left.unlink()
+    state.parent.rmdir()
+    assert fetch(daemon, server.port, 50_000)[1] is None
+    failed = daemon.wait_for(lambda e: e.get("event") == "accounting_save_failed")
+    assert failed["path"] == str(state)
+    assert fetch(daemon, server.port, 50_000)[1] is None  # (still serving)
+    state.parent.mkdir()
+    until(lambda: _equal(used(state), 3 * 50_008))
