@@ -507,6 +507,13 @@ def test_workers_together_keep_to_the_quota(start_daemon, tcp_server, tmp_path, 
     assert sum(moved) == sum(e.get("bytes_down", 0) for e in daemon.access_events())
 
 
+def alice_connects(port: int) -> bytes:
+    """A whole SOCKS5 handshake as alice, to 127.0.0.1:port, in one piece."""
+    user, password = (s.encode() for s in ALICE)
+    login = bytes([len(user)]) + user + bytes([len(password)]) + password
+    return b"\x05\x01\x02\x01" + login + b"\x05\x01\x00" + socks5client.address("127.0.0.1", port)
+
+
 def sink(conn: socket.socket) -> None:
     while conn.recv(65536):
         pass
@@ -520,16 +527,7 @@ def test_bytes_sent_with_the_request_keep_to_the_quota(
     text, state = setup(tmp_path, users_file, quota(20_000))
     daemon = start_daemon(text)
     server = tcp_server(sink)
-    user, password = (s.encode() for s in ALICE)
-    hello = (
-        b"\x05\x01\x02\x01"
-        + bytes([len(user)])
-        + user
-        + bytes([len(password)])
-        + password
-        + b"\x05\x01\x00"
-        + socks5client.address("127.0.0.1", server.port)
-    )
+    hello = alice_connects(server.port)
     for _ in range(3):
         with socket.create_connection(daemon.address, timeout=5) as conn:
             conn.sendall(hello + b"e" * 16384)
@@ -555,22 +553,12 @@ def test_a_slow_client_gets_every_counted_byte_before_the_cut(
     text, _ = setup(tmp_path, users_file, quota(1_000_000))
     daemon = start_daemon(text)
     server = tcp_server(blaster)
-    user, password = (s.encode() for s in ALICE)
     with socket.socket() as sock:
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_RCVBUF, 8192
-        )  # (before connect: a small window)
+        # a small window (set before connecting): bytes wait in the daemon's send queue
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
         sock.settimeout(10)
         sock.connect(daemon.address)
-        sock.sendall(
-            b"\x05\x01\x02\x01"
-            + bytes([len(user)])
-            + user
-            + bytes([len(password)])
-            + password
-            + b"\x05\x01\x00"
-            + socks5client.address("127.0.0.1", server.port)
-        )
+        sock.sendall(alice_connects(server.port))
         assert recv_exact(sock, 4) == b"\x05\x02\x01\x00"
         assert socks5client.read_reply(sock)[0] == 0
         sock.sendall((4_000_000).to_bytes(8, "big"))
